@@ -1,0 +1,153 @@
+"""Public verbs: ``transform`` (and, in later modules, save/load/aux_loss/flops)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .block import RoutedBlock
+from .config import Layers, RoutingConfig
+from .errors import CaptureError, ConfigError, ModpassError, UnroutableBlockError
+from .inputs import example_inputs_for
+from .passes.capture import capture
+from .passes.find_blocks import find_blocks
+from .passes.plan import plan as plan_stage
+from .plan import RoutingPlan
+from .tasks import RoutingState, take_routing_arguments
+
+
+def transform(
+    model: nn.Module,
+    ratios: float | Mapping[str, Any],
+    *,
+    layers: Layers = "every_other",
+    inplace: bool = False,
+    gate: str = "tanh",
+    aux_loss_weight: float = 0.0,
+    example_inputs: Mapping[str, Any] | tuple | None = None,
+    unroutable: Literal["raise", "dense"] = "raise",
+) -> nn.Module:
+    """Return ``model`` with its transformer blocks routed Mixture-of-Depths style.
+
+    Args:
+        model: any ``nn.Module`` whose blocks are repeated residual layers.
+        ratios: capacity in (0, 1] for a single task, or ``{task: ratio}``
+            where a ratio is a float, a list with one ratio per block, or a
+            schedule from :mod:`modpass.schedules`.
+        layers: ``"every_other"`` (blocks 1, 3, 5, ...), ``"all"``,
+            ``"last_half"`` or a list of block indices.
+        inplace: modify ``model`` itself instead of a deep copy.
+        gate: ``"tanh"``, ``"sigmoid"`` or ``"string"`` (see ``modpass.routing.GATES``).
+        aux_loss_weight: weight of the router BCE loss returned by ``modpass.aux_loss``.
+        example_inputs: inputs to capture the model with (a dict of keyword
+            arguments or a tuple of positional ones); guessed for Hugging Face
+            models and token-id models when omitted.
+        unroutable: ``"raise"`` (default) refuses blocks that cannot be routed
+            safely; ``"dense"`` leaves them dense with a warning.
+
+    Returns:
+        A model of the same class whose ``state_dict`` is the original one plus
+        ``<block>.mod_routers.<task>.{weight,bias}``. Its forward accepts
+        ``task=`` and ``route_mask=`` in addition to the original arguments.
+    """
+    if unroutable not in ("raise", "dense"):
+        raise ConfigError(f"unroutable={unroutable!r}; use 'raise' or 'dense'.")
+    if not isinstance(inplace, bool):
+        raise ConfigError(f"inplace must be True or False, got {inplace!r}.")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"transform expects an nn.Module, got {type(model).__name__}.")
+    config = RoutingConfig.from_arguments(ratios, layers=layers, gate=gate, aux_loss_weight=aux_loss_weight)
+    if routing_plan_of(model) is not None:
+        raise ConfigError(
+            f"{type(model).__name__} is already routed by modpass; transform the original model again with "
+            "new ratios (or load a saved plan with modpass.load) instead of routing twice."
+        )
+    target = model if inplace else copy.deepcopy(model)
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
+    gm = capture(target, inputs)
+    gm = find_blocks(gm)
+    gm = plan_stage(gm, config, model_class=f"{type(model).__module__}.{type(model).__qualname__}")
+    return apply_plan(target, gm.meta["modpass_plan"], inputs, unroutable=unroutable)
+
+
+def apply_plan(model: nn.Module, routing_plan: RoutingPlan, example_inputs, *, unroutable: str = "raise") -> nn.Module:
+    """Install routed blocks into ``model`` per ``routing_plan`` (all or nothing)."""
+    state = RoutingState(routing_plan.tasks)
+    calls = record_block_calls(model, [b.path for b in routing_plan.blocks], example_inputs)
+    routed: dict[str, RoutedBlock] = {}
+    refused: list[str] = []
+    for block_plan in routing_plan.blocks:
+        block = model.get_submodule(block_plan.path)
+        candidate = RoutedBlock(block, block_plan, gate=routing_plan.gate, state=state)
+        args, kwargs = calls[block_plan.path]
+        try:
+            for task in block_plan.routed_tasks():
+                candidate.routed_graph(task, block_plan.ratios[task], args, kwargs)
+        except (UnroutableBlockError, CaptureError) as exc:
+            refused.append(str(exc))
+            continue
+        routed[block_plan.path] = candidate
+    if refused and unroutable == "raise":
+        raise UnroutableBlockError(
+            f"{len(refused)} block(s) cannot be routed safely:\n  - " + "\n  - ".join(refused)
+            + "\nPass layers= without them, or unroutable='dense' to leave them dense."
+        )
+    for message in refused:
+        warnings.warn(f"modpass: leaving a block dense: {message}", stacklevel=3)
+    kept = tuple(b for b in routing_plan.blocks if b.path in routed)
+    if not kept:
+        raise UnroutableBlockError("no block could be routed; nothing to do.")
+    for path, block in routed.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, block)
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        # Routed blocks would write k-token keys/values into a shared cache.
+        config.use_cache = False
+    model._modpass_state = state
+    model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
+    model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)
+    return model
+
+
+def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> dict[str, tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` each block receives when ``model`` runs on ``example_inputs``."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for path in paths:
+        def remember(module, args, kwargs, path=path):
+            calls.setdefault(path, (args, dict(kwargs)))
+        handles.append(model.get_submodule(path).register_forward_pre_hook(remember, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    except ModpassError:
+        raise
+    except Exception as exc:
+        raise CaptureError(f"running {type(model).__name__} on the example inputs failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p for p in paths if p not in calls]
+    if missing:
+        raise CaptureError(f"blocks {missing} were not called when the model ran on the example inputs.")
+    return calls
+
+
+def routing_plan_of(model: nn.Module) -> RoutingPlan | None:
+    """The routing plan of a routed model, or None for a model modpass has not routed."""
+    return getattr(model, "_modpass_plan", None)
+
+
+def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedBlock)}

@@ -1,0 +1,72 @@
+"""Example inputs for capturing a model when the caller gives none.
+
+Hugging Face models name their main input (``main_input_name``) and carry a
+config with the sizes needed; other models are assumed to take token ids
+first when their first embedding table is an ``nn.Embedding``. Anything else
+needs ``example_inputs=``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+BATCH = 2
+TOKENS = 13  # odd and small; any length >= 2 works, as all sizes are symbolic
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "block_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_ids(vocab: int, limit: int | None, device) -> torch.Tensor:
+    tokens = min(TOKENS, limit) if limit else TOKENS
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (BATCH, tokens), generator=generator).to(device)
+
+
+def example_inputs_for(model: nn.Module) -> dict:
+    device = device_of(model)
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    inputs: dict = {}
+    if config is not None and main == "input_ids":
+        vocab = getattr(config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+        inputs["input_ids"] = token_ids(vocab, max_positions(config), device)
+    elif config is not None and main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        channels = getattr(config, "num_channels", 3)
+        dtype = next(model.parameters()).dtype
+        inputs["pixel_values"] = torch.randn(BATCH, channels, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    else:
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        first = next(iter(inspect.signature(model.forward).parameters), None)
+        if embedding is None or first is None:
+            raise ConfigError(
+                f"cannot guess example inputs for {type(model).__name__}; pass example_inputs= (a tuple of "
+                "positional inputs or a dict of keyword inputs, batch >= 2 and sequence length >= 2)."
+            )
+        limit = max_positions(config) if config is not None else getattr(model, "block_size", None)
+        inputs[first] = token_ids(embedding.num_embeddings, limit if isinstance(limit, int) else None, device)
+    if config is not None and accepts(model, "use_cache"):
+        inputs["use_cache"] = False
+    return inputs

@@ -1,0 +1,92 @@
+"""Block stage 1, ``capture_block``: one block call as a flat, functional FX graph.
+
+Expects: a block module and the ``(args, kwargs)`` of one real call to it.
+Guarantees: a ``GraphModule`` whose placeholders are, in order, the block's
+parameters, buffers and lifted constants, then every tensor leaf of the call
+(``meta["modpass_inputs"]`` names each: ``("parameter", "self_attn.q_proj.weight")``,
+``("input", 0)``, ...). Its output is the flat list of the call's outputs
+(``meta["modpass_out_spec"]`` rebuilds the structure). Every dimension larger
+than 1 of every tensor leaf is symbolic unless the block itself fixes it, so
+placeholder ``val`` shapes say which axes follow the token count.
+Raises ``CaptureError`` for blocks that do not export or that mutate state.
+
+Non-tensor leaves (flags, None) are baked into the graph, so a call with
+different flags needs its own capture (the routed block caches per call
+structure).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError
+from .capture import auto_dynamic_shapes, export_quietly, first_user_frame
+
+_ROLE = {
+    InputKind.PARAMETER: "parameter",
+    InputKind.BUFFER: "buffer",
+    InputKind.CONSTANT_TENSOR: "constant",
+}
+_METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+class FlatCall(torch.nn.Module):
+    """Calls ``block`` with its original argument structure, taking only the tensor leaves."""
+
+    def __init__(self, block: torch.nn.Module, leaves: list, spec: pytree.TreeSpec):
+        super().__init__()
+        self.block = block
+        self.leaves = leaves
+        self.spec = spec
+        self.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def forward(self, *tensors):
+        leaves = list(self.leaves)
+        for slot, tensor in zip(self.tensor_slots, tensors):
+            leaves[slot] = tensor
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.block(*args, **kwargs)
+
+
+def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block") -> torch.fx.GraphModule:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    wrapper = FlatCall(block, leaves, spec)
+    tensors = tuple(leaves[i] for i in wrapper.tensor_slots)
+    try:
+        program = export_quietly(wrapper, tensors, {}, (tuple(auto_dynamic_shapes(t) for t in tensors),))
+    except Exception as exc:  # torch raises many unrelated types here
+        raise CaptureError(
+            f"{where}: could not capture the block with symbolic sizes: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''} (at {first_user_frame(exc)}). Blocks must trace "
+            "with torch.export (non-strict) for any sequence length; leave this block dense with layers=."
+        ) from exc
+
+    signature = program.graph_signature
+    mutated = [s.target for s in signature.output_specs if s.kind != OutputKind.USER_OUTPUT]
+    if mutated:
+        raise CaptureError(
+            f"{where}: the block updates state in place ({', '.join(map(str, mutated))}); routing a subset "
+            "of tokens would update it from that subset only. Leave this block dense with layers=."
+        )
+    gm = program.graph_module
+    roles = []
+    user_index = 0
+    for input_spec in signature.input_specs:
+        if input_spec.kind == InputKind.USER_INPUT:
+            roles.append(("input", user_index))
+            user_index += 1
+        else:
+            target = input_spec.target.removeprefix("block.")
+            roles.append((_ROLE[input_spec.kind], target))
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _METADATA_ASSERTS:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.meta["modpass_inputs"] = roles
+    gm.meta["modpass_constants"] = {name.removeprefix("block."): value for name, value in program.constants.items()}
+    gm.meta["modpass_out_spec"] = program.call_spec.out_spec
+    gm.meta["modpass_where"] = where
+    return gm

@@ -1,0 +1,135 @@
+"""Stage 2, ``find_blocks``: locate the transformer blocks in a captured graph.
+
+Expects: a ``GraphModule`` from ``capture`` (or a Dynamo graph) whose nodes
+carry ``nn_module_stack`` and ``val`` metadata.
+Guarantees: ``gm.meta["modpass_blocks"]`` holds a list of :class:`BlockInfo`
+in execution order; the graph itself is unchanged. Raises ``NoBlocksError``
+when nothing qualifies.
+
+The rule, with no architecture or class names:
+
+1. A *module region* is the set of graph nodes whose ``nn_module_stack``
+   contains one module path (placeholders are ignored: their stacks are not
+   reliable). Regions of modules called more than once are skipped.
+2. A region is a *block candidate* when at least one sibling (same parent
+   path) of the same class also has a region: transformer layers are repeated
+   children of one container.
+3. Its *hidden input* is a rank-3 tensor flowing in from outside whose shape
+   (symbolically, ``(B, T, D)``) equals the shape of a tensor the region hands
+   to the rest of the graph. A pre-norm residual block reaches that output from
+   the hidden input through ``add`` nodes, which breaks ties between inputs of
+   equal shape; otherwise the first such input in graph order is used.
+4. Candidates nested inside another candidate are dropped (a layer's
+   projections are siblings too, but the layer is the block).
+
+Every other tensor flowing into a block (masks, rotary tables, position ids)
+is recorded as a side input; which of their axes are token axes is decided
+per block from symbolic shapes when the block itself is captured.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NoBlocksError
+
+_ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    index: int
+    path: str
+    block_class: str
+    hidden_size: int
+    hidden_shape: tuple[str, ...]
+    side_inputs: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def shape_key(node: torch.fx.Node) -> tuple[str, ...] | None:
+    val = node.meta.get("val")
+    return tuple(str(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def module_regions(graph: torch.fx.Graph) -> tuple[dict[str, list[torch.fx.Node]], dict[str, str]]:
+    """``{module path: nodes in graph order}`` and ``{module path: class name}``."""
+    regions: dict[str, list[torch.fx.Node]] = defaultdict(list)
+    classes: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if path:
+                regions[path].append(node)
+                classes[path] = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return regions, classes
+
+
+def reaches_through_adds(source: torch.fx.Node, target: torch.fx.Node, region: set[torch.fx.Node]) -> bool:
+    frontier = [target]
+    while frontier:
+        node = frontier.pop()
+        if node is source:
+            return True
+        if node in region and node.op == "call_function" and node.target in _ADD_OPS:
+            frontier.extend(node.all_input_nodes)
+    return False
+
+
+def hidden_input(nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    region = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in region and a.op != "get_attr"))
+    outputs = [n for n in nodes if any(u not in region for u in n.users)]
+    output_shapes = {shape_key(o): o for o in outputs if shape_key(o) is not None}
+    matches = [i for i in inputs if (k := shape_key(i)) is not None and len(k) == 3 and k in output_shapes]
+    if not matches:
+        return None
+    residual = [i for i in matches if reaches_through_adds(i, output_shapes[shape_key(i)], region)]
+    chosen = (residual or matches)[0]
+    return chosen, [i for i in inputs if i is not chosen and isinstance(i.meta.get("val"), torch.Tensor)]
+
+
+def find_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Annotate ``gm.meta["modpass_blocks"]``; see the module docstring for the rule."""
+    regions, classes = module_regions(gm.graph)
+    siblings: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for path in regions:
+        if "@" not in path:
+            siblings[(path.rpartition(".")[0], classes[path])].append(path)
+    candidates = {}
+    for paths in siblings.values():
+        if len(paths) < 2:
+            continue
+        for path in paths:
+            found = hidden_input(regions[path])
+            if found is not None:
+                candidates[path] = found
+    outermost = [p for p in candidates if not any(p.startswith(q + ".") for q in candidates if q != p)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    outermost.sort(key=lambda p: order[regions[p][0]])
+    if not outermost:
+        repeated = sorted({f"{parent or '<root>'}: {cls.rpartition('.')[2]} x{len(p)}" for (parent, cls), p in siblings.items() if len(p) > 1})
+        raise NoBlocksError(
+            "no transformer blocks found: looked for repeated sibling modules of one class (e.g. the "
+            "layers of a ModuleList) that map a (batch, tokens, features) hidden state to a tensor of the "
+            f"same shape. Repeated modules seen: {repeated or 'none'}. If the model keeps its layers in "
+            "one module (or calls a layer more than once), modpass cannot route it."
+        )
+    blocks = []
+    for index, path in enumerate(outermost):
+        hidden, side = candidates[path]
+        blocks.append(
+            BlockInfo(
+                index=index,
+                path=path,
+                block_class=classes[path],
+                hidden_size=int(hidden.meta["val"].shape[-1]),
+                hidden_shape=shape_key(hidden),
+                side_inputs=tuple((s.name, shape_key(s)) for s in side),
+            )
+        )
+    gm.meta["modpass_blocks"] = blocks
+    return gm

@@ -1,0 +1,35 @@
+"""Stage 3, ``plan``: decide which blocks are routed, for which task, at what capacity.
+
+Expects: ``gm.meta["modpass_blocks"]`` from ``find_blocks`` and a validated
+``RoutingConfig``.
+Guarantees: ``gm.meta["modpass_plan"]`` holds a :class:`~modpass.plan.RoutingPlan`
+with exact fractional ratios; the graph is unchanged. Raises ``ConfigError``
+for layer indices or per-block lists that do not fit the blocks found.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import RoutingConfig, resolve_ratios
+from ..plan import BlockPlan, RoutingPlan
+from ..versions import versions
+
+
+def plan(gm: torch.fx.GraphModule, config: RoutingConfig, model_class: str = "") -> torch.fx.GraphModule:
+    blocks = gm.meta["modpass_blocks"]
+    ratios = resolve_ratios(config, len(blocks))
+    gm.meta["modpass_plan"] = RoutingPlan(
+        tasks=config.tasks,
+        num_blocks=len(blocks),
+        blocks=tuple(
+            BlockPlan(index=b.index, path=b.path, block_class=b.block_class, hidden_size=b.hidden_size, ratios=ratios[b.index])
+            for b in blocks
+            if b.index in ratios
+        ),
+        gate=config.gate,
+        aux_loss_weight=float(config.aux_loss_weight),
+        model_class=model_class,
+        versions=versions(),
+    )
+    return gm

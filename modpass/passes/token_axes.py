@@ -1,0 +1,97 @@
+"""Block stage 2, ``token_axes``: decide which axes of each block input are token axes.
+
+Expects: a graph from ``capture_block`` whose first user input is the hidden
+state ``(B, T, D)`` and whose first output is the new hidden state.
+Guarantees: ``gm.meta["modpass_token_symbol"]`` is the symbol of ``T``; every
+user-input placeholder has ``meta["modpass_token_axes"]`` (a tuple of axes,
+empty when the input is not token-indexed) and ``meta["modpass_batch_axis"]``
+(0 when it follows the batch, None when it is broadcast or batch-free).
+The graph is unchanged.
+
+An axis is a token axis exactly when its size is the symbol ``T`` itself.
+The symbols come from the export, where every input size starts out
+independent and only the block's own arithmetic ties a size to ``T`` (a mask
+added to the attention scores, rotary tables multiplied into the queries).
+Sizes are never compared: a head size, batch or width equal to ``T`` at
+capture time stays a different symbol or a constant, and cross-attention
+states of another sequence keep their own symbol.
+
+Refuses (``UnroutableBlockError``) inputs or outputs whose size is another
+expression of ``T`` (``2*T``, ``T + 1``), token-indexed inputs that are not
+batch-first, and extra outputs that carry the token axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnroutableBlockError
+
+
+def size_expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def mentions(size, symbol) -> bool:
+    expr = size_expr(size)
+    return not isinstance(expr, int) and symbol in expr.free_symbols
+
+
+def user_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [p for p, (role, _) in zip(placeholders, gm.meta["modpass_inputs"]) if role == "input"]
+
+
+def flat_outputs(gm: torch.fx.GraphModule) -> list:
+    return list(gm.graph.output_node().args[0])
+
+
+def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    where = gm.meta.get("modpass_where", "block")
+    inputs = user_inputs(gm)
+    hidden = inputs[0].meta["val"]
+    if hidden.dim() != 3:
+        raise UnroutableBlockError(f"{where}: the first argument has shape {tuple(hidden.shape)}; a routed block takes a (batch, tokens, features) hidden state first.")
+    token = size_expr(hidden.shape[1])
+    if isinstance(token, int):
+        raise UnroutableBlockError(
+            f"{where}: the block fixes its token count to {token} (its computation only works for that "
+            "length), so it cannot run on a subset of tokens. Leave it dense with layers=."
+        )
+    batch = size_expr(hidden.shape[0])
+    for i, node in enumerate(inputs):
+        val = node.meta["val"]
+        axes = tuple(d for d, s in enumerate(val.shape) if size_expr(s) == token)
+        tied = [d for d, s in enumerate(val.shape) if mentions(s, token) and d not in axes]
+        if tied:
+            raise UnroutableBlockError(
+                f"{where}: input {i} has shape {tuple(val.shape)}, where axis {tied[0]} depends on the token "
+                "count without being it; such an input cannot be gathered to a subset of tokens."
+            )
+        batch_axis = 0 if val.dim() and size_expr(val.shape[0]) == batch and 0 not in axes else None
+        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1:
+            raise UnroutableBlockError(
+                f"{where}: token-indexed input {i} (shape {tuple(val.shape)}) is not batch-first; "
+                "modpass gathers per sequence along axis 0."
+            )
+        node.meta["modpass_token_axes"] = axes
+        node.meta["modpass_batch_axis"] = batch_axis
+
+    outputs = flat_outputs(gm)
+    first = outputs[0] if outputs else None
+    if not isinstance(first, torch.fx.Node) or [size_expr(s) for s in first.meta["val"].shape] != [size_expr(s) for s in hidden.shape]:
+        raise UnroutableBlockError(
+            f"{where}: the block's first output is not a hidden state shaped like its input {tuple(hidden.shape)}; "
+            "a routed block must map (B, T, D) to (B, T, D)."
+        )
+    for j, out in enumerate(outputs[1:], start=1):
+        val = out.meta.get("val") if isinstance(out, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and any(mentions(s, token) for s in val.shape):
+            raise UnroutableBlockError(
+                f"{where}: output {j} (shape {tuple(val.shape)}) is indexed by token, e.g. attention weights or "
+                "cache entries; routed blocks only return the hidden state per token. Disable such outputs "
+                "(output_attentions=False, use_cache=False)."
+            )
+    gm.meta["modpass_token_symbol"] = token
+    gm.meta["modpass_batch_symbol"] = batch
+    return gm

@@ -1,0 +1,47 @@
+"""The modpass pipeline, in order, in one place.
+
+Whole model (``transform``)::
+
+    capture -> find_blocks -> plan -> rewrite (install RoutedBlocks) -> [lower: torch.compile]
+
+Per routed block and call structure (``RoutedBlock``, on first use)::
+
+    capture_block -> token_axes -> token_mixing -> rewrite
+
+Each stage is one file in ``modpass/passes``: a function from a GraphModule to
+a GraphModule whose docstring states what it expects and guarantees.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+
+from .passes.capture import capture
+from .passes.capture_block import capture_block
+from .passes.find_blocks import find_blocks
+from .passes.plan import plan
+from .passes.rewrite import rewrite
+from .passes.token_axes import token_axes
+from .passes.token_mixing import token_mixing
+
+MODEL_STAGES = (capture, find_blocks, plan)
+BLOCK_ANALYSIS_STAGES = (capture_block, token_axes, token_mixing)
+BLOCK_ROUTING_STAGES = (rewrite,)
+
+
+def capture_block_graph(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str) -> torch.fx.GraphModule:
+    """Run the block analysis stages: a checked, annotated graph of one block call."""
+    first, *rest = BLOCK_ANALYSIS_STAGES
+    gm = first(block, args, kwargs, where=where)
+    for stage in rest:
+        gm = stage(gm)
+    return gm
+
+
+def route_block_graph(gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str) -> torch.fx.GraphModule:
+    """Run the routing stages on an analysed block graph (which they modify)."""
+    for stage in BLOCK_ROUTING_STAGES:
+        gm = stage(gm, ratio=ratio, gate=gate)
+    return gm

@@ -1,0 +1,139 @@
+"""The routing math, as plain tensor functions.
+
+The rewrite pass (``passes/rewrite.py``) wires these functions into a block's
+graph as ``call_function`` nodes, so a printed routed graph reads
+``router -> select_tokens -> gather_tokens -> <block> -> scatter_update``.
+Eager mode runs them as they are; Dynamo and Inductor trace through them.
+
+Every function works on batch-first tensors whose token axis is given
+explicitly; none of them compares sizes to guess an axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Gate names and their formulas, ``w(logit)`` for a selected token (and, for
+#: ``"string"``, the weight of a skipped token as well).
+GATES = {
+    "tanh": "w = 1 + 0.2 * tanh(logit)  (p-MoD TanhNorm; w == 1 at zero-init)",
+    "sigmoid": "w = sigmoid(logit)  (MoD's original router weighting)",
+    "string": "w = 1 + 0.2 * tanh(logit) on selected and skipped tokens "
+    "(p-MoD STRing: skipped tokens become w * x)",
+}
+
+
+def capacity(num_tokens, numerator: int, denominator: int):
+    """Exact ``max(1, ceil(num_tokens * numerator / denominator))``.
+
+    Integer arithmetic only, so a symbolic ``num_tokens`` stays an exact sympy
+    expression (``0.55`` of 100 tokens is 55, where float ``ceil`` gives 56).
+    """
+    k = (num_tokens * numerator + denominator - 1) // denominator
+    if isinstance(k, int):
+        return max(k, 1)
+    # A SymInt: ratio > 0 and num_tokens >= 1 already make k >= 1, and
+    # telling the shape environment so lets it prove 1 <= k <= T.
+    torch._check(k >= 1)
+    torch._check(k <= num_tokens)
+    return k
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One score per token: ``Linear(D, 1)`` applied to ``(B, T, D)`` -> ``(B, T)``."""
+    return torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
+
+
+def padding_from_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool, True where a token is padding, from a ``(B, H, T, T)`` mask.
+
+    A real token may always attend to itself, so a token is padding exactly
+    when the mask forbids its own diagonal entry. Boolean masks mark allowed
+    entries True; floating masks are additive (a large negative value forbids).
+    """
+    diagonal = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)
+    if diagonal.dtype == torch.bool:
+        return ~diagonal
+    return diagonal <= torch.finfo(diagonal.dtype).min / 2
+
+
+def padding_from_key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool padding flags from a boolean ``(B, ..., T)`` key mask (True = keep)."""
+    return ~mask.reshape(mask.shape[0], -1, mask.shape[-1])[:, 0]
+
+
+def selection_scores(logits: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores used for top-k: NaN and padding rank below every real token."""
+    scores = torch.nan_to_num(logits.detach().float(), nan=-math.inf)
+    if padding is not None:
+        # Below -inf is impossible, so padding goes to -inf and real tokens
+        # with -inf logits are lifted to the lowest finite value: real tokens
+        # are then always chosen before padding.
+        lowest = torch.finfo(scores.dtype).min
+        scores = torch.where(padding, -math.inf, scores.clamp(min=lowest))
+    return scores
+
+
+def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
+    """Indices ``(B, k)`` of the k best tokens per row, sorted by position.
+
+    Ties break by position (a stable sort keeps the earlier token), so a
+    zero-initialised router selects the first k tokens of every sequence.
+    Sorting the chosen indices keeps the subset in original order, so a plain
+    causal mask over the subset is the causal mask over original positions.
+    """
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return torch.sort(order[:, :k], dim=1).values
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
+    """Gather ``x`` at ``index`` (B, k) along each of its token axes.
+
+    ``x`` is batch-first; a leading size-1 batch axis (a side input broadcast
+    over the batch, such as rotary cos/sin) is expanded to B first.
+    """
+    batch = index.shape[0]
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    for axis in token_axes:
+        shape = [1] * x.dim()
+        shape[0], shape[axis] = batch, index.shape[1]
+        expanded = list(x.shape)
+        expanded[axis] = index.shape[1]
+        x = torch.gather(x, axis, index.view(shape).expand(expanded))
+    return x
+
+
+def gate_weights(logits_selected: torch.Tensor, gate: str) -> torch.Tensor:
+    """Gate ``w`` for selected tokens, shaped ``(B, k, 1)``; see :data:`GATES`."""
+    if gate == "sigmoid":
+        w = torch.sigmoid(logits_selected)
+    else:
+        w = 1.0 + 0.2 * torch.tanh(logits_selected)
+    return w.unsqueeze(-1)
+
+
+def scatter_update(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    hidden_selected: torch.Tensor,
+    block_output: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """``out = hidden`` with ``x + w * (block(x) - x)`` written at the selected tokens.
+
+    The block's own residual stays inside ``block(x) - x``, so nothing is
+    added twice; unselected tokens are copied bit for bit. Indices are unique,
+    so this is an overwrite (no accumulation, no atomics on GPU).
+    """
+    update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
+    index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return hidden.scatter(1, index, update.to(hidden.dtype))
+
+
+def skip_scale(hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """STRing's reweighting of every token, ``w(logit) * x`` (selected ones are overwritten later)."""
+    w = 1.0 + 0.2 * torch.tanh(logits)
+    return hidden * w.unsqueeze(-1).to(hidden.dtype)

@@ -1,0 +1,76 @@
+"""Which task each sequence of a batch belongs to, per forward call.
+
+A routed model's forward accepts ``task=`` (a name for the whole batch, a
+sequence of names or a LongTensor of task indices with one entry per
+sequence) and ``route_mask=``; a forward pre-hook moves them from the call into
+the model's :class:`RoutingState`, which every routed block reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RoutingInputError
+
+
+@dataclass
+class TaskGroup:
+    """Sequences of one task: ``rows`` is None when the group is the whole batch."""
+
+    task: str
+    rows: torch.Tensor | None
+
+
+class RoutingState:
+    """Per-call routing inputs shared by the routed blocks of one model."""
+
+    def __init__(self, tasks: Sequence[str]):
+        self.tasks = tuple(tasks)
+        self.task: object = None
+        self.route_mask: torch.Tensor | None = None
+
+    def groups(self, batch: int) -> list[TaskGroup]:
+        task = self.task
+        if task is None:
+            if len(self.tasks) == 1:
+                return [TaskGroup(self.tasks[0], None)]
+            raise RoutingInputError(f"this model routes several tasks {list(self.tasks)}; pass task=<name> (or one name per sequence).")
+        if isinstance(task, str):
+            return [TaskGroup(self.check(task), None)]
+        if isinstance(task, torch.Tensor):
+            if task.dtype in (torch.bool,) or task.is_floating_point() or task.dim() != 1:
+                raise RoutingInputError(f"task tensor must be a 1-D integer tensor of task indices, got dtype {task.dtype} and shape {tuple(task.shape)}.")
+            indices = task.tolist()
+            bad = [i for i in indices if not 0 <= i < len(self.tasks)]
+            if bad:
+                raise RoutingInputError(f"task index {bad[0]} is out of range; tasks are {dict(enumerate(self.tasks))}.")
+            names = [self.tasks[i] for i in indices]
+        elif isinstance(task, Sequence):
+            names = [self.check(t) for t in task]
+        else:
+            raise RoutingInputError(f"task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
+        if len(names) != batch:
+            raise RoutingInputError(f"task lists {len(names)} entries but the batch has {batch} sequences; give one task per sequence.")
+        if len(set(names)) == 1:
+            return [TaskGroup(names[0], None)]
+        groups = []
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
+            groups.append(TaskGroup(name, rows))
+        return groups
+
+    def check(self, name: object) -> str:
+        if name not in self.tasks:
+            raise RoutingInputError(f"unknown task {name!r}; this model routes tasks {list(self.tasks)}.")
+        return name  # type: ignore[return-value]
+
+
+def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a routed model: move ``task``/``route_mask`` into its RoutingState."""
+    state: RoutingState = module._modpass_state
+    state.task = kwargs.pop("task", None)
+    state.route_mask = kwargs.pop("route_mask", None)
+    return args, kwargs
