@@ -95,6 +95,8 @@ class RoutedBlock(nn.Module):
     def forward(self, *args, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor):
             raise RoutingInputError(f"{self._plan.path}: a routed block takes the hidden state as its first positional argument.")
+        if self._state.dense:
+            return self._block(*args, **kwargs)
         groups = self._state.groups(args[0].shape[0])
         self.last_routing = []
         if len(groups) == 1:

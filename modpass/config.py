@@ -74,7 +74,7 @@ class RoutingConfig:
             raise ConfigError(f"aux_loss_weight must be a finite number >= 0, got {w!r}.")
 
     @classmethod
-    def from_arguments(cls, ratios: object, **kwargs) -> "RoutingConfig":
+    def from_arguments(cls, ratios: object, **kwargs) -> RoutingConfig:
         if isinstance(ratios, Mapping):
             return cls(ratios=dict(ratios), **kwargs)
         if isinstance(ratios, (numbers.Real, Fraction)) and not isinstance(ratios, bool):

@@ -19,11 +19,6 @@ BATCH = 2
 TOKENS = 13  # odd and small; any length >= 2 works, as all sizes are symbolic
 
 
-def accepts(model: nn.Module, name: str) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def device_of(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
@@ -67,6 +62,6 @@ def example_inputs_for(model: nn.Module) -> dict:
             )
         limit = max_positions(config) if config is not None else getattr(model, "block_size", None)
         inputs[first] = token_ids(embedding.num_embeddings, limit if isinstance(limit, int) else None, device)
-    if config is not None and accepts(model, "use_cache"):
+    if config is not None and "use_cache" in inspect.signature(model.forward).parameters:
         inputs["use_cache"] = False
     return inputs

@@ -61,7 +61,7 @@ class RoutingPlan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RoutingPlan":
+    def from_dict(cls, data: dict) -> RoutingPlan:
         try:
             if data.get("format") != PLAN_FORMAT:
                 raise PlanError(f"plan format {data.get('format')!r} is not supported (expected {PLAN_FORMAT}).")
@@ -88,7 +88,7 @@ class RoutingPlan:
             raise PlanError(f"routing plan is malformed ({type(exc).__name__}: {exc}); re-save it with modpass.save.") from exc
 
     @classmethod
-    def from_json(cls, text: str) -> "RoutingPlan":
+    def from_json(cls, text: str) -> RoutingPlan:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:

@@ -31,6 +31,7 @@ class RoutingState:
         self.tasks = tuple(tasks)
         self.task: object = None
         self.route_mask: torch.Tensor | None = None
+        self.dense = False
 
     def groups(self, batch: int) -> list[TaskGroup]:
         task = self.task

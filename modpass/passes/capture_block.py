@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.utils import _pytree as pytree
 
+from .._export import FlatCall, first_user_frame
 from ..errors import CaptureError
-from .capture import auto_dynamic_shapes, export_quietly, first_user_frame
 
 _ROLE = {
     InputKind.PARAMETER: "parameter",
@@ -32,30 +31,10 @@ _ROLE = {
 _METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
-class FlatCall(torch.nn.Module):
-    """Calls ``block`` with its original argument structure, taking only the tensor leaves."""
-
-    def __init__(self, block: torch.nn.Module, leaves: list, spec: pytree.TreeSpec):
-        super().__init__()
-        self.block = block
-        self.leaves = leaves
-        self.spec = spec
-        self.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-
-    def forward(self, *tensors):
-        leaves = list(self.leaves)
-        for slot, tensor in zip(self.tensor_slots, tensors):
-            leaves[slot] = tensor
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return self.block(*args, **kwargs)
-
-
 def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block") -> torch.fx.GraphModule:
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    wrapper = FlatCall(block, leaves, spec)
-    tensors = tuple(leaves[i] for i in wrapper.tensor_slots)
+    wrapper, tensors = FlatCall.wrap(block, args, kwargs)
     try:
-        program = export_quietly(wrapper, tensors, {}, (tuple(auto_dynamic_shapes(t) for t in tensors),))
+        program = wrapper.export(tensors)
     except Exception as exc:  # torch raises many unrelated types here
         raise CaptureError(
             f"{where}: could not capture the block with symbolic sizes: {type(exc).__name__}: "
@@ -78,7 +57,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             roles.append(("input", user_index))
             user_index += 1
         else:
-            target = input_spec.target.removeprefix("block.")
+            target = input_spec.target.removeprefix(FlatCall.PREFIX)
             roles.append((_ROLE[input_spec.kind], target))
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _METADATA_ASSERTS:
@@ -86,7 +65,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.meta["modpass_inputs"] = roles
-    gm.meta["modpass_constants"] = {name.removeprefix("block."): value for name, value in program.constants.items()}
+    gm.meta["modpass_constants"] = {name.removeprefix(FlatCall.PREFIX): value for name, value in program.constants.items()}
     gm.meta["modpass_out_spec"] = program.call_spec.out_spec
     gm.meta["modpass_where"] = where
     return gm

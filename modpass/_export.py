@@ -1,0 +1,70 @@
+"""torch.export plumbing shared by the whole-model and per-block capture stages."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+
+def auto_dynamic_shapes(tree):
+    """``Dim.AUTO`` for every dimension > 1 of every tensor leaf (size-1 axes stay static)."""
+    return pytree.tree_map(
+        lambda x: {i: Dim.AUTO for i, s in enumerate(x.shape) if s > 1} if isinstance(x, torch.Tensor) else None,
+        tree,
+    )
+
+
+def first_user_frame(exc: BaseException) -> str:
+    """Where in model code an exception arose (the last frame outside torch)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "inside torch"
+
+
+def export_quietly(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> torch.export.ExportedProgram:
+    export_log = logging.getLogger("torch._export.non_strict_utils")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
+    try:
+        with torch.enable_grad():
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        export_log.setLevel(level)
+
+
+class FlatCall(torch.nn.Module):
+    """Calls ``module`` with its original argument structure, taking only the tensor leaves.
+
+    Exporting this wrapper gives one placeholder per tensor leaf, whatever
+    mix of positional, keyword, nested or ``**kwargs`` arguments the call used.
+    """
+
+    PREFIX = "module."
+
+    def __init__(self, module: torch.nn.Module, leaves: list, spec: pytree.TreeSpec):
+        super().__init__()
+        self.module = module
+        self.leaves = leaves
+        self.spec = spec
+        self.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def forward(self, *tensors):
+        leaves = list(self.leaves)
+        for slot, tensor in zip(self.tensor_slots, tensors):
+            leaves[slot] = tensor
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.module(*args, **kwargs)
+
+    @classmethod
+    def wrap(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[FlatCall, tuple]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        wrapper = cls(module, leaves, spec)
+        return wrapper, tuple(leaves[i] for i in wrapper.tensor_slots)
+
+    def export(self, tensors: tuple) -> torch.export.ExportedProgram:
+        return export_quietly(self, tensors, {}, (tuple(auto_dynamic_shapes(t) for t in tensors),))
+
+

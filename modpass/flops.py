@@ -1,0 +1,112 @@
+"""FLOP accounting for routed models: dense vs routed, per block and per task.
+
+``torch.utils.flop_counter`` misses the CPU attention kernels
+(``_scaled_dot_product_flash_attention_for_cpu`` and its backward), which
+is what SDPA runs on CPU; :func:`register_cpu_attention_flops` adds them with
+torch's own SDPA formulas. Counts follow the counter's convention (a
+multiply-add is 2 FLOPs, attention counted over the full T x T even when
+causal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils import flop_counter
+
+from .api import routed_blocks, routing_plan_of
+from .errors import ConfigError
+
+_aten = torch.ops.aten
+
+
+def register_cpu_attention_flops() -> None:
+    """Teach FlopCounterMode the CPU flash-attention ops (idempotent)."""
+    forward = _aten._scaled_dot_product_flash_attention_for_cpu
+    backward = _aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(forward, get_raw=True)
+        def _forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    if backward not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(backward, get_raw=True)
+        def _backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+@dataclass
+class FlopReport:
+    """Forward FLOPs of a routed model: ``blocks[path][task] = (dense, routed)``."""
+
+    blocks: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    total: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def ratio(self, task: str) -> float:
+        dense, routed = self.total[task]
+        return routed / dense
+
+    def __str__(self) -> str:
+        tasks = list(self.total)
+        lines = [f"{'block':<28}" + "".join(f"{t + ' dense':>16}{t + ' routed':>16}{'saved':>8}" for t in tasks)]
+        for path, per_task in self.blocks.items():
+            cells = "".join(f"{d:>16,}{r:>16,}{1 - r / d if d else 0:>8.1%}" for d, r in (per_task[t] for t in tasks))
+            lines.append(f"{path:<28}{cells}")
+        cells = "".join(f"{d:>16,}{r:>16,}{1 - r / d if d else 0:>8.1%}" for d, r in (self.total[t] for t in tasks))
+        lines.append(f"{'whole model':<28}{cells}")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def dense(model: torch.nn.Module):
+    """Run a routed model's blocks densely (the original blocks) inside the context."""
+    state = model._modpass_state
+    previous, state.dense = state.dense, True
+    try:
+        yield model
+    finally:
+        state.dense = previous
+
+
+def count(model: torch.nn.Module, inputs: Mapping | tuple, **call_kwargs) -> dict[str, int]:
+    """Forward FLOPs per module path (``""`` is the whole model)."""
+    register_cpu_attention_flops()
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        if isinstance(inputs, Mapping):
+            model(**inputs, **call_kwargs)
+        else:
+            model(*inputs, **call_kwargs)
+    root = type(model).__name__
+    counts = {}
+    for name, per_op in counter.get_flop_counts().items():
+        if name == root or name.startswith(root + "."):
+            counts[name[len(root) + 1 :]] = sum(per_op.values())
+    return counts
+
+
+def flops(model: torch.nn.Module, inputs: Mapping | tuple, task: str | None = None) -> FlopReport:
+    """Dense vs routed forward FLOPs of ``model`` on ``inputs``, per routed block and per task.
+
+    ``task`` restricts the report to one task; by default every task of the
+    plan is measured with the whole batch assigned to it.
+    """
+    plan = routing_plan_of(model)
+    if plan is None:
+        raise ConfigError("flops() takes a model routed by modpass.transform or modpass.load.")
+    tasks = [task] if task is not None else list(plan.tasks)
+    report = FlopReport()
+    paths = list(routed_blocks(model))
+    for t in tasks:
+        with dense(model):
+            dense_counts = count(model, inputs, task=t)
+        routed_counts = count(model, inputs, task=t)
+        for path in paths:
+            report.blocks.setdefault(path, {})[t] = (dense_counts.get(path, 0), routed_counts.get(path, 0))
+        report.total[t] = (dense_counts.get("", 0), routed_counts.get("", 0))
+    return report
