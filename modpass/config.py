@@ -11,7 +11,6 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Union
 
 from .errors import ConfigError
 from .routing import GATES
@@ -19,9 +18,9 @@ from .routing import GATES
 DEFAULT_TASK = "default"
 LAYER_PRESETS = ("every_other", "all", "last_half")
 
-Ratio = Union[float, Fraction]
-RatioSpec = Union[Ratio, Sequence[Ratio], Callable[[int, int], float]]
-Layers = Union[str, Sequence[int]]
+Ratio = float | Fraction
+RatioSpec = Ratio | Sequence[Ratio] | Callable[[int, int], float]
+Layers = str | Sequence[int]
 
 
 def exact_ratio(value: object, where: str) -> Fraction:
