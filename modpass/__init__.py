@@ -1,5 +1,6 @@
 """modpass: task-aware Mixture-of-Depths for any PyTorch transformer, by graph transformation."""
 
+from . import schedules
 from .api import routed_blocks, routing_plan_of, transform
 from .block import RoutedBlock
 from .errors import (
@@ -11,10 +12,14 @@ from .errors import (
     RoutingInputError,
     UnroutableBlockError,
 )
+from .flops import FlopReport, dense, flops
+from .io import load, save
+from .losses import aux_loss
 from .plan import BlockPlan, RoutingPlan
 
 __all__ = [
     "BlockPlan",
+    "FlopReport",
     "CaptureError",
     "ConfigError",
     "ModpassError",
@@ -24,8 +29,14 @@ __all__ = [
     "RoutingInputError",
     "RoutingPlan",
     "UnroutableBlockError",
+    "aux_loss",
+    "dense",
+    "flops",
+    "load",
     "routed_blocks",
     "routing_plan_of",
+    "save",
+    "schedules",
     "transform",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import RoutingInputError
 from .plan import BlockPlan
+from .routing import capacity
 from .tasks import RoutingState, TaskGroup
 
 _CONSTANT_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -44,6 +45,7 @@ class RoutingRecord:
     logits: torch.Tensor
     index: torch.Tensor
     rows: torch.Tensor | None
+    route_mask: torch.Tensor | None = None
 
 
 class RoutedBlock(nn.Module):
@@ -97,38 +99,78 @@ class RoutedBlock(nn.Module):
             raise RoutingInputError(f"{self._plan.path}: a routed block takes the hidden state as its first positional argument.")
         if self._state.dense:
             return self._block(*args, **kwargs)
-        groups = self._state.groups(args[0].shape[0])
+        hidden = args[0]
+        groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), hidden)
         self.last_routing = []
-        if len(groups) == 1:
+        if len(groups) == 1 and groups[0].rows is None:
             return self._run_group(groups[0], args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        captured = self.capture(args, kwargs)
-        hidden = args[0]
-        result = None
+        batch_leaves = self.capture(args, kwargs).batch_leaves
+        result, out_spec = None, None
         for group in groups:
             rows = group.rows.to(hidden.device)
-            sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(tensor_leaves(leaves), captured.batch_leaves)]
+            sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(tensor_leaves(leaves), batch_leaves)]
             sub_args, sub_kwargs = pytree.tree_unflatten(replace_tensors(leaves, sub), spec)
-            output = self._run_group(group, sub_args, sub_kwargs)
-            flat_out, out_spec = pytree.tree_flatten(output)
+            flat_out, out_spec = pytree.tree_flatten(self._run_group(group, sub_args, sub_kwargs))
             if result is None:
-                result = [hidden.new_empty(hidden.shape)] + flat_out[1:]
+                result = [hidden.new_empty(hidden.shape), *flat_out[1:]]
             result[0] = result[0].index_copy(0, rows, flat_out[0])
         return pytree.tree_unflatten(result, out_spec)
+
+    def split_by_capacity(self, groups: list[TaskGroup], hidden: torch.Tensor) -> list[TaskGroup]:
+        """Under a route mask, split each routed task group into rows of equal capacity.
+
+        Tokens outside the mask are always processed, so a row's capacity is
+        ``#outside + ceil(ratio * #inside)``; rows of one group must share it
+        to be gathered into one tensor.
+        """
+        mask = self._state.route_mask
+        if mask is None:
+            return groups
+        batch, tokens = hidden.shape[:2]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens):
+            got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise RoutingInputError(
+                f"{self._plan.path}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
+            )
+        routable = mask.sum(1).tolist()
+        refined = []
+        for group in groups:
+            ratio = self._plan.ratios.get(group.task)
+            rows = list(range(batch)) if group.rows is None else group.rows.tolist()
+            if ratio is None:
+                refined.append(group)
+                continue
+            by_capacity: dict[int, list[int]] = {}
+            for row in rows:
+                n = routable[row]
+                k = tokens - n + (capacity(n, ratio.numerator, ratio.denominator) if n else 0)
+                by_capacity.setdefault(k, []).append(row)
+            for k, members in by_capacity.items():
+                whole = group.rows is None and len(by_capacity) == 1
+                refined.append(TaskGroup(group.task, None if whole else torch.tensor(members, dtype=torch.long), k))
+        return refined
 
     def _run_group(self, group: TaskGroup, args: tuple, kwargs: dict):
         ratio = self._plan.ratios.get(group.task)
         if ratio is None:
             return self._block(*args, **kwargs)
-        graph = self.routed_graph(group.task, ratio, args, kwargs)
+        explicit = group.capacity is not None
+        graph = self.routed_graph(group.task, ratio, args, kwargs, explicit_capacity=explicit)
         leaves, _ = pytree.tree_flatten((args, kwargs))
-        inputs = self.resolve_inputs(graph, group.task, tensor_leaves(leaves), args[0].device)
+        inputs = self.resolve_inputs(graph, group, tensor_leaves(leaves), args[0].device)
         *outputs, logits, index = graph(*inputs)
-        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows))
+        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, self.group_route_mask(group)))
         return pytree.tree_unflatten(outputs, graph.meta["modpass_out_spec"])
 
-    def resolve_inputs(self, graph: torch.fx.GraphModule, task: str, tensors: list, device) -> list:
-        router = self.mod_routers[task]
+    def group_route_mask(self, group: TaskGroup) -> torch.Tensor | None:
+        mask = self._state.route_mask
+        if mask is None or group.capacity is None:
+            return None
+        return mask if group.rows is None else mask.index_select(0, group.rows.to(mask.device))
+
+    def resolve_inputs(self, graph: torch.fx.GraphModule, group: TaskGroup, tensors: list, device) -> list:
+        router = self.mod_routers[group.task]
         constants = graph.meta["modpass_constants"]
         resolved = []
         for role, target in graph.meta["modpass_inputs"]:
@@ -140,6 +182,10 @@ class RoutedBlock(nn.Module):
                 resolved.append(self.get_buffer(target))
             elif role == "constant":
                 resolved.append(constants[target].to(device))
+            elif role == "capacity":
+                resolved.append(group.capacity)
+            elif role == "route_mask":
+                resolved.append(self.group_route_mask(group))
             else:
                 resolved.append(getattr(router, target))
         return resolved
@@ -177,14 +223,18 @@ class RoutedBlock(nn.Module):
             captured = self._captures[key] = CapturedBlock(gm, batch)
         return captured
 
-    def routed_graph(self, task: str, ratio: Fraction, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    def routed_graph(
+        self, task: str, ratio: Fraction, args: tuple, kwargs: dict, *, explicit_capacity: bool = False
+    ) -> torch.fx.GraphModule:
         from .pipeline import route_block_graph
 
-        key = (task, self.structure_key(args, kwargs))
+        key = (task, explicit_capacity, self.structure_key(args, kwargs))
         graph = self._routes.get(key)
         if graph is None:
             captured = self.capture(args, kwargs)
-            graph = self._routes[key] = route_block_graph(copy_graph_module(captured.graph_module), ratio=ratio, gate=self._gate)
+            graph = self._routes[key] = route_block_graph(
+                copy_graph_module(captured.graph_module), ratio=ratio, gate=self._gate, explicit_capacity=explicit_capacity
+            )
         return graph
 
 

@@ -14,8 +14,6 @@ a GraphModule whose docstring states what it expects and guarantees.
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 
 from .passes.capture import capture
@@ -40,8 +38,8 @@ def capture_block_graph(block: torch.nn.Module, args: tuple, kwargs: dict, *, wh
     return gm
 
 
-def route_block_graph(gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str) -> torch.fx.GraphModule:
+def route_block_graph(gm: torch.fx.GraphModule, **options) -> torch.fx.GraphModule:
     """Run the routing stages on an analysed block graph (which they modify)."""
     for stage in BLOCK_ROUTING_STAGES:
-        gm = stage(gm, ratio=ratio, gate=gate)
+        gm = stage(gm, **options)
     return gm

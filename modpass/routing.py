@@ -64,9 +64,17 @@ def padding_from_key_mask(mask: torch.Tensor) -> torch.Tensor:
     return ~mask.reshape(mask.shape[0], -1, mask.shape[-1])[:, 0]
 
 
-def selection_scores(logits: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores used for top-k: NaN and padding rank below every real token."""
+def selection_scores(
+    logits: torch.Tensor, padding: torch.Tensor | None = None, route_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scores used for top-k.
+
+    Tokens outside ``route_mask`` rank first (they are always processed); NaN
+    logits and padding rank below every real token.
+    """
     scores = torch.nan_to_num(logits.detach().float(), nan=-math.inf)
+    if route_mask is not None:
+        scores = torch.where(route_mask, scores, math.inf)
     if padding is not None:
         # Below -inf is impossible, so padding goes to -inf and real tokens
         # with -inf logits are lifted to the lowest finite value: real tokens

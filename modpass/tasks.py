@@ -18,10 +18,15 @@ from .errors import RoutingInputError
 
 @dataclass
 class TaskGroup:
-    """Sequences of one task: ``rows`` is None when the group is the whole batch."""
+    """Sequences routed alike: one task and, under a route mask, one capacity.
+
+    ``rows`` is None when the group is the whole batch; ``capacity`` is None
+    when it follows from the task's ratio and the sequence length.
+    """
 
     task: str
     rows: torch.Tensor | None
+    capacity: int | None = None
 
 
 class RoutingState:

@@ -12,7 +12,10 @@ Guarantees: the graph computes, for one task,
 and returns ``(out, *other block outputs, logits, index)``. Two placeholders
 are appended after the block's own: the router's weight and bias
 (``meta["modpass_inputs"]`` gains ``("router", "weight")`` and
-``("router", "bias")``). Every original use of a token-indexed input now reads
+``("router", "bias")``). With ``explicit_capacity=True`` two more follow,
+``("capacity", None)`` (k, an int) and ``("route_mask", None)`` (``(B, T)``
+bool; tokens outside it are always selected), for calls whose capacity
+depends on a per-sequence route mask. Every original use of a token-indexed input now reads
 its gathered version, so sizes the block derives from ``T`` become ``k``.
 Nodes added here carry ``meta["modpass_role"]`` for graph-level checks.
 """
@@ -44,7 +47,9 @@ def key_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
     return None
 
 
-def rewrite(gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str = "tanh") -> torch.fx.GraphModule:
+def rewrite(
+    gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str = "tanh", explicit_capacity: bool = False
+) -> torch.fx.GraphModule:
     graph = gm.graph
     inputs = user_inputs(gm)
     hidden = inputs[0]
@@ -62,15 +67,20 @@ def rewrite(gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str = "tanh") ->
     with graph.inserting_before(body):
         router_weight = graph.placeholder("router_weight")
         router_bias = graph.placeholder("router_bias")
-        num_tokens = call(torch.ops.aten.sym_size.int, hidden, 1, role="capacity")
-        k = call(routing.capacity, num_tokens, ratio.numerator, ratio.denominator, role="capacity")
+        route_mask = None
+        if explicit_capacity:
+            k = graph.placeholder("capacity")
+            route_mask = graph.placeholder("route_mask")
+        else:
+            num_tokens = call(torch.ops.aten.sym_size.int, hidden, 1, role="capacity")
+            k = call(routing.capacity, num_tokens, ratio.numerator, ratio.denominator, role="capacity")
         logits = call(routing.router_logits, hidden, router_weight, router_bias, role="router")
         padding = None
         if (mask := attention_mask_input(inputs)) is not None:
             padding = call(routing.padding_from_attention_mask, mask, role="padding")
         elif (mask := key_mask_input(inputs)) is not None:
             padding = call(routing.padding_from_key_mask, mask, role="padding")
-        scores = call(routing.selection_scores, logits, padding, role="select")
+        scores = call(routing.selection_scores, logits, padding, route_mask, role="select")
         index = call(routing.select_tokens, scores, k, role="select")
         gathered = {}
         for node in inputs:
@@ -81,7 +91,8 @@ def rewrite(gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str = "tanh") ->
     for node, selected in gathered.items():
         node.replace_all_uses_with(selected, delete_user_cb=lambda user: user not in routing_nodes)
 
-    gm.meta["modpass_inputs"] = [*gm.meta["modpass_inputs"], ("router", "weight"), ("router", "bias")]
+    extra = [("capacity", None), ("route_mask", None)] if explicit_capacity else []
+    gm.meta["modpass_inputs"] = [*gm.meta["modpass_inputs"], ("router", "weight"), ("router", "bias"), *extra]
     output = graph.output_node()
     outputs = flat_outputs(gm)
     with graph.inserting_before(output):

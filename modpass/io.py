@@ -1,0 +1,116 @@
+"""``save`` / ``load``: a routing plan and its router weights, nothing else.
+
+A saved directory holds exactly two files:
+
+* ``plan.json``: the :class:`~modpass.plan.RoutingPlan` (tasks, exact ratios
+  per block, gate, aux-loss weight, block paths and classes, versions);
+* ``routers.safetensors``: the router weights, under the routed model's own
+  ``state_dict`` names (``<block>.mod_routers.<task>.weight`` / ``.bias``).
+
+No pickle is involved anywhere. ``load`` checks both files against each other
+and against the base model before changing anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .api import apply_plan, routing_plan_of
+from .errors import ConfigError, PlanError
+from .inputs import example_inputs_for
+from .passes.capture import capture
+from .passes.find_blocks import find_blocks
+from .plan import RoutingPlan
+
+PLAN_FILE = "plan.json"
+ROUTER_FILE = "routers.safetensors"
+
+
+def router_names(plan: RoutingPlan) -> dict[str, tuple[int, ...]]:
+    """Expected router tensors of ``plan``: ``{state_dict name: shape}``."""
+    names = {}
+    for block in plan.blocks:
+        for task in block.routed_tasks():
+            names[f"{block.path}.mod_routers.{task}.weight"] = (1, block.hidden_size)
+            names[f"{block.path}.mod_routers.{task}.bias"] = (1,)
+    return names
+
+
+def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s routing plan and router weights to ``directory``; returns the path."""
+    plan = routing_plan_of(model)
+    if plan is None:
+        raise ConfigError("save() takes a model routed by modpass.transform or modpass.load.")
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors = {name: state[name].detach().cpu().contiguous() for name in router_names(plan)}
+    save_file(tensors, str(path / ROUTER_FILE), metadata={"format": "modpass-routers"})
+    (path / PLAN_FILE).write_text(plan.to_json())
+    return path
+
+
+def read(directory: str | os.PathLike) -> tuple[RoutingPlan, dict[str, torch.Tensor]]:
+    """The plan and router tensors saved in ``directory``, checked against each other."""
+    path = Path(directory)
+    for name in (PLAN_FILE, ROUTER_FILE):
+        if not (path / name).is_file():
+            raise PlanError(f"{path} has no {name}; it is not a directory written by modpass.save.")
+    plan = RoutingPlan.from_json((path / PLAN_FILE).read_text())
+    try:
+        tensors = load_file(str(path / ROUTER_FILE))
+    except Exception as exc:  # safetensors raises its own error types
+        raise PlanError(f"{path / ROUTER_FILE} is not a readable safetensors file: {exc}") from exc
+    expected = router_names(plan)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [n for n in expected if n in tensors and tuple(tensors[n].shape) != expected[n]]
+    if missing or unexpected or wrong:
+        raise PlanError(
+            f"{path}: router weights do not match plan.json (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}); save the model again with modpass.save."
+        )
+    return plan, tensors
+
+
+def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -> None:
+    """Raise ``PlanError`` unless ``model`` has the blocks ``plan`` routes."""
+    blocks = find_blocks(capture(model, example_inputs)).meta["modpass_blocks"]
+    if len(blocks) != plan.num_blocks:
+        raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks; this {type(model).__name__} has {len(blocks)}.")
+    by_path = {b.path: b for b in blocks}
+    for block in plan.blocks:
+        found = by_path.get(block.path)
+        if found is None:
+            raise PlanError(f"the plan routes block {block.path!r}, which this {type(model).__name__} does not have (its blocks: {list(by_path)[:4]}...).")
+        if found.block_class != block.block_class or found.hidden_size != block.hidden_size:
+            raise PlanError(
+                f"block {block.path!r} is a {found.block_class} of width {found.hidden_size} here, but the plan "
+                f"was made for a {block.block_class} of width {block.hidden_size}."
+            )
+
+
+def load(
+    base_model: torch.nn.Module,
+    directory: str | os.PathLike,
+    *,
+    inplace: bool = False,
+    example_inputs: Mapping[str, Any] | tuple | None = None,
+) -> torch.nn.Module:
+    """Rebuild the routed model saved in ``directory`` from a fresh ``base_model``."""
+    if routing_plan_of(base_model) is not None:
+        raise ConfigError("load() takes the original (unrouted) model; this one is already routed.")
+    plan, tensors = read(directory)
+    target = base_model if inplace else copy.deepcopy(base_model)
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
+    check_plan_fits(plan, target, inputs)
+    routed = apply_plan(target, plan, inputs)
+    routed.load_state_dict(tensors, strict=False)
+    return routed

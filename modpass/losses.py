@@ -1,0 +1,39 @@
+"""Auxiliary router loss (MoD's fix for causal sampling)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .api import routed_blocks, routing_plan_of
+from .errors import ConfigError
+
+
+def aux_loss(model: torch.nn.Module) -> torch.Tensor:
+    """Router BCE of the last forward, times the plan's ``aux_loss_weight``.
+
+    Each routed block's logits are trained towards its own top-k membership
+    (1 for selected tokens, 0 for skipped ones), so that at inference
+    ``sigmoid(logit) > 0.5`` predicts selection without looking at future
+    tokens. Tokens outside a route mask are always processed and excluded.
+    The loss is the mean BCE per routed block, summed over blocks; it is a
+    zero tensor when the weight is 0 or no routed forward has run.
+    """
+    plan = routing_plan_of(model)
+    if plan is None:
+        raise ConfigError("aux_loss() takes a model routed by modpass.transform or modpass.load.")
+    total = None
+    if plan.aux_loss_weight > 0:
+        for block in routed_blocks(model).values():
+            for record in block.last_routing:
+                target = torch.zeros_like(record.logits).scatter(1, record.index, 1.0)
+                if record.route_mask is None:
+                    loss = F.binary_cross_entropy_with_logits(record.logits, target)
+                else:
+                    per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
+                    loss = per_token[record.route_mask].mean() if record.route_mask.any() else per_token.sum() * 0
+                total = loss if total is None else total + loss
+    if total is None:
+        reference = next(model.parameters())
+        return torch.zeros((), device=reference.device, dtype=reference.dtype)
+    return total * plan.aux_loss_weight
