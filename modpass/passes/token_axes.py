@@ -53,6 +53,15 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if hidden.dim() != 3:
         raise UnroutableBlockError(f"{where}: the first argument has shape {tuple(hidden.shape)}; a routed block takes a (batch, tokens, features) hidden state first.")
     token = size_expr(hidden.shape[1])
+    if token == 1:
+        # A single token (decoding, or a one-token call): k is 1 too, so no
+        # side input needs gathering and nothing can mix tokens.
+        for node in inputs:
+            node.meta["modpass_token_axes"] = (1,) if node is inputs[0] else ()
+            node.meta["modpass_batch_axis"] = 0 if node.meta["val"].dim() and size_expr(node.meta["val"].shape[0]) == size_expr(hidden.shape[0]) else None
+        gm.meta["modpass_token_symbol"] = None
+        gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
+        return gm
     if isinstance(token, int):
         raise UnroutableBlockError(
             f"{where}: the block fixes its token count to {token} (its computation only works for that "

@@ -124,6 +124,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
 
 def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     symbol = gm.meta["modpass_token_symbol"]
+    if symbol is None:  # a single-token call: nothing to mix
+        return gm
     problems = []
     for node in gm.graph.nodes:
         reason = mixing_reason(node, symbol)
