@@ -12,15 +12,16 @@ The rule, with no architecture or class names:
    contains one module path (placeholders are ignored: their stacks are not
    reliable). Regions of modules called more than once are skipped.
 2. A region is a *block candidate* when at least one sibling (same parent
-   path) of the same class also has a region: transformer layers are repeated
+   path) of the same class also qualifies: transformer layers are repeated
    children of one container.
 3. Its *hidden input* is a rank-3 tensor flowing in from outside whose shape
    (symbolically, ``(B, T, D)``) equals the shape of a tensor the region hands
    to the rest of the graph. A pre-norm residual block reaches that output from
    the hidden input through ``add`` nodes, which breaks ties between inputs of
    equal shape; otherwise the first such input in graph order is used.
-4. Candidates nested inside another candidate are dropped (a layer's
-   projections are siblings too, but the layer is the block).
+4. It mixes tokens by attention: it contains an attention kernel or a
+   product of two activations (scores = q @ k^T), not only weight products.
+5. Candidates nested inside another candidate are dropped.
 
 Every other tensor flowing into a block (masks, rotary tables, position ids)
 is recorded as a side input; which of their axes are token axes is decided
@@ -92,6 +93,30 @@ def hidden_input(nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, list[torch.
     return chosen, [i for i in inputs if i is not chosen and isinstance(i.meta.get("val"), torch.Tensor)]
 
 
+_ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+_PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm"}
+
+
+def activation_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes whose value depends on a graph input (not only on weights and constants)."""
+    placeholders = {n for n in graph.nodes if n.op == "placeholder"}
+    active = set(placeholders)
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in active for a in node.all_input_nodes):
+            active.add(node)
+    return active
+
+
+def has_attention(nodes: list[torch.fx.Node], active: set[torch.fx.Node]) -> bool:
+    for node in nodes:
+        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        if any(key in name for key in _ATTENTION_NAMES):
+            return True
+        if name in _PRODUCTS and sum(isinstance(a, torch.fx.Node) and a in active for a in node.args) >= 2:
+            return True
+    return False
+
+
 def find_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Annotate ``gm.meta["modpass_blocks"]``; see the module docstring for the rule."""
     regions, classes = module_regions(gm.graph)
@@ -99,14 +124,12 @@ def find_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for path in regions:
         if "@" not in path:
             siblings[(path.rpartition(".")[0], classes[path])].append(path)
+    active = activation_nodes(gm.graph)
     candidates = {}
     for paths in siblings.values():
-        if len(paths) < 2:
-            continue
-        for path in paths:
-            found = hidden_input(regions[path])
-            if found is not None:
-                candidates[path] = found
+        qualifying = {p: found for p in paths if (found := hidden_input(regions[p])) is not None and has_attention(regions[p], active)}
+        if len(qualifying) >= 2:
+            candidates.update(qualifying)
     outermost = [p for p in candidates if not any(p.startswith(q + ".") for q in candidates if q != p)]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     outermost.sort(key=lambda p: order[regions[p][0]])
@@ -115,7 +138,7 @@ def find_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         raise NoBlocksError(
             "no transformer blocks found: looked for repeated sibling modules of one class (e.g. the "
             "layers of a ModuleList) that map a (batch, tokens, features) hidden state to a tensor of the "
-            f"same shape. Repeated modules seen: {repeated or 'none'}. If the model keeps its layers in "
+            f"same shape and attend over tokens. Repeated modules seen: {repeated or 'none'}. If the model keeps its layers in "
             "one module (or calls a layer more than once), modpass cannot route it."
         )
     blocks = []

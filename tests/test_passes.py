@@ -1,0 +1,175 @@
+"""Graph-level tests of each pass on small graphs: node counts, op presence, annotations."""
+
+from __future__ import annotations
+
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modpass
+from modpass import routing
+from modpass.api import record_block_calls
+from modpass.passes.capture import capture
+from modpass.passes.capture_block import capture_block
+from modpass.passes.find_blocks import find_blocks
+from modpass.passes.rewrite import rewrite
+from modpass.passes.token_axes import token_axes, user_inputs
+from modpass.passes.token_mixing import token_mixing
+from tests import models
+
+
+def blocks_of(model, inputs):
+    return find_blocks(capture(model, inputs)).meta["modpass_blocks"]
+
+
+@pytest.mark.parametrize(
+    "build, inputs, prefix, width",
+    [
+        (models.llama, {"input_ids": torch.randint(0, 97, (2, 9)), "use_cache": False}, "model.layers.", 48),
+        (models.gpt2, {"input_ids": torch.randint(0, 97, (2, 9)), "use_cache": False}, "transformer.h.", 48),
+        (models.vit, {"pixel_values": torch.randn(2, 3, 32, 32)}, "layers.", 48),
+        (lambda: models.NanoGPT(), {"idx": torch.randint(0, 61, (2, 9))}, "h.", 32),
+    ],
+    ids=["llama", "gpt2", "vit", "nanogpt"],
+)
+def test_find_blocks_finds_the_layers_and_nothing_inside_them(build, inputs, prefix, width):
+    blocks = blocks_of(build(), inputs)
+    assert [b.path for b in blocks] == [f"{prefix}{i}" for i in range(4)]
+    assert [b.index for b in blocks] == [0, 1, 2, 3]
+    assert {b.hidden_size for b in blocks} == {width}
+
+
+def test_find_blocks_records_side_inputs_of_llama_blocks():
+    (first, *_) = blocks_of(models.llama(), {"input_ids": torch.randint(0, 97, (2, 9)), "use_cache": False})
+    ranks = sorted(len(shape) for _, shape in first.side_inputs)
+    assert 4 in ranks and 3 in ranks, "the causal mask and the rotary tables flow into the block"
+
+
+def test_find_blocks_refuses_a_model_without_blocks():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(modpass.NoBlocksError, match="repeated sibling modules"):
+        find_blocks(capture(model, (torch.randn(2, 5, 8),)))
+
+
+def analysed_llama_block():
+    model = models.llama(layers=2)
+    ids = torch.randint(0, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    (args, kwargs) = record_block_calls(model, ["model.layers.1"], {"input_ids": ids, "attention_mask": mask, "use_cache": False})["model.layers.1"]
+    return token_mixing(token_axes(capture_block(model.model.layers[1], args, kwargs)))
+
+
+def test_token_axes_follow_the_sequence_symbol_only():
+    gm = analysed_llama_block()
+    axes = [(tuple(n.meta["val"].shape).__len__(), n.meta["modpass_token_axes"]) for n in user_inputs(gm)]
+    # hidden (B,T,D); mask (B,1,T,T); cos, sin (1,T,hd); position ids (1,T) are unused by the block.
+    assert axes[0] == (3, (1,))
+    assert (4, (2, 3)) in axes
+    assert axes.count((3, (1,))) == 3
+    assert (2, ()) in axes
+
+
+def test_rewrite_inserts_router_select_gather_block_scatter():
+    gm = rewrite(analysed_llama_block(), ratio=Fraction(1, 2))
+    roles = Counter(n.meta.get("modpass_role") for n in gm.graph.nodes if "modpass_role" in n.meta)
+    assert roles["router"] == 1
+    assert roles["scatter"] == 1
+    assert roles["padding"] == 1, "padding comes from the 4-D mask"
+    assert roles["gather"] == 4, "hidden, mask, cos and sin"
+    targets = Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    assert targets[routing.select_tokens] == 1
+    assert targets[routing.scatter_update] == 1
+    assert targets[torch.ops.aten.scaled_dot_product_attention.default] == 1
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders[-2:] == ["router_weight", "router_bias"]
+    assert gm.meta["modpass_inputs"][-2:] == [("router", "weight"), ("router", "bias")]
+    assert len(gm.graph.output_node().args[0]) == 3, "(new hidden, logits, index)"
+
+
+def test_rewrite_explicit_capacity_takes_k_and_route_mask():
+    gm = rewrite(analysed_llama_block(), ratio=Fraction(1, 2), explicit_capacity=True)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-2:] == ["capacity", "route_mask"]
+    assert not any(n.target is routing.capacity for n in gm.graph.nodes)
+
+
+class CrossBlock(nn.Module):
+    """Self-attention over x, then cross-attention to memory of another sequence."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+
+    def forward(self, x, memory):
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return x + F.scaled_dot_product_attention(self.q(x), k, v)
+
+
+def test_cross_attention_memory_is_not_gathered_even_when_its_length_equals_t():
+    block = CrossBlock()
+    gm = token_axes(capture_block(block, (torch.randn(2, 7, 16), torch.randn(2, 7, 16)), {}))
+    hidden, memory = user_inputs(gm)
+    assert hidden.meta["modpass_token_axes"] == (1,)
+    assert memory.meta["modpass_token_axes"] == ()
+
+
+class RotaryBlock(nn.Module):
+    """A block with a (1, T, head) table, captured where head size equals T."""
+
+    def forward(self, x, table):
+        return x + (x.unflatten(-1, (2, 8)) * table.unsqueeze(2)).flatten(-2)
+
+
+def test_head_size_equal_to_t_is_not_a_token_axis():
+    gm = token_axes(capture_block(RotaryBlock(), (torch.randn(2, 8, 16), torch.randn(1, 8, 8)), {}))
+    assert user_inputs(gm)[1].meta["modpass_token_axes"] == (1,)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.conv = nn.Conv1d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class CumsumBlock(nn.Module):
+    def forward(self, x):
+        return x + x.cumsum(dim=1)
+
+
+class PoolBlock(nn.Module):
+    def forward(self, x):
+        return x + x.mean(dim=1, keepdim=True)
+
+
+class ShiftBlock(nn.Module):
+    def forward(self, x):
+        return x + F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+@pytest.mark.parametrize(
+    "block, reason",
+    [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token")],
+    ids=["conv", "cumsum", "mean-pool", "token-shift"],
+)
+def test_token_mixing_refuses_mixing_outside_attention(block, reason):
+    gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
+    with pytest.raises(modpass.UnroutableBlockError, match=reason):
+        token_mixing(gm)
+
+
+def test_token_mixing_accepts_eager_attention():
+    class EagerAttention(nn.Module):
+        def forward(self, x):
+            scores = (x @ x.transpose(1, 2)).softmax(dim=-1)
+            return x + scores @ x
+
+    gm = token_axes(capture_block(EagerAttention(), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(gm) is gm
