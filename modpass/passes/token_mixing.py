@@ -122,6 +122,13 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     return f"operates along the token axis ({name})"
 
 
+def model_source_line(node: torch.fx.Node) -> str:
+    """The innermost frame of model code (outside torch) that created ``node``."""
+    frames = [line.strip() for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File ")]
+    user = [f for f in frames if "/torch/" not in f]
+    return (user or frames or ["unknown source"])[-1]
+
+
 def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     symbol = gm.meta["modpass_token_symbol"]
     if symbol is None:  # a single-token call: nothing to mix
@@ -130,9 +137,7 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in gm.graph.nodes:
         reason = mixing_reason(node, symbol)
         if reason:
-            trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-            origin = trace[-2].strip() if len(trace) >= 2 else "unknown source"
-            problems.append(f"{node.target} {reason} [{origin}]")
+            problems.append(f"{node.target} {reason} [{model_source_line(node)}]")
     if problems:
         where = gm.meta.get("modpass_where", "block")
         raise UnroutableBlockError(

@@ -1,0 +1,198 @@
+"""transform's contract: model class, state_dict names, caller's model untouched, refusals."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import modpass
+from tests import models
+
+
+@pytest.fixture(scope="module")
+def llama_and_routed():
+    dense = models.llama()
+    return dense, modpass.transform(dense, 0.5)
+
+
+def test_routed_hf_model_keeps_class_config_and_loss(llama_and_routed):
+    dense, routed = llama_and_routed
+    assert type(routed) is type(dense)
+    assert routed.config.hidden_size == dense.config.hidden_size
+    ids = torch.randint(0, 97, (2, 10))
+    out = routed(input_ids=ids, labels=ids)
+    assert out.logits.shape == (2, 10, 97)
+    assert torch.isfinite(out.loss)
+
+
+def test_state_dict_is_the_original_plus_routers(llama_and_routed):
+    dense, routed = llama_and_routed
+    original, new = dense.state_dict(), routed.state_dict()
+    routers = {k for k in new if ".mod_routers." in k}
+    assert routers == {f"model.layers.{i}.mod_routers.default.{p}" for i in (1, 3) for p in ("weight", "bias")}
+    assert set(new) - routers == set(original)
+    for key, value in original.items():
+        assert torch.equal(new[key], value)
+    assert all(p.requires_grad for n, p in routed.named_parameters() if "mod_routers" in n)
+
+
+def test_existing_checkpoint_loads_into_routed_model(llama_and_routed):
+    dense, routed = llama_and_routed
+    fresh = models.llama()
+    result = routed.load_state_dict(fresh.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all(".mod_routers." in k for k in result.missing_keys)
+    routed.load_state_dict(dense.state_dict(), strict=False)
+
+
+def test_transform_never_touches_the_callers_model():
+    dense = models.llama()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    routed = modpass.transform(dense, 0.5)
+    optimizer = torch.optim.SGD(routed.parameters(), lr=0.1)
+    ids = torch.randint(0, 97, (2, 8))
+    routed(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not any(isinstance(m, modpass.RoutedBlock) for m in dense.modules())
+    assert not any(p is q for p in dense.parameters() for q in routed.parameters())
+    for key, value in dense.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert dense.config.use_cache is True
+
+
+def test_inplace_routes_the_model_itself():
+    model = models.NanoGPT().eval()
+    routed = modpass.transform(model, 0.5, inplace=True)
+    assert routed is model
+    assert isinstance(model.h[1], modpass.RoutedBlock)
+
+
+def test_failed_inplace_transform_leaves_no_half_routed_model():
+    model = MixedStack().eval()
+    with pytest.raises(modpass.UnroutableBlockError):
+        modpass.transform(model, 0.5, layers="all", inplace=True)
+    assert not any(isinstance(m, modpass.RoutedBlock) for m in model.modules())
+    assert modpass.routing_plan_of(model) is None
+
+
+class MixedStack(nn.Module):
+    """Attention blocks interleaved with blocks that convolve over tokens (same class)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.embed = nn.Embedding(29, width)
+        self.layers = nn.ModuleList(HybridBlock(width, conv=i % 2 == 1) for i in range(4))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, width, conv):
+        super().__init__()
+        self.attention = models.NanoBlock(width, 2)
+        self.conv = nn.Conv1d(width, width, 3, padding=1) if conv else None
+
+    def forward(self, x):
+        x = self.attention(x)
+        return x + self.conv(x.transpose(1, 2)).transpose(1, 2) if self.conv is not None else x
+
+
+def test_unroutable_blocks_are_refused_by_index_or_left_dense_on_request():
+    model = MixedStack().eval()
+    with pytest.raises(modpass.UnroutableBlockError, match=r"(?s)block 1 \(layers.1\).*convolves.*test_api.py.*block 3"):
+        modpass.transform(model, 0.5, layers="all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        routed = modpass.transform(model, 0.5, layers="all", unroutable="dense")
+    assert [b.path for b in modpass.routing_plan_of(routed).blocks] == ["layers.0", "layers.2"]
+    assert any("leaving a block dense" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    "ratios, match",
+    [
+        (0.0, "outside"),
+        (1.5, "outside"),
+        (-0.1, "outside"),
+        (math.nan, "NaN"),
+        ("0.5", "ratios must be"),
+        (True, "ratios must be"),
+        ({}, "empty"),
+        ({"t2i": 0.5, "bad name": 0.5}, "identifier"),
+        ({"t2i": [0.5, 0.5]}, "entries"),
+        ({"t2i": None}, "number"),
+    ],
+)
+def test_bad_ratios_are_refused(ratios, match):
+    with pytest.raises(modpass.ConfigError, match=match):
+        modpass.transform(models.NanoGPT(), ratios)
+
+
+@pytest.mark.parametrize(
+    "layers, match",
+    [([7], "out of range"), ([-1], "out of range"), ([1, 1], "more than once"), ([], "empty"), ("odd", "unknown"), ([0.5], "integers")],
+)
+def test_bad_layers_are_refused(layers, match):
+    with pytest.raises(modpass.ConfigError, match=match):
+        modpass.transform(models.NanoGPT(), 0.5, layers=layers)
+
+
+def test_model_without_blocks_is_refused_with_what_was_looked_for():
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(modpass.NoBlocksError, match="repeated sibling modules"):
+        modpass.transform(model, 0.5, example_inputs=(torch.randint(0, 11, (2, 5)),))
+
+
+def test_uncapturable_model_names_the_construct():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 8)
+
+        def forward(self, idx):
+            x = self.embed(idx)
+            if x.sum() > 0:  # Python branch on a tensor value
+                x = x * 2
+            return x
+
+    with pytest.raises(modpass.CaptureError, match="torch.export"):
+        modpass.transform(DataDependent(), 0.5)
+
+
+def test_example_inputs_cannot_be_guessed_for_unknown_models():
+    with pytest.raises(modpass.ConfigError, match="example_inputs"):
+        modpass.transform(nn.Sequential(nn.Linear(4, 4)), 0.5)
+
+
+def test_transforming_twice_is_refused(llama_and_routed):
+    with pytest.raises(modpass.ConfigError, match="already routed"):
+        modpass.transform(llama_and_routed[1], 0.5)
+
+
+def test_kv_cache_calls_are_refused_clearly(llama_and_routed):
+    _, routed = llama_and_routed
+    with pytest.raises(modpass.RoutingInputError, match="use_cache=False"):
+        routed(input_ids=torch.randint(0, 97, (1, 5)), use_cache=True)
+    with pytest.raises(modpass.RoutingInputError, match="use_cache=False"):
+        routed.generate(torch.randint(0, 97, (1, 5)), max_new_tokens=2, use_cache=True)
+    out = routed(input_ids=torch.randint(0, 97, (1, 5)))
+    assert out.past_key_values is None
+
+
+def test_unknown_task_names_the_known_ones(llama_and_routed):
+    with pytest.raises(modpass.RoutingInputError, match=r"\['default'\]"):
+        llama_and_routed[1](input_ids=torch.randint(0, 97, (1, 5)), task="t2i")
+
+
+def test_errors_share_one_hierarchy():
+    for error in (modpass.ConfigError, modpass.CaptureError, modpass.NoBlocksError, modpass.UnroutableBlockError, modpass.RoutingInputError, modpass.PlanError):
+        assert issubclass(error, modpass.ModpassError)
+    assert issubclass(modpass.ConfigError, ValueError)
