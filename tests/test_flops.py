@@ -1,0 +1,52 @@
+"""Matmul and attention FLOPs of routed models drop with the capacity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import modpass
+from modpass.flops import register_cpu_attention_flops
+from tests import models
+
+
+def test_cpu_attention_is_counted():
+    register_cpu_attention_flops()
+    q = torch.randn(2, 4, 16, 8)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 16 * 8)
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return models.NanoGPT(layers=4, width=32, block_size=128).eval()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 0.125])
+def test_block_flops_follow_the_ratio(nano, ratio):
+    routed = modpass.transform(nano, ratio, layers="every_other")
+    tokens = 96
+    report = modpass.flops(routed, {"idx": torch.randint(0, 61, (2, tokens))})
+    k = math.ceil(ratio * tokens)
+    width = 32
+    # Per sequence: projections and MLP scale with k, attention with k^2; the router reads all T tokens.
+    linear = 2 * (3 * width * width + width * width + 8 * width * width)
+    attention = 2 * 2 * width
+    want_routed = 2 * (k * linear + k * k * attention + tokens * 2 * width)
+    want_dense = 2 * (tokens * linear + tokens * tokens * attention)
+    for per_task in report.blocks.values():
+        dense_flops, routed_flops = per_task["default"]
+        assert dense_flops == want_dense
+        assert routed_flops == want_routed
+    dense_total, routed_total = report.total["default"]
+    assert dense_total - routed_total == 2 * (want_dense - want_routed)
+    assert "whole model" in str(report)
+
+
+def test_flops_refuses_unrouted_models(nano):
+    with pytest.raises(modpass.ConfigError):
+        modpass.flops(nano, {"idx": torch.randint(0, 61, (1, 4))})

@@ -1,0 +1,208 @@
+"""Task-aware routing (UniMoD): per-task routers and capacities, masks, gates, training, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modpass
+from modpass import schedules
+from tests import models
+
+TASKS = {"t2i": 0.25, "mmu": 0.75}
+
+
+def randomise_routers(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in modpass.routed_blocks(model).values():
+            for router in block.mod_routers.values():
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+                router.bias.copy_(torch.randn(router.bias.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def two_task():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT().eval(), TASKS, layers="every_other")
+    randomise_routers(routed)
+    return routed
+
+
+def test_one_router_per_block_and_task(two_task):
+    names = {k for k in two_task.state_dict() if "mod_routers" in k}
+    assert names == {f"h.{i}.mod_routers.{t}.{p}" for i in (1, 3) for t in TASKS for p in ("weight", "bias")}
+
+
+def test_mixed_batch_equals_per_sample_runs(two_task):
+    idx = torch.randint(0, 61, (4, 16))
+    tasks = ["t2i", "mmu", "mmu", "t2i"]
+    with torch.no_grad():
+        mixed = two_task(idx=idx, task=tasks)
+        alone = torch.cat([two_task(idx=idx[i : i + 1], task=t) for i, t in enumerate(tasks)])
+        by_index = two_task(idx=idx, task=torch.tensor([0, 1, 1, 0]))
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_index, mixed, rtol=0, atol=0)
+    records = two_task.h[1].last_routing
+    assert {r.task: r.index.shape[1] for r in records} == {"t2i": 4, "mmu": 12}
+
+
+def test_flops_per_task_follow_the_per_task_ratios(two_task):
+    report = modpass.flops(two_task, {"idx": torch.randint(0, 61, (2, 64))})
+    saved = {t: 1 - report.blocks["h.1"][t][1] / report.blocks["h.1"][t][0] for t in TASKS}
+    assert saved["t2i"] > saved["mmu"] > 0
+    assert report.ratio("t2i") < report.ratio("mmu") < 1
+
+
+def test_layer_switch_leaves_a_task_dense_at_a_block():
+    dense = models.NanoGPT().eval()
+    routed = modpass.transform(dense, {"t2i": [1.0, 0.5, 1.0, 0.5], "mmu": [0.5, 0.5, 1.0, 1.0]}, layers="all")
+    plan = modpass.routing_plan_of(routed)
+    assert [(b.path, {t: r is not None for t, r in b.ratios.items()}) for b in plan.blocks] == [
+        ("h.0", {"t2i": False, "mmu": True}),
+        ("h.1", {"t2i": True, "mmu": True}),
+        ("h.3", {"t2i": True, "mmu": False}),
+    ]
+    assert set(routed.h[0].mod_routers) == {"mmu"}
+    assert not isinstance(routed.h[2], modpass.RoutedBlock)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        routed(idx=torch.randint(0, 61, (2, 10)), task="t2i")
+        assert routed.h[0].last_routing == []
+        torch.testing.assert_close(routed.h[0](x), dense.h[0](x), rtol=0, atol=0)
+
+
+def test_schedules_cover_the_literature():
+    assert [schedules.Interleaved(0.125)(i, 6) for i in range(6)] == [1.0, 0.125] * 3
+    assert [schedules.LastN(0.2, 2)(i, 5) for i in range(5)] == [1.0, 1.0, 1.0, 0.2, 0.2]
+    prd = [schedules.ShiftedCosine()(i, 32) for i in range(32)]
+    assert all(r == 1.0 for r in prd[:8]) and all(r < 1.0 for r in prd[8:])
+    assert prd[-1] == 0.15 and prd[-8:] == [0.15] * 8
+    deeper = [schedules.ShiftedCosine()(i, 48) for i in range(48)]
+    assert deeper[0] == 1.0 and deeper[-1] == 0.15
+    routed = modpass.transform(models.NanoGPT(layers=4).eval(), {"a": schedules.LastN(0.5, 2)}, layers="all")
+    assert [b.path for b in modpass.routing_plan_of(routed).blocks] == ["h.2", "h.3"]
+
+
+def test_route_mask_tokens_outside_the_mask_are_always_processed():
+    routed = modpass.transform(models.NanoGPT().eval(), 0.25, layers=[1])
+    randomise_routers(routed, seed=3)
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    mask[:, 4:] = True  # 16 routable image tokens, 4 text tokens always kept
+    mask[2, 4:12] = False  # another row with 8 routable tokens
+    with torch.no_grad():
+        routed(idx=torch.randint(0, 61, (3, 20)), route_mask=mask)
+    records = routed.h[1].last_routing
+    kept = {}
+    for record in records:
+        for row, index in zip(record.rows.tolist(), record.index):
+            kept[row] = set(index.tolist())
+    for row in range(3):
+        fixed = set((~mask[row]).nonzero().flatten().tolist())
+        assert fixed <= kept[row]
+        assert len(kept[row]) == len(fixed) + math.ceil(0.25 * int(mask[row].sum()))
+
+
+@pytest.mark.parametrize("gate", ["tanh", "sigmoid", "string"])
+def test_gates_follow_their_formulas(gate):
+    routed = modpass.transform(models.NanoGPT().eval(), 0.5, layers=[1], gate=gate)
+    randomise_routers(routed, seed=1)
+    block = routed.h[1]
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        out = block(x)
+        (record,) = block.last_routing
+        selected = torch.zeros(2, 12, dtype=torch.bool).scatter(1, record.index, True)
+        y = block._block(torch.gather(x, 1, record.index.unsqueeze(-1).expand(-1, -1, 32)))
+    logits = record.logits
+    w_all = torch.sigmoid(logits) if gate == "sigmoid" else 1 + 0.2 * torch.tanh(logits)
+    w = torch.gather(w_all, 1, record.index).unsqueeze(-1)
+    x_sel = x[selected].view(2, 6, 32)
+    torch.testing.assert_close(out[selected].view(2, 6, 32), x_sel + w * (y - x_sel))
+    expected_skipped = (w_all.unsqueeze(-1) * x)[~selected] if gate == "string" else x[~selected]
+    torch.testing.assert_close(out[~selected], expected_skipped)
+
+
+def test_training_reduces_loss_and_reaches_the_routers():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT().train(), TASKS, layers="every_other", aux_loss_weight=0.01)
+    optimizer = torch.optim.AdamW(routed.parameters(), lr=3e-3)
+    idx = torch.randint(0, 61, (4, 24))
+    tasks = ["t2i", "mmu", "t2i", "mmu"]
+    losses = []
+    for step in range(8):
+        logits = routed(idx=idx[:, :-1], task=tasks)
+        loss = F.cross_entropy(logits.reshape(-1, 61), idx[:, 1:].reshape(-1)) + modpass.aux_loss(routed)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = [p.grad for n, p in routed.named_parameters() if "mod_routers" in n and n.endswith("weight")]
+            assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_aux_loss_is_bce_against_topk_membership():
+    routed = modpass.transform(models.NanoGPT().eval(), 0.5, layers=[1], aux_loss_weight=0.5)
+    randomise_routers(routed, seed=2)
+    routed(idx=torch.randint(0, 61, (2, 10)))
+    (record,) = routed.h[1].last_routing
+    target = torch.zeros(2, 10).scatter(1, record.index, 1.0)
+    want = 0.5 * F.binary_cross_entropy_with_logits(record.logits, target)
+    torch.testing.assert_close(modpass.aux_loss(routed), want)
+    plain = modpass.transform(models.NanoGPT().eval(), 0.5)
+    plain(idx=torch.randint(0, 61, (2, 10)))
+    assert modpass.aux_loss(plain).item() == 0.0
+
+
+def test_save_load_round_trip_is_bit_exact(two_task, tmp_path):
+    modpass.save(two_task, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "routers.safetensors"]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["tasks"] == ["t2i", "mmu"] and plan["gate"] == "tanh" and "torch" in plan["versions"]
+    base = models.NanoGPT().eval()
+    base.load_state_dict({k: v for k, v in two_task.state_dict().items() if "mod_routers" not in k})
+    loaded = modpass.load(base, tmp_path)
+    assert not any(isinstance(m, modpass.RoutedBlock) for m in base.modules())
+    for key, value in two_task.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    idx = torch.randint(0, 61, (3, 14))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx=idx, task=["mmu", "t2i", "mmu"]), two_task(idx=idx, task=["mmu", "t2i", "mmu"]))
+
+
+def test_load_refuses_plans_that_do_not_fit(two_task, tmp_path):
+    modpass.save(two_task, tmp_path)
+    shallow = models.NanoGPT(layers=2).eval()
+    with pytest.raises(modpass.PlanError, match="4 blocks"):
+        modpass.load(shallow, tmp_path, inplace=True)
+    assert not any(isinstance(m, modpass.RoutedBlock) for m in shallow.modules())
+    with pytest.raises(modpass.PlanError, match="width"):
+        modpass.load(models.NanoGPT(width=48).eval(), tmp_path)
+    (tmp_path / "routers.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(modpass.PlanError):
+        modpass.load(models.NanoGPT().eval(), tmp_path)
+    with pytest.raises(modpass.PlanError, match="no plan.json"):
+        modpass.load(models.NanoGPT().eval(), tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "pass task="),
+        ({"task": "video"}, "unknown task 'video'"),
+        ({"task": ["t2i"]}, "one task per sequence"),
+        ({"task": torch.tensor([0, 5])}, "out of range"),
+        ({"task": torch.tensor([0.0, 1.0])}, "integer"),
+        ({"task": "t2i", "route_mask": torch.ones(2, 5)}, "bool"),
+        ({"task": "t2i", "route_mask": torch.ones(2, 4, dtype=torch.bool)}, "shape"),
+    ],
+)
+def test_bad_routing_inputs_are_refused(two_task, kwargs, match):
+    with pytest.raises(modpass.RoutingInputError, match=match):
+        two_task(idx=torch.randint(0, 61, (2, 5)), **kwargs)
