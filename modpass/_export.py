@@ -9,6 +9,8 @@ import torch
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from . import _structure
+
 
 def auto_dynamic_shapes(tree):
     """``Dim.AUTO`` for every dimension > 1 of every tensor leaf (size-1 axes stay static)."""
@@ -44,25 +46,19 @@ class FlatCall(torch.nn.Module):
 
     PREFIX = "module."
 
-    def __init__(self, module: torch.nn.Module, leaves: list, spec: pytree.TreeSpec):
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         super().__init__()
         self.module = module
-        self.leaves = leaves
-        self.spec = spec
-        self.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self.structure = (args, kwargs)
 
     def forward(self, *tensors):
-        leaves = list(self.leaves)
-        for slot, tensor in zip(self.tensor_slots, tensors):
-            leaves[slot] = tensor
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        args, kwargs = _structure.replace(self.structure, list(tensors))
         return self.module(*args, **kwargs)
 
     @classmethod
     def wrap(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[FlatCall, tuple]:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        wrapper = cls(module, leaves, spec)
-        return wrapper, tuple(leaves[i] for i in wrapper.tensor_slots)
+        _structure.signature((args, kwargs))  # refuses leaves that are not tensors or constants
+        return cls(module, args, kwargs), tuple(_structure.tensors((args, kwargs)))
 
     def export(self, tensors: tuple) -> torch.export.ExportedProgram:
         return export_quietly(self, tensors, {}, (tuple(auto_dynamic_shapes(t) for t in tensors),))

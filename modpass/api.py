@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import _structure
 from .block import RoutedBlock
 from .config import Layers, RoutingConfig
 from .errors import CaptureError, ConfigError, ModpassError, UnroutableBlockError
@@ -72,22 +73,29 @@ def transform(
     gm = capture(target, inputs)
     gm = find_blocks(gm)
     gm = plan_stage(gm, config, model_class=f"{type(model).__module__}.{type(model).__qualname__}")
-    return apply_plan(target, gm.meta["modpass_plan"], inputs, unroutable=unroutable)
+    return apply_plan(target, gm.meta["modpass_plan"], inputs, gm.meta["modpass_traced_calls"], unroutable=unroutable)
 
 
-def apply_plan(model: nn.Module, routing_plan: RoutingPlan, example_inputs, *, unroutable: str = "raise") -> nn.Module:
-    """Install routed blocks into ``model`` per ``routing_plan`` (all or nothing)."""
+def apply_plan(
+    model: nn.Module, routing_plan: RoutingPlan, example_inputs, traced_calls: dict, *, unroutable: str = "raise"
+) -> nn.Module:
+    """Install routed blocks into ``model`` per ``routing_plan`` (all or nothing).
+
+    Each block is prepared for the calls it receives in eager mode and while
+    traced (what torch.compile will show it), so both run without capture.
+    """
     state = RoutingState(routing_plan.tasks)
     calls = record_block_calls(model, [b.path for b in routing_plan.blocks], example_inputs)
     routed: dict[str, RoutedBlock] = {}
     refused: list[str] = []
     for block_plan in routing_plan.blocks:
         block = model.get_submodule(block_plan.path)
-        candidate = RoutedBlock(block, block_plan, gate=routing_plan.gate, state=state)
-        args, kwargs = calls[block_plan.path]
+        examples = [calls[block_plan.path]]
+        if block_plan.path in traced_calls:
+            examples.append(_structure.realize(traced_calls[block_plan.path]))
+        candidate = RoutedBlock(block, block_plan, gate=routing_plan.gate, state=state, examples=examples)
         try:
-            for task in block_plan.routed_tasks():
-                candidate.routed_graph(task, block_plan.ratios[task], args, kwargs)
+            candidate.prepare()
         except (UnroutableBlockError, CaptureError) as exc:
             refused.append(str(exc))
             continue

@@ -4,11 +4,14 @@ It keeps the original block's submodules, parameters and buffers under their
 original names (so the model's ``state_dict`` is unchanged apart from the
 routers) and adds ``mod_routers.<task>`` (``Linear(D, 1)``, zero-initialised).
 
-Its forward runs the routed FX graph that ``pipeline.BLOCK_STAGES`` build from
-the original block. Graphs are cached per call structure (train/eval mode,
-which arguments are tensors or None, dtypes, devices, size-1 axes and the
-values of flags), because export bakes those in; a new structure is captured
-on first use, in about a second.
+Its forward runs the routed FX graph that ``pipeline`` builds from the
+original block. Graphs are cached per call structure (train/eval mode, which
+arguments are tensors or None, dtypes, devices, size-1 axes, flag values),
+because export bakes those in; a new structure is captured on first use, in
+about a second. The dispatch for a whole-batch task is plain Python over
+tuples, so ``torch.compile(fullgraph=True)`` traces straight through to the
+routed graph; a structure first seen under compile is captured through a
+graph break (run the model once eagerly with such inputs to avoid it).
 """
 
 from __future__ import annotations
@@ -19,22 +22,22 @@ from fractions import Fraction
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from . import _structure
 from .errors import RoutingInputError
 from .plan import BlockPlan
 from .routing import capacity
 from .tasks import RoutingState, TaskGroup
 
-_CONSTANT_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
-
 
 @dataclass
-class CapturedBlock:
-    """A block graph annotated with token axes, before routing is inserted."""
+class Route:
+    """A routed graph and how to feed it: ``inputs[i] = (role, target)``."""
 
-    graph_module: torch.fx.GraphModule
-    batch_leaves: tuple[bool, ...]
+    graph: torch.fx.GraphModule
+    inputs: tuple[tuple[str, object], ...]
+    outputs: object  # output template of _structure.Slot markers
+    constants: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -49,7 +52,7 @@ class RoutingRecord:
 
 
 class RoutedBlock(nn.Module):
-    def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState):
+    def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState, examples: list | None = None):
         super().__init__()
         # Share the block's own tensors and children, so names, devices and
         # loaded weights stay in one place; the block object itself is kept
@@ -70,9 +73,12 @@ class RoutedBlock(nn.Module):
         self.__dict__["_plan"] = plan
         self.__dict__["_gate"] = gate
         self.__dict__["_state"] = state
-        self.__dict__["_captures"] = {}
+        self.__dict__["_analyses"] = {}
         self.__dict__["_routes"] = {}
         self.__dict__["last_routing"] = []
+        # Calls this block is known to receive, to prepare its graphs ahead of
+        # use in each train/eval mode (torch.compile cannot capture mid-trace).
+        self.__dict__["_examples"] = list(examples or [])
 
     # -- module plumbing ---------------------------------------------------------------------------
     @property
@@ -80,13 +86,16 @@ class RoutedBlock(nn.Module):
         return self._plan
 
     def train(self, mode: bool = True):
+        changed = mode != self.training
         self._block.training = mode
-        return super().train(mode)
+        super().train(mode)
+        if changed:
+            self.prepare()
+        return self
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_captures"], state["_routes"], state["last_routing"] = {}, {}, []
+        state = dict(self.__dict__)
+        state["_analyses"], state["_routes"], state["last_routing"] = {}, {}, []
         return state
 
     def extra_repr(self) -> str:
@@ -97,25 +106,72 @@ class RoutedBlock(nn.Module):
     def forward(self, *args, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor):
             raise RoutingInputError(f"{self._plan.path}: a routed block takes the hidden state as its first positional argument.")
-        if self._state.dense:
+        state = self._state
+        if state.dense:
             return self._block(*args, **kwargs)
+        self.last_routing = []
+        task = state.whole_batch_task()
+        if task is not None:
+            return self.run(TaskGroup(task, None), args, kwargs)
+        return self.run_groups(args, kwargs)
+
+    def run(self, group: TaskGroup, args: tuple, kwargs: dict):
+        """Route one group of sequences (the whole batch unless ``group.rows``)."""
+        ratio = self._plan.ratios.get(group.task)
+        if ratio is None:
+            return self._block(*args, **kwargs)
+        explicit = group.capacity is not None
+        key = (group.task, explicit, self.training, _structure.signature(args), _structure.signature(kwargs))
+        route = self._routes.get(key)
+        if route is None:
+            route = self.build_route(key, ratio, args, kwargs)
+        mask = self.group_route_mask(group)
+        inputs = []
+        leaves = _structure.tensors((args, kwargs))
+        router = self.mod_routers[group.task]
+        for role, target in route.inputs:
+            if role == "input":
+                inputs.append(leaves[target])
+            elif role in ("parameter", "buffer"):
+                inputs.append(resolve(self, target))
+            elif role == "constant":
+                inputs.append(route.constants[target].to(args[0].device))
+            elif role == "router":
+                inputs.append(getattr(router, target))
+            elif role == "capacity":
+                inputs.append(group.capacity)
+            else:
+                inputs.append(mask)
+        *outputs, logits, index = route.graph(*inputs)
+        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask))
+        return _structure.fill(route.outputs, outputs)
+
+    def run_groups(self, args: tuple, kwargs: dict):
+        """Mixed-task batches and route masks: route each group of alike rows separately.
+
+        Group membership depends on tensor values (task ids, mask counts), so
+        this path is eager-only; under torch.compile it graph-breaks.
+        """
         hidden = args[0]
         groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), hidden)
-        self.last_routing = []
         if len(groups) == 1 and groups[0].rows is None:
-            return self._run_group(groups[0], args, kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        batch_leaves = self.capture(args, kwargs).batch_leaves
-        result, out_spec = None, None
+            return self.run(groups[0], args, kwargs)
+        batch_leaves = self.analysis(args, kwargs)[1]
+        leaves = _structure.tensors((args, kwargs))
+        result = None
         for group in groups:
             rows = group.rows.to(hidden.device)
-            sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(tensor_leaves(leaves), batch_leaves)]
-            sub_args, sub_kwargs = pytree.tree_unflatten(replace_tensors(leaves, sub), spec)
-            flat_out, out_spec = pytree.tree_flatten(self._run_group(group, sub_args, sub_kwargs))
+            sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(leaves, batch_leaves)]
+            sub_args, sub_kwargs = _structure.replace((args, kwargs), sub)
+            output = self.run(group, sub_args, sub_kwargs)
+            new_hidden = output if isinstance(output, torch.Tensor) else output[0]
             if result is None:
-                result = [hidden.new_empty(hidden.shape), *flat_out[1:]]
-            result[0] = result[0].index_copy(0, rows, flat_out[0])
-        return pytree.tree_unflatten(result, out_spec)
+                result = hidden.new_empty(hidden.shape)
+                template = output
+            result = result.index_copy(0, rows, new_hidden)
+        if isinstance(template, torch.Tensor):
+            return result
+        return type(template)((result, *template[1:]))
 
     def split_by_capacity(self, groups: list[TaskGroup], hidden: torch.Tensor) -> list[TaskGroup]:
         """Under a route mask, split each routed task group into rows of equal capacity.
@@ -151,100 +207,56 @@ class RoutedBlock(nn.Module):
                 refined.append(TaskGroup(group.task, None if whole else torch.tensor(members, dtype=torch.long), k))
         return refined
 
-    def _run_group(self, group: TaskGroup, args: tuple, kwargs: dict):
-        ratio = self._plan.ratios.get(group.task)
-        if ratio is None:
-            return self._block(*args, **kwargs)
-        explicit = group.capacity is not None
-        graph = self.routed_graph(group.task, ratio, args, kwargs, explicit_capacity=explicit)
-        leaves, _ = pytree.tree_flatten((args, kwargs))
-        inputs = self.resolve_inputs(graph, group, tensor_leaves(leaves), args[0].device)
-        *outputs, logits, index = graph(*inputs)
-        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, self.group_route_mask(group)))
-        return pytree.tree_unflatten(outputs, graph.meta["modpass_out_spec"])
-
     def group_route_mask(self, group: TaskGroup) -> torch.Tensor | None:
         mask = self._state.route_mask
         if mask is None or group.capacity is None:
             return None
         return mask if group.rows is None else mask.index_select(0, group.rows.to(mask.device))
 
-    def resolve_inputs(self, graph: torch.fx.GraphModule, group: TaskGroup, tensors: list, device) -> list:
-        router = self.mod_routers[group.task]
-        constants = graph.meta["modpass_constants"]
-        resolved = []
-        for role, target in graph.meta["modpass_inputs"]:
-            if role == "input":
-                resolved.append(tensors[target])
-            elif role == "parameter":
-                resolved.append(self.get_parameter(target))
-            elif role == "buffer":
-                resolved.append(self.get_buffer(target))
-            elif role == "constant":
-                resolved.append(constants[target].to(device))
-            elif role == "capacity":
-                resolved.append(group.capacity)
-            elif role == "route_mask":
-                resolved.append(self.group_route_mask(group))
-            else:
-                resolved.append(getattr(router, target))
-        return resolved
-
     # -- capture and rewrite ----------------------------------------------------------------------
-    def structure_key(self, args: tuple, kwargs: dict):
-        with_paths, spec = pytree.tree_flatten_with_path((args, kwargs))
-        signature = []
-        for path, leaf in with_paths:
-            if isinstance(leaf, torch.Tensor):
-                signature.append((leaf.dtype, leaf.device.type, tuple(s == 1 for s in leaf.shape)))
-            elif isinstance(leaf, _CONSTANT_LEAVES):
-                signature.append((type(leaf), leaf))
-            else:
-                name = pytree.keystr(path)
-                raise RoutingInputError(
-                    f"{self._plan.path}: argument {name} is a {type(leaf).__name__}; routed blocks take tensors and "
-                    "plain flags only. A KV cache cannot be shared by routed blocks yet: call the model with "
-                    "use_cache=False (generation through routed blocks is not supported)."
-                )
-        return (self.training, spec, tuple(signature))
-
-    def capture(self, args: tuple, kwargs: dict) -> CapturedBlock:
+    def analysis(self, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, tuple[bool, ...]]:
+        """The analysed (not yet routed) graph of this call structure, and which inputs follow the batch."""
         from .pipeline import capture_block_graph
 
-        key = self.structure_key(args, kwargs)
-        captured = self._captures.get(key)
-        if captured is None:
+        key = (self.training, _structure.signature(args), _structure.signature(kwargs))
+        found = self._analyses.get(key)
+        if found is None:
             self._block.training = self.training
             gm = capture_block_graph(self._block, args, kwargs, where=f"block {self._plan.index} ({self._plan.path})")
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            batch = tuple(
-                p.meta["modpass_batch_axis"] == 0 for p, (role, _) in zip(placeholders, gm.meta["modpass_inputs"]) if role == "input"
-            )
-            captured = self._captures[key] = CapturedBlock(gm, batch)
-        return captured
+            roles = gm.meta["modpass_inputs"]
+            batch = tuple(p.meta["modpass_batch_axis"] == 0 for p, (role, _) in zip(placeholders, roles) if role == "input")
+            found = self._analyses[key] = (gm, batch)
+        return found
 
-    def routed_graph(
-        self, task: str, ratio: Fraction, args: tuple, kwargs: dict, *, explicit_capacity: bool = False
-    ) -> torch.fx.GraphModule:
+    @torch._dynamo.disable
+    def build_route(self, key: tuple, ratio: Fraction, args: tuple, kwargs: dict) -> Route:
         from .pipeline import route_block_graph
 
-        key = (task, explicit_capacity, self.structure_key(args, kwargs))
-        graph = self._routes.get(key)
-        if graph is None:
-            captured = self.capture(args, kwargs)
-            graph = self._routes[key] = route_block_graph(
-                copy_graph_module(captured.graph_module), ratio=ratio, gate=self._gate, explicit_capacity=explicit_capacity
-            )
-        return graph
+        analysed, _ = self.analysis(args, kwargs)
+        graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=key[1])
+        route = Route(
+            graph=graph,
+            inputs=tuple(graph.meta["modpass_inputs"]),
+            outputs=graph.meta["modpass_output_template"],
+            constants=graph.meta["modpass_constants"],
+        )
+        self._routes[key] = route
+        return route
+
+    def prepare(self) -> None:
+        """Build the routed graphs of every routed task for the known calls, in the current mode."""
+        for args, kwargs in self._examples:
+            for task in self._plan.routed_tasks():
+                key = (task, False, self.training, _structure.signature(args), _structure.signature(kwargs))
+                if key not in self._routes:
+                    self.build_route(key, self._plan.ratios[task], args, kwargs)
 
 
-def tensor_leaves(leaves: list) -> list[torch.Tensor]:
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
-def replace_tensors(leaves: list, tensors: list) -> list:
-    it = iter(tensors)
-    return [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+def resolve(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

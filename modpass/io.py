@@ -80,9 +80,10 @@ def read(directory: str | os.PathLike) -> tuple[RoutingPlan, dict[str, torch.Ten
     return plan, tensors
 
 
-def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -> None:
-    """Raise ``PlanError`` unless ``model`` has the blocks ``plan`` routes."""
-    blocks = find_blocks(capture(model, example_inputs)).meta["modpass_blocks"]
+def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -> dict:
+    """Raise ``PlanError`` unless ``model`` has the blocks ``plan`` routes; returns the traced block calls."""
+    gm = find_blocks(capture(model, example_inputs))
+    blocks = gm.meta["modpass_blocks"]
     if len(blocks) != plan.num_blocks:
         raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks; this {type(model).__name__} has {len(blocks)}.")
     by_path = {b.path: b for b in blocks}
@@ -95,6 +96,7 @@ def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -
                 f"block {block.path!r} is a {found.block_class} of width {found.hidden_size} here, but the plan "
                 f"was made for a {block.block_class} of width {block.hidden_size}."
             )
+    return gm.meta["modpass_traced_calls"]
 
 
 def load(
@@ -110,7 +112,7 @@ def load(
     plan, tensors = read(directory)
     target = base_model if inplace else copy.deepcopy(base_model)
     inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
-    check_plan_fits(plan, target, inputs)
-    routed = apply_plan(target, plan, inputs)
+    traced_calls = check_plan_fits(plan, target, inputs)
+    routed = apply_plan(target, plan, inputs, traced_calls)
     routed.load_state_dict(tensors, strict=False)
     return routed

@@ -38,6 +38,16 @@ class RoutingState:
         self.route_mask: torch.Tensor | None = None
         self.dense = False
 
+    def whole_batch_task(self) -> str | None:
+        """The task of the whole batch when one name covers it and no route mask applies, else None."""
+        if self.route_mask is not None:
+            return None
+        if self.task is None and len(self.tasks) == 1:
+            return self.tasks[0]
+        if isinstance(self.task, str):
+            return self.check(self.task)
+        return None
+
     def groups(self, batch: int) -> list[TaskGroup]:
         task = self.task
         if task is None:

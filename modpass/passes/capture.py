@@ -8,6 +8,12 @@ them to vary. Every tensor dimension larger than 1 is exported as
 ``Dim.AUTO``, so the sequence length becomes a symbol when the model lets it
 vary, and sizes that merely happen to be equal are never unified.
 
+``gm.meta["modpass_traced_calls"]`` maps each submodule path to the
+``(args, kwargs)`` of its first call while tracing (fake tensors). Models
+often call their layers differently when traced than in eager mode (Hugging
+Face materialises a 4-D causal mask instead of passing None), and Dynamo
+sees the traced form, so routed blocks are prepared for both.
+
 The model is not modified.
 """
 
@@ -28,6 +34,12 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
     else:
         args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
     wrapper, tensors = FlatCall.wrap(model, args, kwargs)
+    calls: dict[str, tuple] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, k, path=path: calls.setdefault(path, (a, dict(k))), with_kwargs=True)
+        for path, module in model.named_modules()
+        if path
+    ]
     try:
         gm = wrapper.export(tensors).module()
     except Exception as exc:  # torch raises many unrelated types here
@@ -38,6 +50,10 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
             "control flow on tensor values must be replaced by tensor ops (torch.where, torch.cond), "
             "and example_inputs must match how the model is called."
         ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    gm.meta["modpass_traced_calls"] = calls
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if stack:

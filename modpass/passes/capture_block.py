@@ -5,7 +5,7 @@ Guarantees: a ``GraphModule`` whose placeholders are, in order, the block's
 parameters, buffers and lifted constants, then every tensor leaf of the call
 (``meta["modpass_inputs"]`` names each: ``("parameter", "self_attn.q_proj.weight")``,
 ``("input", 0)``, ...). Its output is the flat list of the call's outputs
-(``meta["modpass_out_spec"]`` rebuilds the structure). Every dimension larger
+(``meta["modpass_output_template"]`` rebuilds the structure). Every dimension larger
 than 1 of every tensor leaf is symbolic unless the block itself fixes it, so
 placeholder ``val`` shapes say which axes follow the token count.
 Raises ``CaptureError`` for blocks that do not export or that mutate state.
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
 
 from .._export import FlatCall, first_user_frame
+from .._structure import Slot
 from ..errors import CaptureError
 
 _ROLE = {
@@ -66,6 +68,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     gm.recompile()
     gm.meta["modpass_inputs"] = roles
     gm.meta["modpass_constants"] = {name.removeprefix(FlatCall.PREFIX): value for name, value in program.constants.items()}
-    gm.meta["modpass_out_spec"] = program.call_spec.out_spec
+    outputs = len(gm.graph.output_node().args[0])
+    gm.meta["modpass_output_template"] = pytree.tree_unflatten([Slot(i) for i in range(outputs)], program.call_spec.out_spec)
     gm.meta["modpass_where"] = where
     return gm

@@ -1,0 +1,82 @@
+"""Argument structures of block calls, in a form both eager code and Dynamo trace.
+
+A block call ``(args, kwargs)`` is a tree of tuples, lists and dicts whose
+leaves are tensors or plain constants. :func:`signature` gives a hashable
+description (tensor dtypes, devices, which axes have size 1, constant values),
+:func:`tensors` the tensor leaves in a fixed order, and :func:`replace` the
+same tree with new tensors. These are deliberately small recursive functions
+rather than ``torch.utils._pytree``, so that ``torch.compile(fullgraph=True)``
+can run the routed block's dispatch without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import RoutingInputError
+
+CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class Slot(int):
+    """Marks where output number ``int(self)`` goes in an output template."""
+
+
+def signature(tree, path: str = "") -> tuple:
+    if isinstance(tree, torch.Tensor):
+        return ("tensor", tree.dtype, tree.device.type, tuple(s == 1 for s in tree.shape))
+    if isinstance(tree, (tuple, list)):
+        return (type(tree).__name__, tuple(signature(item, f"{path}[{i}]") for i, item in enumerate(tree)))
+    if isinstance(tree, dict):
+        return ("dict", tuple((key, signature(value, f"{path}[{key!r}]")) for key, value in tree.items()))
+    if isinstance(tree, CONSTANTS):
+        return ("constant", tree)
+    raise RoutingInputError(
+        f"argument {path or '<root>'} is a {type(tree).__name__}; routed blocks take tensors and plain flags only. "
+        "A KV cache cannot be shared by routed blocks yet: call the model with use_cache=False "
+        "(generation through routed blocks is not supported)."
+    )
+
+
+def tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in tensors(item)]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in tensors(value)]
+    return []
+
+
+def replace(tree, new: list):
+    """``tree`` with its tensor leaves replaced, in order, by ``new`` (consumed from the front)."""
+    if isinstance(tree, torch.Tensor):
+        return new.pop(0)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(replace(item, new) for item in tree)
+    if isinstance(tree, dict):
+        return {key: replace(value, new) for key, value in tree.items()}
+    return tree
+
+
+def realize(tree):
+    """``tree`` with fake (traced) tensors replaced by real zero tensors of the same metadata."""
+    if isinstance(tree, torch.Tensor):
+        sizes = [s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in tree.shape]
+        return torch.zeros(sizes, dtype=tree.dtype, device=tree.device)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(realize(item) for item in tree)
+    if isinstance(tree, dict):
+        return {key: realize(value) for key, value in tree.items()}
+    return tree
+
+
+def fill(template, outputs: list):
+    """Rebuild an output structure from a template whose leaves are :class:`Slot` markers."""
+    if isinstance(template, Slot):
+        return outputs[int(template)]
+    if isinstance(template, (tuple, list)):
+        return type(template)(fill(item, outputs) for item in template)
+    if isinstance(template, dict):
+        return {key: fill(value, outputs) for key, value in template.items()}
+    return template
