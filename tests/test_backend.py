@@ -1,0 +1,114 @@
+"""torch.compile(backend="modpass"): discovery, fullgraph on routed models, parity with Inductor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._dynamo
+
+import modpass
+from tests import models
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_backend_is_found_without_importing_modpass():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        assert "modpass" not in sys.modules
+        assert "modpass" in torch._dynamo.list_backends(exclude_tags=())
+        model = torch.nn.Linear(4, 3)
+        x = torch.randn(2, 4)
+        out = torch.compile(model, backend="modpass")(x)
+        assert torch.allclose(out, model(x), atol=1e-6)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_unknown_options_are_refused():
+    model = torch.nn.Linear(4, 3)
+    compiled = torch.compile(model, backend="modpass", options={"ratio": 0.5})
+    with pytest.raises(Exception, match="unknown modpass backend option"):
+        compiled(torch.randn(2, 4))
+
+
+def test_unrouted_model_compiles_exactly_as_inductor():
+    model = models.NanoGPT(layers=2).eval()
+    idx = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        ours = torch.compile(model, backend="modpass")(idx)
+        torch._dynamo.reset()
+        inductor = torch.compile(model, backend="inductor")(idx)
+    assert torch.equal(ours, inductor)
+
+
+def test_routed_causal_lm_fullgraph_two_lengths_bounded_recompiles():
+    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    for tokens in (12, 20, 27):
+        ids = torch.randint(0, 97, (2, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert compiled_graphs() <= 2, "one static graph, then one dynamic graph for every other length"
+
+
+@pytest.mark.parametrize("ratio", [0.25, 1.0])
+def test_routed_encoder_fullgraph(ratio):
+    routed = modpass.transform(models.vit(layers=2), ratio, layers="all")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = torch.compile(routed, backend="modpass", fullgraph=True)(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(got, routed(pixel_values=pixels).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_routed_padded_batch_fullgraph():
+    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
+    ids = torch.randint(0, 97, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        want = routed(input_ids=ids, attention_mask=mask).logits
+        got = torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_routed_training_fullgraph_matches_eager_gradients():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT(layers=2).train(), 0.5, layers=[1])
+    with torch.no_grad():
+        for router in routed.h[1].mod_routers.values():
+            router.weight.normal_()
+    idx = torch.randint(0, 61, (2, 16))
+
+    def step(model):
+        routed.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in routed.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = step(routed)
+    compiled_loss, compiled_grads = step(torch.compile(routed, backend="modpass", fullgraph=True))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
+    assert eager_grads.keys() == compiled_grads.keys()
+    assert compiled_grads["h.1.mod_routers.default.weight"].abs().sum() > 0
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4)
