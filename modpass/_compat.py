@@ -15,3 +15,14 @@ def inductor_mode_options(mode: str | None) -> dict:
     from torch._inductor import list_mode_options
 
     return dict(list_mode_options(mode))
+
+
+def outside_dynamo_tracing():
+    """A context in which torch.export can run from inside a Dynamo backend.
+
+    Dynamo's tracing context is still active while a backend runs; an export
+    started there would add its own guards to the frame being compiled.
+    """
+    from torch._guards import tracing
+
+    return tracing(None)

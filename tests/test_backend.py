@@ -112,3 +112,44 @@ def test_routed_training_fullgraph_matches_eager_gradients():
     assert compiled_grads["h.1.mod_routers.default.weight"].abs().sum() > 0
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4)
+
+
+def test_ratios_option_equals_transform_then_compile():
+    model = models.NanoGPT(layers=2).eval()
+    idx = torch.randint(0, 61, (2, 14))
+    with torch.no_grad():
+        want = torch.compile(modpass.transform(model, 0.5, layers=[1]), backend="modpass")(idx)
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="identity-gated"):
+            got = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": [1]})(idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, model(idx), atol=1e-3), "routing changed the output"
+
+
+def test_options_routing_of_a_static_graph_asks_for_dynamic_shapes():
+    model = models.NanoGPT(layers=2).eval()
+    compiled = torch.compile(model, backend="modpass", dynamic=False, options={"ratios": 0.5, "layers": [1]})
+    with pytest.raises(Exception, match="dynamic=True"), pytest.warns(UserWarning):
+        compiled(torch.randint(0, 61, (2, 14)))
+
+
+def test_plan_option_serves_a_stock_model_with_trained_routers(tmp_path):
+    model = models.llama(layers=2)
+    routed = modpass.transform(model, {"t2i": 0.25, "mmu": 0.75}, layers=[1])
+    with torch.no_grad():
+        for router in routed.model.layers[1].mod_routers.values():
+            router.weight.normal_()
+            router.bias.normal_()
+    modpass.save(routed, tmp_path)
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        want = routed(input_ids=ids, task="mmu").logits
+        got = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path), "task": "mmu"})(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_option_needs_a_task_for_multi_task_plans(tmp_path):
+    model = models.NanoGPT(layers=2).eval()
+    modpass.save(modpass.transform(model, {"a": 0.5, "b": 0.25}, layers=[1]), tmp_path)
+    with pytest.raises(Exception, match="pick one with options"):
+        torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})(torch.randint(0, 61, (2, 8)))

@@ -97,10 +97,21 @@ _ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "efficient_attentio
 _PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm"}
 
 
+def op_name(target) -> str:
+    """``scaled_dot_product_attention`` for both ``aten.scaled_dot_product_attention.default`` and the torch function."""
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet if packet is not None else target, "__name__", str(target))
+
+
+def is_weight(placeholder: torch.fx.Node) -> bool:
+    """Dynamo passes parameters and buffers as graph inputs; its ``grapharg`` says which they are."""
+    graph_arg = placeholder.meta.get("grapharg")
+    return isinstance(getattr(graph_arg, "example", None), torch.nn.Parameter) or "_buffers" in str(getattr(graph_arg, "source", ""))
+
+
 def activation_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Nodes whose value depends on a graph input (not only on weights and constants)."""
-    placeholders = {n for n in graph.nodes if n.op == "placeholder"}
-    active = set(placeholders)
+    active = {n for n in graph.nodes if n.op == "placeholder" and not is_weight(n)}
     for node in graph.nodes:
         if node.op == "call_function" and any(a in active for a in node.all_input_nodes):
             active.add(node)
@@ -109,7 +120,7 @@ def activation_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
 
 def has_attention(nodes: list[torch.fx.Node], active: set[torch.fx.Node]) -> bool:
     for node in nodes:
-        name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+        name = op_name(node.target)
         if any(key in name for key in _ATTENTION_NAMES):
             return True
         if name in _PRODUCTS and sum(isinstance(a, torch.fx.Node) and a in active for a in node.args) >= 2:

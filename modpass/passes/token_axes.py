@@ -29,7 +29,11 @@ from ..errors import UnroutableBlockError
 
 
 def size_expr(size):
-    return size.node.expr if isinstance(size, torch.SymInt) else size
+    """A size as an int when it is fixed, else as its sympy expression."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_number else expr
+    return int(size)
 
 
 def mentions(size, symbol) -> bool:

@@ -1,0 +1,212 @@
+"""The second entry to the pass: route an unrouted model inside the compile backend.
+
+Dynamo has already traced the model to one flat FX graph. This module finds
+the blocks in it (``find_blocks`` on ``nn_module_stack``), cuts each planned
+block's region out as a graph of its own, runs the same block stages as
+``transform`` (``capture_block -> token_axes -> token_mixing -> rewrite``)
+and splices the routed region back in. Routers are constants here: zeros for
+``options={"ratios": ...}`` (identity gates) or the trained weights of a plan
+saved by ``modpass.save``.
+
+The token count must be symbolic in the Dynamo graph (``dynamic=True``, or
+the dynamic recompile after a second length): a static graph bakes ``T`` into
+reshapes and cannot run on ``k`` tokens.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+
+import torch
+
+from . import _structure
+from ._compat import outside_dynamo_tracing
+from .config import RoutingConfig
+from .errors import ConfigError, PlanError, UnroutableBlockError
+from .io import read
+from .passes.find_blocks import find_blocks
+from .passes.plan import plan as plan_stage
+from .pipeline import capture_block_graph, route_block_graph
+from .plan import RoutingPlan
+
+_DYNAMO_ROOT = "L['self']"
+
+
+def normalise_dynamo_metadata(gm: torch.fx.GraphModule) -> None:
+    """Give Dynamo nodes the metadata the passes read: ``val`` and module paths relative to the model."""
+    for node in gm.graph.nodes:
+        if "val" not in node.meta and "example_value" in node.meta:
+            node.meta["val"] = node.meta["example_value"]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: ("" if path == _DYNAMO_ROOT else path.removeprefix(_DYNAMO_ROOT + "."), cls) for key, (path, cls) in stack.items()
+            }
+
+
+def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, str, dict[str, torch.Tensor]]:
+    """The plan, the task to route and the router tensors, from backend options."""
+    if "plan" in options:
+        if any(k in options for k in ("ratios", "layers", "gate")):
+            raise ConfigError("give either options['plan'] or options['ratios'] (with 'layers', 'gate'), not both.")
+        plan, routers = read(options["plan"])
+        blocks = gm.meta["modpass_blocks"]
+        if len(blocks) != plan.num_blocks or any(b.path not in {x.path for x in blocks} for b in plan.blocks):
+            raise PlanError(f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks; this model has {[b.path for b in blocks]}.")
+    else:
+        if "ratios" not in options:
+            raise ConfigError("backend routing needs options['ratios'] (or options['plan']).")
+        config = RoutingConfig.from_arguments(options["ratios"], layers=options.get("layers", "every_other"), gate=options.get("gate", "tanh"))
+        plan = plan_stage(gm, config).meta["modpass_plan"]
+        routers = {}
+        warnings.warn(
+            "modpass backend: routing with fresh identity-gated routers (zero weights): the selection is "
+            "positional until routers are trained; use this to measure speed and equivalence.",
+            stacklevel=2,
+        )
+    task = options.get("task")
+    if task is None:
+        if len(plan.tasks) != 1:
+            raise ConfigError(f"the plan routes tasks {list(plan.tasks)}; pick one with options['task'].")
+        task = plan.tasks[0]
+    elif task not in plan.tasks:
+        raise ConfigError(f"unknown task {task!r}; the plan routes {list(plan.tasks)}.")
+    return plan, task, routers
+
+
+def region_of(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:
+    return [
+        n for n in gm.graph.nodes
+        if n.op not in ("placeholder", "output", "get_attr") and any(p == path for p, _ in (n.meta.get("nn_module_stack") or {}).values())
+    ]
+
+
+def scalar_attribute(node: torch.fx.Node) -> float | int | None:
+    """The value of a module's float attribute (say a norm's ``eps``) that Dynamo passes as a 0-d tensor."""
+    example = getattr(node.meta.get("grapharg"), "example", None)
+    if node.op != "placeholder" or not isinstance(example, torch.Tensor) or example.dim() != 0:
+        return None
+    if isinstance(example, torch._subclasses.FakeTensor) or not all(u.op == "call_method" and u.target == "item" for u in node.users):
+        return None
+    return example.item()
+
+
+def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> tuple[torch.fx.GraphModule, list[torch.fx.Node], list[torch.fx.Node]]:
+    """A region as its own graph: ``(region module, outer input nodes, outer output nodes)``.
+
+    The hidden state is the first input and the new hidden state the first
+    output. Size symbols that Dynamo passes as inputs are re-derived from a
+    tensor input carrying the same symbol, so the region's sizes follow its
+    tensors when it is captured again.
+    """
+    region = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in region))
+    outputs = [n for n in nodes if any(u not in region for u in n.users)]
+    hidden_shape = None
+    for node in inputs:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 3 and any(
+            isinstance(o.meta.get("val"), torch.Tensor) and tuple(map(str, o.meta["val"].shape)) == tuple(map(str, val.shape)) for o in outputs
+        ):
+            hidden_shape = tuple(map(str, val.shape))
+            inputs.remove(node)
+            inputs.insert(0, node)
+            break
+    outputs.sort(key=lambda o: not (isinstance(o.meta.get("val"), torch.Tensor) and tuple(map(str, o.meta["val"].shape)) == hidden_shape))
+
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    scalars = {i: scalar_attribute(i) for i in inputs}
+    scalars = {i: v for i, v in scalars.items() if v is not None}
+    tensor_inputs = [i for i in inputs if isinstance(i.meta.get("val"), torch.Tensor) and i not in scalars]
+    for node in tensor_inputs:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in inputs:
+        if node in env or node in scalars:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.SymInt):
+            raise UnroutableBlockError(f"block input {node.name} is a {type(value).__name__}; only tensors and sizes can cross a routed block.")
+        source = next(((t, d) for t in tensor_inputs for d, s in enumerate(t.meta["val"].shape) if str(s) == str(value)), None)
+        if source is None:
+            raise UnroutableBlockError(f"size {value} used by the block is not the size of any tensor it receives.")
+        env[node] = graph.call_function(torch.ops.aten.sym_size.int, (env[source[0]], source[1]))
+    for node in nodes:
+        if node.op == "call_method" and node.target == "item" and node.args[0] in scalars:
+            env[node] = scalars[node.args[0]]
+            continue
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs))
+    return torch.fx.GraphModule(gm, graph), tensor_inputs, outputs
+
+
+def resolve(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def freeze_constants(routed: torch.fx.GraphModule, constants: dict, reference: torch.Tensor) -> list[int]:
+    """Turn the routed graph's router and constant inputs into values built inside it.
+
+    Inside a Dynamo graph, new parameters, buffers or tensor attributes have
+    no source Inductor accepts, so each constant becomes a ``torch.tensor``
+    literal in the graph (a router is ``D + 1`` numbers). Returns the
+    outer-input indices the remaining placeholders take, in order.
+    """
+    placeholders = [n for n in routed.graph.nodes if n.op == "placeholder"]
+    kept = []
+    for node, (role, target) in zip(placeholders, routed.meta["modpass_inputs"]):
+        if role == "input":
+            kept.append(target)
+            continue
+        value = constants[(role, target)].detach()
+        dtype = reference.dtype if value.is_floating_point() else value.dtype
+        with routed.graph.inserting_before(node):
+            literal = routed.graph.call_function(torch.tensor, (value.tolist(),), {"dtype": dtype, "device": reference.device})
+        node.replace_all_uses_with(literal)
+        routed.graph.erase_node(node)
+    routed.recompile()
+    return kept
+
+
+def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) -> torch.fx.GraphModule:
+    normalise_dynamo_metadata(gm)
+    gm = find_blocks(gm)
+    plan, task, routers = choose_plan(gm, options)
+    for number, block in enumerate(plan.blocks):
+        ratio = block.ratios.get(task)
+        if ratio is None:
+            continue
+        nodes = region_of(gm, block.path)
+        region, inputs, outputs = extract(gm, nodes)
+        where = f"block {block.index} ({block.path})"
+        try:
+            with outside_dynamo_tracing():
+                analysed = capture_block_graph(region, tuple(_structure.realize(i.meta["val"]) for i in inputs), {}, where=where)
+        except UnroutableBlockError as exc:
+            if "fixes its token count" in str(exc):
+                raise ConfigError(
+                    f"{where}: the traced graph has a fixed sequence length; routing through backend options needs "
+                    "torch.compile(..., dynamic=True) so that the block can run on k tokens."
+                ) from exc
+            raise
+        routed = route_block_graph(analysed, ratio=ratio, gate=plan.gate)
+        reference = next(i.meta["val"] for i in inputs if i.meta["val"].is_floating_point())
+        weight = routers.get(f"{block.path}.mod_routers.{task}.weight", torch.zeros(1, block.hidden_size))
+        bias = routers.get(f"{block.path}.mod_routers.{task}.bias", torch.zeros(1))
+        constants = {("router", "weight"): weight, ("router", "bias"): bias}
+        constants.update({("constant", name): value for name, value in routed.meta["modpass_constants"].items()})
+        constants.update({(role, target): resolve(region, target) for role, target in routed.meta["modpass_inputs"] if role in ("parameter", "buffer")})
+        region_inputs = freeze_constants(routed, constants, reference)
+        name = f"modpass_block{number}"
+        gm.add_submodule(name, routed)
+        with gm.graph.inserting_before(nodes[-1].next):
+            call = gm.graph.call_module(name, tuple(inputs[i] for i in region_inputs))
+            for position, output in enumerate(outputs):
+                output.replace_all_uses_with(gm.graph.call_function(operator.getitem, (call, position)))
+        gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
