@@ -69,6 +69,9 @@ class RoutedBlock(nn.Module):
             nn.init.zeros_(router.weight)
             nn.init.zeros_(router.bias)
         self.training = block.training
+        if hasattr(block, "gradient_checkpointing"):
+            # Hugging Face's gradient_checkpointing_enable() finds layers by this attribute.
+            self.gradient_checkpointing = block.gradient_checkpointing
         self.__dict__["_block"] = block
         self.__dict__["_plan"] = plan
         self.__dict__["_gate"] = gate
@@ -111,9 +114,13 @@ class RoutedBlock(nn.Module):
             return self._block(*args, **kwargs)
         self.last_routing = []
         task = state.whole_batch_task()
-        if task is not None:
-            return self.run(TaskGroup(task, None), args, kwargs)
-        return self.run_groups(args, kwargs)
+        route = self.run_groups if task is None else lambda a, k: self.run(TaskGroup(task, None), a, k)
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            if checkpoint is None:
+                return torch.utils.checkpoint.checkpoint(route, args, kwargs, use_reentrant=False)
+            return checkpoint(route, args, kwargs)
+        return route(args, kwargs)
 
     def run(self, group: TaskGroup, args: tuple, kwargs: dict):
         """Route one group of sequences (the whole batch unless ``group.rows``)."""
@@ -121,7 +128,7 @@ class RoutedBlock(nn.Module):
         if ratio is None:
             return self._block(*args, **kwargs)
         explicit = group.capacity is not None
-        key = (group.task, explicit, self.training, _structure.signature(args), _structure.signature(kwargs))
+        key = (group.task, explicit, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
         route = self._routes.get(key)
         if route is None:
             route = self.build_route(key, ratio, args, kwargs)
@@ -207,6 +214,12 @@ class RoutedBlock(nn.Module):
                 refined.append(TaskGroup(group.task, None if whole else torch.tensor(members, dtype=torch.long), k))
         return refined
 
+    def mode_key(self, hidden: torch.Tensor) -> tuple:
+        """What besides the arguments changes a captured graph: train/eval and autocast."""
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        return (self.training, autocast, torch.get_autocast_dtype(device) if autocast else None)
+
     def group_route_mask(self, group: TaskGroup) -> torch.Tensor | None:
         mask = self._state.route_mask
         if mask is None or group.capacity is None:
@@ -218,7 +231,7 @@ class RoutedBlock(nn.Module):
         """The analysed (not yet routed) graph of this call structure, and which inputs follow the batch."""
         from .pipeline import capture_block_graph
 
-        key = (self.training, _structure.signature(args), _structure.signature(kwargs))
+        key = (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
         found = self._analyses.get(key)
         if found is None:
             self._block.training = self.training
@@ -248,7 +261,7 @@ class RoutedBlock(nn.Module):
         """Build the routed graphs of every routed task for the known calls, in the current mode."""
         for args, kwargs in self._examples:
             for task in self._plan.routed_tasks():
-                key = (task, False, self.training, _structure.signature(args), _structure.signature(kwargs))
+                key = (task, False, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
                 if key not in self._routes:
                     self.build_route(key, self._plan.ratios[task], args, kwargs)
 

@@ -206,7 +206,9 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
         with gm.graph.inserting_before(nodes[-1].next):
             call = gm.graph.call_module(name, tuple(inputs[i] for i in region_inputs))
             for position, output in enumerate(outputs):
-                output.replace_all_uses_with(gm.graph.call_function(operator.getitem, (call, position)))
+                routed_output = gm.graph.call_function(operator.getitem, (call, position))
+                routed_output.meta["val"] = output.meta.get("val")  # later blocks read it
+                output.replace_all_uses_with(routed_output)
         gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

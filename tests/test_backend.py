@@ -118,10 +118,10 @@ def test_ratios_option_equals_transform_then_compile():
     model = models.NanoGPT(layers=2).eval()
     idx = torch.randint(0, 61, (2, 14))
     with torch.no_grad():
-        want = torch.compile(modpass.transform(model, 0.5, layers=[1]), backend="modpass")(idx)
+        want = torch.compile(modpass.transform(model, 0.5, layers="all"), backend="modpass")(idx)
         torch._dynamo.reset()
         with pytest.warns(UserWarning, match="identity-gated"):
-            got = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": [1]})(idx)
+            got = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": "all"})(idx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, model(idx), atol=1e-3), "routing changed the output"
 

@@ -1,0 +1,163 @@
+"""Dtypes, modes, edge-case inputs and fuzzed plans: right answer or a clear refusal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import modpass
+from tests import models
+
+# Full-capacity tolerance per dtype, relative to the output's scale: fp32 is exact up to
+# rounding; bf16/fp16 differ from dense only by the order of the gate arithmetic.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_full_capacity_matches_dense_in_each_dtype(dtype):
+    dense = models.llama().to(dtype)
+    routed = modpass.transform(dense, 1.0, layers="all")
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        want, got = dense(input_ids=ids).logits.float(), routed(input_ids=ids).logits.float()
+    assert routed.model.layers[0].mod_routers.default.weight.dtype == dtype
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[dtype]
+
+
+def test_to_dtype_after_transform_and_inference_modes():
+    dense = models.llama()
+    routed = modpass.transform(dense, 1.0, layers="all").to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.inference_mode():
+        got = routed(input_ids=ids).logits.float()
+        want = dense.to(torch.bfloat16)(input_ids=ids).logits.float()
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE[torch.bfloat16]
+
+
+def test_autocast_and_train_eval_switches():
+    routed = modpass.transform(models.NanoGPT(), 0.5)
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert routed(idx).dtype == torch.bfloat16
+    assert routed(idx).dtype == torch.float32, "graphs captured under autocast are not reused outside it"
+    routed.train()
+    routed(idx).sum().backward()
+    routed.eval()
+    with torch.no_grad():
+        routed(idx)
+
+
+def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(), 0.5).train()
+    with torch.no_grad():
+        for block in modpass.routed_blocks(routed).values():
+            block.mod_routers.default.weight.normal_()
+    ids = torch.randint(0, 97, (2, 12))
+
+    def gradients():
+        routed.zero_grad()
+        routed(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in routed.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    routed.gradient_checkpointing_enable()
+    assert routed.model.layers[1].gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def padded_llama():
+    return modpass.transform(models.llama(), 0.5, layers="all")
+
+
+def test_all_padding_rows_do_not_disturb_the_batch_and_stay_finite(padded_llama):
+    ids = torch.randint(0, 97, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        out = padded_llama(input_ids=ids, attention_mask=mask).logits
+        alone = padded_llama(input_ids=ids[[0, 2]], attention_mask=mask[[0, 2]]).logits
+        with modpass.dense(padded_llama):
+            dense_row = padded_llama(input_ids=ids[[1]], attention_mask=mask[[1]]).logits
+    torch.testing.assert_close(out[[0, 2]], alone, rtol=1e-5, atol=1e-5)
+    # An all-padding row has no real token to prefer, so its k slots hold padding; it is exactly
+    # as finite as the dense model makes it.
+    assert bool(torch.isfinite(out[1]).all()) == bool(torch.isfinite(dense_row).all())
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_sequences_shorter_than_one_token_of_capacity(tokens):
+    routed = modpass.transform(models.NanoGPT(), 0.1, layers="all")
+    with torch.no_grad():
+        out = routed(torch.randint(0, 61, (1, tokens)))
+    assert out.shape == (1, tokens, 61)
+    assert all(b.last_routing[0].index.shape == (1, 1) for b in modpass.routed_blocks(routed).values())
+
+
+def test_long_sequences():
+    routed = modpass.transform(models.NanoGPT(block_size=2048), 0.125)
+    with torch.no_grad():
+        routed(torch.randint(0, 61, (1, 2048)))
+    assert routed.h[1].last_routing[0].index.shape == (1, 256)
+
+
+def test_non_finite_router_logits_still_select_exactly_k_real_tokens():
+    routed = modpass.transform(models.NanoGPT(), 0.5, layers=[1])
+    with torch.no_grad():
+        routed.h[1].mod_routers.default.bias.fill_(float("nan"))
+        routed(torch.randint(0, 61, (2, 10)))
+    assert routed.h[1].last_routing[0].index.tolist() == [[0, 1, 2, 3, 4]] * 2
+    with torch.no_grad():
+        routed.h[1].mod_routers.default.bias.fill_(float("inf"))
+        routed(torch.randint(0, 61, (2, 10)))
+    assert routed.h[1].last_routing[0].index.shape == (2, 5)
+
+
+def reference_block(block, x, index, logits, gate):
+    """Dense-on-subset reference: the original block on the gathered tokens, written back."""
+    gathered = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    y = block._block(gathered)
+    w_all = torch.sigmoid(logits) if gate == "sigmoid" else 1 + 0.2 * torch.tanh(logits)
+    w = torch.gather(w_all, 1, index).unsqueeze(-1)
+    base = w_all.unsqueeze(-1) * x if gate == "string" else x.clone()
+    return base.scatter(1, index.unsqueeze(-1).expand_as(gathered), gathered + w * (y - gathered))
+
+
+_FUZZ_MODELS: dict = {}
+
+
+@given(
+    ratios=st.lists(st.fractions(min_value=0.05, max_value=1).map(lambda f: f.limit_denominator(16)), min_size=1, max_size=3),
+    gate=st.sampled_from(["tanh", "sigmoid", "string"]),
+    batch=st.integers(1, 4),
+    tokens=st.integers(1, 33),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzzed_plans_match_the_dense_on_subset_reference(ratios, gate, batch, tokens, seed):
+    key = (tuple(ratios), gate)
+    if key not in _FUZZ_MODELS:
+        tasks = {f"task{i}": r for i, r in enumerate(ratios)}
+        _FUZZ_MODELS[key] = modpass.transform(models.NanoGPT(width=16, heads=2).eval(), tasks, layers="all", gate=gate)
+    routed = _FUZZ_MODELS[key]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in modpass.routed_blocks(routed).values():
+            for router in block.mod_routers.values():
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+    task = f"task{seed % len(ratios)}"
+    block = routed.h[seed % 4]
+    x = torch.randn(batch, tokens, 16, generator=generator)
+    routed._modpass_state.task = task
+    with torch.no_grad():
+        out = block(x)
+        (record,) = block.last_routing
+        assert record.index.shape == (batch, max(1, math.ceil(ratios[seed % len(ratios)] * tokens)))
+        torch.testing.assert_close(out, reference_block(block, x, record.index, record.logits, gate), rtol=1e-5, atol=1e-5)
