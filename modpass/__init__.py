@@ -40,3 +40,7 @@ __all__ = [
     "transform",
 ]
 __version__ = "0.1.0"
+
+from .backend import ensure_registered as _ensure_backend_registered  # noqa: E402
+
+_ensure_backend_registered()

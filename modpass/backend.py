@@ -37,3 +37,15 @@ def modpass_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict |
 
         gm = route_dynamo_graph(gm, example_inputs, options)
     return lower(gm, example_inputs, {**inductor_mode_options(mode), **options.get("inductor", {})})
+
+
+def ensure_registered() -> None:
+    """Register the backend when the entry point is missing (a source checkout that was not pip-installed).
+
+    Registering unconditionally would clash with the lazily loaded entry point
+    (``AssertionError: duplicate name``), so only an absent name is added.
+    """
+    from torch._dynamo import list_backends, register_backend
+
+    if "modpass" not in list_backends(exclude_tags=()):
+        register_backend(compiler_fn=modpass_backend, name="modpass")
