@@ -18,15 +18,25 @@ from .errors import RoutingInputError
 CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
-class Slot(int):
-    """Marks where output number ``int(self)`` goes in an output template."""
+class Slot:
+    """Marks where output number ``index`` goes in an output template.
+
+    A plain class, not an ``int`` subclass: Dynamo (torch 2.11) cannot trace ``int()`` of one.
+    """
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
 
 
 def signature(tree, path: str = "") -> tuple:
     if isinstance(tree, torch.Tensor):
         return ("tensor", tree.dtype, tree.device.type, tuple(s == 1 for s in tree.shape))
     if isinstance(tree, (tuple, list)):
-        return (type(tree).__name__, tuple(signature(item, f"{path}[{i}]") for i, item in enumerate(tree)))
+        # A literal tag, not type(tree).__name__: Dynamo (torch 2.11) cannot hash the latter in a cache key.
+        kind = "tuple" if isinstance(tree, tuple) else "list"
+        return (kind, tuple(signature(item, f"{path}[{i}]") for i, item in enumerate(tree)))
     if isinstance(tree, dict):
         return ("dict", tuple((key, signature(value, f"{path}[{key!r}]")) for key, value in tree.items()))
     if isinstance(tree, CONSTANTS):
@@ -74,7 +84,7 @@ def realize(tree):
 def fill(template, outputs: list):
     """Rebuild an output structure from a template whose leaves are :class:`Slot` markers."""
     if isinstance(template, Slot):
-        return outputs[int(template)]
+        return outputs[template.index]
     if isinstance(template, (tuple, list)):
         return type(template)(fill(item, outputs) for item in template)
     if isinstance(template, dict):
