@@ -35,10 +35,9 @@ from modpass internals and without the interaction with the block's kernels).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -248,7 +247,7 @@ def make_case(variant: Variant, module: nn.Module, backward: bool, seed: int) ->
     return common.Case(variant.name, step, common.clear_grads([x, *variant.module.parameters()]))
 
 
-def set_mode(variants: list[Variant], backward: bool, args: tuple, kwargs: dict) -> None:
+def set_mode(variants: list[Variant], backward: bool) -> None:
     """fwd runs in eval mode, fwdbwd in train mode (as training would); build the routed graphs eagerly.
 
     A RoutedBlock captures a new graph the first time it sees a call
@@ -267,7 +266,7 @@ def measure(variants: list[Variant], *, backward: bool, compiled: bool, backend,
         rounds = 15 if backward else 25
     if args.quick:
         rounds = 2
-    modules = {v.name: common.compile_module(v.module, backend) if compiled else v.module for v in variants}
+    modules = {v.name: common.compile_module(v.module, backend, args.compile_mode) if compiled else v.module for v in variants}
     cases = [make_case(v, modules[v.name], backward, args.seed) for v in variants]
     print(f"  {'fwdbwd' if backward else 'fwd'} {'compiled' if compiled else 'eager'}: {len(cases)} cases, {rounds} rounds")
     return common.run_interleaved(cases, baseline="dense", rounds=rounds, warmup=args.warmup, device=device,
@@ -286,32 +285,42 @@ def flops_of(variants: list[Variant], backward: bool, seed: int) -> dict[str, co
     return counts
 
 
-def bench_size(name: str, size: Size, args, device, dtype, backend, modes) -> dict:
-    print(f"\n== {name}: {size.describe()}, {dtype}, {device}")
-    torch.manual_seed(args.seed)
+def build_variants(size: Size, capacities, device, dtype, seed: int) -> list[Variant]:
+    """The dense block, and per capacity the routed, dense-on-k and routing-only variants, on shared inputs."""
+    torch.manual_seed(seed)
     model = TwoBlocks(size).to(device=device, dtype=dtype).eval()
     x = torch.randn(size.batch, size.tokens, size.hidden, device=device, dtype=dtype)
     block_args, block_kwargs = block_inputs(model, x)
     dense = model.layers[1]
     variants = [Variant("dense", dense, block_args, block_kwargs)]
-    ks: dict[float, int] = {}
-    routed: dict[float, nn.Module] = {}
-    for capacity in args.capacities:
-        block = routed[capacity] = routed_block(model, capacity, args.seed)
+    for capacity in capacities:
+        block = routed_block(model, capacity, seed)
         variants.append(Variant(f"routed@{capacity}", block, block_args, block_kwargs))
-        gathered, ks[capacity] = selected_inputs(block, block_args, block_kwargs)
-        if ks[capacity] < size.tokens:
+        gathered, k = selected_inputs(block, block_args, block_kwargs)
+        if k < size.tokens:
             variants.append(Variant(f"dense_k@{capacity}", dense, gathered, block_kwargs))
         stripped = routing_only_block(block)
         if stripped is not None:
             variants.append(Variant(f"routing@{capacity}", stripped, block_args, block_kwargs))
     if not any(v.name.startswith("routing@") for v in variants):
         print("  routing-only variant unavailable (RoutedBlock internals changed); reporting glue only")
+    return variants
+
+
+def bench_size(name: str, size: Size, args, device, dtype, backend, modes) -> dict:
+    print(f"\n== {name}: {size.describe()}, {dtype}, {device}")
+    variants = build_variants(size, args.capacities, device, dtype, args.seed)
+    by_name = {v.name: v for v in variants}
+    ks = {c: (by_name[f"dense_k@{c}"].args[0].shape[1] if f"dense_k@{c}" in by_name else size.tokens)
+          for c in args.capacities}
+    block_args, block_kwargs = variants[0].args, variants[0].kwargs
+    dense = variants[0].module
+    routed = {c: by_name[f"routed@{c}"].module for c in args.capacities}
 
     result: dict = {"size": dataclasses.asdict(size), "k": {str(c): k for c, k in ks.items()}, "passes": {}}
     for backward in (False, True):
         pass_name = "fwdbwd" if backward else "fwd"
-        set_mode(variants, backward, block_args, block_kwargs)
+        set_mode(variants, backward)
         flops = flops_of(variants, backward, args.seed)
         entry: dict = {"flops": {n: f.to_json() for n, f in flops.items()}, "modes": {}}
         for mode in modes:
@@ -435,7 +444,7 @@ def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (default S1,S2,S3 on cpu, G1 on cuda)")
     parser.add_argument("--capacities", default=",".join(map(str, common.CAPACITIES)))
-    parser.add_argument("--kernels", action=argparse_bool(), default=None,
+    parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                         help="count Inductor kernels per case (default: on for cuda, off for cpu)")
     args = parser.parse_args()
     device, dtype = common.setup(args)
@@ -459,17 +468,11 @@ def main() -> None:
     parts = ["-".join(sizes)] + ([] if len(modes) == 2 else list(modes))
     if args.backend != "inductor" and "compiled" in modes:
         parts.append(args.backend)
+    if args.compile_mode and "compiled" in modes:
+        parts.append(args.compile_mode)
     stem = Path(args.out) if args.out else common.default_out(device, "block", *parts)
     common.write_results(stem, payload, text)
 
 
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
-
-
 if __name__ == "__main__":
     main()
-    # statistics/math are used by the report helpers through common; keep linters honest.
-    del statistics, math

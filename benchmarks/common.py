@@ -69,9 +69,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="inductor",
                         help="torch.compile backend for the compiled cases (e.g. inductor, modpass)")
     parser.add_argument("--modes", default="eager,compiled", help="comma list of eager,compiled")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: removes the per-call host "
+                             "overhead that dominates small GPU blocks)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 9 fwd / 7 fwdbwd on cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 2 on cpu, 3 on cuda)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=CPU_THREADS,
+                        help="torch CPU threads (default 2, the project machine's cores, as in the reference)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep Inductor's FX graph / AOTAutograd caches on (compile times then depend on earlier runs)")
     parser.add_argument("--out", default=None,
@@ -99,7 +104,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if device.type == "cpu":
         # The project machine has 2 cores; pinning the thread count keeps runs
         # comparable with the reference (and with each other).
-        torch.set_num_threads(CPU_THREADS)
+        torch.set_num_threads(args.threads)
     else:
         # TF32 would only matter in float32 runs; keep the matmul precision
         # explicit so fp32 GPU numbers are not silently TF32.
@@ -135,9 +140,9 @@ def resolve_backend(name: str):
     raise SystemExit(f"unknown torch.compile backend {name!r}; known: {torch._dynamo.list_backends(exclude_tags=())}")
 
 
-def compile_module(module: torch.nn.Module, backend) -> torch.nn.Module:
+def compile_module(module: torch.nn.Module, backend, mode: str | None = None) -> torch.nn.Module:
     """``torch.compile`` with static shapes, as in the reference (one graph per shape and capacity)."""
-    return torch.compile(module, backend=backend, dynamic=False)
+    return torch.compile(module, backend=backend, dynamic=False, mode=mode)
 
 
 def randomize_routers(model: torch.nn.Module, seed: int) -> None:
@@ -358,7 +363,9 @@ def inductor_kernels(step: Step, device: torch.device) -> dict | None:
     pattern = _TRITON_KERNEL if device.type == "cuda" else _CPP_KERNEL
     calls: dict[str, int] = {}
     for code in codes:
-        for name in _FALLBACK.findall(code):
+        # Comment lines repeat the source FX graph (every aten op); only count real calls.
+        executable = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith("#"))
+        for name in _FALLBACK.findall(executable):
             calls[name] = calls.get(name, 0) + 1
     return {
         "graphs": len(codes),
@@ -371,11 +378,12 @@ def inductor_kernels(step: Step, device: torch.device) -> dict | None:
 def dynamo_breaks(fn: Callable, *args, **kwargs) -> dict:
     """Graph count and graph breaks Dynamo sees when tracing ``fn(*args, **kwargs)``."""
     explanation = torch._dynamo.explain(fn)(*args, **kwargs)
-    return {
-        "graphs": explanation.graph_count,
-        "breaks": explanation.graph_break_count,
-        "reasons": sorted({str(b.reason).splitlines()[0] for b in explanation.break_reasons}),
-    }
+    reasons = set()
+    for reason in explanation.break_reasons:
+        where = reason.user_stack[-1] if reason.user_stack else None
+        at = f" at {Path(where.filename).name}:{where.lineno} ({where.line})" if where else ""
+        reasons.add(str(reason.reason).splitlines()[0] + at)
+    return {"graphs": explanation.graph_count, "breaks": explanation.graph_break_count, "reasons": sorted(reasons)}
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -448,6 +456,8 @@ def markdown_preamble(title: str, payload: dict) -> str:
 
 
 def write_results(stem: Path, payload: dict, markdown: str) -> None:
+    # With the start value in the header, this shows whether other work shared the machine during the run.
+    payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown.rstrip() + "\n")
