@@ -38,8 +38,8 @@ UNIMOD_RATIOS: dict[str, Any] = {
 @dataclass(frozen=True)
 class Settings:
     seed: int = 0
-    steps: int = 300
-    batch_size: int = 32
+    steps: int = 400
+    batch_size: int = 64
     width: int = 64
     heads: int = 4
     lr: float = 3e-3
@@ -230,6 +230,7 @@ def train(variant: Variant, outcome: Outcome, digits: data.Digits, steps: int, s
             loss = loss + modpass.aux_loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         wall += time.perf_counter() - start
