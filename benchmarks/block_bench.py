@@ -269,7 +269,7 @@ def measure(variants: list[Variant], *, backward: bool, compiled: bool, backend,
     modules = {v.name: common.compile_module(v.module, backend, args.compile_mode) if compiled else v.module for v in variants}
     cases = [make_case(v, modules[v.name], backward, args.seed) for v in variants]
     print(f"  {'fwdbwd' if backward else 'fwd'} {'compiled' if compiled else 'eager'}: {len(cases)} cases, {rounds} rounds")
-    return common.run_interleaved(cases, baseline="dense", rounds=rounds, warmup=args.warmup, device=device,
+    return common.run_interleaved(cases, baseline="dense", rounds=rounds, warmup=args.warmup, device=device, calls=args.calls,
                                   seed=args.seed)
 
 

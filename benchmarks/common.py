@@ -74,6 +74,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                              "overhead that dominates small GPU blocks)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 9 fwd / 7 fwdbwd on cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per case (default 2 on cpu, 3 on cuda)")
+    parser.add_argument("--calls", type=int, default=1,
+                        help="back-to-back calls per timed sample (time / calls is recorded). 1 measures one cold "
+                             "call's latency; more let the host issue ahead of the GPU, as blocks do inside a model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=CPU_THREADS,
                         help="torch CPU threads (default 2, the project machine's cores, as in the reference)")
@@ -248,34 +251,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Step, device: torch.device) -> float:
-    """Seconds one call of ``step`` takes; CUDA events on GPU, ``perf_counter`` on CPU."""
+def timed(step: Step, device: torch.device, calls: int = 1) -> float:
+    """Seconds per call over ``calls`` back-to-back calls of ``step``; CUDA events on GPU, ``perf_counter`` on CPU.
+
+    Gradients accumulate across the calls of one fwd+bwd sample (one extra
+    add per parameter, for the dense and routed cases alike).
+    """
     synchronize(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        for _ in range(calls):
+            step()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / calls
     start_s = time.perf_counter()
-    step()
-    return time.perf_counter() - start_s
+    for _ in range(calls):
+        step()
+    return (time.perf_counter() - start_s) / calls
 
 
-def time_call(case: Case, device: torch.device) -> float:
+def time_call(case: Case, device: torch.device, calls: int = 1) -> float:
     if case.prepare is not None:
         case.prepare()
     gc.collect()
     gc.disable()
     try:
-        return timed(case.step, device)
+        return timed(case.step, device, calls)
     finally:
         gc.enable()
 
 
 def run_interleaved(cases: Sequence[Case], *, baseline: str, rounds: int, warmup: int, device: torch.device,
-                    seed: int = 0, log: Callable[[str], None] = print) -> dict[str, CaseResult]:
+                    seed: int = 0, calls: int = 1, log: Callable[[str], None] = print) -> dict[str, CaseResult]:
     """Warm every case up, then time ``rounds`` shuffled rounds; ratios are against ``baseline``."""
     rng = random.Random(seed)
     first: dict[str, float] = {}
@@ -289,7 +298,7 @@ def run_interleaved(cases: Sequence[Case], *, baseline: str, rounds: int, warmup
         order = list(cases)
         rng.shuffle(order)
         for case in order:
-            times[case.name].append(time_call(case, device))
+            times[case.name].append(time_call(case, device, calls))
         log(f"    round {round_index + 1}/{rounds}: {baseline} {times[baseline][-1] * 1e3:.1f} ms")
     base = times[baseline]
     return {
@@ -451,7 +460,8 @@ def markdown_preamble(title: str, payload: dict) -> str:
         f"- machine: {where}; {machine['platform']}; load average at start {machine['load_average']}\n"
         f"- command: `{payload['command']}`\n"
         "- method: warm-ups, then shuffled interleaved rounds; ratios are the median of per-round ratios "
-        "against the dense case of the same round (see benchmarks/common.py)\n"
+        "against the dense case of the same round (see benchmarks/common.py); "
+        f"{payload['settings'].get('calls', 1)} back-to-back call(s) per timed sample\n"
     )
 
 

@@ -120,7 +120,8 @@ def main() -> None:
             compiled = {n: common.compile_module(m, backend, args.compile_mode) for n, m in models.items()} if mode == "compiled" else models
             print(f"  {pass_name} {mode}: {rounds} rounds")
             timings = common.run_interleaved(make_cases(models, compiled, ids, backward, args.seed), baseline="dense",
-                                             rounds=rounds, warmup=args.warmup, device=device, seed=args.seed)
+                                             rounds=rounds, warmup=args.warmup, device=device, seed=args.seed,
+                                             calls=args.calls)
             entry["modes"][mode] = {
                 "cases": {n: r.to_json(timings["dense"]) for n, r in timings.items()},
                 "ratio": timings["mod"].ratio,
