@@ -129,16 +129,27 @@ def scatter_update(
     hidden_selected: torch.Tensor,
     block_output: torch.Tensor,
     weight: torch.Tensor,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out = hidden`` with ``x + w * (block(x) - x)`` written at the selected tokens.
 
     The block's own residual stays inside ``block(x) - x``, so nothing is
     added twice; unselected tokens are copied bit for bit. Indices are unique,
     so this is an overwrite (no accumulation, no atomics on GPU).
+
+    ``padding`` (``(B, T)`` bool) marks tokens that never count as selected
+    work: a row with fewer real tokens than k (an all-padding row included)
+    fills its remaining slots with padding, and those keep their value in
+    ``hidden`` exactly as skipped tokens do, so whatever the block computes
+    for them (NaN from a fully masked query included) never reaches the output.
     """
     update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
     index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return hidden.scatter(1, index, update.to(hidden.dtype))
+    update = update.to(hidden.dtype)
+    if padding is not None:
+        selected_padding = torch.gather(padding, 1, index[..., 0]).unsqueeze(-1)
+        update = torch.where(selected_padding, torch.gather(hidden, 1, index), update)
+    return hidden.scatter(1, index, update)
 
 
 def skip_scale(hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -85,12 +85,34 @@ def test_all_padding_rows_do_not_disturb_the_batch_and_stay_finite(padded_llama)
     with torch.no_grad():
         out = padded_llama(input_ids=ids, attention_mask=mask).logits
         alone = padded_llama(input_ids=ids[[0, 2]], attention_mask=mask[[0, 2]]).logits
-        with modpass.dense(padded_llama):
-            dense_row = padded_llama(input_ids=ids[[1]], attention_mask=mask[[1]]).logits
+        # No token of the all-padding row counts as selected: every (routed) block passes it through.
+        skipped = padded_llama.lm_head(padded_llama.model.norm(padded_llama.model.embed_tokens(ids[[1]])))
     torch.testing.assert_close(out[[0, 2]], alone, rtol=1e-5, atol=1e-5)
-    # An all-padding row has no real token to prefer, so its k slots hold padding; it is exactly
-    # as finite as the dense model makes it.
-    assert bool(torch.isfinite(out[1]).all()) == bool(torch.isfinite(dense_row).all())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[[1]], skipped, rtol=0, atol=0)
+
+
+def test_padding_in_the_k_slots_passes_the_block_unchanged(padded_llama):
+    ids = torch.randint(0, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # 2 real tokens, k = 4: two of the slots must hold padding
+    seen = {}
+    block = padded_llama.model.layers[2]
+    handle = block.register_forward_hook(
+        lambda module, args, kwargs, output: seen.update(x=args[0] if args else kwargs["hidden_states"], y=output),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            padded_llama(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    (record,) = block.last_routing
+    # Padding ties at -inf, so the stable tie-break fills the spare slots with the first padding positions.
+    assert record.index[0].tolist() == [0, 1, 6, 7] and record.index.shape == (2, 4)
+    y = seen["y"][0] if isinstance(seen["y"], tuple) else seen["y"]
+    torch.testing.assert_close(y[0, :6], seen["x"][0, :6], rtol=0, atol=0)
+    assert not torch.equal(y[0, 6:], seen["x"][0, 6:])
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3])

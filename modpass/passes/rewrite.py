@@ -7,7 +7,8 @@ Guarantees: the graph computes, for one task,
     index  = select_tokens(scores(logits, padding), k)  # k = ceil(ratio * T), sorted by position
     x_sel, side_sel = gather_tokens(..., index)         # every token-indexed input
     y_sel  = <the original block>(x_sel, side_sel)      # T is k inside the block
-    out    = scatter_update(x, index, x_sel, y_sel, w)  # x + w * (y_sel - x_sel) at index
+    out    = scatter_update(x, index, x_sel, y_sel, w, padding)  # x + w * (y_sel - x_sel) at index;
+                                                                 # selected padding keeps x
 
 and returns ``(out, *other block outputs, logits, index)``. Two placeholders
 are appended after the block's own: the router's weight and bias
@@ -99,7 +100,8 @@ def rewrite(
         logits_selected = call(routing.gather_tokens, logits, index, (1,), role="gate")
         weight = call(routing.gate_weights, logits_selected, gate, role="gate")
         base = call(routing.skip_scale, hidden, logits, role="gate") if gate == "string" else hidden
-        new_hidden = call(routing.scatter_update, base, index, gathered[hidden], outputs[0], weight, role="scatter")
+        new_hidden = call(routing.scatter_update, base, index, gathered[hidden], outputs[0], weight, padding,
+                          role="scatter")
     output.args = ((new_hidden, *outputs[1:], logits, index),)
     graph.lint()
     gm.recompile()
