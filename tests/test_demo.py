@@ -8,6 +8,7 @@ from itertools import islice
 import pytest
 import torch
 
+import modpass.demo
 from modpass.demo import data, main
 
 
@@ -71,3 +72,11 @@ def test_quick_demo_writes_plot_and_results(tmp_path, capsys):
     for outcome in variants.values():
         final = outcome["history"][-1]
         assert 0 <= final["mmu_accuracy"] <= 1 and final["t2i_loss"] > 0
+
+
+def test_missing_demo_dependencies_are_named_with_the_fix(monkeypatch, capsys):
+    real = modpass.demo.importlib.util.find_spec
+    monkeypatch.setattr(modpass.demo.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sklearn" else real(name, *args))
+    assert main(["--quick"]) == 2
+    assert "pip install 'modpass[demo]'" in capsys.readouterr().err

@@ -11,6 +11,8 @@ batches, at matched training FLOPs, and writes ``loss_vs_flops.png`` and
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from pathlib import Path
 
 from .train import Settings, run
@@ -18,6 +20,12 @@ from .train import Settings, run
 __all__ = ["main"]
 
 QUICK_STEPS = 12
+# The demo's own dependencies (the ``demo`` extra), checked up front so a bare install fails with the fix.
+DEMO_MODULES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def missing_dependencies() -> list[str]:
+    return [package for module, package in DEMO_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,5 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else Settings.steps
     if steps < 1:
         parser.error("--steps must be at least 1")
+    if missing := missing_dependencies():
+        print(f"modpass demo needs {' and '.join(missing)}: pip install 'modpass[demo]' "
+              "(./run demo installs it for you)", file=sys.stderr)
+        return 2
     settings = Settings(seed=args.seed, steps=steps, out=args.out, eval_points=2 if args.quick else Settings.eval_points)
     return run(settings)
