@@ -71,6 +71,17 @@ def test_routed_causal_lm_fullgraph_two_lengths_bounded_recompiles():
     assert compiled_graphs() <= 2, "one static graph, then one dynamic graph for every other length"
 
 
+def test_routed_gpt2_fullgraph_two_lengths():
+    # Learned absolute positions and Conv1D layers; labels stay out because HF's own loss logs a
+    # warning that Dynamo cannot trace, dense model included.
+    routed = modpass.transform(models.gpt2(layers=2), 0.5, layers=[1])
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    for tokens in (12, 20):
+        ids = torch.randint(0, 97, (2, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("ratio", [0.25, 1.0])
 def test_routed_encoder_fullgraph(ratio):
     routed = modpass.transform(models.vit(layers=2), ratio, layers="all")
