@@ -15,7 +15,9 @@ reshapes and cannot run on ``k`` tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+import re
 import warnings
 
 import torch
@@ -33,6 +35,20 @@ from .plan import RoutingPlan
 _DYNAMO_ROOT = "L['self']"
 
 
+# Older Dynamo (torch 2.6) names submodules by their access path, ``_modules['layers']._modules['0']``
+# or ``layers[0]``; newer releases already write ``layers.0``.
+_MODULES_ACCESS = re.compile(r"_modules\['([^']*)'\]")
+_INDEX_ACCESS = re.compile(r"\[(\d+)\]")
+
+
+def module_path(dynamo_path: str) -> str:
+    """``named_modules()``-style path of a Dynamo module-stack entry (``""`` for the model itself)."""
+    if dynamo_path == _DYNAMO_ROOT:
+        return ""
+    path = dynamo_path.removeprefix(_DYNAMO_ROOT + ".")
+    return _INDEX_ACCESS.sub(r".\1", _MODULES_ACCESS.sub(r"\1", path))
+
+
 def normalise_dynamo_metadata(gm: torch.fx.GraphModule) -> None:
     """Give Dynamo nodes the metadata the passes read: ``val`` and module paths relative to the model."""
     for node in gm.graph.nodes:
@@ -40,9 +56,34 @@ def normalise_dynamo_metadata(gm: torch.fx.GraphModule) -> None:
             node.meta["val"] = node.meta["example_value"]
         stack = node.meta.get("nn_module_stack")
         if stack:
-            node.meta["nn_module_stack"] = {
-                key: ("" if path == _DYNAMO_ROOT else path.removeprefix(_DYNAMO_ROOT + "."), cls) for key, (path, cls) in stack.items()
-            }
+            node.meta["nn_module_stack"] = {key: (module_path(path), cls) for key, (path, cls) in stack.items()}
+
+
+def rooted_at_graph(
+    plan: RoutingPlan, routers: dict[str, torch.Tensor], graph_paths: list[str]
+) -> tuple[RoutingPlan, dict[str, torch.Tensor]]:
+    """The plan (and router names) with block paths relative to the module Dynamo traced.
+
+    A graph break above the blocks (in the model's own wrapper code, say)
+    hands the backend a frame rooted at a submodule: there ``layers.1`` is the
+    plan's ``model.layers.1``. The plan fits when every one of its blocks is
+    one prefix away from a block of the graph and the block counts agree.
+    """
+    prefixes = {""} | {p.path[: -len(g) - 1] for p in plan.blocks for g in graph_paths if p.path.endswith("." + g)}
+    for prefix in sorted(prefixes, key=len):
+        start = len(prefix) + 1 if prefix else 0
+        if len(graph_paths) == plan.num_blocks and all(
+            b.path.startswith(prefix) and b.path[start:] in graph_paths for b in plan.blocks
+        ):
+            if not prefix:
+                return plan, routers
+            blocks = tuple(dataclasses.replace(b, path=b.path[start:]) for b in plan.blocks)
+            moved = {name[start:]: value for name, value in routers.items() if name.startswith(prefix + ".")}
+            return dataclasses.replace(plan, blocks=blocks), moved
+    raise PlanError(
+        f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks; the graph has "
+        f"{graph_paths}. Save the plan from a transform of this model class and depth."
+    )
 
 
 def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, str, dict[str, torch.Tensor]]:
@@ -51,9 +92,7 @@ def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, s
         if any(k in options for k in ("ratios", "layers", "gate")):
             raise ConfigError("give either options['plan'] or options['ratios'] (with 'layers', 'gate'), not both.")
         plan, routers = read(options["plan"])
-        blocks = gm.meta["modpass_blocks"]
-        if len(blocks) != plan.num_blocks or any(b.path not in {x.path for x in blocks} for b in plan.blocks):
-            raise PlanError(f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks; this model has {[b.path for b in blocks]}.")
+        plan, routers = rooted_at_graph(plan, routers, [b.path for b in gm.meta["modpass_blocks"]])
     else:
         if "ratios" not in options:
             raise ConfigError("backend routing needs options['ratios'] (or options['plan']).")
@@ -195,8 +234,10 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
             raise
         routed = route_block_graph(analysed, ratio=ratio, gate=plan.gate)
         reference = next(i.meta["val"] for i in inputs if i.meta["val"].is_floating_point())
-        weight = routers.get(f"{block.path}.mod_routers.{task}.weight", torch.zeros(1, block.hidden_size))
-        bias = routers.get(f"{block.path}.mod_routers.{task}.bias", torch.zeros(1))
+        if routers:  # a saved plan: io.read has checked that every router is there
+            weight, bias = (routers[f"{block.path}.mod_routers.{task}.{name}"] for name in ("weight", "bias"))
+        else:  # fresh identity-gated routers
+            weight, bias = torch.zeros(1, block.hidden_size), torch.zeros(1)
         constants = {("router", "weight"): weight, ("router", "bias"): bias}
         constants.update({("constant", name): value for name, value in routed.meta["modpass_constants"].items()})
         constants.update({(role, target): resolve(region, target) for role, target in routed.meta["modpass_inputs"] if role in ("parameter", "buffer")})
