@@ -12,6 +12,7 @@ import torch
 import torch._dynamo
 
 import modpass
+from modpass.graph_routing import module_path, rooted_at_graph
 from tests import models
 
 
@@ -188,3 +189,24 @@ def test_plan_option_needs_a_task_for_multi_task_plans(tmp_path):
     modpass.save(modpass.transform(model, {"a": 0.5, "b": 0.25}, layers=[1]), tmp_path)
     with pytest.raises(Exception, match="pick one with options"):
         torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})(torch.randint(0, 61, (2, 8)))
+
+
+@pytest.mark.parametrize(
+    "dynamo_path, path",
+    [("L['self']", ""), ("L['self'].layers.0", "layers.0"), ("L['self']._modules['layers']._modules['0']", "layers.0"),
+     ("L['self'].model.layers[3].mlp", "model.layers.3.mlp")],
+)
+def test_dynamo_module_paths_of_every_torch_release_read_as_named_modules(dynamo_path, path):
+    assert module_path(dynamo_path) == path
+
+
+def test_a_saved_plan_fits_a_frame_rooted_below_the_model():
+    routed = modpass.transform(models.llama(layers=2), {"t2i": 0.5}, layers=[1])
+    plan = modpass.routing_plan_of(routed)
+    routers = {k: v for k, v in routed.state_dict().items() if ".mod_routers." in k}
+    moved_plan, moved = rooted_at_graph(plan, routers, ["layers.0", "layers.1"])
+    assert [b.path for b in moved_plan.blocks] == ["layers.1"]
+    assert set(moved) == {"layers.1.mod_routers.t2i.weight", "layers.1.mod_routers.t2i.bias"}
+    assert rooted_at_graph(plan, routers, ["model.layers.0", "model.layers.1"]) == (plan, routers)
+    with pytest.raises(modpass.PlanError, match="the graph has"):
+        rooted_at_graph(plan, routers, ["layers.0", "layers.1", "layers.2"])
