@@ -1,7 +1,7 @@
 """modpass: task-aware Mixture-of-Depths for any PyTorch transformer, by graph transformation."""
 
 from . import schedules
-from .api import routed_blocks, routing_plan_of, transform
+from .api import routed_blocks, routing_plan_of, set_ratios, transform
 from .block import RoutedBlock
 from .errors import (
     CaptureError,
@@ -37,6 +37,7 @@ __all__ = [
     "routing_plan_of",
     "save",
     "schedules",
+    "set_ratios",
     "transform",
 ]
 __version__ = "0.1.0"

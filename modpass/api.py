@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -12,8 +13,8 @@ from torch import nn
 
 from . import _structure
 from .block import RoutedBlock
-from .config import Layers, RoutingConfig
-from .errors import CaptureError, ConfigError, ModpassError, UnroutableBlockError
+from .config import Layers, RoutingConfig, resolve_ratios
+from .errors import CaptureError, ConfigError, ModpassError, PlanError, UnroutableBlockError
 from .inputs import example_inputs_for
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
@@ -120,6 +121,41 @@ def apply_plan(
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
     model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)
+    return model
+
+
+def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any]) -> nn.Module:
+    """Change the capacities of a routed model in place, keeping its routers and their weights.
+
+    ``ratios`` takes the forms ``transform`` takes and applies to the blocks
+    the model already routes (a scalar ratio routes all of them). The tasks
+    must be the plan's, and a task can only be routed at a block where it
+    has a router: a block that was dense for it needs a new ``transform``.
+    The plan (what ``modpass.save`` writes) follows. Under ``torch.compile``
+    the first change recompiles once, with the capacity symbolic; later
+    changes reuse that graph.
+    """
+    plan = routing_plan_of(model)
+    if plan is None:
+        raise ConfigError("set_ratios() takes a model routed by modpass.transform or modpass.load.")
+    config = RoutingConfig.from_arguments(ratios, layers=[b.index for b in plan.blocks])
+    if set(config.tasks) != set(plan.tasks):
+        raise ConfigError(f"ratios name tasks {list(config.tasks)}; this model routes {list(plan.tasks)}. Give a ratio for each.")
+    new_ratios = resolve_ratios(config, plan.num_blocks)
+    blocks = routed_blocks(model)
+    updated = []
+    for block_plan in plan.blocks:
+        ratios_here = {task: new_ratios.get(block_plan.index, {}).get(task) for task in plan.tasks}
+        gained = [t for t, r in ratios_here.items() if r is not None and block_plan.ratios.get(t) is None]
+        if gained:
+            raise PlanError(
+                f"block {block_plan.index} ({block_plan.path}) has no router for task(s) {gained}: it was dense for "
+                "them. Transform the original model again to route them there."
+            )
+        updated.append(dataclasses.replace(block_plan, ratios=ratios_here))
+    for block_plan in updated:
+        blocks[block_plan.path].set_ratios(block_plan)
+    model._modpass_plan = dataclasses.replace(plan, blocks=tuple(updated))
     return model
 
 

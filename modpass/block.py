@@ -78,6 +78,8 @@ class RoutedBlock(nn.Module):
         self.__dict__["_state"] = state
         self.__dict__["_analyses"] = {}
         self.__dict__["_routes"] = {}
+        # Set by set_ratios: per task, the ratio carried as tensor sizes (see capacity_carriers).
+        self.__dict__["_capacity_carriers"] = None
         self.__dict__["last_routing"] = []
         # Calls this block is known to receive, to prepare its graphs ahead of
         # use in each train/eval mode (torch.compile cannot capture mid-trace).
@@ -127,7 +129,12 @@ class RoutedBlock(nn.Module):
         ratio = self._plan.ratios.get(group.task)
         if ratio is None:
             return self._block(*args, **kwargs)
-        explicit = group.capacity is not None
+        k = group.capacity
+        carriers = self._capacity_carriers
+        if k is None and carriers is not None:
+            numerator, denominator = carriers[group.task]
+            k = capacity(args[0].shape[1], numerator.shape[0] - CARRIER_OFFSET, denominator.shape[0] - CARRIER_OFFSET)
+        explicit = k is not None
         key = (group.task, explicit, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
         route = self._routes.get(key)
         if route is None:
@@ -146,7 +153,7 @@ class RoutedBlock(nn.Module):
             elif role == "router":
                 inputs.append(getattr(router, target))
             elif role == "capacity":
-                inputs.append(group.capacity)
+                inputs.append(k)
             else:
                 inputs.append(mask)
         *outputs, logits, index = route.graph(*inputs)
@@ -259,11 +266,43 @@ class RoutedBlock(nn.Module):
 
     def prepare(self) -> None:
         """Build the routed graphs of every routed task for the known calls, in the current mode."""
+        explicit = self._capacity_carriers is not None
         for args, kwargs in self._examples:
             for task in self._plan.routed_tasks():
-                key = (task, False, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
+                key = (task, explicit, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
                 if key not in self._routes:
                     self.build_route(key, self._plan.ratios[task], args, kwargs)
+
+    def set_ratios(self, plan: BlockPlan) -> None:
+        """Route with ``plan``'s ratios from now on (same tasks; called by ``modpass.set_ratios``).
+
+        The capacity then reaches the routed graph as an input, computed from
+        tensor sizes that Dynamo makes symbolic, so a compiled model
+        recompiles once for the first change and never again.
+        """
+        self.__dict__["_plan"] = plan
+        self.__dict__["_capacity_carriers"] = {
+            task: capacity_carriers(ratio) for task, ratio in plan.ratios.items() if ratio is not None
+        }
+        self.prepare()
+
+
+# Sizes 0 and 1 are always specialised by Dynamo; offsetting keeps a numerator of 1 symbolic.
+CARRIER_OFFSET = 2
+
+
+def capacity_carriers(ratio: Fraction) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ratio's numerator and denominator as the sizes of two storage-free tensors.
+
+    Dynamo specialises Python ints read from modules or plain objects (a new
+    value is a new graph every time) but treats tensor sizes as symbols once
+    they are marked dynamic. The tensors are zero-stride views of one
+    element, so a denominator of 10**12 costs nothing.
+    """
+    carriers = tuple(torch.empty(()).expand(n + CARRIER_OFFSET) for n in (ratio.numerator, ratio.denominator))
+    for carrier in carriers:
+        torch._dynamo.maybe_mark_dynamic(carrier, 0)
+    return carriers
 
 
 def resolve(module: nn.Module, target: str):

@@ -196,3 +196,57 @@ def test_errors_share_one_hierarchy():
     for error in (modpass.ConfigError, modpass.CaptureError, modpass.NoBlocksError, modpass.UnroutableBlockError, modpass.RoutingInputError, modpass.PlanError):
         assert issubclass(error, modpass.ModpassError)
     assert issubclass(modpass.ConfigError, ValueError)
+
+
+def randomised(routed):
+    with torch.no_grad():
+        for block in modpass.routed_blocks(routed).values():
+            for router in block.mod_routers.values():
+                router.weight.normal_()
+    return routed
+
+
+def test_set_ratios_equals_a_fresh_transform_with_the_same_routers():
+    base = models.NanoGPT(layers=4)
+    routed = randomised(modpass.transform(base, {"t2i": 0.5, "mmu": [1.0, 0.5, 1.0, 0.25]}, layers="all"))
+    new = {"t2i": [0.25, 0.75, 1.0, 0.125], "mmu": [1.0, 0.125, 1.0, 0.5]}
+    assert modpass.set_ratios(routed, new) is routed
+    fresh = modpass.transform(base, new, layers="all")
+    fresh.load_state_dict(routed.state_dict(), strict=False)  # t2i at block 2 is dense there: no router
+    idx = torch.randint(0, 61, (3, 16))
+    with torch.no_grad():
+        for task in ("t2i", "mmu"):
+            torch.testing.assert_close(routed(idx, task=task), fresh(idx, task=task), rtol=0, atol=0)
+            ks = {path: block.last_routing[0].index.shape[1] for path, block in modpass.routed_blocks(routed).items()
+                  if block.last_routing}
+            want = {f"h.{i}": math.ceil(r * 16) for i, r in enumerate(new[task]) if r < 1}
+            assert ks == want
+    plan = modpass.routing_plan_of(routed)
+    assert [float(b.ratios["t2i"] or 1) for b in plan.blocks] == [0.25, 0.75, 1.0, 0.125]
+
+
+def test_set_ratios_survives_save_and_load(tmp_path):
+    base = models.NanoGPT()
+    routed = randomised(modpass.transform(base, 0.5))
+    modpass.set_ratios(routed, 0.25)
+    modpass.save(routed, tmp_path)
+    loaded = modpass.load(base, tmp_path)
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), routed(idx), rtol=0, atol=0)
+    assert loaded.h[1].last_routing[0].index.shape == (2, 3)
+
+
+def test_set_ratios_refusals():
+    routed = modpass.transform(models.NanoGPT(layers=4), {"a": [1.0, 0.5, 1.0, 0.5], "b": 0.5}, layers="all")
+    before = modpass.routing_plan_of(routed)
+    with pytest.raises(modpass.ConfigError, match="routed by modpass.transform"):
+        modpass.set_ratios(models.NanoGPT(), 0.5)
+    with pytest.raises(modpass.ConfigError, match=r"this model routes \['a', 'b'\]"):
+        modpass.set_ratios(routed, {"a": 0.5})
+    with pytest.raises(modpass.ConfigError, match=r"\(0, 1\]"):
+        modpass.set_ratios(routed, {"a": 0.5, "b": 1.5})
+    with pytest.raises(modpass.PlanError, match=r"block 0 .* no router for task\(s\) \['a'\].*Transform the original"):
+        modpass.set_ratios(routed, {"a": 0.5, "b": 0.5})
+    assert modpass.routing_plan_of(routed) is before, "a refused change leaves the plan alone"
+    assert all(b._capacity_carriers is None for b in modpass.routed_blocks(routed).values())

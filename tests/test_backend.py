@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,28 @@ def test_routed_gpt2_fullgraph_two_lengths():
         ids = torch.randint(0, 97, (2, tokens))
         with torch.no_grad():
             torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_hf_dynamo
+def test_changing_a_capacity_recompiles_once():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
+    with torch.no_grad():
+        routed.model.layers[1].mod_routers.default.weight.normal_()
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    ids = torch.randint(0, 97, (2, 16))
+
+    def check(ratio):
+        with torch.no_grad():
+            want = routed(input_ids=ids).logits
+            torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        assert routed.model.layers[1].last_routing[0].index.shape[1] == math.ceil(ratio * 16)
+
+    check(0.5)  # the transform's own capacity, compiled as a constant
+    for ratio in (0.25, 0.125, 0.375, 0.55):
+        modpass.set_ratios(routed, ratio)
+        check(ratio)
+    assert compiled_graphs() <= 2, "one graph before the first change, one with a symbolic capacity after"
 
 
 @needs_hf_dynamo
