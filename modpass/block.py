@@ -281,17 +281,30 @@ class RoutedBlock(nn.Module):
         recompiles once for the first change and never again.
         """
         self.__dict__["_plan"] = plan
+        reference = next(self.parameters(), None)
+        device = reference.device if reference is not None else torch.device("cpu")
         self.__dict__["_capacity_carriers"] = {
-            task: capacity_carriers(ratio) for task, ratio in plan.ratios.items() if ratio is not None
+            task: capacity_carriers(ratio, device) for task, ratio in plan.ratios.items() if ratio is not None
         }
         self.prepare()
+
+    def _apply(self, fn, recurse=True):
+        # Carriers follow .to(device) so that compiled graphs see no stray CPU inputs (CUDA graphs
+        # skip those); they are rebuilt rather than converted, which would materialise their sizes.
+        result = super()._apply(fn, recurse)
+        if self._capacity_carriers is not None:
+            device = fn(torch.empty(())).device
+            self.__dict__["_capacity_carriers"] = {
+                task: capacity_carriers(self._plan.ratios[task], device) for task in self._capacity_carriers
+            }
+        return result
 
 
 # Sizes 0 and 1 are always specialised by Dynamo; offsetting keeps a numerator of 1 symbolic.
 CARRIER_OFFSET = 2
 
 
-def capacity_carriers(ratio: Fraction) -> tuple[torch.Tensor, torch.Tensor]:
+def capacity_carriers(ratio: Fraction, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The ratio's numerator and denominator as the sizes of two storage-free tensors.
 
     Dynamo specialises Python ints read from modules or plain objects (a new
@@ -299,7 +312,7 @@ def capacity_carriers(ratio: Fraction) -> tuple[torch.Tensor, torch.Tensor]:
     they are marked dynamic. The tensors are zero-stride views of one
     element, so a denominator of 10**12 costs nothing.
     """
-    carriers = tuple(torch.empty(()).expand(n + CARRIER_OFFSET) for n in (ratio.numerator, ratio.denominator))
+    carriers = tuple(torch.empty((), device=device).expand(n + CARRIER_OFFSET) for n in (ratio.numerator, ratio.denominator))
     for carrier in carriers:
         torch._dynamo.maybe_mark_dynamic(carrier, 0)
     return carriers

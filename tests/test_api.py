@@ -250,3 +250,14 @@ def test_set_ratios_refusals():
         modpass.set_ratios(routed, {"a": 0.5, "b": 0.5})
     assert modpass.routing_plan_of(routed) is before, "a refused change leaves the plan alone"
     assert all(b._capacity_carriers is None for b in modpass.routed_blocks(routed).values())
+
+
+def test_set_ratios_carriers_follow_the_model_and_cost_no_memory():
+    routed = modpass.set_ratios(modpass.transform(models.NanoGPT(), 0.5), 123456789 / 10**12)
+    routed.to(torch.float64)
+    (numerator, denominator), = routed.h[1]._capacity_carriers.values()
+    assert denominator.shape[0] > 10**12 and denominator.stride() == (0,)
+    assert numerator.device == routed.h[1].mod_routers.default.weight.device
+    with torch.no_grad():
+        routed(torch.randint(0, 61, (1, 8)))
+    assert routed.h[1].last_routing[0].index.shape == (1, 1)
