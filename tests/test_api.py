@@ -221,6 +221,9 @@ def test_set_ratios_equals_a_fresh_transform_with_the_same_routers():
                   if block.last_routing}
             want = {f"h.{i}": math.ceil(r * 16) for i, r in enumerate(new[task]) if r < 1}
             assert ks == want
+        route_mask = torch.arange(16).expand(3, 16) >= 4
+        torch.testing.assert_close(routed(idx, task=["t2i", "mmu", "t2i"], route_mask=route_mask),
+                                   fresh(idx, task=["t2i", "mmu", "t2i"], route_mask=route_mask), rtol=0, atol=0)
     plan = modpass.routing_plan_of(routed)
     assert [float(b.ratios["t2i"] or 1) for b in plan.blocks] == [0.25, 0.75, 1.0, 0.125]
 
