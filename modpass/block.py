@@ -278,7 +278,7 @@ class RoutedBlock(nn.Module):
 
         The capacity then reaches the routed graph as an input, computed from
         tensor sizes that Dynamo makes symbolic, so a compiled model
-        recompiles once for the first change and never again.
+        recompiles once for the first change and then only for k == T.
         """
         self.__dict__["_plan"] = plan
         reference = next(self.parameters(), None)

@@ -69,17 +69,15 @@ def rooted_at_graph(
     plan's ``model.layers.1``. The plan fits when every one of its blocks is
     one prefix away from a block of the graph and the block counts agree.
     """
-    prefixes = {""} | {p.path[: -len(g) - 1] for p in plan.blocks for g in graph_paths if p.path.endswith("." + g)}
-    for prefix in sorted(prefixes, key=len):
-        start = len(prefix) + 1 if prefix else 0
-        if len(graph_paths) == plan.num_blocks and all(
-            b.path.startswith(prefix) and b.path[start:] in graph_paths for b in plan.blocks
-        ):
-            if not prefix:
-                return plan, routers
-            blocks = tuple(dataclasses.replace(b, path=b.path[start:]) for b in plan.blocks)
-            moved = {name[start:]: value for name, value in routers.items() if name.startswith(prefix + ".")}
-            return dataclasses.replace(plan, blocks=blocks), moved
+    if len(graph_paths) == plan.num_blocks:
+        if all(b.path in graph_paths for b in plan.blocks):
+            return plan, routers
+        prefixes = {p.path[: -len(g)] for p in plan.blocks for g in graph_paths if p.path.endswith("." + g)}
+        for prefix in prefixes:  # each ends with "."
+            if all(b.path.startswith(prefix) and b.path.removeprefix(prefix) in graph_paths for b in plan.blocks):
+                blocks = tuple(dataclasses.replace(b, path=b.path.removeprefix(prefix)) for b in plan.blocks)
+                moved = {name.removeprefix(prefix): value for name, value in routers.items() if name.startswith(prefix)}
+                return dataclasses.replace(plan, blocks=blocks), moved
     raise PlanError(
         f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks; the graph has "
         f"{graph_paths}. Save the plan from a transform of this model class and depth."
