@@ -1,4 +1,4 @@
-"""Public verbs: ``transform`` (and, in later modules, save/load/aux_loss/flops)."""
+"""Public verbs: ``transform`` and ``set_ratios`` (save/load, aux_loss and flops live in their own modules)."""
 
 from __future__ import annotations
 
