@@ -282,21 +282,20 @@ class RoutedBlock(nn.Module):
         """
         self.__dict__["_plan"] = plan
         reference = next(self.parameters(), None)
-        device = reference.device if reference is not None else torch.device("cpu")
-        self.__dict__["_capacity_carriers"] = {
-            task: capacity_carriers(ratio, device) for task, ratio in plan.ratios.items() if ratio is not None
-        }
+        self.carry_ratios(reference.device if reference is not None else torch.device("cpu"))
         self.prepare()
+
+    def carry_ratios(self, device: torch.device) -> None:
+        self.__dict__["_capacity_carriers"] = {
+            task: capacity_carriers(ratio, device) for task, ratio in self._plan.ratios.items() if ratio is not None
+        }
 
     def _apply(self, fn, recurse=True):
         # Carriers follow .to(device) so that compiled graphs see no stray CPU inputs (CUDA graphs
         # skip those); they are rebuilt rather than converted, which would materialise their sizes.
         result = super()._apply(fn, recurse)
         if self._capacity_carriers is not None:
-            device = fn(torch.empty(())).device
-            self.__dict__["_capacity_carriers"] = {
-                task: capacity_carriers(self._plan.ratios[task], device) for task in self._capacity_carriers
-            }
+            self.carry_ratios(fn(torch.empty(())).device)
         return result
 
 
