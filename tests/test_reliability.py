@@ -143,6 +143,32 @@ def test_non_finite_router_logits_still_select_exactly_k_real_tokens():
     assert routed.h[1].last_routing[0].index.shape == (2, 5)
 
 
+# Values that tie, compare equal with different bits (+-0), or sit at the ends of float32.
+_SCORE_POOL = [0.0, -0.0, 1.0, -1.0, 0.5, math.inf, -math.inf, 3.4e38, -3.4e38, 1e-45, -1e-45]
+
+
+@given(
+    rows=st.integers(1, 4),
+    scores=st.lists(st.sampled_from(_SCORE_POOL) | st.floats(width=32, allow_nan=False), min_size=1, max_size=64),
+    data=st.data(),
+)
+def test_select_tokens_is_the_stable_sort_definition(rows, scores, data):
+    """k best per row, ties to the earlier position: what a full stable descending sort keeps."""
+    scores = torch.tensor(scores, dtype=torch.float32).roll(data.draw(st.integers(0, 63))).repeat(rows, 1)
+    scores[1:] = scores[1:].flip(-1)
+    k = data.draw(st.integers(1, scores.shape[1]))
+    stable = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(modpass.routing.select_tokens(scores, k), stable.sort(dim=1).values)
+
+
+@pytest.mark.parametrize(
+    ("scores", "k", "chosen"),
+    [([-0.0, 0.0], 1, [0]), ([0.0, -0.0], 1, [0]), ([-1.0, -0.0, 0.0, -2.0], 2, [1, 2]), ([0.0] * 5, 3, [0, 1, 2])],
+)
+def test_select_tokens_breaks_ties_by_position_even_between_signed_zeros(scores, k, chosen):
+    assert modpass.routing.select_tokens(torch.tensor([scores]), k).tolist() == [chosen]
+
+
 def reference_block(block, x, index, logits, gate):
     """Dense-on-subset reference: the original block on the gathered tokens, written back."""
     gathered = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
