@@ -154,7 +154,11 @@ def scatter_update(
 
     The block's own residual stays inside ``block(x) - x``, so nothing is
     added twice; unselected tokens are copied bit for bit. Indices are unique,
-    so this is an overwrite (no accumulation, no atomics on GPU).
+    so this is an overwrite (no accumulation, no atomics on GPU). It is an
+    ``index_put`` rather than a ``scatter`` because Inductor reinplaces
+    ``index_put`` where ``hidden`` is dead afterwards (inference inside a
+    compiled model): only the k selected rows are written, and the full-size
+    copy of the hidden states that an out-of-place scatter makes is gone.
 
     ``padding`` (``(B, T)`` bool) marks tokens that never count as selected
     work: a row with fewer real tokens than k (an all-padding row included)
@@ -163,12 +167,11 @@ def scatter_update(
     for them (NaN from a fully masked query included) never reaches the output.
     """
     update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
-    index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     update = update.to(hidden.dtype)
+    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
     if padding is not None:
-        selected_padding = torch.gather(padding, 1, index[..., 0]).unsqueeze(-1)
-        update = torch.where(selected_padding, torch.gather(hidden, 1, index), update)
-    return hidden.scatter(1, index, update)
+        update = torch.where(padding[rows, index].unsqueeze(-1), hidden[rows, index], update)
+    return hidden.index_put((rows, index), update)
 
 
 def skip_scale(hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

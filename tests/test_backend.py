@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 import torch
@@ -83,17 +84,6 @@ def test_unrouted_model_compiles_exactly_as_inductor():
 
 
 @needs_hf_dynamo
-def test_routed_causal_lm_fullgraph_two_lengths_bounded_recompiles():
-    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
-    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
-    for tokens in (12, 20, 27):
-        ids = torch.randint(0, 97, (2, tokens))
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-    assert compiled_graphs() <= 2, "one static graph, then one dynamic graph for every other length"
-
-
-@needs_hf_dynamo
 def test_routed_gpt2_fullgraph_two_lengths():
     # Learned absolute positions and Conv1D layers; labels stay out because HF's own loss logs a
     # warning that Dynamo cannot trace, dense model included.
@@ -106,47 +96,85 @@ def test_routed_gpt2_fullgraph_two_lengths():
 
 
 @needs_hf_dynamo
-def test_changing_a_capacity_recompiles_once():
+def test_causal_lm_fullgraph_recompiles_once_for_a_length_and_once_for_a_capacity():
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
     with torch.no_grad():
         routed.model.layers[1].mod_routers.default.weight.normal_()
     compiled = torch.compile(routed, backend="modpass", fullgraph=True)
-    ids = torch.randint(0, 97, (2, 16))
 
-    def check(ratio):
+    def check(ratio, tokens):
+        ids = torch.randint(0, 97, (2, tokens))
         with torch.no_grad():
             want = routed(input_ids=ids).logits
             torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
-        assert routed.model.layers[1].last_routing[0].index.shape[1] == math.ceil(ratio * 16)
+        assert routed.model.layers[1].last_routing[0].index.shape[1] == math.ceil(ratio * tokens)
 
-    check(0.5)  # the transform's own capacity, compiled as a constant
+    check(0.5, 16)  # the transform's own capacity and the first length, both compiled as constants
+    check(0.5, 23)
+    assert compiled_graphs() <= 2, "one static graph, then one dynamic graph for every other length"
     for ratio in (0.25, 0.125, 0.375, 0.55):
         modpass.set_ratios(routed, ratio)
-        check(ratio)
-    assert compiled_graphs() <= 2, "one graph before the first change, one with a symbolic capacity after"
+        check(ratio, 16)
+        check(ratio, 23)
+    assert compiled_graphs() <= 3, "then one graph with a symbolic capacity for every later capacity"
 
 
-@needs_hf_dynamo
-@pytest.mark.parametrize("ratio", [0.25, 1.0])
-def test_routed_encoder_fullgraph(ratio):
-    routed = modpass.transform(models.vit(layers=2), ratio, layers="all")
-    pixels = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        got = torch.compile(routed, backend="modpass", fullgraph=True)(pixel_values=pixels).last_hidden_state
-        torch.testing.assert_close(got, routed(pixel_values=pixels).last_hidden_state, rtol=1e-4, atol=1e-4)
-
-
-@needs_hf_dynamo
-def test_routed_padded_batch_fullgraph():
-    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
-    ids = torch.randint(0, 97, (2, 14))
+def padded_batch_case(tokens: int):
+    ids = torch.randint(0, 97, (2, tokens))
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0
+    mask[0, : tokens // 3] = 0  # left padding
+    return dict(input_ids=ids, attention_mask=mask), lambda out: out.logits[mask.bool()]
+
+
+def encoder_case(tokens: int):
+    # ViT patches are 8x8, plus the CLS token: a (8 * (tokens - 1)) x 8 image gives `tokens` tokens.
+    pixels = torch.randn(2, 3, 8 * (tokens - 1), 8)
+    return dict(pixel_values=pixels, interpolate_pos_encoding=True), lambda out: out.last_hidden_state
+
+
+@needs_hf_dynamo
+@pytest.mark.parametrize(
+    ("build", "case", "lengths"),
+    [(models.llama, padded_batch_case, (12, 21)), (models.vit, encoder_case, (17, 26))],
+    ids=["padded-batch", "encoder"],
+)
+def test_padded_and_encoder_fullgraph_match_eager_over_two_lengths_and_two_capacities(build, case, lengths):
+    torch.manual_seed(0)
+    routed = modpass.transform(build(layers=2), 0.5, layers=[1])
+    (block,) = modpass.routed_blocks(routed).values()
     with torch.no_grad():
-        want = routed(input_ids=ids, attention_mask=mask).logits
-        got = torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+        block.mod_routers.default.weight.normal_()
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    for ratio in (0.5, 0.25):
+        modpass.set_ratios(routed, ratio)
+        for tokens in lengths:
+            inputs, output = case(tokens)
+            with torch.no_grad():
+                torch.testing.assert_close(output(compiled(**inputs)), output(routed(**inputs)), rtol=1e-4, atol=1e-4)
+    # set_ratios before the first call makes the capacity symbolic from the start.
+    assert compiled_graphs() <= 2, "one graph, then one recompile for the second length and none for the capacity"
+
+
+def test_compiled_inference_writes_the_selected_tokens_into_the_residual_stream_in_place(monkeypatch):
+    """No full-size copy of the hidden states: where a routed block's input is dead after it,
+    Inductor's reinplacing turns the routed ``index_put`` into ``index_put_`` on that buffer."""
+    from torch._inductor.fx_passes import post_grad
+
+    reinplaced_graphs = []
+    reinplace = post_grad.reinplace_inplaceable_ops
+
+    def observe(*args):
+        reinplace(*args)
+        reinplaced_graphs.append(Counter(str(node.target) for node in args[-1].nodes))
+
+    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", observe)
+    routed = modpass.transform(models.NanoGPT(layers=4), 0.25)
+    idx = torch.randint(0, 61, (2, 16))
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        torch.testing.assert_close(torch.compile(routed, backend="modpass", fullgraph=True)(idx), routed(idx), rtol=1e-4, atol=1e-4)
+    (targets,) = reinplaced_graphs
+    assert targets["aten.index_put_.default"] == 2 and targets["aten.index_put.default"] == 0
 
 
 def test_routed_training_fullgraph_matches_eager_gradients():
