@@ -53,7 +53,10 @@ def padding_from_attention_mask(mask: torch.Tensor) -> torch.Tensor:
     when the mask forbids its own diagonal entry. Boolean masks mark allowed
     entries True; floating masks are additive (a large negative value forbids).
     """
-    diagonal = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)
+    # Indexing rather than torch.diagonal, whose Inductor lowering calls a
+    # deprecated torch helper and prints a FutureWarning on every compile.
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    diagonal = mask[:, 0, positions, positions]
     if diagonal.dtype == torch.bool:
         return ~diagonal
     return diagonal <= torch.finfo(diagonal.dtype).min / 2
