@@ -49,6 +49,8 @@ class RoutingRecord:
     index: torch.Tensor
     rows: torch.Tensor | None
     route_mask: torch.Tensor | None = None
+    #: ``(B, T)`` bool, True for padding (read from the block's attention mask); None if unmasked.
+    padding: torch.Tensor | None = None
 
 
 class RoutedBlock(nn.Module):
@@ -156,8 +158,8 @@ class RoutedBlock(nn.Module):
                 inputs.append(k)
             else:
                 inputs.append(mask)
-        *outputs, logits, index = route.graph(*inputs)
-        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask))
+        *outputs, logits, index, padding = route.graph(*inputs)
+        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask, padding))
         return _structure.fill(route.outputs, outputs)
 
     def run_groups(self, args: tuple, kwargs: dict):

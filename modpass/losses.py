@@ -15,7 +15,8 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
     Each routed block's logits are trained towards its own top-k membership
     (1 for selected tokens, 0 for skipped ones), so that at inference
     ``sigmoid(logit) > 0.5`` predicts selection without looking at future
-    tokens. Tokens outside a route mask are always processed and excluded.
+    tokens. Tokens outside a route mask are always processed, and padding is
+    never real work (it may fill spare top-k slots), so both are excluded.
     The loss is the mean BCE per routed block, summed over blocks; it is a
     zero tensor when the weight is 0 or no routed forward has run.
     """
@@ -27,11 +28,14 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
         for block in routed_blocks(model).values():
             for record in block.last_routing:
                 target = torch.zeros_like(record.logits).scatter(1, record.index, 1.0)
-                if record.route_mask is None:
+                counted = record.route_mask
+                if record.padding is not None:
+                    counted = ~record.padding if counted is None else counted & ~record.padding
+                if counted is None:
                     loss = F.binary_cross_entropy_with_logits(record.logits, target)
                 else:
                     per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
-                    loss = per_token[record.route_mask].mean() if record.route_mask.any() else per_token.sum() * 0
+                    loss = per_token[counted].mean() if counted.any() else per_token.sum() * 0
                 total = loss if total is None else total + loss
     if total is None:
         reference = next(model.parameters())

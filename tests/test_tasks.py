@@ -160,6 +160,22 @@ def test_aux_loss_is_bce_against_topk_membership():
     assert modpass.aux_loss(plain).item() == 0.0
 
 
+def test_aux_loss_leaves_out_padding_even_when_it_fills_top_k_slots():
+    routed = modpass.transform(models.llama(layers=2), 0.6, layers=[1], aux_loss_weight=1.0)
+    randomise_routers(routed, seed=3)
+    ids = torch.randint(0, 97, (2, 5))
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        routed(input_ids=ids, attention_mask=mask)
+    (record,) = routed.model.layers[1].last_routing
+    assert torch.equal(record.padding, mask == 0)
+    # k = 3 but row 0 has 2 real tokens: one padding token fills a slot and is no target at all.
+    target = torch.zeros(2, 5).scatter(1, record.index, 1.0)
+    assert target[0, 3:].tolist() == [1.0, 1.0] and target[0, :3].sum() == 1
+    per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
+    torch.testing.assert_close(modpass.aux_loss(routed), per_token[mask == 1].mean())
+
+
 def test_save_load_round_trip_is_bit_exact(two_task, tmp_path):
     modpass.save(two_task, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "routers.safetensors"]

@@ -10,7 +10,8 @@ Guarantees: the graph computes, for one task,
     out    = scatter_update(x, index, x_sel, y_sel, w, padding)  # x + w * (y_sel - x_sel) at index;
                                                                  # selected padding keeps x
 
-and returns ``(out, *other block outputs, logits, index)``. Two placeholders
+and returns ``(out, *other block outputs, logits, index, padding)``, where
+``padding`` is the ``(B, T)`` bool padding flags or None for an unmasked block. Two placeholders
 are appended after the block's own: the router's weight and bias
 (``meta["modpass_inputs"]`` gains ``("router", "weight")`` and
 ``("router", "bias")``). With ``explicit_capacity=True`` two more follow,
@@ -102,7 +103,7 @@ def rewrite(
         base = call(routing.skip_scale, hidden, logits, role="gate") if gate == "string" else hidden
         new_hidden = call(routing.scatter_update, base, index, gathered[hidden], outputs[0], weight, padding,
                           role="scatter")
-    output.args = ((new_hidden, *outputs[1:], logits, index),)
+    output.args = ((new_hidden, *outputs[1:], logits, index, padding),)
     graph.lint()
     gm.recompile()
     gm.meta["modpass_ratio"] = ratio
