@@ -88,7 +88,9 @@ def test_rewrite_inserts_router_select_gather_block_scatter():
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders[-2:] == ["router_weight", "router_bias"]
     assert gm.meta["modpass_inputs"][-2:] == [("router", "weight"), ("router", "bias")]
-    assert len(gm.graph.output_node().args[0]) == 3, "(new hidden, logits, index)"
+    outputs = gm.graph.output_node().args[0]
+    assert [o.target for o in outputs] == [routing.scatter_update, routing.router_logits, routing.select_tokens,
+                                           routing.padding_from_attention_mask], "(new hidden, logits, index, padding)"
 
 
 def test_rewrite_explicit_capacity_takes_k_and_route_mask():

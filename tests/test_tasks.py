@@ -152,6 +152,7 @@ def test_aux_loss_is_bce_against_topk_membership():
     randomise_routers(routed, seed=2)
     routed(idx=torch.randint(0, 61, (2, 10)))
     (record,) = routed.h[1].last_routing
+    assert record.padding is None, "an unmasked block has no padding flags"
     target = torch.zeros(2, 10).scatter(1, record.index, 1.0)
     want = 0.5 * F.binary_cross_entropy_with_logits(record.logits, target)
     torch.testing.assert_close(modpass.aux_loss(routed), want)
