@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modpass
-from modpass import routing
+from modpass import _structure, routing
 from modpass.api import record_block_calls
 from modpass.passes.capture import capture
 from modpass.passes.capture_block import capture_block
@@ -97,6 +97,23 @@ def test_rewrite_explicit_capacity_takes_k_and_route_mask():
     gm = rewrite(analysed_llama_block(), ratio=Fraction(1, 2), explicit_capacity=True)
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-2:] == ["capacity", "route_mask"]
     assert not any(n.target is routing.capacity for n in gm.graph.nodes)
+
+
+def test_capture_block_writes_out_inferred_view_sizes_so_an_empty_batch_runs():
+    model = models.gpt2(layers=2)
+    ids = torch.randint(0, 97, (2, 11))
+    (args, kwargs) = record_block_calls(model, ["transformer.h.1"], {"input_ids": ids, "use_cache": False})["transformer.h.1"]
+    gm = capture_block(model.transformer.h[1], args, kwargs)
+    reshapes = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)]
+    assert len(reshapes) >= 5, "GPT-2 writes -1 in its head split, head merge and Conv1D flattening"
+    assert not [n for n in reshapes if -1 in [s for s in n.args[1] if isinstance(s, int)]]
+    written = [s for n in reshapes for s in n.args[1] if isinstance(s, torch.fx.Node)]
+    assert written and all("val" in s.meta for s in written), "later passes read meta['val'] of every size"
+    # An empty group of sequences (a task absent from a mixed batch under compile) flows through.
+    leaves = [leaf[:0] if leaf.shape[0] == 2 else leaf for leaf in _structure.tensors((args, kwargs))]
+    block = model.transformer.h[1]
+    inputs = [leaves[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
+    assert gm(*inputs)[0].shape == (0, 11, 48)
 
 
 class CrossBlock(nn.Module):

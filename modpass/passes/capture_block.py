@@ -7,7 +7,9 @@ parameters, buffers and lifted constants, then every tensor leaf of the call
 ``("input", 0)``, ...). Its output is the flat list of the call's outputs
 (``meta["modpass_output_template"]`` rebuilds the structure). Every dimension larger
 than 1 of every tensor leaf is symbolic unless the block itself fixes it, so
-placeholder ``val`` shapes say which axes follow the token count.
+placeholder ``val`` shapes say which axes follow the token count. View and
+reshape sizes are written out where the model wrote ``-1`` (see
+:func:`spell_out_inferred_sizes`), so the graph also runs on an empty batch.
 Raises ``CaptureError`` for blocks that do not export or that mutate state.
 
 Non-tensor leaves (flags, None) are baked into the graph, so a call with
@@ -17,6 +19,10 @@ structure).
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
+import sympy
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
@@ -31,6 +37,7 @@ _ROLE = {
     InputKind.CONSTANT_TENSOR: "constant",
 }
 _METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+_RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 
 
 def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block") -> torch.fx.GraphModule:
@@ -64,6 +71,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _METADATA_ASSERTS:
             gm.graph.erase_node(node)
+    spell_out_inferred_sizes(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.meta["modpass_inputs"] = roles
@@ -72,3 +80,58 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     gm.meta["modpass_output_template"] = pytree.tree_unflatten([Slot(i) for i in range(outputs)], program.call_spec.out_spec)
     gm.meta["modpass_where"] = where
     return gm
+
+
+def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
+    """Replace the ``-1`` of each view/reshape by the size it stands for.
+
+    A ``-1`` is inferred from the element count, which is ambiguous for an
+    empty tensor: torch refuses it in eager mode and, for a data-dependent
+    batch, asserts a non-zero batch at run time. A routed block meets both
+    when a task has no sequences in a mixed batch (an empty group), so sizes
+    are written out from the input sizes (``meta["val"]``) wherever they are
+    a product or sum of them; any other ``-1`` is left as it was.
+    """
+    symbols = {}
+    for node in graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        for axis, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                symbols.setdefault(size.node.expr, (node, axis))
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _RESHAPES:
+            continue
+        shape = list(node.args[1])
+        inferred = [i for i, size in enumerate(shape) if isinstance(size, int) and size == -1]
+        if not inferred:
+            continue
+        with graph.inserting_before(node):
+            size = node.meta["val"].shape[inferred[0]]
+            size = _size_node(graph, sympy.sympify(size.node.expr if isinstance(size, torch.SymInt) else size), symbols)
+        if size is not None:
+            shape[inferred[0]] = size
+            node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _size_node(graph: torch.fx.Graph, expr: sympy.Expr, symbols: dict):
+    """``expr`` as an int or a graph value built from input sizes; None if it is not expressible."""
+    if expr.is_Integer:
+        return int(expr)
+    if expr in symbols:
+        placeholder, axis = symbols[expr]
+        node = graph.call_function(torch.ops.aten.sym_size.int, (placeholder, axis))
+        node.meta["val"] = placeholder.meta["val"].shape[axis]
+        return node
+    if isinstance(expr, (sympy.Mul, sympy.Add)):
+        terms = [_size_node(graph, term, symbols) for term in expr.args]
+        if any(term is None for term in terms):
+            return None
+        combine = operator.mul if isinstance(expr, sympy.Mul) else operator.add
+        return reduce(lambda a, b: _combined(graph, combine, a, b), terms)
+    return None
+
+
+def _combined(graph: torch.fx.Graph, combine, a, b) -> torch.fx.Node:
+    node = graph.call_function(combine, (a, b))
+    node.meta["val"] = combine(*(x.meta["val"] if isinstance(x, torch.fx.Node) else x for x in (a, b)))
+    return node
