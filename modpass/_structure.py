@@ -12,6 +12,7 @@ can run the routed block's dispatch without graph breaks.
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import RoutingInputError
 
@@ -32,7 +33,9 @@ class Slot:
 
 def signature(tree, path: str = "") -> tuple:
     if isinstance(tree, torch.Tensor):
-        return ("tensor", tree.dtype, tree.device.type, tuple(s == 1 for s in tree.shape))
+        # Without guarding: a data-dependent size (a task's group in a mixed
+        # batch under compile) counts as not 1, as Dynamo's dynamic sizes do.
+        return ("tensor", tree.dtype, tree.device.type, tuple(statically_known_true(s == 1) for s in tree.shape))
     if isinstance(tree, (tuple, list)):
         # A literal tag, not type(tree).__name__: Dynamo (torch 2.11) cannot hash the latter in a cache key.
         kind = "tuple" if isinstance(tree, tuple) else "list"

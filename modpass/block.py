@@ -10,8 +10,10 @@ arguments are tensors or None, dtypes, devices, size-1 axes, flag values),
 because export bakes those in; a new structure is captured on first use, in
 about a second. The dispatch for a whole-batch task is plain Python over
 tuples, so ``torch.compile(fullgraph=True)`` traces straight through to the
-routed graph; a structure first seen under compile is captured through a
-graph break (run the model once eagerly with such inputs to avoid it).
+routed graph; so does a mixed-task batch given as task ids, split in the
+graph (see ``RoutingState.split_in_graph``). A structure first seen under
+compile is captured through a graph break (run the model once eagerly with
+such inputs to avoid it).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class RoutedBlock(nn.Module):
         """Route one group of sequences (the whole batch unless ``group.rows``)."""
         ratio = self._plan.ratios.get(group.task)
         if ratio is None:
+            if group.rows is not None and torch.compiler.is_compiling():
+                return self.run_captured(args, kwargs)
             return self._block(*args, **kwargs)
         k = group.capacity
         carriers = self._capacity_carriers
@@ -142,31 +146,49 @@ class RoutedBlock(nn.Module):
         if route is None:
             route = self.build_route(key, ratio, args, kwargs)
         mask = self.group_route_mask(group)
-        inputs = []
+        inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k, route_mask=mask)
+        *outputs, logits, index, padding = route.graph(*inputs)
+        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask, padding))
+        return _structure.fill(route.outputs, outputs)
+
+    def run_captured(self, args: tuple, kwargs: dict):
+        """The block's captured graph, unrouted: a task that is dense here, on a group of a mixed batch under compile.
+
+        The group's size is data-dependent and may be 0 (the task is absent).
+        The block's own code cannot take that (a ``view(..., -1, ...)`` is
+        ambiguous for an empty tensor); the captured graph has its sizes
+        written out (see ``capture_block``).
+        """
+        gm = self.analysis(args, kwargs)[0]
+        inputs = self.graph_inputs(gm.meta["modpass_inputs"], gm.meta["modpass_constants"], args, kwargs)
+        return _structure.fill(gm.meta["modpass_output_template"], gm(*inputs))
+
+    def graph_inputs(self, roles, constants: dict, args: tuple, kwargs: dict, *, router=None, capacity=None, route_mask=None) -> list:
+        """The inputs of a captured or routed graph of this block, in the order its ``roles`` name them."""
         leaves = _structure.tensors((args, kwargs))
-        router = self.mod_routers[group.task]
-        for role, target in route.inputs:
+        inputs = []
+        for role, target in roles:
             if role == "input":
                 inputs.append(leaves[target])
             elif role in ("parameter", "buffer"):
                 inputs.append(resolve(self, target))
             elif role == "constant":
-                inputs.append(route.constants[target].to(args[0].device))
+                inputs.append(constants[target].to(args[0].device))
             elif role == "router":
                 inputs.append(getattr(router, target))
             elif role == "capacity":
-                inputs.append(k)
+                inputs.append(capacity)
             else:
-                inputs.append(mask)
-        *outputs, logits, index, padding = route.graph(*inputs)
-        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask, padding))
-        return _structure.fill(route.outputs, outputs)
+                inputs.append(route_mask)
+        return inputs
 
     def run_groups(self, args: tuple, kwargs: dict):
         """Mixed-task batches and route masks: route each group of alike rows separately.
 
-        Group membership depends on tensor values (task ids, mask counts), so
-        this path is eager-only; under torch.compile it graph-breaks.
+        Group membership depends on tensor values. Under torch.compile a
+        LongTensor of task ids splits in the graph (see
+        :meth:`RoutingState.split_in_graph`); a route mask, whose row
+        capacities are read in Python, graph-breaks.
         """
         hidden = args[0]
         groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), hidden)
@@ -238,17 +260,22 @@ class RoutedBlock(nn.Module):
     # -- capture and rewrite ----------------------------------------------------------------------
     def analysis(self, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, tuple[bool, ...]]:
         """The analysed (not yet routed) graph of this call structure, and which inputs follow the batch."""
-        from .pipeline import capture_block_graph
-
         key = (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
         found = self._analyses.get(key)
         if found is None:
-            self._block.training = self.training
-            gm = capture_block_graph(self._block, args, kwargs, where=f"block {self._plan.index} ({self._plan.path})")
-            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            roles = gm.meta["modpass_inputs"]
-            batch = tuple(p.meta["modpass_batch_axis"] == 0 for p, (role, _) in zip(placeholders, roles) if role == "input")
-            found = self._analyses[key] = (gm, batch)
+            found = self.capture_analysis(key, args, kwargs)
+        return found
+
+    @torch._dynamo.disable
+    def capture_analysis(self, key: tuple, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, tuple[bool, ...]]:
+        from .pipeline import capture_block_graph
+
+        self._block.training = self.training
+        gm = capture_block_graph(self._block, args, kwargs, where=f"block {self._plan.index} ({self._plan.path})")
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        roles = gm.meta["modpass_inputs"]
+        batch = tuple(p.meta["modpass_batch_axis"] == 0 for p, (role, _) in zip(placeholders, roles) if role == "input")
+        found = self._analyses[key] = (gm, batch)
         return found
 
     @torch._dynamo.disable

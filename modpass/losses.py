@@ -28,14 +28,15 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
         for block in routed_blocks(model).values():
             for record in block.last_routing:
                 target = torch.zeros_like(record.logits).scatter(1, record.index, 1.0)
+                per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
                 counted = record.route_mask
                 if record.padding is not None:
                     counted = ~record.padding if counted is None else counted & ~record.padding
                 if counted is None:
-                    loss = F.binary_cross_entropy_with_logits(record.logits, target)
-                else:
-                    per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
-                    loss = per_token[counted].mean() if counted.any() else per_token.sum() * 0
+                    counted = torch.ones_like(per_token, dtype=torch.bool)
+                # A mean that is 0, not NaN, over no tokens: a fully masked
+                # group, or a task absent from a batch split under compile.
+                loss = torch.where(counted, per_token, 0).sum() / counted.sum().clamp(min=1)
                 total = loss if total is None else total + loss
     if total is None:
         reference = next(model.parameters())

@@ -37,6 +37,8 @@ class RoutingState:
         self.task: object = None
         self.route_mask: torch.Tensor | None = None
         self.dense = False
+        #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
+        self.cached_groups: tuple | None = None
 
     def whole_batch_task(self) -> str | None:
         """The task of the whole batch when one name covers it and no route mask applies, else None."""
@@ -49,6 +51,13 @@ class RoutingState:
         return None
 
     def groups(self, batch: int) -> list[TaskGroup]:
+        """The batch split by task; computed once per forward and shared by every routed block."""
+        cached = self.cached_groups
+        if cached is None or cached[0] is not self.task or cached[1] is not self.route_mask or cached[2] != batch:
+            cached = self.cached_groups = (self.task, self.route_mask, batch, self.split(batch))
+        return cached[3]
+
+    def split(self, batch: int) -> list[TaskGroup]:
         task = self.task
         if task is None:
             if len(self.tasks) == 1:
@@ -59,6 +68,10 @@ class RoutingState:
         if isinstance(task, torch.Tensor):
             if task.dtype in (torch.bool,) or task.is_floating_point() or task.dim() != 1:
                 raise RoutingInputError(f"task tensor must be a 1-D integer tensor of task indices, got dtype {task.dtype} and shape {tuple(task.shape)}.")
+            if task.shape[0] != batch:
+                raise RoutingInputError(f"task lists {task.shape[0]} entries but the batch has {batch} sequences; give one task per sequence.")
+            if torch.compiler.is_compiling() and self.route_mask is None:
+                return self.split_in_graph(task)
             indices = task.tolist()
             bad = [i for i in indices if not 0 <= i < len(self.tasks)]
             if bad:
@@ -78,6 +91,23 @@ class RoutingState:
             groups.append(TaskGroup(name, rows))
         return groups
 
+    def split_in_graph(self, task: torch.Tensor) -> list[TaskGroup]:
+        """One group per task, of data-dependent size (empty when the task is absent).
+
+        Used under torch.compile, where a split read in Python (the eager
+        path) would graph-break in every routed block and specialise on each
+        mix. With ``torch._dynamo.config.capture_dynamic_output_shape_ops``,
+        ``nonzero`` keeps the split in the graph, with group sizes as unbacked
+        symbols, so one graph serves every mix of tasks; without it Dynamo
+        breaks the graph here, once per forward, and its message names that
+        setting.
+        """
+        torch._assert_async(
+            ((task >= 0) & (task < len(self.tasks))).all(),
+            f"task index out of range; tasks are {dict(enumerate(self.tasks))}",
+        )
+        return [TaskGroup(name, (task == i).nonzero().squeeze(1)) for i, name in enumerate(self.tasks)]
+
     def check(self, name: object) -> str:
         if name not in self.tasks:
             raise RoutingInputError(f"unknown task {name!r}; this model routes tasks {list(self.tasks)}.")
@@ -89,4 +119,5 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     state: RoutingState = module._modpass_state
     state.task = kwargs.pop("task", None)
     state.route_mask = kwargs.pop("route_mask", None)
+    state.cached_groups = None
     return args, kwargs
