@@ -460,7 +460,7 @@ def markdown_preamble(title: str, payload: dict) -> str:
         f"- machine: {where}; {machine['platform']}; load average at start {machine['load_average']}\n"
         f"- command: `{payload['command']}`\n"
         "- method: warm-ups, then shuffled interleaved rounds; ratios are the median of per-round ratios "
-        "against the dense case of the same round (see benchmarks/common.py); "
+        "against the baseline case (dense unless stated) of the same round (see benchmarks/common.py); "
         f"{payload['settings'].get('calls', 1)} back-to-back call(s) per timed sample\n"
     )
 
