@@ -13,6 +13,8 @@ from collections import Counter
 import pytest
 import torch
 import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import modpass
 from modpass.graph_routing import module_path, rooted_at_graph
@@ -302,3 +304,32 @@ def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
         with pytest.raises(RuntimeError, match="task index out of range"):
             compiled(input_ids=ids, task=torch.tensor([0, 2, 1, 0]))
     assert compiled_graphs() == 1
+
+
+THREE_TASKS = ("t2i", "mmu", "lm")
+
+
+@functools.cache
+def three_task_nanogpt():
+    """Routed per layer: layer 0 dense for mmu, layer 2 dense for lm and t2i (layer switches); others routed."""
+    ratios = {"t2i": [0.25, 0.5, 1.0, 0.25], "mmu": [1.0, 0.75, 0.5, 0.5], "lm": [0.5, 0.125, 1.0, 1.0]}
+    routed = modpass.transform(models.NanoGPT().eval(), ratios, layers="all")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in modpass.routed_blocks(routed).values():
+            for router in block.mod_routers.values():
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+    return routed
+
+
+@settings(max_examples=30)
+@given(mix=st.lists(st.integers(0, len(THREE_TASKS) - 1), min_size=5, max_size=5))
+def test_the_split_in_the_graph_routes_every_mix_as_the_split_in_python(mix):
+    routed = three_task_nanogpt()
+    compiled = torch.compile(routed, backend="eager", fullgraph=True)
+    idx = torch.arange(5 * 12).reshape(5, 12) % 61
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = compiled(idx, task=torch.tensor(mix))
+        want = routed(idx, task=[THREE_TASKS[i] for i in mix])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert compiled_graphs() == 1, "one graph serves every mix"
