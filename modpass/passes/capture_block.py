@@ -89,15 +89,11 @@ def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
     empty tensor: torch refuses it in eager mode and, for a data-dependent
     batch, asserts a non-zero batch at run time. A routed block meets both
     when a task has no sequences in a mixed batch (an empty group), so sizes
-    are written out from the input sizes (``meta["val"]``) wherever they are
-    a product or sum of them; any other ``-1`` is left as it was.
+    are written out from symbolic sizes (``meta["val"]``) of the reshaped
+    tensor or the graph inputs, wherever they are a product or sum of them;
+    any other ``-1`` is left as it was.
     """
-    symbols = {}
-    for node in graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        for axis, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
-            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                symbols.setdefault(size.node.expr, (node, axis))
+    placeholder_symbols = _symbols_of(graph.find_nodes(op="placeholder"))
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _RESHAPES:
             continue
@@ -105,6 +101,10 @@ def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
         inferred = [i for i, size in enumerate(shape) if isinstance(size, int) and size == -1]
         if not inferred:
             continue
+        # Sizes of the reshaped tensor itself first: the routing rewrite later
+        # feeds the block k gathered tokens, and a size read from the tensor
+        # follows; one read from an input follows only if that input is gathered.
+        symbols = {**placeholder_symbols, **_symbols_of([node.args[0]])}
         with graph.inserting_before(node):
             size = node.meta["val"].shape[inferred[0]]
             size = _size_node(graph, sympy.sympify(size.node.expr if isinstance(size, torch.SymInt) else size), symbols)
@@ -113,14 +113,25 @@ def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
             node.args = (node.args[0], shape, *node.args[2:])
 
 
+def _symbols_of(nodes) -> dict:
+    """``{symbol: (node, axis)}`` for the axes of ``nodes`` whose size is a plain symbol (first occurrence wins)."""
+    symbols = {}
+    for node in nodes:
+        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        for axis, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                symbols.setdefault(size.node.expr, (node, axis))
+    return symbols
+
+
 def _size_node(graph: torch.fx.Graph, expr: sympy.Expr, symbols: dict):
     """``expr`` as an int or a graph value built from input sizes; None if it is not expressible."""
     if expr.is_Integer:
         return int(expr)
     if expr in symbols:
-        placeholder, axis = symbols[expr]
-        node = graph.call_function(torch.ops.aten.sym_size.int, (placeholder, axis))
-        node.meta["val"] = placeholder.meta["val"].shape[axis]
+        source, axis = symbols[expr]
+        node = graph.call_function(torch.ops.aten.sym_size.int, (source, axis))
+        node.meta["val"] = source.meta["val"].shape[axis]
         return node
     if isinstance(expr, (sympy.Mul, sympy.Add)):
         terms = [_size_node(graph, term, symbols) for term in expr.args]
