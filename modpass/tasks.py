@@ -68,21 +68,20 @@ class RoutingState:
         if isinstance(task, torch.Tensor):
             if task.dtype in (torch.bool,) or task.is_floating_point() or task.dim() != 1:
                 raise RoutingInputError(f"task tensor must be a 1-D integer tensor of task indices, got dtype {task.dtype} and shape {tuple(task.shape)}.")
-            if task.shape[0] != batch:
-                raise RoutingInputError(f"task lists {task.shape[0]} entries but the batch has {batch} sequences; give one task per sequence.")
-            if torch.compiler.is_compiling() and self.route_mask is None:
-                return self.split_in_graph(task)
+        elif not isinstance(task, Sequence):
+            raise RoutingInputError(f"task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
+        if len(task) != batch:
+            raise RoutingInputError(f"task lists {len(task)} entries but the batch has {batch} sequences; give one task per sequence.")
+        if not isinstance(task, torch.Tensor):
+            names = [self.check(t) for t in task]
+        elif torch.compiler.is_compiling() and self.route_mask is None:
+            return self.split_in_graph(task)
+        else:
             indices = task.tolist()
             bad = [i for i in indices if not 0 <= i < len(self.tasks)]
             if bad:
                 raise RoutingInputError(f"task index {bad[0]} is out of range; tasks are {dict(enumerate(self.tasks))}.")
             names = [self.tasks[i] for i in indices]
-        elif isinstance(task, Sequence):
-            names = [self.check(t) for t in task]
-        else:
-            raise RoutingInputError(f"task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
-        if len(names) != batch:
-            raise RoutingInputError(f"task lists {len(names)} entries but the batch has {batch} sequences; give one task per sequence.")
         if len(set(names)) == 1:
             return [TaskGroup(names[0], None)]
         groups = []
