@@ -124,10 +124,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, .
     ``x`` is batch-first; a leading size-1 batch axis (a side input broadcast
     over the batch, such as rotary cos/sin) is expanded to B first.
     """
+    batch = index.shape[0]
     # Unconditional: a no-op view when x already has B rows, and no size
     # comparison for a data-dependent B (a mixed-task group under compile).
-    x = x.expand(index.shape[0], *x.shape[1:])
-    batch = index.shape[0]
+    x = x.expand(batch, *x.shape[1:])
     for axis in token_axes:
         shape = [1] * x.dim()
         shape[0], shape[axis] = batch, index.shape[1]

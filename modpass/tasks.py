@@ -118,5 +118,7 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     state: RoutingState = module._modpass_state
     state.task = kwargs.pop("task", None)
     state.route_mask = kwargs.pop("route_mask", None)
+    # groups() would notice the new task anyway; clearing here keeps the last
+    # call's groups out of what a compiled forward is traced (and guarded) on.
     state.cached_groups = None
     return args, kwargs
