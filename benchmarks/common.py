@@ -202,6 +202,18 @@ def backward_step(call: Callable[[], object], seed: int = 0) -> Step:
     return step
 
 
+def model_case(name: str, model: torch.nn.Module, module: Callable, ids: torch.Tensor, backward: bool, seed: int,
+               **kwargs) -> Case:
+    """A whole-model case: ``module(input_ids=ids, **kwargs)``; with ``labels=ids`` and a backward when ``backward``.
+
+    ``module`` is ``model`` or its compiled wrapper; ``model``'s gradients are cleared before each call.
+    """
+    if backward:
+        step = backward_step(lambda: module(input_ids=ids, labels=ids, use_cache=False, **kwargs), seed=seed)
+        return Case(name, step, clear_grads(model.parameters()))
+    return Case(name, forward_step(lambda: module(input_ids=ids, use_cache=False, **kwargs)))
+
+
 def clear_grads(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:
     """A ``prepare`` hook: set ``.grad`` to None on every tensor (params and inputs)."""
     tensors = list(tensors)

@@ -34,14 +34,7 @@ import modpass  # noqa: E402
 
 def make_cases(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, backward: bool, seed: int) -> list[common.Case]:
     mix = (torch.arange(ids.shape[0]) % 2).to(ids.device)
-    cases = []
-    for name, task in (("whole", "a"), ("mixed", mix)):
-        if backward:
-            step = common.backward_step(lambda t=task: module(input_ids=ids, labels=ids, task=t, use_cache=False), seed=seed)
-            cases.append(common.Case(name, step, common.clear_grads(model.parameters())))
-        else:
-            cases.append(common.Case(name, common.forward_step(lambda t=task: module(input_ids=ids, task=t, use_cache=False))))
-    return cases
+    return [common.model_case(name, model, module, ids, backward, seed, task=task) for name, task in (("whole", "a"), ("mixed", mix))]
 
 
 def main() -> None:

@@ -67,15 +67,7 @@ def build_model(size: ModelSize, device: torch.device, dtype: torch.dtype) -> to
 
 def make_cases(models: dict[str, torch.nn.Module], compiled: dict[str, torch.nn.Module], ids: torch.Tensor,
                backward: bool, seed: int) -> list[common.Case]:
-    cases = []
-    for name, model in models.items():
-        module = compiled[name]
-        if backward:
-            step = common.backward_step(lambda m=module: m(input_ids=ids, labels=ids, use_cache=False), seed=seed)
-            cases.append(common.Case(name, step, common.clear_grads(model.parameters())))
-        else:
-            cases.append(common.Case(name, common.forward_step(lambda m=module: m(input_ids=ids, use_cache=False))))
-    return cases
+    return [common.model_case(name, model, compiled[name], ids, backward, seed) for name, model in models.items()]
 
 
 def main() -> None:
