@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import pytest
@@ -16,6 +17,8 @@ from tests import models
 
 STEPS = 3
 GLOBAL_BATCH = 4
+# Training takes a few seconds; the deadline only bounds a hung gloo teardown so CI fails fast.
+WORKER_DEADLINE_S = 300
 
 
 def build():
@@ -69,8 +72,23 @@ def worker(rank: int, world: int, store: str, out: str, wrapper: str) -> None:
             torch.save({"losses": losses / world, "state": state}, out)
             if wrapper == "ddp":
                 modpass.save(routed, out + ".routers")
+        # Tear down together: a rank that destroys the group while the other is still saving
+        # can leave gloo waiting on a peer that is gone.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_workers(args: tuple) -> None:
+    """Spawn the two ranks and wait for them, but never longer than WORKER_DEADLINE_S."""
+    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + WORKER_DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the two gloo workers did not exit within {WORKER_DEADLINE_S} s (killed them)")
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
@@ -81,7 +99,7 @@ def test_two_process_training_matches_single_process(wrapper, tmp_path):
             pytest.skip("FSDP2 on CPU needs torch.cpu.Stream.record_event (torch 2.6 lacks it)")
     out = str(tmp_path / "rank0.pt")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    mp.start_processes(worker, args=(2, str(tmp_path / "store"), out, wrapper), nprocs=2, join=True, start_method="spawn")
+    run_workers((2, str(tmp_path / "store"), out, wrapper))
     result = torch.load(out)
 
     routed = build()
