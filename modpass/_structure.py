@@ -12,7 +12,7 @@ can run the routed block's dispatch without graph breaks.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_size_oblivious
 
 from .errors import RoutingInputError
 
@@ -33,9 +33,11 @@ class Slot:
 
 def signature(tree, path: str = "") -> tuple:
     if isinstance(tree, torch.Tensor):
-        # Without guarding: a data-dependent size (a task's group in a mixed
-        # batch under compile) counts as not 1, as Dynamo's dynamic sizes do.
-        return ("tensor", tree.dtype, tree.device.type, tuple(statically_known_true(s == 1) for s in tree.shape))
+        # Size-oblivious: a data-dependent size (a task's group in a mixed
+        # batch under compile) counts as not 1, as Dynamo's dynamic sizes do,
+        # with no guard. (statically_known_true would do too, but torch 2.6's
+        # Dynamo cannot trace it.)
+        return ("tensor", tree.dtype, tree.device.type, tuple(guard_size_oblivious(s == 1) for s in tree.shape))
     if isinstance(tree, (tuple, list)):
         # A literal tag, not type(tree).__name__: Dynamo (torch 2.11) cannot hash the latter in a cache key.
         kind = "tuple" if isinstance(tree, tuple) else "list"
