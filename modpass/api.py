@@ -94,7 +94,8 @@ def apply_plan(
         examples = [calls[block_plan.path]]
         if block_plan.path in traced_calls:
             examples.append(_structure.realize(traced_calls[block_plan.path]))
-        candidate = RoutedBlock(block, block_plan, gate=routing_plan.gate, state=state, examples=examples)
+        candidate = RoutedBlock(block, block_plan, gate=routing_plan.gate, state=state, examples=examples,
+                                score_gradients=routing_plan.aux_loss_weight > 0)
         try:
             candidate.prepare()
         except (UnroutableBlockError, CaptureError) as exc:

@@ -44,7 +44,13 @@ class Route:
 
 @dataclass
 class RoutingRecord:
-    """What one routed call decided, for auxiliary losses and inspection."""
+    """What one routed call decided, for auxiliary losses and inspection.
+
+    ``logits`` carry gradient only when the plan has an auxiliary loss
+    (``aux_loss_weight > 0``) or the STRing gate; otherwise the router trains
+    through the gate alone and the full scores are detached (see
+    ``passes/rewrite.py``: that saves a ``(B, T, D)`` activation per block).
+    """
 
     task: str
     logits: torch.Tensor
@@ -56,7 +62,8 @@ class RoutingRecord:
 
 
 class RoutedBlock(nn.Module):
-    def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState, examples: list | None = None):
+    def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState, examples: list | None = None,
+                 score_gradients: bool = True):
         super().__init__()
         # Share the block's own tensors and children, so names, devices and
         # loaded weights stay in one place; the block object itself is kept
@@ -79,6 +86,8 @@ class RoutedBlock(nn.Module):
         self.__dict__["_block"] = block
         self.__dict__["_plan"] = plan
         self.__dict__["_gate"] = gate
+        # Whether the full per-token logits train (the auxiliary loss); see passes/rewrite.py.
+        self.__dict__["_score_gradients"] = score_gradients
         self.__dict__["_state"] = state
         self.__dict__["_analyses"] = {}
         self.__dict__["_routes"] = {}
@@ -283,7 +292,8 @@ class RoutedBlock(nn.Module):
         from .pipeline import route_block_graph
 
         analysed, _ = self.analysis(args, kwargs)
-        graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=key[1])
+        graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=key[1],
+                                   score_gradients=self._score_gradients)
         route = Route(
             graph=graph,
             inputs=tuple(graph.meta["modpass_inputs"]),

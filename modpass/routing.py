@@ -46,6 +46,11 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
 
 
+def router_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`router_logits` without gradient: the full scores when only the selected tokens' logits train."""
+    return router_logits(hidden.detach(), weight.detach(), bias.detach())
+
+
 def padding_from_attention_mask(mask: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` bool, True where a token is padding, from a ``(B, H, T, T)`` mask.
 
@@ -123,17 +128,19 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, .
 
     ``x`` is batch-first; a leading size-1 batch axis (a side input broadcast
     over the batch, such as rotary cos/sin) is expanded to B first.
+
+    Advanced indexing rather than ``torch.gather``: the gradient of an index
+    needs only ``x``'s size, while eager autograd keeps all of ``x`` alive for
+    ``gather``'s backward, which would hold the full ``(B, T, D)`` hidden
+    state of every routed block until the backward pass.
     """
     batch = index.shape[0]
     # Unconditional: a no-op view when x already has B rows, and no size
     # comparison for a data-dependent B (a mixed-task group under compile).
     x = x.expand(batch, *x.shape[1:])
+    rows = torch.arange(batch, device=index.device).unsqueeze(-1)
     for axis in token_axes:
-        shape = [1] * x.dim()
-        shape[0], shape[axis] = batch, index.shape[1]
-        expanded = list(x.shape)
-        expanded[axis] = index.shape[1]
-        x = torch.gather(x, axis, index.view(shape).expand(expanded))
+        x = x.movedim(axis, 1)[rows, index].movedim(1, axis)
     return x
 
 

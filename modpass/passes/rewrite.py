@@ -7,6 +7,7 @@ Guarantees: the graph computes, for one task,
     index  = select_tokens(scores(logits, padding), k)  # k = ceil(ratio * T), sorted by position
     x_sel, side_sel = gather_tokens(..., index)         # every token-indexed input
     y_sel  = <the original block>(x_sel, side_sel)      # T is k inside the block
+    w      = gate(router(x_sel))                        # the selected tokens' logits, recomputed
     out    = scatter_update(x, index, x_sel, y_sel, w, padding)  # x + w * (y_sel - x_sel) at index;
                                                                  # selected padding keeps x
 
@@ -19,6 +20,17 @@ are appended after the block's own: the router's weight and bias
 bool; tokens outside it are always selected), for calls whose capacity
 depends on a per-sequence route mask. Every original use of a token-indexed input now reads
 its gathered version, so sizes the block derives from ``T`` become ``k``.
+
+The gate's logits are the router applied to ``x_sel`` (k tokens), not a
+gather of ``logits``: equal values, but the gradient of the gate then needs
+only ``x_sel``, which the block keeps anyway. With ``score_gradients=False``
+(no auxiliary loss and no STRing gate: nothing differentiates the full
+``logits``) the full scores are computed on detached inputs, so training no
+longer keeps the whole ``(B, T, D)`` hidden state alive for the router's
+backward. That is a ``B*T*D`` activation per routed block, and it lets
+Inductor write the selected rows into the residual stream in place in
+training as in inference. With ``score_gradients=True`` the returned
+``logits`` carry gradient (the auxiliary loss trains them).
 Nodes added here carry ``meta["modpass_role"]`` for graph-level checks.
 """
 
@@ -50,7 +62,12 @@ def key_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
 
 
 def rewrite(
-    gm: torch.fx.GraphModule, *, ratio: Fraction, gate: str = "tanh", explicit_capacity: bool = False
+    gm: torch.fx.GraphModule,
+    *,
+    ratio: Fraction,
+    gate: str = "tanh",
+    explicit_capacity: bool = False,
+    score_gradients: bool = True,
 ) -> torch.fx.GraphModule:
     graph = gm.graph
     inputs = user_inputs(gm)
@@ -76,7 +93,8 @@ def rewrite(
         else:
             num_tokens = call(torch.ops.aten.sym_size.int, hidden, 1, role="capacity")
             k = call(routing.capacity, num_tokens, ratio.numerator, ratio.denominator, role="capacity")
-        logits = call(routing.router_logits, hidden, router_weight, router_bias, role="router")
+        scoring = routing.router_logits if score_gradients or gate == "string" else routing.router_scores
+        logits = call(scoring, hidden, router_weight, router_bias, role="router")
         padding = None
         if (mask := attention_mask_input(inputs)) is not None:
             padding = call(routing.padding_from_attention_mask, mask, role="padding")
@@ -98,7 +116,7 @@ def rewrite(
     output = graph.output_node()
     outputs = flat_outputs(gm)
     with graph.inserting_before(output):
-        logits_selected = call(routing.gather_tokens, logits, index, (1,), role="gate")
+        logits_selected = call(routing.router_logits, gathered[hidden], router_weight, router_bias, role="gate")
         weight = call(routing.gate_weights, logits_selected, gate, role="gate")
         base = call(routing.skip_scale, hidden, logits, role="gate") if gate == "string" else hidden
         new_hidden = call(routing.scatter_update, base, index, gathered[hidden], outputs[0], weight, padding,
