@@ -165,9 +165,18 @@ def test_padded_and_encoder_fullgraph_match_eager_over_two_lengths_and_two_capac
 
 # Caches off so the post-grad passes run; Dynamo then says its profile cache is off too.
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_compiled_inference_writes_the_selected_tokens_into_the_residual_stream_in_place(monkeypatch):
+@pytest.mark.parametrize(
+    ("training", "aux_loss_weight", "in_place"),
+    [(False, 0.0, True), (True, 0.0, True), (True, 0.1, False)],
+    ids=["inference", "training", "training-with-aux-loss"],
+)
+def test_compiled_forward_writes_the_selected_tokens_into_the_residual_stream_in_place(
+    monkeypatch, training, aux_loss_weight, in_place
+):
     """No full-size copy of the hidden states: where a routed block's input is dead after it,
-    Inductor's reinplacing turns the routed ``index_put`` into ``index_put_`` on that buffer."""
+    Inductor's reinplacing turns the routed ``index_put`` into ``index_put_`` on that buffer.
+    In training that holds as long as nothing differentiates the full router logits; an aux
+    loss does (its weight gradient needs every token), so the input stays alive and is copied."""
     from torch._inductor.fx_passes import post_grad
 
     reinplaced_graphs = []
@@ -178,12 +187,15 @@ def test_compiled_inference_writes_the_selected_tokens_into_the_residual_stream_
         reinplaced_graphs.append(Counter(str(node.target) for node in args[-1].nodes))
 
     monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", observe)
-    routed = modpass.transform(models.NanoGPT(layers=4), 0.25)
+    routed = modpass.transform(models.NanoGPT(layers=4).train(training), 0.25, aux_loss_weight=aux_loss_weight)
     idx = torch.randint(0, 61, (2, 16))
-    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
-        torch.testing.assert_close(torch.compile(routed, backend="modpass", fullgraph=True)(idx), routed(idx), rtol=1e-4, atol=1e-4)
-    (targets,) = reinplaced_graphs
-    assert targets["aten.index_put_.default"] == 2 and targets["aten.index_put.default"] == 0
+    with torch.set_grad_enabled(training), torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.compile(routed, backend="modpass", fullgraph=True)(idx)
+        torch.testing.assert_close(got, routed(idx), rtol=1e-4, atol=1e-4)
+        if training:
+            got.sum().backward()
+    forward = reinplaced_graphs[0]  # then the backward graph, in training
+    assert (forward["aten.index_put_.default"], forward["aten.index_put.default"]) == ((2, 0) if in_place else (0, 2))
 
 
 def test_routed_training_fullgraph_matches_eager_gradients():

@@ -209,3 +209,54 @@ def test_fuzzed_plans_match_the_dense_on_subset_reference(ratios, gate, batch, t
         (record,) = block.last_routing
         assert record.index.shape == (batch, max(1, math.ceil(ratios[seed % len(ratios)] * tokens)))
         torch.testing.assert_close(out, reference_block(block, x, record.index, record.logits, gate), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aux_loss_weight", [0.0, 0.5])
+@pytest.mark.parametrize("gate", ["tanh", "sigmoid", "string"])
+def test_gradients_match_the_dense_on_subset_reference(gate, aux_loss_weight):
+    """The hidden state, block and router gradients equal the reference's, where the gate reads
+    the full logits (modpass recomputes the selected tokens' logits and detaches the rest)."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT(width=16, heads=2).train(), 0.5, layers=[1], gate=gate, aux_loss_weight=aux_loss_weight)
+    block = routed.h[1]
+    with torch.no_grad():
+        block.mod_routers.default.weight.normal_()
+        block.mod_routers.default.bias.normal_()
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    probe = torch.randn(2, 12, 16)
+    params = [x, *block.parameters()]
+
+    out = block(x)
+    (record,) = block.last_routing
+    got = torch.autograd.grad((out * probe).sum() + modpass.aux_loss(routed), params)
+
+    logits = block.mod_routers.default(x).squeeze(-1)
+    want_out = reference_block(block, x, record.index, logits, gate)
+    aux = 0.0
+    if aux_loss_weight:
+        target = torch.zeros_like(logits).scatter(1, record.index, 1.0)
+        aux = aux_loss_weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    want = torch.autograd.grad((want_out * probe).sum() + aux, params)
+    names = ["x", *(name for name, _ in block.named_parameters())]
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("aux_loss_weight", [0.0, 0.1])
+def test_training_keeps_a_routed_blocks_full_input_only_for_the_aux_loss(aux_loss_weight):
+    """Autograd saves the k selected tokens for a routed block's backward, not its (B, T, D) input,
+    unless an aux loss trains the router on every token (its weight gradient needs them all)."""
+    routed = modpass.transform(models.NanoGPT(layers=4).train(), 0.25, aux_loss_weight=aux_loss_weight)
+    inputs = {}
+    for path, block in modpass.routed_blocks(routed).items():
+        block.register_forward_pre_hook(lambda module, args, path=path: inputs.__setitem__(path, args[0]))
+    saved = set()
+
+    def pack(tensor):
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        routed(torch.randint(0, 61, (2, 16)))
+    kept = sorted(path for path, hidden in inputs.items() if hidden.untyped_storage().data_ptr() in saved)
+    assert kept == (sorted(inputs) if aux_loss_weight else []), kept
