@@ -26,3 +26,25 @@ def outside_dynamo_tracing():
     from torch._guards import tracing
 
     return tracing(None)
+
+
+def known_to_be_one(size) -> bool:
+    """``size == 1`` without a guard: a data-dependent size counts as not 1.
+
+    ``statically_known_true`` says exactly that, but torch 2.6's Dynamo cannot
+    trace it (a skipped function); there ``guard_size_oblivious`` gives the
+    same answer for sizes (newer releases deprecate it, with a warning).
+    """
+    return _KNOWN_TRUE(size == 1)
+
+
+def _known_true_helper():
+    from torch._dynamo import trace_rules
+    from torch.fx.experimental import symbolic_shapes
+
+    if "torch.fx.experimental.symbolic_shapes.statically_known_true" in trace_rules.manual_torch_name_rule_map:
+        return symbolic_shapes.statically_known_true
+    return symbolic_shapes.guard_size_oblivious
+
+
+_KNOWN_TRUE = _known_true_helper()

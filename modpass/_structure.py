@@ -12,8 +12,8 @@ can run the routed block's dispatch without graph breaks.
 from __future__ import annotations
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_size_oblivious
 
+from ._compat import known_to_be_one
 from .errors import RoutingInputError
 
 CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -33,11 +33,9 @@ class Slot:
 
 def signature(tree, path: str = "") -> tuple:
     if isinstance(tree, torch.Tensor):
-        # Size-oblivious: a data-dependent size (a task's group in a mixed
-        # batch under compile) counts as not 1, as Dynamo's dynamic sizes do,
-        # with no guard. (statically_known_true would do too, but torch 2.6's
-        # Dynamo cannot trace it.)
-        return ("tensor", tree.dtype, tree.device.type, tuple(guard_size_oblivious(s == 1) for s in tree.shape))
+        # A data-dependent size (a task's group in a mixed batch under compile)
+        # counts as not 1, as Dynamo's dynamic sizes do.
+        return ("tensor", tree.dtype, tree.device.type, tuple(known_to_be_one(s) for s in tree.shape))
     if isinstance(tree, (tuple, list)):
         # A literal tag, not type(tree).__name__: Dynamo (torch 2.11) cannot hash the latter in a cache key.
         kind = "tuple" if isinstance(tree, tuple) else "list"
