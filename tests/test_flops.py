@@ -33,10 +33,11 @@ def test_block_flops_follow_the_ratio(nano, ratio):
     report = modpass.flops(routed, {"idx": torch.randint(0, 61, (2, tokens))})
     k = math.ceil(ratio * tokens)
     width = 32
-    # Per sequence: projections and MLP scale with k, attention with k^2; the router reads all T tokens.
+    # Per sequence: projections and MLP scale with k, attention with k^2; the router reads all T
+    # tokens to rank them, and the k selected ones again for the gate.
     linear = 2 * (3 * width * width + width * width + 8 * width * width)
     attention = 2 * 2 * width
-    want_routed = 2 * (k * linear + k * k * attention + tokens * 2 * width)
+    want_routed = 2 * (k * linear + k * k * attention + (tokens + k) * 2 * width)
     want_dense = 2 * (tokens * linear + tokens * tokens * attention)
     for per_task in report.blocks.values():
         dense_flops, routed_flops = per_task["default"]
