@@ -359,6 +359,26 @@ def count_flops(step: Step) -> Flops:
     return Flops(int(sum(per_op.values())), int(sum(v for op, v in per_op.items() if is_attention_op(op))))
 
 
+def saved_activations_mib(step: Step, model: torch.nn.Module) -> float:
+    """MiB that autograd saves for the backward in one eager call of ``step`` (activations only).
+
+    Each storage counts once, whatever views of it are saved; the model's
+    parameters (which linear layers save too) are left out.
+    """
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(saved.values()) / 2**20
+
+
 # -- compiled-code inspection ----------------------------------------------------------------------
 _TRITON_KERNEL = re.compile(r"@triton\.jit")
 _CPP_KERNEL = re.compile(r"^(cpp_fused_\w+) = async_compile\.cpp", re.MULTILINE)

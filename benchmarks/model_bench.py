@@ -13,7 +13,8 @@ The CPU model is the one of ``shared/reference/cpu-performance-ceiling.md``:
 attention), B=2, T=1024, routed by ``modpass.transform(model, 0.125,
 layers="every_other")``. "fwd" is ``model(input_ids)`` under no_grad (eval);
 "fwdbwd" is ``model(input_ids, labels=input_ids).loss.backward()`` (train
-mode, as in training; Llama has no dropout, so the math is the same).
+mode, as in training; Llama has no dropout, so the math is the same). For
+fwdbwd it also records the activations autograd saves for the backward.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def main() -> None:
             if case.prepare:
                 case.prepare()
             entry["flops"][case.name] = common.count_flops(case.step).to_json()
+            if backward:
+                case.prepare()
+                entry.setdefault("saved_activations_mib", {})[case.name] = common.saved_activations_mib(case.step, models[case.name])
         for mode in modes:
             rounds = args.rounds or (3 if args.quick else (7 if backward else 9))
             compiled = {n: common.compile_module(m, backend, args.compile_mode) for n, m in models.items()} if mode == "compiled" else models
@@ -173,6 +177,10 @@ def markdown(payload: dict, size: ModelSize, modes: tuple[str, ...]) -> str:
     parts.append(common.markdown_table(headers, rows) + "\n")
     parts.append("MoD/dense is the median of per-round ratios (ratio of medians in brackets); ovh = MoD/dense / "
                  "causal-adjusted FLOP ratio.\n")
+    saved = payload["passes"].get("fwdbwd", {}).get("saved_activations_mib")
+    if saved:
+        parts.append(f"Activations saved for the backward (eager, parameters excluded): dense {saved['dense']:.1f} MiB, "
+                     f"MoD {saved['mod']:.1f} MiB ({saved['mod'] / saved['dense']:.3f} of dense).\n")
     if "compiled" in modes:
         crows = []
         for name in ("dense", "mod"):
