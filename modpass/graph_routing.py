@@ -32,7 +32,10 @@ from .passes.plan import plan as plan_stage
 from .pipeline import capture_block_graph, route_block_graph
 from .plan import RoutingPlan
 
-_DYNAMO_ROOT = "L['self']"
+# The traced model is the frame's ``self``, or the first positional argument where the model's
+# forward is wrapped by a ``(*args, **kwargs)`` decorator (transformers >= 5.24 wraps
+# ``LlamaForCausalLM.forward`` so): Dynamo then writes ``L['args'][0].model.layers.0``.
+_DYNAMO_ROOT = re.compile(r"^L\['self'\]|^L\['args'\]\[0\]")
 
 
 # Older Dynamo (torch 2.6) names submodules by their access path, ``_modules['layers']._modules['0']``
@@ -43,9 +46,7 @@ _INDEX_ACCESS = re.compile(r"\[(\d+)\]")
 
 def module_path(dynamo_path: str) -> str:
     """``named_modules()``-style path of a Dynamo module-stack entry (``""`` for the model itself)."""
-    if dynamo_path == _DYNAMO_ROOT:
-        return ""
-    path = dynamo_path.removeprefix(_DYNAMO_ROOT + ".")
+    path = _DYNAMO_ROOT.sub("", dynamo_path).removeprefix(".")
     return _INDEX_ACCESS.sub(r".\1", _MODULES_ACCESS.sub(r"\1", path))
 
 
