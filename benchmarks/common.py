@@ -483,7 +483,12 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def markdown_preamble(title: str, payload: dict) -> str:
+INTERLEAVED_METHOD = ("warm-ups, then shuffled interleaved rounds; ratios are the median of per-round ratios against the "
+                      "baseline case (dense unless stated) of the same round (see benchmarks/common.py); {calls} "
+                      "back-to-back call(s) per timed sample")
+
+
+def markdown_preamble(title: str, payload: dict, method: str | None = None) -> str:
     machine = payload["machine"]
     where = machine.get("gpu") or f"{machine['processor']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} threads"
     return (
@@ -491,9 +496,7 @@ def markdown_preamble(title: str, payload: dict) -> str:
         f"- date: {payload['date']}; torch {payload['torch']}; modpass {payload['modpass_revision']}\n"
         f"- machine: {where}; {machine['platform']}; load average at start {machine['load_average']}\n"
         f"- command: `{payload['command']}`\n"
-        "- method: warm-ups, then shuffled interleaved rounds; ratios are the median of per-round ratios "
-        "against the baseline case (dense unless stated) of the same round (see benchmarks/common.py); "
-        f"{payload['settings'].get('calls', 1)} back-to-back call(s) per timed sample\n"
+        f"- method: {method or INTERLEAVED_METHOD.format(calls=payload['settings'].get('calls', 1))}\n"
     )
 
 
