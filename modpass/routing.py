@@ -100,27 +100,18 @@ def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
     indices keeps the subset in original order, so a plain causal mask over
     the subset is the causal mask over original positions.
 
-    ``topk`` does not promise which of several equal scores it keeps, so the
-    tie-break is folded into the key: one int64 per token, the score's
-    order-preserving integer image in the high 32 bits and ``T - 1 - position``
-    in the low 32. The keys are unique, so a partial ``topk`` over them picks
-    exactly what a full stable sort would, at a fraction of its cost (the
-    sort was the largest single routing kernel on GPU).
+    A stable descending sort of the fp32 scores gives that tie-break for
+    free. It is also the cheaper exact selection on the GPU: a partial
+    ``topk`` cannot promise which of equal scores it keeps, and over int64
+    keys that fold the position in it took 48 us per call on an H200 (G1,
+    ``benchmarks/results/cuda-profile-G1-c0.125-kernels.md``) against 24 us
+    for this sort on an H100 (``cuda-profile-G1-compiled.md``); on the CPU
+    neither is visible in a block's time.
     """
-    return torch.sort(torch.topk(_position_tiebroken_keys(scores), k, dim=1, sorted=False).indices, dim=1).values
-
-
-def _position_tiebroken_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered like ``(score, -position)``; ``scores`` has no NaN (see :func:`selection_scores`)."""
-    # -0.0 and 0.0 compare equal but their bit patterns do not.
-    scores = torch.where(scores == 0, 0.0, scores.float())
-    bits = scores.view(torch.int32)
-    # IEEE floats order like sign-magnitude integers: flipping the magnitude
-    # bits of negatives makes the int32 order the float order.
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    num_tokens = scores.shape[1]
-    reversed_position = num_tokens - 1 - torch.arange(num_tokens, device=scores.device)
-    return ordered * 2**32 + reversed_position
+    # -0.0 and 0.0 compare equal, but a radix sort of the bit patterns would not keep them tied.
+    scores = torch.where(scores == 0, 0.0, scores)
+    ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return torch.sort(ranked[:, :k], dim=1).values
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
