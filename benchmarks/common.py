@@ -503,10 +503,12 @@ def markdown_preamble(title: str, payload: dict, method: str | None = None) -> s
 def write_results(stem: Path, payload: dict, markdown: str) -> None:
     # With the start value in the header, this shows whether other work shared the machine during the run.
     payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    # Appended, not with_suffix: a stem may hold a dot of its own (``...-c0.125``).
+    json_path, markdown_path = (stem.with_name(stem.name + suffix) for suffix in (".json", ".md"))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown.rstrip() + "\n")
-    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    json_path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    markdown_path.write_text(markdown.rstrip() + "\n")
+    print(f"\nwrote {json_path} and {markdown_path}")
 
 
 def fmt_ratio(value: float | None) -> str:
