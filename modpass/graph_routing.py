@@ -32,10 +32,10 @@ from .passes.plan import plan as plan_stage
 from .pipeline import capture_block_graph, route_block_graph
 from .plan import RoutingPlan
 
-# The traced model is the frame's ``self``, or the first positional argument where the model's
-# forward is wrapped by a ``(*args, **kwargs)`` decorator (transformers >= 5.24 wraps
-# ``LlamaForCausalLM.forward`` so): Dynamo then writes ``L['args'][0].model.layers.0``.
-_DYNAMO_ROOT = re.compile(r"^L\['self'\]|^L\['args'\]\[0\]")
+# The traced model is a local of the compiled frame: its ``self``, or, where the model's forward is
+# wrapped by a ``(*args, **kwargs)`` decorator (transformers >= 5.24 wraps
+# ``LlamaForCausalLM.forward`` so), an element of ``args``: ``L['args'][0].model.layers.0``.
+_DYNAMO_ROOT = re.compile(r"^L\['args'\]\[\d+\]|^L\['[^']+'\]")
 
 
 # Older Dynamo (torch 2.6) names submodules by their access path, ``_modules['layers']._modules['0']``

@@ -267,7 +267,7 @@ def test_plan_option_needs_a_task_for_multi_task_plans(tmp_path):
     "dynamo_path, path",
     [("L['self']", ""), ("L['self'].layers.0", "layers.0"), ("L['self']._modules['layers']._modules['0']", "layers.0"),
      ("L['self'].model.layers[3].mlp", "model.layers.3.mlp"), ("L['args'][0]", ""),
-     ("L['args'][0].model.layers.1", "model.layers.1")],
+     ("L['args'][0].model.layers.1", "model.layers.1"), ("L['model'].h[2]", "h.2")],
 )
 def test_dynamo_module_paths_of_every_torch_release_read_as_named_modules(dynamo_path, path):
     assert module_path(dynamo_path) == path
