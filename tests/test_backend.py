@@ -42,6 +42,9 @@ def dynamo_compiles_transformers() -> bool:
         torch._dynamo.reset()
 
 
+# The CPU everywhere; CUDA too where a GPU is present (benchmarks/cuda_all.sh runs those with ``-k cuda``).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
 needs_hf_dynamo = pytest.mark.skipif(
     "not dynamo_compiles_transformers()", reason="this torch's Dynamo cannot compile the dense transformers model either"
 )
@@ -198,13 +201,14 @@ def test_compiled_forward_writes_the_selected_tokens_into_the_residual_stream_in
     assert (forward["aten.index_put_.default"], forward["aten.index_put.default"]) == ((2, 0) if in_place else (0, 2))
 
 
-def test_routed_training_fullgraph_matches_eager_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_routed_training_fullgraph_matches_eager_gradients(device):
     torch.manual_seed(0)
-    routed = modpass.transform(models.NanoGPT(layers=2).train(), 0.5, layers=[1])
+    routed = modpass.transform(models.NanoGPT(layers=2).to(device).train(), 0.5, layers=[1])
     with torch.no_grad():
         for router in routed.h[1].mod_routers.values():
             router.weight.normal_()
-    idx = torch.randint(0, 61, (2, 16))
+    idx = torch.randint(0, 61, (2, 16), device=device)
 
     def step(model):
         routed.zero_grad()
@@ -241,15 +245,16 @@ def test_options_routing_of_a_static_graph_asks_for_dynamic_shapes():
 
 
 @needs_hf_dynamo
-def test_plan_option_serves_a_stock_model_with_trained_routers(tmp_path):
-    model = models.llama(layers=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_option_serves_a_stock_model_with_trained_routers(tmp_path, device):
+    model = models.llama(layers=2).to(device)
     routed = modpass.transform(model, {"t2i": 0.25, "mmu": 0.75}, layers=[1])
     with torch.no_grad():
         for router in routed.model.layers[1].mod_routers.values():
             router.weight.normal_()
             router.bias.normal_()
     modpass.save(routed, tmp_path)
-    ids = torch.randint(0, 97, (2, 16))
+    ids = torch.randint(0, 97, (2, 16), device=device)
     with torch.no_grad():
         want = routed(input_ids=ids, task="mmu").logits
         got = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path), "task": "mmu"})(input_ids=ids, use_cache=False).logits
