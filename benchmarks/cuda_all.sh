@@ -32,9 +32,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for name in $steps; do
   case "$name" in
-    tests) step 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
-    profile) step 240 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
-      --capacities 1.0,0.5,0.25,0.125 --top 0 --out "$out/cuda-profile-G1-device-time" ;;
+    tests) step 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
+    profile) step 300 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
+      --capacities 0.5,0.125 --generic-forms --top 0 --out "$out/cuda-profile-G1-device-time" ;;
     model) step 330 python3 benchmarks/model_bench.py --device cuda --no-kernels --out "$out/cuda-model" ;;
     block) step 270 python3 benchmarks/block_bench.py --device cuda --rounds 9 --calls 10 --kernels \
       --out "$out/cuda-block-G1-calls10" ;;

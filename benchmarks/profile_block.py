@@ -34,7 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import block_bench  # noqa: E402 (script directory on the path first)
 import common  # noqa: E402
 
+from modpass import routing  # noqa: E402
+
 CALLS = 5
+#: Case-name suffix of the routed cases compiled with ``routing.COMPILED_FORMS`` off (``--generic-forms``).
+GENERIC = " generic"
 
 
 @dataclasses.dataclass
@@ -88,6 +92,18 @@ def profile_case(case: common.Case, device: torch.device, top: int) -> Profile:
     return Profile(min(wall) * 1e3, min(host) * 1e3, device_ms, launches, triton, tables)
 
 
+def generic_forms_case(case: common.Case) -> common.Case:
+    """``case`` run (and so compiled: Dynamo guards on the flag) with ``routing.COMPILED_FORMS`` off."""
+    def step() -> None:
+        routing.COMPILED_FORMS = False
+        try:
+            case.step()
+        finally:
+            routing.COMPILED_FORMS = True
+
+    return dataclasses.replace(case, name=case.name + GENERIC, step=step)
+
+
 def case_table(profiles: dict[str, Profile]) -> str:
     dense = profiles["dense"].device_ms
     rows = []
@@ -106,13 +122,16 @@ def capacity_table(profiles: dict[str, Profile], flops: dict[str, common.Flops],
     dense = profiles["dense"].device_ms
     rows = []
     for c in capacities:
-        routed = profiles[f"routed@{c}"].device_ms
-        dense_k = profiles[f"dense_k@{c}"].device_ms if f"dense_k@{c}" in profiles else dense
-        routing = profiles[f"routing@{c}"].device_ms if f"routing@{c}" in profiles else None
-        ideal = flops[f"routed@{c}"].causal_adjusted / flops["dense"].causal_adjusted
-        rows.append([c, f"{ideal:.3f}", common.fmt_ratio(routed / dense), common.fmt_overhead(routed / dense, ideal),
-                     common.fmt_ratio(dense_k / dense), common.fmt_pct((routed - dense_k) / dense),
-                     common.fmt_pct(None if routing is None else routing / dense)])
+        for forms in ("", GENERIC):
+            if f"routed@{c}{forms}" not in profiles:
+                continue
+            routed = profiles[f"routed@{c}{forms}"].device_ms
+            dense_k = profiles[f"dense_k@{c}"].device_ms if f"dense_k@{c}" in profiles else dense
+            routing = profiles[f"routing@{c}{forms}"].device_ms if f"routing@{c}{forms}" in profiles else None
+            ideal = flops[f"routed@{c}"].causal_adjusted / flops["dense"].causal_adjusted
+            rows.append([f"{c}{forms}", f"{ideal:.3f}", common.fmt_ratio(routed / dense),
+                         common.fmt_overhead(routed / dense, ideal), common.fmt_ratio(dense_k / dense),
+                         common.fmt_pct((routed - dense_k) / dense), common.fmt_pct(None if routing is None else routing / dense)])
     headers = ["c", "FLOP c/a", "device ratio", "ovh", "dense-k", "glue", "route"]
     return common.markdown_table(headers, rows) + "\n"
 
@@ -123,6 +142,8 @@ def main() -> None:
     parser.add_argument("--capacities", default="0.125", help="comma list")
     parser.add_argument("--passes", default="fwd", help="comma list of fwd,fwdbwd")
     parser.add_argument("--top", type=int, default=15, help="rows of the profiler's operator tables per case (0: none)")
+    parser.add_argument("--generic-forms", action="store_true",
+                        help="also profile the compiled routed cases with modpass.routing.COMPILED_FORMS off (A/B)")
     args = parser.parse_args()
     device, dtype = common.setup(args)
     modes = common.parse_modes(args.modes)
@@ -148,6 +169,9 @@ def main() -> None:
             for variant in variants:
                 module = common.compile_module(variant.module, backend, args.compile_mode) if mode == "compiled" else variant.module
                 profiles[variant.name] = profile_case(block_bench.make_case(variant, module, backward, args.seed), device, args.top)
+                if args.generic_forms and mode == "compiled" and variant.name.startswith(("routed@", "routing@")):
+                    case = generic_forms_case(block_bench.make_case(variant, module, backward, args.seed))
+                    profiles[case.name] = profile_case(case, device, args.top)
             payload["results"][f"{pass_name} {mode}"] = {n: dataclasses.asdict(p) | {"tables": None} for n, p in profiles.items()}
             report.append(f"## {pass_name} {mode}\n")
             report.append(case_table(profiles))

@@ -225,6 +225,27 @@ def test_routed_training_fullgraph_matches_eager_gradients(device):
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_router_is_a_row_reduction_and_the_generic_form_a_linear_layer(monkeypatch):
+    """``routing.COMPILED_FORMS``: the router's one-column ``Linear`` is traced as ``sum(x * w) + b``
+    (one fused reduction kernel) with the same values; switched off, compiling traces the
+    ``Linear`` again (Dynamo guards on the switch, so it recompiles rather than reusing the graph)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes})
+        return gm
+
+    router = torch.compile(modpass.routing.router_logits, backend=record, fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 9, 16), (1, 16), (1,)))
+    want = torch.nn.functional.linear(x, weight, bias).squeeze(-1)
+    torch.testing.assert_close(router(x, weight, bias), want)
+    monkeypatch.setattr(modpass.routing, "COMPILED_FORMS", False)
+    torch.testing.assert_close(router(x, weight, bias), want)
+    reduction, generic = graphs
+    assert torch._C._nn.linear not in reduction and torch._C._nn.linear in generic
+
+
 def test_ratios_option_equals_transform_then_compile():
     model = models.NanoGPT(layers=2).eval()
     idx = torch.randint(0, 61, (2, 14))

@@ -48,3 +48,20 @@ def test_backend_emits_triton_kernels_for_routed_blocks():
     assert "@triton.jit" in "".join(code)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
+
+
+@pytest.mark.parametrize("length", [77, 4096])
+def test_compiled_selection_on_cuda_is_the_sort_without_a_sort(length):
+    """Compiled for a GPU, ``select_tokens`` is the rank form (comparison reduction and prefix
+    sum): the same indices as the eager sort, ties to the earlier position, no sort kernel."""
+    from torch._inductor.utils import run_and_get_code
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.randint(-50, 50, (2, length), device="cuda", generator=generator).float()  # many ties
+    scores[0, :3] = float("inf")
+    scores[1, -3:] = float("-inf")
+    k = (length + 7) // 8
+    compiled = torch.compile(modpass.routing.select_tokens, backend="inductor", fullgraph=True)
+    got, code = run_and_get_code(compiled, scores, k)
+    assert torch.equal(got, modpass.routing.select_tokens(scores, k))
+    assert "sort" not in "".join(code)

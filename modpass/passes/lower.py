@@ -13,11 +13,14 @@ modpass adds no custom lowering; instead the routing math
 gathers fuse into the block's first normalisation, the gated update into
 the write-back, and the write-back is an ``index_put`` that Inductor's
 reinplacing turns into an in-place store of the k selected rows wherever
-the block's input is dead. On CPU the remaining routing glue is 1-2% of a
-dense block. On an H200 it is about 7% of the dense G1 block's kernel time
-(forward): selection, the router's two matrix-vector products and the
-index kernels, each latency-bound at two rows; those are where a custom
-lowering could pay (see the README's GPU section).
+the block's input is dead. Where the form that suits Inductor is not the
+one that suits eager execution, the routing function picks it while Dynamo
+traces it (``routing.COMPILED_FORMS``): the router's one-column ``Linear``
+becomes a row reduction (one bandwidth-bound kernel instead of a library
+GEMV, and the gate's logits fuse into the gather-and-normalise kernel), and
+on a GPU the top-k selection becomes a rank count and a prefix sum instead
+of two segmented sorts. On CPU the remaining routing glue is 1-2% of a
+dense block; the GPU numbers are in the README's GPU section.
 """
 
 from __future__ import annotations
