@@ -15,10 +15,10 @@ import math
 
 import torch
 
-#: Use the forms written for Inductor (:func:`router_logits`,
-#: :func:`select_tokens`) when Dynamo traces the routing math. The same math
-#: either way; set it False before compiling to measure the generic forms
-#: (Dynamo guards on it, so a change recompiles).
+#: Use the forms written for Inductor (:func:`router_logits`) when Dynamo
+#: traces the routing math. The same math either way; set it False before
+#: compiling to measure the generic forms (Dynamo guards on it, so a change
+#: recompiles).
 COMPILED_FORMS = True
 
 #: Gate names and their formulas, ``w(logit)`` for a selected token (and, for
@@ -117,42 +117,18 @@ def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
     indices keeps the subset in original order, so a plain causal mask over
     the subset is the causal mask over original positions.
 
-    Eager and on the CPU this is a stable descending sort of the fp32 scores,
-    which gives that tie-break for free (a partial ``topk`` cannot promise
-    which of equal scores it keeps). Compiled for a GPU it is
-    :func:`select_tokens_by_rank`, the same selection without a sort.
+    A stable descending sort of the fp32 scores gives that tie-break for
+    free; a partial ``topk`` cannot promise which of equal scores it keeps.
+    On an H200 (G1, two rows of 4096 tokens) the two sorts take 34 us per
+    call, against 48 us for ``topk`` over int64 keys that fold the position
+    in and 44 us for a rank count (each token's rank as a fused O(T^2)
+    comparison reduction, then a prefix sum); see
+    ``benchmarks/results/cuda-profile-G1-rank-form-c0.125-kernels.md``.
     """
     # -0.0 and 0.0 compare equal, but a radix sort of the bit patterns would not keep them tied.
     scores = torch.where(scores == 0, 0.0, scores)
-    if COMPILED_FORMS and scores.is_cuda and torch.compiler.is_compiling():
-        return select_tokens_by_rank(scores, k)
     ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return torch.sort(ranked[:, :k], dim=1).values
-
-
-def select_tokens_by_rank(scores: torch.Tensor, k) -> torch.Tensor:
-    """:func:`select_tokens` as comparisons and a prefix sum, for Inductor on a GPU.
-
-    A token's rank is the number of tokens that beat it (a higher score, or
-    an equal score at an earlier position); the k tokens of rank < k are the
-    selection, and a prefix sum over the selected flags gives each its slot
-    in position order. Inductor fuses the ``(B, T, T)`` comparison into a
-    row reduction without materialising it: O(T^2) comparisons spread over
-    the whole GPU, three kernels in all (rank, prefix sum, scatter), against
-    two segmented radix sorts that each occupy a few SMs for two rows
-    (``benchmarks/results/cuda-profile-*``). Eager it would materialise the
-    comparison, and on a CPU O(T^2) work is not cheap: those use the sort.
-    """
-    batch, num_tokens = scores.shape
-    position = torch.arange(num_tokens, device=scores.device)
-    mine, theirs = scores.unsqueeze(2), scores.unsqueeze(1)
-    earlier = position.unsqueeze(0) < position.unsqueeze(1)  # [i, j]: token j comes before token i
-    beaten_by = (theirs > mine) | ((theirs == mine) & earlier)
-    selected = beaten_by.sum(2) < k
-    # Unselected tokens all write to a spare slot k, which is cut off.
-    slot = torch.where(selected, torch.cumsum(selected, 1) - 1, k)
-    index = torch.zeros(batch, k + 1, dtype=torch.long, device=scores.device)
-    return index.scatter(1, slot, position.expand(batch, num_tokens))[:, :k]
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:

@@ -147,48 +147,29 @@ def test_non_finite_router_logits_still_select_exactly_k_real_tokens():
 _SCORE_POOL = [0.0, -0.0, 1.0, -1.0, 0.5, math.inf, -math.inf, 3.4e38, -3.4e38, 1e-45, -1e-45]
 
 
-# Both selection forms: the sort (eager, CPU) and the rank form compiled for GPUs, run here eagerly.
-SELECTIONS = pytest.mark.parametrize("select", [modpass.routing.select_tokens, modpass.routing.select_tokens_by_rank],
-                                     ids=["sort", "rank"])
-
-
 def best_k_by_position(scores: torch.Tensor, k: int) -> list[list[int]]:
     """The selection rule in plain Python: the k highest scores, ties to the earlier position, in position order."""
     return [sorted(sorted(range(len(row)), key=lambda i, row=row: (-row[i], i))[:k]) for row in scores.tolist()]
 
 
-@SELECTIONS
 @given(
     rows=st.integers(1, 4),
     scores=st.lists(st.sampled_from(_SCORE_POOL) | st.floats(width=32, allow_nan=False), min_size=1, max_size=64),
     data=st.data(),
 )
-def test_select_tokens_keeps_the_k_best_with_ties_to_the_earlier_position(select, rows, scores, data):
+def test_select_tokens_keeps_the_k_best_with_ties_to_the_earlier_position(rows, scores, data):
     scores = torch.tensor(scores, dtype=torch.float32).roll(data.draw(st.integers(0, 63))).repeat(rows, 1)
     scores[1:] = scores[1:].flip(-1)
     k = data.draw(st.integers(1, scores.shape[1]))
-    assert select(scores, k).tolist() == best_k_by_position(scores, k)
+    assert modpass.routing.select_tokens(scores, k).tolist() == best_k_by_position(scores, k)
 
 
-@SELECTIONS
 @pytest.mark.parametrize(
     ("scores", "k", "chosen"),
     [([-0.0, 0.0], 1, [0]), ([0.0, -0.0], 1, [0]), ([-1.0, -0.0, 0.0, -2.0], 2, [1, 2]), ([0.0] * 5, 3, [0, 1, 2])],
 )
-def test_select_tokens_breaks_ties_by_position_even_between_signed_zeros(select, scores, k, chosen):
-    assert select(torch.tensor([scores]), k).tolist() == [chosen]
-
-
-def test_rank_selection_compiles_to_the_same_indices_at_two_lengths():
-    """Inductor's lowering of the rank form (fused comparison reduction, prefix sum, scatter), on the CPU."""
-    compiled = torch.compile(modpass.routing.select_tokens_by_rank, backend="inductor", dynamic=True, fullgraph=True)
-    generator = torch.Generator().manual_seed(0)
-    for length in (37, 64):
-        scores = torch.randint(-3, 4, (3, length), generator=generator).float()  # many ties
-        scores[0, :5] = math.inf
-        scores[1, -5:] = -math.inf
-        k = (length + 3) // 4
-        assert compiled(scores, k).tolist() == best_k_by_position(scores, k)
+def test_select_tokens_breaks_ties_by_position_even_between_signed_zeros(scores, k, chosen):
+    assert modpass.routing.select_tokens(torch.tensor([scores]), k).tolist() == [chosen]
 
 
 def reference_block(block, x, index, logits, gate):

@@ -17,9 +17,7 @@ the block's input is dead. Where the form that suits Inductor is not the
 one that suits eager execution, the routing function picks it while Dynamo
 traces it (``routing.COMPILED_FORMS``): the router's one-column ``Linear``
 becomes a row reduction (one bandwidth-bound kernel instead of a library
-GEMV, and the gate's logits fuse into the gather-and-normalise kernel), and
-on a GPU the top-k selection becomes a rank count and a prefix sum instead
-of two segmented sorts. On CPU the remaining routing glue is 1-2% of a
+GEMV, and the gate's logits fuse into the gather-and-normalise kernel). On CPU the remaining routing glue is 1-2% of a
 dense block; the GPU numbers are in the README's GPU section.
 """
 
