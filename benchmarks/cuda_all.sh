@@ -4,10 +4,10 @@
 #   benchmarks/cuda_all.sh OUTDIR [STEP...]      STEP: tests profile model block (default: all four)
 # writes OUTDIR/log.txt and each step's result files (JSON + markdown); copy those into
 # benchmarks/results/. A step that runs out of time is reported (exit 124) and the next one runs.
-# Durations seen on an H200 (torch 2.11), compile included: tests over 110 s, profile ~1 min for two
-# capacities with warm caches (over 140 s cold for all four), model over 170 s (cut off after its
-# timed rounds, before the graph-break check), block not reached. The limits below leave room:
-# "tests model" (530 s) and "profile block" (510 s) each fit a 10-minute call.
+# Durations seen on an H200 (torch 2.11, cold caches, 2026-11-27), compile included: profile 118-124 s
+# (two capacities, fwd and fwd+bwd, with the generic-forms A/B), tests 108-120 s, model 178 s (it
+# completes; an earlier 170-s limit cut it off), block not reached. Machine start took ~30 s.
+# "profile model" (630 s of limits, ~300 s in practice) and "tests block" each fit a 10-minute call.
 set -uo pipefail
 out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|profile|model|block ...]}
 shift
