@@ -122,13 +122,13 @@ def capacity_table(profiles: dict[str, Profile], flops: dict[str, common.Flops],
     dense = profiles["dense"].device_ms
     rows = []
     for c in capacities:
+        dense_k = profiles[f"dense_k@{c}"].device_ms if f"dense_k@{c}" in profiles else dense
+        ideal = flops[f"routed@{c}"].causal_adjusted / flops["dense"].causal_adjusted
         for forms in ("", GENERIC):
             if f"routed@{c}{forms}" not in profiles:
                 continue
             routed = profiles[f"routed@{c}{forms}"].device_ms
-            dense_k = profiles[f"dense_k@{c}"].device_ms if f"dense_k@{c}" in profiles else dense
             routing = profiles[f"routing@{c}{forms}"].device_ms if f"routing@{c}{forms}" in profiles else None
-            ideal = flops[f"routed@{c}"].causal_adjusted / flops["dense"].causal_adjusted
             rows.append([f"{c}{forms}", f"{ideal:.3f}", common.fmt_ratio(routed / dense),
                          common.fmt_overhead(routed / dense, ideal), common.fmt_ratio(dense_k / dense),
                          common.fmt_pct((routed - dense_k) / dense), common.fmt_pct(None if routing is None else routing / dense)])
