@@ -50,7 +50,6 @@ def test_backend_emits_triton_kernels_for_routed_blocks():
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-
 @pytest.mark.parametrize("length", [77, 4096])
 def test_compiled_selection_on_cuda_keeps_ties_to_the_earlier_position(length):
     """Inductor lowers the two sorts of ``select_tokens`` differently by size (a library sort, a
