@@ -15,11 +15,18 @@ import math
 
 import torch
 
+from modpass.kernels import selection
+
 #: Use the forms written for Inductor (:func:`router_logits`) when Dynamo
 #: traces the routing math. The same math either way; set it False before
 #: compiling to measure the generic forms (Dynamo guards on it, so a change
 #: recompiles).
 COMPILED_FORMS = True
+
+#: Select tokens on CUDA with modpass's Triton kernel
+#: (:mod:`modpass.kernels.selection`), eager and compiled; False uses the two
+#: sorts everywhere (for measuring the difference).
+SELECTION_KERNEL = True
 
 #: Gate names and their formulas, ``w(logit)`` for a selected token (and, for
 #: ``"string"``, the weight of a skipped token as well).
@@ -125,6 +132,8 @@ def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
     comparison reduction, then a prefix sum); see
     ``benchmarks/results/cuda-profile-G1-rank-form-c0.125-kernels.md``.
     """
+    if SELECTION_KERNEL and selection.supported(scores):
+        return selection.select_tokens(scores, k)
     # -0.0 and 0.0 compare equal, but a radix sort of the bit patterns would not keep them tied.
     scores = torch.where(scores == 0, 0.0, scores)
     ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices

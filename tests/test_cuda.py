@@ -46,18 +46,26 @@ def test_backend_emits_triton_kernels_for_routed_blocks():
     with torch.no_grad():
         want = routed(input_ids=ids).logits.float()
         got, code = run_and_get_code(lambda: compiled(input_ids=ids).logits.float())
-    assert "@triton.jit" in "".join(code)
+    code = "".join(code)
+    assert "@triton.jit" in code
+    assert "select_rows" in code and "sort" not in code, "selection is modpass's Triton kernel, called from Inductor's code"
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("length", [77, 4096])
-def test_compiled_selection_on_cuda_keeps_ties_to_the_earlier_position(length):
-    """Inductor lowers the two sorts of ``select_tokens`` differently by size (a library sort, a
-    Triton sort); compiled on the GPU they must still keep equal scores in position order."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["triton-kernel", "sorts"])
+@pytest.mark.parametrize("length", [77, 4096, 10000])
+def test_selection_on_cuda_keeps_ties_to_the_earlier_position(monkeypatch, kernel, length):
+    """Selection on the GPU, eager and compiled: modpass's Triton kernel (rows of one chunk and of
+    several), and the two sorts it replaces, which Inductor lowers differently by size (a library
+    sort, a Triton sort). Equal scores must stay in position order either way."""
+    monkeypatch.setattr(modpass.routing, "SELECTION_KERNEL", kernel)
     generator = torch.Generator(device="cuda").manual_seed(0)
     scores = torch.randint(-50, 50, (2, length), device="cuda", generator=generator).float()  # many ties
     scores[0, :3] = float("inf")
     scores[1, -3:] = float("-inf")
+    scores[1, ::5] = -0.0
     k = (length + 7) // 8
+    want = best_k_by_position(scores, k)
+    assert modpass.routing.select_tokens(scores, k).tolist() == want
     compiled = torch.compile(modpass.routing.select_tokens, backend="inductor", fullgraph=True)
-    assert compiled(scores, k).tolist() == best_k_by_position(scores, k)
+    assert compiled(scores, k).tolist() == want

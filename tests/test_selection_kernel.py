@@ -1,0 +1,70 @@
+"""modpass's Triton selection kernel against the selection rule, on CPU, under Triton's interpreter.
+
+``TRITON_INTERPRET`` must be set before Triton is imported, and Dynamo imports
+Triton whenever it is installed, so the checks run in a fresh interpreter:
+this file, run as a script. On a GPU the same kernel is checked compiled, in
+``test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import hypothesis
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not hasattr(torch.library, "triton_op"),
+    reason="needs Triton (the test extra installs it) and torch >= 2.6",
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_triton_selection_kernel_follows_the_selection_rule_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "selection kernel checks passed" in result.stdout
+
+
+def _check_under_the_interpreter() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the pytest test, which sets TRITON_INTERPRET=1"
+    from tests import conftest  # noqa: F401  (registers the suite's hypothesis profile, no deadline)
+
+    # More examples than the suite's default: this is the kernel's main correctness test.
+    hypothesis.settings.register_profile("triton-interpreter", hypothesis.settings.get_profile("modpass"), max_examples=40)
+    hypothesis.settings.load_profile("triton-interpreter")
+
+    from modpass import routing
+    from modpass.kernels import selection
+    from tests import test_reliability
+
+    kernel = selection.register()
+    # The reference's own property test (hypothesis: ties, +-0, +-inf, float32 extremes, several rows),
+    # pointed at the kernel.
+    routing.select_tokens = kernel
+    test_reliability.test_select_tokens_keeps_the_k_best_with_ties_to_the_earlier_position()
+
+    # Rows of one chunk, one token past it and several chunks; many ties; the edges of k.
+    generator = torch.Generator().manual_seed(0)
+    for length in (selection.CHUNK, selection.CHUNK + 1, 4 * selection.CHUNK + 77):
+        scores = torch.randint(-50, 50, (2, length), generator=generator).float()
+        scores[0, :3] = float("inf")
+        scores[1, -3:] = float("-inf")
+        scores[1, ::7] = -0.0
+        for k in (0, 1, (length + 7) // 8, length):
+            assert kernel(scores, k).tolist() == test_reliability.best_k_by_position(scores, k), (length, k)
+    # A strided (non-contiguous) row view is read correctly.
+    wide = torch.randn(3, 200, generator=generator)
+    assert kernel(wide[:, ::2], 17).tolist() == test_reliability.best_k_by_position(wide[:, ::2], 17)
+    print("selection kernel checks passed")
+
+
+if __name__ == "__main__":
+    _check_under_the_interpreter()
