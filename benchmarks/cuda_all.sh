@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tests and benchmarks of the README, each under its own time limit, for GPU leases that
 # allow few tries. From the repository root:
-#   benchmarks/cuda_all.sh OUTDIR [STEP...]      STEP: tests profile model block (default: all four)
+#   benchmarks/cuda_all.sh OUTDIR [STEP...]      STEP: tests select profile model block (default: all five)
 # writes OUTDIR/log.txt and each step's result files (JSON + markdown); copy those into
 # benchmarks/results/. A step that runs out of time is reported (exit 124) and the next one runs.
 # Durations seen on an H200 (torch 2.11, cold caches, 2026-11-27), compile included: profile 118-124 s
@@ -9,11 +9,11 @@
 # completes; an earlier 170-s limit cut it off), block not reached. Machine start took ~30 s.
 # "profile model" (630 s of limits, ~300 s in practice) and "tests block" each fit a 10-minute call.
 set -uo pipefail
-out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|profile|model|block ...]}
+out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|select|profile|model|block ...]}
 shift
-steps=${*:-tests profile model block}
+steps=${*:-tests select profile model block}
 for name in $steps; do
-  case "$name" in tests | profile | model | block) ;; *) echo "unknown step $name (tests, profile, model, block)" >&2; exit 2 ;; esac
+  case "$name" in tests | select | profile | model | block) ;; *) echo "unknown step $name (tests, select, profile, model, block)" >&2; exit 2 ;; esac
 done
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -32,7 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for name in $steps; do
   case "$name" in
-    tests) step 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
+    tests) step 270 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
+    select) step 150 python3 benchmarks/select_bench.py --out "$out/cuda-select" ;;
     profile) step 300 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
       --capacities 0.5,0.125 --generic-forms --top 0 --out "$out/cuda-profile-G1-device-time" ;;
     model) step 330 python3 benchmarks/model_bench.py --device cuda --no-kernels --out "$out/cuda-model" ;;

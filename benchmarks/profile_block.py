@@ -37,7 +37,7 @@ import common  # noqa: E402
 from modpass import routing  # noqa: E402
 
 CALLS = 5
-#: Case-name suffix of the routed cases compiled with ``routing.COMPILED_FORMS`` off (``--generic-forms``).
+#: Case-name suffix of the routed cases compiled with ``routing.COMPILED_FORMS`` and ``SELECTION_KERNEL`` off (``--generic-forms``).
 GENERIC = " generic"
 
 
@@ -93,13 +93,14 @@ def profile_case(case: common.Case, device: torch.device, top: int) -> Profile:
 
 
 def generic_forms_case(case: common.Case) -> common.Case:
-    """``case`` run (and so compiled: Dynamo guards on the flag) with ``routing.COMPILED_FORMS`` off."""
+    """``case`` run (and so compiled: Dynamo guards on the flags) with ``routing.COMPILED_FORMS``
+    and ``routing.SELECTION_KERNEL`` off: the router as a ``Linear``, selection as two sorts."""
     def step() -> None:
-        routing.COMPILED_FORMS = False
+        routing.COMPILED_FORMS = routing.SELECTION_KERNEL = False
         try:
             case.step()
         finally:
-            routing.COMPILED_FORMS = True
+            routing.COMPILED_FORMS = routing.SELECTION_KERNEL = True
 
     return dataclasses.replace(case, name=case.name + GENERIC, step=step)
 
@@ -143,7 +144,7 @@ def main() -> None:
     parser.add_argument("--passes", default="fwd", help="comma list of fwd,fwdbwd")
     parser.add_argument("--top", type=int, default=15, help="rows of the profiler's operator tables per case (0: none)")
     parser.add_argument("--generic-forms", action="store_true",
-                        help="also profile the compiled routed cases with modpass.routing.COMPILED_FORMS off (A/B)")
+                        help="also profile the compiled routed cases with routing.COMPILED_FORMS and SELECTION_KERNEL off (A/B)")
     args = parser.parse_args()
     device, dtype = common.setup(args)
     modes = common.parse_modes(args.modes)

@@ -1,0 +1,101 @@
+"""Token selection alone on a GPU: modpass's Triton kernel against the two sorts it replaces.
+
+Usage (from the repository root, on a CUDA machine)::
+
+    python benchmarks/select_bench.py --out benchmarks/results/cuda-select
+
+For each batch, sequence length and capacity it times ``routing.select_tokens``
+on fp32 scores with ``routing.SELECTION_KERNEL`` on (the kernel) and off (a
+stable descending sort, then a sort of the k winners), each eager and
+compiled by Inductor (which lowers the sorts its own way). Times come from
+``triton.testing.do_bench_cudagraph``: the calls are replayed from a CUDA
+graph, so they are kernel time without the host's launch overhead. Every form
+is checked against the eager sorts before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from modpass import routing  # noqa: E402
+
+FORMS = ("kernel", "kernel compiled", "sorts", "sorts compiled")
+
+
+@contextlib.contextmanager
+def selection_kernel(enabled: bool):
+    previous = routing.SELECTION_KERNEL
+    routing.SELECTION_KERNEL = enabled
+    try:
+        yield
+    finally:
+        routing.SELECTION_KERNEL = previous
+
+
+def time_form(form: str, scores: torch.Tensor, k: int, want: torch.Tensor) -> float:
+    """Microseconds per call of ``form`` on ``scores``, after checking its answer."""
+    from triton.testing import do_bench_cudagraph
+
+    select = routing.select_tokens
+    if form.endswith("compiled"):
+        select = torch.compile(routing.select_tokens, backend="inductor", fullgraph=True, dynamic=False)
+    with selection_kernel(form.startswith("kernel")):
+        if not torch.equal(select(scores, k), want):
+            raise SystemExit(f"{form} disagrees with the eager sorts at {tuple(scores.shape)}, k={k}")
+        return do_bench_cudagraph(lambda: select(scores, k), rep=50) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="2,8")
+    parser.add_argument("--lengths", default="1024,4096,16384,65536")
+    parser.add_argument("--capacities", default="0.5,0.125")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output path stem (writes STEM.json and STEM.md)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("select_bench.py times GPU kernels: it needs a CUDA device")
+    device = torch.device("cuda")
+    torch._dynamo.config.recompile_limit = 256
+    payload = common.header("select", args, device)
+    payload["results"] = []
+    rows = []
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for batch, length, capacity in itertools.product(
+        (int(b) for b in args.batches.split(",")),
+        (int(t) for t in args.lengths.split(",")),
+        (float(c) for c in args.capacities.split(",")),
+    ):
+        k = math.ceil(capacity * length)
+        # Router scores are bf16 logits widened to fp32: many exact ties, as in a real model.
+        scores = torch.randn(batch, length, device=device, generator=generator).bfloat16().float()
+        with selection_kernel(False):
+            want = routing.select_tokens(scores, k)
+        micros = {form: time_form(form, scores, k, want) for form in FORMS}
+        payload["results"].append({"batch": batch, "tokens": length, "capacity": capacity, "k": k, "us": micros})
+        best_sorts = min(micros["sorts"], micros["sorts compiled"])
+        rows.append([batch, length, capacity, *(f"{micros[f]:.1f}" for f in FORMS),
+                     f"{best_sorts / micros['kernel compiled']:.2f}"])
+        print(rows[-1], flush=True)
+    method = "triton.testing.do_bench_cudagraph (CUDA-graph replays: kernel time, no launch overhead), median"
+    text = "\n".join([
+        common.markdown_preamble("token selection: Triton kernel vs two sorts (us per call)", payload, method),
+        common.markdown_table(["B", "T", "c", *FORMS, "best sorts / kernel compiled"], rows),
+    ])
+    print(text)
+    common.write_results(Path(args.out) if args.out else common.default_out(device, "select"), payload, text)
+
+
+if __name__ == "__main__":
+    main()
