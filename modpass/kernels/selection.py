@@ -34,6 +34,10 @@ import torch
 #: symbolic length then never recompiles for a new one.
 CHUNK = 2048
 
+#: Bits of the k-th largest key found per pass over the row: each pass counts
+#: the keys reaching 2**RADIX_BITS thresholds at once, so 32 / RADIX_BITS passes.
+RADIX_BITS = 1
+
 #: A CUDA build of torch with Triton installed, new enough to register Triton
 #: ops (2.6+). Decided at import without touching the driver or importing
 #: Triton (a CPU build never pays Triton's import), and a constant for Dynamo.
@@ -49,20 +53,33 @@ def supported(scores: torch.Tensor) -> bool:
     return AVAILABLE and scores.is_cuda and scores.dim() == 2
 
 
-def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel) -> torch.Tensor:
+def launch(
+    scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, *, chunk: int | None = None, radix_bits: int | None = None
+) -> torch.Tensor:
     """Run the kernel on ``scores`` (B, T) fp32; returns int64 indices (B, k).
 
     ``wrap`` is ``torch.library.wrap_triton`` inside the registered op, so that
     Inductor sees the kernel; tests call this directly under the Triton
-    interpreter, on CPU tensors.
+    interpreter, on CPU tensors, and ``benchmarks/select_bench.py --sweep``
+    with other ``chunk`` and ``radix_bits`` (default :data:`CHUNK`, :data:`RADIX_BITS`).
     """
+    chunk = chunk or CHUNK
+    radix_bits = radix_bits or RADIX_BITS
     batch, num_tokens = scores.shape
     scores = scores.contiguous()
     index = torch.empty((batch, k), dtype=torch.int64, device=scores.device)
     from modpass.kernels._selection_triton import select_rows
 
     wrap(select_rows)[(batch,)](
-        scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=CHUNK // 256
+        scores,
+        index,
+        num_tokens,
+        k,
+        scores.stride(0),
+        index.stride(0),
+        CHUNK=chunk,
+        RADIX_BITS=radix_bits,
+        num_warps=max(chunk // 256, 4),
     )
     return index
 
