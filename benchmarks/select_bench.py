@@ -11,17 +11,12 @@ compiled by Inductor (which lowers the sorts its own way). Times come from
 ``triton.testing.do_bench_cudagraph``: the calls are replayed from a CUDA
 graph, so they are kernel time without the host's launch overhead. Every form
 is checked against the eager sorts before it is timed.
-
-``--sweep`` times the kernel's own settings instead (``selection.launch`` with
-each chunk size and radix width), beside the compiled sorts, to choose
-``selection.CHUNK`` and ``selection.RADIX_BITS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
 import math
 import sys
@@ -34,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from modpass import routing  # noqa: E402
-from modpass.kernels import selection  # noqa: E402
 
 FORMS = ("kernel", "kernel compiled", "sorts", "sorts compiled")
 
@@ -62,34 +56,12 @@ def time_form(form: str, scores: torch.Tensor, k: int, want: torch.Tensor) -> fl
         return do_bench_cudagraph(lambda: select(scores, k), rep=50) * 1e3
 
 
-def sweep(scores: torch.Tensor, k: int, want: torch.Tensor) -> dict[str, float | str]:
-    """Microseconds per call of the kernel at each (radix bits, chunk), and of the compiled sorts."""
-    from triton.testing import do_bench_cudagraph
-
-    micros: dict[str, float | str] = {"sorts compiled": time_form("sorts compiled", scores, k, want)}
-    for radix_bits, chunk in itertools.product(SWEEP_RADIX_BITS, SWEEP_CHUNKS):
-        name = f"r{radix_bits} c{chunk}"
-        select = functools.partial(selection.launch, scores, k, chunk=chunk, radix_bits=radix_bits)
-        try:
-            if not torch.equal(select(), want):
-                raise SystemExit(f"{name} disagrees with the eager sorts at {tuple(scores.shape)}, k={k}")
-            micros[name] = do_bench_cudagraph(select, rep=30) * 1e3
-        except Exception as error:  # a setting Triton cannot compile (registers) is a result, not the end of the sweep
-            micros[name] = f"failed: {type(error).__name__}"
-    return micros
-
-
-SWEEP_RADIX_BITS = (1, 2, 4)
-SWEEP_CHUNKS = (1024, 2048, 4096)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="2,8")
     parser.add_argument("--lengths", default="1024,4096,16384,65536")
     parser.add_argument("--capacities", default="0.5,0.125")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sweep", action="store_true", help="time the kernel's chunk sizes and radix widths instead")
     parser.add_argument("--out", default=None, help="output path stem (writes STEM.json and STEM.md)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -110,23 +82,16 @@ def main() -> None:
         scores = torch.randn(batch, length, device=device, generator=generator).bfloat16().float()
         with selection_kernel(False):
             want = routing.select_tokens(scores, k)
-        if args.sweep:
-            micros = sweep(scores, k, want)
-            columns = list(micros)
-            rows.append([batch, length, capacity, *(v if isinstance(v, str) else f"{v:.1f}" for v in micros.values())])
-        else:
-            micros = {form: time_form(form, scores, k, want) for form in FORMS}
-            columns = [*FORMS, "best sorts / kernel compiled"]
-            best_sorts = min(micros["sorts"], micros["sorts compiled"])
-            rows.append([batch, length, capacity, *(f"{micros[f]:.1f}" for f in FORMS),
-                         f"{best_sorts / micros['kernel compiled']:.2f}"])
+        micros = {form: time_form(form, scores, k, want) for form in FORMS}
         payload["results"].append({"batch": batch, "tokens": length, "capacity": capacity, "k": k, "us": micros})
+        best_sorts = min(micros["sorts"], micros["sorts compiled"])
+        rows.append([batch, length, capacity, *(f"{micros[f]:.1f}" for f in FORMS),
+                     f"{best_sorts / micros['kernel compiled']:.2f}"])
         print(rows[-1], flush=True)
     method = "triton.testing.do_bench_cudagraph (CUDA-graph replays: kernel time, no launch overhead), median"
-    title = "the selection kernel's settings (r = radix bits, c = chunk)" if args.sweep else "Triton kernel vs two sorts"
     text = "\n".join([
-        common.markdown_preamble(f"token selection: {title} (us per call)", payload, method),
-        common.markdown_table(["B", "T", "c", *columns], rows),
+        common.markdown_preamble("token selection: Triton kernel vs two sorts (us per call)", payload, method),
+        common.markdown_table(["B", "T", "c", *FORMS, "best sorts / kernel compiled"], rows),
     ])
     print(text)
     common.write_results(Path(args.out) if args.out else common.default_out(device, "select"), payload, text)

@@ -53,11 +53,12 @@ def test_backend_emits_triton_kernels_for_routed_blocks():
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["triton-kernel", "sorts"])
-@pytest.mark.parametrize("length", [77, 4096, 10000])
+@pytest.mark.parametrize("length", [77, 4096, 10000, 20000])
 def test_selection_on_cuda_keeps_ties_to_the_earlier_position(monkeypatch, kernel, length):
     """Selection on the GPU, eager and compiled: modpass's Triton kernel (rows of one chunk and of
-    several), and the two sorts it replaces, which Inductor lowers differently by size (a library
-    sort, a Triton sort). Equal scores must stay in position order either way."""
+    several; past ``MAX_TOKENS`` the sorts again), and the two sorts it replaces, which Inductor
+    lowers differently by size (a library sort, a Triton sort). Equal scores must stay in position
+    order either way."""
     monkeypatch.setattr(modpass.routing, "SELECTION_KERNEL", kernel)
     generator = torch.Generator(device="cuda").manual_seed(0)
     scores = torch.randint(-50, 50, (2, length), device="cuda", generator=generator).float()  # many ties

@@ -3,7 +3,8 @@
 The reference (:func:`modpass.routing.select_tokens`) is two stable sorts: a
 descending sort of the scores, then an ascending sort of the k winning
 positions. Inductor lowers each to a full sort of the row; on an H200 (two
-rows of 4096 tokens) the pair took 34 us, more than half of the routing glue.
+rows of 4096 tokens) the pair took 33 us, more than half of the routing glue,
+against 22 us for this kernel.
 Selection needs neither sort. This kernel, one program per row:
 
 1. maps each fp32 score to an int32 key with the same order
@@ -17,9 +18,11 @@ Selection needs neither sort. This kernel, one program per row:
    so the output is sorted by position without sorting.
 
 Scores must not be NaN (``routing.selection_scores`` maps NaN to ``-inf``).
-One program per row loops over the row in chunks of :data:`CHUNK` tokens, so
-any length works; each of the 33 counting passes re-reads the row (from L1
-for rows of a few thousand tokens).
+One program per row loops over the row in chunks of :data:`CHUNK` tokens; each
+of the 33 counting passes re-reads the row (from L1 for rows of a few thousand
+tokens), so rows past :data:`MAX_TOKENS` go to the sorts, which are faster there.
+Counting several bits per pass (2**b thresholds at once) was tried and not
+kept: ``benchmarks/results/cuda-select-sweep.md``.
 """
 
 from __future__ import annotations
@@ -30,13 +33,19 @@ import importlib.util
 import torch
 
 #: Tokens one program handles per step of its loops over the row. A
-#: constant, not a function of the sequence length: a compiled model with a
-#: symbolic length then never recompiles for a new one.
+#: constant, not a function of the sequence length, so that a compiled model
+#: with a symbolic length does not recompile for each new one.
 CHUNK = 2048
 
-#: Bits of the k-th largest key found per pass over the row: each pass counts
-#: the keys reaching 2**RADIX_BITS thresholds at once, so 32 / RADIX_BITS passes.
-RADIX_BITS = 1
+#: Longest row the kernel takes; longer rows use the sorts. One program per row
+#: re-reads its row 33 times, which stops paying once the row outgrows L1: on an
+#: H200 (two rows, ``benchmarks/results/cuda-select.md``) the kernel takes 22 us
+#: against 33 us for the compiled sorts at 4096 tokens and 68 us against 98 at
+#: 16384, but 481 us against 165 at 65536. At 32768 the sorts take 106 us; the
+#: kernel was not timed there, and grows faster than linearly past 16384. A
+#: compiled model with a symbolic length guards on this bound: a length on the
+#: other side of it compiles once more.
+MAX_TOKENS = 16384
 
 #: A CUDA build of torch with Triton installed, new enough to register Triton
 #: ops (2.6+). Decided at import without touching the driver or importing
@@ -50,36 +59,23 @@ AVAILABLE = (
 
 def supported(scores: torch.Tensor) -> bool:
     """Whether :func:`select_tokens` runs the Triton kernel for ``scores`` (B, T)."""
-    return AVAILABLE and scores.is_cuda and scores.dim() == 2
+    return AVAILABLE and scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_TOKENS
 
 
-def launch(
-    scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, *, chunk: int | None = None, radix_bits: int | None = None
-) -> torch.Tensor:
+def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel) -> torch.Tensor:
     """Run the kernel on ``scores`` (B, T) fp32; returns int64 indices (B, k).
 
     ``wrap`` is ``torch.library.wrap_triton`` inside the registered op, so that
     Inductor sees the kernel; tests call this directly under the Triton
-    interpreter, on CPU tensors, and ``benchmarks/select_bench.py --sweep``
-    with other ``chunk`` and ``radix_bits`` (default :data:`CHUNK`, :data:`RADIX_BITS`).
+    interpreter, on CPU tensors.
     """
-    chunk = chunk or CHUNK
-    radix_bits = radix_bits or RADIX_BITS
     batch, num_tokens = scores.shape
     scores = scores.contiguous()
     index = torch.empty((batch, k), dtype=torch.int64, device=scores.device)
     from modpass.kernels._selection_triton import select_rows
 
     wrap(select_rows)[(batch,)](
-        scores,
-        index,
-        num_tokens,
-        k,
-        scores.stride(0),
-        index.stride(0),
-        CHUNK=chunk,
-        RADIX_BITS=radix_bits,
-        num_warps=max(chunk // 256, 4),
+        scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=CHUNK // 256
     )
     return index
 
