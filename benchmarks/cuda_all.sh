@@ -7,7 +7,8 @@
 # Durations seen on an H200 (torch 2.11, cold caches, 2026-11-27), compile included: profile 118-124 s
 # (two capacities, fwd and fwd+bwd, with the generic-forms A/B), tests 108-120 s, model 178 s (it
 # completes; an earlier 170-s limit cut it off), block not reached. Machine start took ~30 s.
-# "profile model" (630 s of limits, ~300 s in practice) and "tests block" each fit a 10-minute call.
+# Later the same day, with the selection kernel: select 76 s, tests 174 s (13 tests), profile with --top 30 ~130 s,
+# model 164 s. "select tests profile" (~6 min in practice) fits a 10-minute call; so do "model" and "block".
 set -uo pipefail
 out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|select|profile|model|block ...]}
 shift
