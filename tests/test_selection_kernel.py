@@ -1,9 +1,9 @@
-"""modpass's Triton selection kernel against the selection rule, on CPU, under Triton's interpreter.
+"""modpass's Triton selection kernel: where routing uses it, and its answers on CPU under Triton's interpreter.
 
 ``TRITON_INTERPRET`` must be set before Triton is imported, and Dynamo imports
-Triton whenever it is installed, so the checks run in a fresh interpreter:
-this file, run as a script. On a GPU the same kernel is checked compiled, in
-``test_cuda.py``.
+Triton whenever it is installed, so the interpreter checks run in a fresh
+process: this file, run as a script. On a GPU the same kernel is checked
+compiled, in ``test_cuda.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import sys
 import hypothesis
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-pytestmark = pytest.mark.skipif(
+from modpass import routing
+from modpass.kernels import selection
+
+needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or not hasattr(torch.library, "triton_op"),
     reason="needs Triton (the test extra installs it) and torch >= 2.6",
 )
@@ -26,6 +30,33 @@ pytestmark = pytest.mark.skipif(
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def test_kernel_takes_cuda_rows_up_to_max_tokens_only(monkeypatch):
+    monkeypatch.setattr(selection, "AVAILABLE", True)
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        assert selection.supported(torch.empty(2, selection.MAX_TOKENS, device="cuda"))
+        assert not selection.supported(torch.empty(2, selection.MAX_TOKENS + 1, device="cuda"))
+    assert not selection.supported(torch.empty(2, 16))
+    monkeypatch.setattr(selection, "AVAILABLE", False)
+    with FakeTensorMode():
+        assert not selection.supported(torch.empty(2, 16, device="cuda"))
+
+
+def test_select_tokens_dispatches_to_the_kernel_where_supported_and_the_switch_is_on(monkeypatch):
+    calls = []
+
+    def kernel(scores, k):
+        calls.append(k)
+        return torch.zeros(scores.shape[0], k, dtype=torch.long)
+
+    monkeypatch.setattr(selection, "supported", lambda scores: True)
+    monkeypatch.setattr(selection, "select_tokens", kernel)
+    scores = torch.tensor([[0.0, 2.0, 1.0]])
+    assert routing.select_tokens(scores, 2).tolist() == [[0, 0]] and calls == [2]
+    monkeypatch.setattr(routing, "SELECTION_KERNEL", False)
+    assert routing.select_tokens(scores, 2).tolist() == [[1, 2]] and calls == [2]
+
+
+@needs_triton
 def test_triton_selection_kernel_follows_the_selection_rule_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
