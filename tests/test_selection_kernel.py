@@ -69,7 +69,7 @@ def _check_under_the_interpreter() -> None:
     from tests import conftest  # noqa: F401  (registers the suite's hypothesis profile, no deadline)
 
     # More examples than the suite's default: this is the kernel's main correctness test.
-    hypothesis.settings.register_profile("triton-interpreter", hypothesis.settings.get_profile("modpass"), max_examples=40)
+    hypothesis.settings.register_profile("triton-interpreter", hypothesis.settings.get_profile("modpass"), max_examples=20)
     hypothesis.settings.load_profile("triton-interpreter")
 
     from modpass import routing
