@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from modpass import routing
 from modpass.api import routed_blocks
 from modpass.flops import register_cpu_attention_flops
 
@@ -125,6 +126,23 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     return device, getattr(torch, args.dtype)
+
+
+@contextlib.contextmanager
+def routing_switches(**values: bool):
+    """Set switches of ``modpass.routing`` (``COMPILED_FORMS``, ``SELECTION_KERNEL``) for a block, then restore them.
+
+    Dynamo guards on them, so a compiled call inside the block recompiles
+    rather than reusing a graph traced with the other setting.
+    """
+    previous = {name: getattr(routing, name) for name in values}
+    for name, value in values.items():
+        setattr(routing, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(routing, name, value)
 
 
 def resolve_backend(name: str):

@@ -34,8 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import block_bench  # noqa: E402 (script directory on the path first)
 import common  # noqa: E402
 
-from modpass import routing  # noqa: E402
-
 CALLS = 5
 #: Case-name suffix of the routed cases compiled with ``routing.COMPILED_FORMS`` and ``SELECTION_KERNEL`` off (``--generic-forms``).
 GENERIC = " generic"
@@ -96,11 +94,8 @@ def generic_forms_case(case: common.Case) -> common.Case:
     """``case`` run (and so compiled: Dynamo guards on the flags) with ``routing.COMPILED_FORMS``
     and ``routing.SELECTION_KERNEL`` off: the router as a ``Linear``, selection as two sorts."""
     def step() -> None:
-        routing.COMPILED_FORMS = routing.SELECTION_KERNEL = False
-        try:
+        with common.routing_switches(COMPILED_FORMS=False, SELECTION_KERNEL=False):
             case.step()
-        finally:
-            routing.COMPILED_FORMS = routing.SELECTION_KERNEL = True
 
     return dataclasses.replace(case, name=case.name + GENERIC, step=step)
 

@@ -16,7 +16,6 @@ is checked against the eager sorts before it is timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import sys
@@ -33,16 +32,6 @@ from modpass import routing  # noqa: E402
 FORMS = ("kernel", "kernel compiled", "sorts", "sorts compiled")
 
 
-@contextlib.contextmanager
-def selection_kernel(enabled: bool):
-    previous = routing.SELECTION_KERNEL
-    routing.SELECTION_KERNEL = enabled
-    try:
-        yield
-    finally:
-        routing.SELECTION_KERNEL = previous
-
-
 def time_form(form: str, scores: torch.Tensor, k: int, want: torch.Tensor) -> float:
     """Microseconds per call of ``form`` on ``scores``, after checking its answer."""
     from triton.testing import do_bench_cudagraph
@@ -50,7 +39,7 @@ def time_form(form: str, scores: torch.Tensor, k: int, want: torch.Tensor) -> fl
     select = routing.select_tokens
     if form.endswith("compiled"):
         select = torch.compile(routing.select_tokens, backend="inductor", fullgraph=True, dynamic=False)
-    with selection_kernel(form.startswith("kernel")):
+    with common.routing_switches(SELECTION_KERNEL=form.startswith("kernel")):
         if not torch.equal(select(scores, k), want):
             raise SystemExit(f"{form} disagrees with the eager sorts at {tuple(scores.shape)}, k={k}")
         return do_bench_cudagraph(lambda: select(scores, k), rep=50) * 1e3
@@ -80,7 +69,7 @@ def main() -> None:
         k = math.ceil(capacity * length)
         # Router scores are bf16 logits widened to fp32: many exact ties, as in a real model.
         scores = torch.randn(batch, length, device=device, generator=generator).bfloat16().float()
-        with selection_kernel(False):
+        with common.routing_switches(SELECTION_KERNEL=False):
             want = routing.select_tokens(scores, k)
         micros = {form: time_form(form, scores, k, want) for form in FORMS}
         payload["results"].append({"batch": batch, "tokens": length, "capacity": capacity, "k": k, "us": micros})
