@@ -91,6 +91,14 @@ def _check_under_the_interpreter() -> None:
         scores[1, ::7] = -0.0
         for k in (0, 1, (length + 7) // 8, length):
             assert kernel(scores, k).tolist() == test_reliability.best_k_by_position(scores, k), (length, k)
+    # Ties at the k-th place for a value with each single key bit set (both signs): every bit of the
+    # threshold decides which tied tokens are kept (small integers alone never set the low bits).
+    tie = torch.tensor([1 << bit for bit in range(31)], dtype=torch.int32).view(torch.float32)
+    scores = torch.zeros(62, 10)
+    scores[:, [0, 2, 4, 5, 8]] = torch.cat([tie, -tie]).unsqueeze(-1)
+    scores[:, [3, 6]] = float("inf")
+    scores[31:, [1, 7, 9]] = float("-inf")
+    assert kernel(scores, 4).tolist() == test_reliability.best_k_by_position(scores, 4)
     # A strided (non-contiguous) row view is read correctly.
     wide = torch.randn(3, 200, generator=generator)
     assert kernel(wide[:, ::2], 17).tolist() == test_reliability.best_k_by_position(wide[:, ::2], 17)
