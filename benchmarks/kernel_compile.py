@@ -32,8 +32,6 @@ from modpass.kernels import selection  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCE = "modpass/kernels/_selection_triton.py"
-SIGNATURE = {"scores_ptr": "*fp32", "index_ptr": "*i64", "num_tokens": "i32", "k": "i32",
-             "scores_row_stride": "i32", "index_row_stride": "i32", "CHUNK": "constexpr"}
 
 
 def load_kernel(name: str, source: str):
@@ -48,15 +46,9 @@ def load_kernel(name: str, source: str):
 
 def compile_once(kernel, capability: int) -> tuple[float, int]:
     """Seconds for one compile into an empty cache, and the cubin's size in bytes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
-    source = ASTSource(fn=kernel, signature=SIGNATURE, constexprs={"CHUNK": selection.CHUNK})
     start = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": selection.CHUNK // 256})
+    compiled = selection.compile_for(capability, kernel)
     return time.perf_counter() - start, len(compiled.asm["cubin"])
 
 
@@ -93,7 +85,7 @@ def main() -> None:
     rows = [[name, f"sm_{cap}", f"{statistics.median(samples[name, cap]):.2f}",
              f"{min(samples[name, cap]):.2f}–{max(samples[name, cap]):.2f}", sizes[name, cap]]
             for name, cap in samples]
-    method = (f"`triton.compile` of `select_rows` (CHUNK={selection.CHUNK}, {selection.CHUNK // 256} warps) into an "
+    method = (f"`selection.compile_for` (CHUNK={selection.CHUNK}, {selection.NUM_WARPS} warps) into an "
               f"empty cache, {args.repeats} rounds alternating the kernels; median and range of the seconds")
     markdown = (common.markdown_preamble("modpass selection kernel: Triton compile time", payload, method)
                 + "\n" + common.markdown_table(["kernel", "target", "compile (s)", "range (s)", "cubin (bytes)"], rows))

@@ -3,7 +3,8 @@
 ``TRITON_INTERPRET`` must be set before Triton is imported, and Dynamo imports
 Triton whenever it is installed, so the interpreter checks run in a fresh
 process: this file, run as a script. On a GPU the same kernel is checked
-compiled, in ``test_cuda.py``.
+compiled, in ``test_cuda.py``; here it is also compiled ahead of time for sm_90
+and sm_80, which needs no GPU.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def test_select_tokens_dispatches_to_the_kernel_where_supported_and_the_switch_i
     assert routing.select_tokens(scores, 2).tolist() == [[0, 0]] and calls == [2]
     monkeypatch.setattr(routing, "SELECTION_KERNEL", False)
     assert routing.select_tokens(scores, 2).tolist() == [[1, 2]] and calls == [2]
+
+
+@needs_triton
+@pytest.mark.parametrize("capability", [90, 80])
+def test_selection_kernel_compiles_for_the_gpu_without_one(capability, tmp_path, monkeypatch):
+    # The interpreter runs code that Triton's compiler refuses (a reassigned constexpr, once): the
+    # kernel must also go through the whole compile, to a cubin, for the GPUs it targets.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compiled = selection.compile_for(capability)
+    assert compiled.metadata.num_warps == selection.NUM_WARPS
+    assert len(compiled.asm["cubin"]) > 0
+    # Within the shared memory every CUDA GPU gives a block without opting in.
+    assert compiled.metadata.shared <= 48 * 1024
 
 
 @needs_triton

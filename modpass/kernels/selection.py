@@ -36,6 +36,8 @@ import torch
 #: constant, not a function of the sequence length, so that a compiled model
 #: with a symbolic length does not recompile for each new one.
 CHUNK = 2048
+#: Warps per program: one per 256 tokens of a chunk.
+NUM_WARPS = CHUNK // 256
 
 #: Longest row the kernel takes; longer rows use the sorts. One program per row
 #: re-reads its row 33 times, which stops paying once the row outgrows L1: on an
@@ -75,9 +77,35 @@ def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel) -> torch.Te
     from modpass.kernels._selection_triton import select_rows
 
     wrap(select_rows)[(batch,)](
-        scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=CHUNK // 256
+        scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=NUM_WARPS
     )
     return index
+
+
+def compile_for(capability: int, kernel=None):
+    """Compile the kernel for CUDA compute capability ``capability`` (90: H100/H200) on the host.
+
+    No GPU is needed: Triton runs its whole pipeline down to the cubin here.
+    CI uses it to check that the kernel compiles (the interpreter accepts code
+    the compiler refuses) and ``benchmarks/kernel_compile.py`` to time the
+    compile that a routed model's GPU compile pays. ``kernel`` is
+    ``select_rows`` from another source (an earlier revision's); returns
+    Triton's compiled kernel.
+    """
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if kernel is None:
+        from modpass.kernels._selection_triton import select_rows as kernel
+    signature = {"scores_ptr": "*fp32", "index_ptr": "*i64", "num_tokens": "i32", "k": "i32",
+                 "scores_row_stride": "i32", "index_row_stride": "i32", "CHUNK": "constexpr"}
+    # Triton 3.3 renamed ``constants`` to ``constexprs``.
+    constants = "constexprs" if "constexprs" in inspect.signature(ASTSource).parameters else "constants"
+    source = ASTSource(fn=kernel, signature=signature, **{constants: {"CHUNK": CHUNK}})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
 
 
 @functools.cache
