@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tests and benchmarks of the README, each under its own time limit, for GPU leases that
 # allow few tries. From the repository root:
-#   benchmarks/cuda_all.sh OUTDIR [STEP...]      STEP: tests select profile model block (default: all five)
+#   benchmarks/cuda_all.sh OUTDIR [STEP...]      STEP: tests select profile model block compile (default: all six)
 # writes OUTDIR/log.txt and each step's result files (JSON + markdown); copy those into
 # benchmarks/results/. A step that runs out of time is reported (exit 124) and the next one runs.
 # Durations seen on an H200 (torch 2.11, cold caches, 2026-11-27), compile included: profile 118-124 s
@@ -9,12 +9,15 @@
 # completes; an earlier 170-s limit cut it off), block not reached. Machine start took ~30 s.
 # Later the same day, with the selection kernel: select 76 s, tests 174 s (13 tests), profile with --top 30 ~130 s,
 # model 164 s. "select tests profile" (~6 min in practice) fits a 10-minute call; so do "model" and "block".
+# compile (added 2026-11-27, not yet run on a GPU): 2 rounds x 4 cold compiles at ~12-28 s each plus process start.
 set -uo pipefail
-out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|select|profile|model|block ...]}
+out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|select|profile|model|block|compile ...]}
 shift
-steps=${*:-tests select profile model block}
+steps=${*:-tests select profile model block compile}
 for name in $steps; do
-  case "$name" in tests | select | profile | model | block) ;; *) echo "unknown step $name (tests, select, profile, model, block)" >&2; exit 2 ;; esac
+  case "$name" in tests | select | profile | model | block | compile) ;;
+    *) echo "unknown step $name (tests, select, profile, model, block, compile)" >&2; exit 2 ;;
+  esac
 done
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -40,5 +43,6 @@ for name in $steps; do
     model) step 330 python3 benchmarks/model_bench.py --device cuda --no-kernels --out "$out/cuda-model" ;;
     block) step 270 python3 benchmarks/block_bench.py --device cuda --rounds 9 --calls 10 --kernels \
       --out "$out/cuda-block-G1-calls10" ;;
+    compile) step 420 python3 benchmarks/compile_bench.py --device cuda --rounds 2 --out "$out/cuda-compile" ;;
   esac
 done
