@@ -177,6 +177,23 @@ def test_transforming_twice_is_refused(llama_and_routed):
         modpass.transform(llama_and_routed[1], 0.5)
 
 
+def test_routed_model_exports_with_symbolic_batch_and_length(llama_and_routed):
+    # The serving path: torch.export (then AOTInductor, see examples/export_llama.py). Dim.AUTO, not
+    # Dim("T"): the capacity ceil(T/2) brings guards (k <= T, k != T) that hold for every T >= 2
+    # but that the shape environment cannot prove, so a named Dim is refused and AUTO records them.
+    _, routed = llama_and_routed
+    auto = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+    exported = torch.export.export(routed, (), {"input_ids": torch.randint(0, 97, (2, 16)), "use_cache": False},
+                                   dynamic_shapes={"input_ids": auto, "use_cache": None})
+    assert {"model.layers.1.mod_routers.default.weight", "model.layers.3.mod_routers.default.bias"} <= set(exported.state_dict)
+    served = exported.module()
+    for batch, tokens in ((3, 9), (1, 23)):
+        ids = torch.randint(0, 97, (batch, tokens))
+        with torch.no_grad():
+            torch.testing.assert_close(served(input_ids=ids, use_cache=False).logits, routed(input_ids=ids).logits,
+                                       rtol=0, atol=1e-5)
+
+
 def test_kv_cache_calls_are_refused_clearly(llama_and_routed):
     _, routed = llama_and_routed
     with pytest.raises(modpass.RoutingInputError, match="use_cache=False"):
