@@ -184,7 +184,7 @@ def test_routed_model_exports_with_symbolic_batch_and_length(llama_and_routed):
     _, routed = llama_and_routed
     auto = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
     exported = torch.export.export(routed, (), {"input_ids": torch.randint(0, 97, (2, 16)), "use_cache": False},
-                                   dynamic_shapes={"input_ids": auto, "use_cache": None})
+                                   dynamic_shapes={"input_ids": auto, "use_cache": None}, strict=False)
     assert {"model.layers.1.mod_routers.default.weight", "model.layers.3.mod_routers.default.bias"} <= set(exported.state_dict)
     served = exported.module()
     for batch, tokens in ((3, 9), (1, 23)):
