@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with Triton installed)::
 
-    python benchmarks/kernel_compile.py --against HEAD~1 --out benchmarks/results/cpu-kernel-compile
+    python benchmarks/kernel_compile.py --against d9513de --out benchmarks/results/cpu-kernel-compile   # d9513de: unrolled passes
 
 Inductor compiles the Triton kernels of a compiled model on the host, so the
 kernel's compile time is part of a routed model's compile time on a GPU. This

@@ -60,8 +60,8 @@ def test_select_tokens_dispatches_to_the_kernel_where_supported_and_the_switch_i
 @needs_triton
 @pytest.mark.parametrize("capability", [90, 80])
 def test_selection_kernel_compiles_for_the_gpu_without_one(capability, tmp_path, monkeypatch):
-    # The interpreter runs code that Triton's compiler refuses (a reassigned constexpr, once): the
-    # kernel must also go through the whole compile, to a cubin, for the GPUs it targets.
+    # The interpreter runs code that Triton's compiler refuses (a loop-carried variable that changes
+    # type, for one): the kernel must also go through the whole compile, to a cubin, for its GPUs.
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     compiled = selection.compile_for(capability)
     assert compiled.metadata.num_warps == selection.NUM_WARPS
@@ -106,7 +106,7 @@ def _check_under_the_interpreter() -> None:
         for k in (0, 1, (length + 7) // 8, length):
             assert kernel(scores, k).tolist() == test_reliability.best_k_by_position(scores, k), (length, k)
     # Ties at the k-th place for a value with each single key bit set (both signs): every bit of the
-    # threshold decides which tied tokens are kept (small integers alone never set the low bits).
+    # threshold decides which tied tokens are kept. The integer-valued rows above missed a dropped pass.
     tie = torch.tensor([1 << bit for bit in range(31)], dtype=torch.int32).view(torch.float32)
     scores = torch.zeros(62, 10)
     scores[:, [0, 2, 4, 5, 8]] = torch.cat([tie, -tie]).unsqueeze(-1)

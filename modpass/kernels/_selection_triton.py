@@ -38,7 +38,7 @@ def select_rows(scores_ptr, index_ptr, num_tokens, k, scores_row_stride, index_r
     # The k-th largest key, one bit at a time from the top: the largest threshold that k keys reach.
     threshold = tl.where(count_reaching(row_scores, num_tokens, 0, CHUNK) >= k, 0, -2147483648)
     # A runtime loop, not an unrolled one: unrolled, the 31 passes made the cubin 4x larger and the
-    # Triton compile 4-5x longer (benchmarks/triton_compile_time.py), and each pass waits for the
+    # Triton compile 4-5x longer (benchmarks/kernel_compile.py), and each pass waits for the
     # threshold of the one before, so unrolling leaves nothing to overlap.
     for step in range(31):
         candidate = threshold | (1 << (30 - step))
