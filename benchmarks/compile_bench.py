@@ -86,21 +86,18 @@ def run_sample(name: str, pass_name: str) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    samples = payload["samples"]
+    def values(name: str, pass_name: str, pick) -> list[float]:
+        return [pick(s) for s in payload["samples"] if s["model"] == name and s["pass"] == pass_name]
 
-    def median(name: str, pass_name: str, pick) -> float:
-        return statistics.median(pick(s) for s in samples if s["model"] == name and s["pass"] == pass_name)
+    def spread(numbers: list[float], digits: int) -> str:
+        return f"{statistics.median(numbers):.{digits}f} ({min(numbers):.{digits}f}–{max(numbers):.{digits}f})"
 
     rows = []
     for pass_name in payload["passes"]:
-        ratios = payload["ratios"][pass_name]
-        compile_s = {name: [s["compile_s"] for s in samples if s["model"] == name and s["pass"] == pass_name]
-                     for name in MODELS}
-        phases = [f"{median('dense', pass_name, lambda s, p=p: s['phases'][p]):.1f} / "
-                  f"{median('mod', pass_name, lambda s, p=p: s['phases'][p]):.1f}" for p in PHASES]
-        rows.append([pass_name, *(f"{statistics.median(compile_s[n]):.1f} ({min(compile_s[n]):.1f}–{max(compile_s[n]):.1f})"
-                                  for n in MODELS),
-                     f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f})", *phases])
+        phases = [" / ".join(f"{statistics.median(values(name, pass_name, lambda s, p=p: s['phases'][p])):.1f}"
+                             for name in MODELS) for p in PHASES]
+        rows.append([pass_name, *(spread(values(name, pass_name, lambda s: s["compile_s"]), 1) for name in MODELS),
+                     f"**{spread(payload['ratios'][pass_name], 2)}**", *phases])
     method = (f"{payload['settings']['rounds']} rounds; each sample a fresh process with empty Inductor/Triton caches "
               "(compile = first call - second call); rounds run every (model, pass) once in a shuffled order, "
               "ratio = median of per-round routed/dense ratios (range in brackets)")
@@ -109,8 +106,9 @@ def markdown(payload: dict) -> str:
     return (common.markdown_preamble("modpass compile time: routed vs dense model", payload, method)
             + f"\nModel: LlamaForCausalLM, {payload['size']}; MoD c={payload['settings']['capacity']} on every other layer.\n\n"
             + common.markdown_table(headers, rows)
-            + "\n\nPhase columns are medians of Dynamo's compile-time counters (summed over the forward and backward "
-              "graphs), which overlap: the kernel compile wait sits inside Inductor's code generation.\n")
+            + "\n\nPhase columns are medians of Dynamo's compile-time counters, summed over the forward and backward "
+              "graphs. Kernels compile in worker processes from code generation on; the wait is what remains of "
+              "those compiles when the generated module loads.\n")
 
 
 def main() -> None:
