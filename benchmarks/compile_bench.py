@@ -54,7 +54,7 @@ RESULT_TAG = "compile_bench result: "
 
 def sample(args, device: torch.device, dtype: torch.dtype) -> dict:
     """One cold compile of one model and pass, in this (fresh) process."""
-    size = model_bench.SIZES["quick" if args.quick else device.type]
+    size = model_bench.size_for(args, device)
     torch.manual_seed(args.seed)
     model = model_bench.build_model(size, device, dtype)
     if args.worker == "mod":
@@ -125,7 +125,7 @@ def main() -> None:
     device, _ = common.setup(args)
     args.rounds = args.rounds or (1 if args.quick else 3)
     passes = [p for p in args.passes.split(",") if p]
-    size = model_bench.SIZES["quick" if args.quick else device.type]
+    size = model_bench.size_for(args, device)
 
     payload = common.header("compile", args, device)
     payload.update(size=size.describe(), passes=passes, samples=[], ratios={p: [] for p in passes})

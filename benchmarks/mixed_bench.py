@@ -44,7 +44,7 @@ def main() -> None:
     device, dtype = common.setup(args)
     modes = common.parse_modes(args.modes)
     backend = common.resolve_backend(args.backend)
-    size = model_bench.SIZES["quick" if args.quick else device.type]
+    size = model_bench.size_for(args, device)
     if size.batch % 2:
         raise SystemExit("the mixed batch alternates two tasks: the batch size must be even")
     torch._dynamo.config.capture_dynamic_output_shape_ops = True

@@ -56,6 +56,11 @@ SIZES = {
 }
 
 
+def size_for(args: argparse.Namespace, device: torch.device) -> ModelSize:
+    """The model size a run uses: ``--quick``'s tiny one, else the size for the device."""
+    return SIZES["quick" if args.quick else device.type]
+
+
 def build_model(size: ModelSize, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,7 +89,7 @@ def main() -> None:
     if args.kernels is None:
         args.kernels = device.type == "cuda"
     layers = args.layers if args.layers in ("every_other", "all", "last_half") else [int(i) for i in args.layers.split(",")]
-    size = SIZES["quick" if args.quick else device.type]
+    size = size_for(args, device)
 
     print(f"== {size.describe()}, {dtype}, {device}; MoD c={args.capacity} on layers={args.layers}")
     torch.manual_seed(args.seed)
