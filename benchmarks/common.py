@@ -479,6 +479,35 @@ def git_revision() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def selection_kernel(against: str):
+    """``(label, select_rows)``: the selection kernel from a kernel source file or a git revision's.
+
+    For A/B runs of :mod:`modpass.kernels.selection` against another version of
+    its Triton code: a file for machines whose copy of the repository has no git
+    history, else ``git show REV:modpass/kernels/_selection_triton.py``. The
+    kernel must keep ``select_rows``'s signature.
+    """
+    import importlib.util
+    import tempfile
+
+    source_file = Path(against)
+    if source_file.is_file():
+        label, source = source_file.stem, source_file.read_text()
+    else:
+        root = Path(__file__).resolve().parent.parent
+        label = subprocess.run(["git", "rev-parse", "--short", against], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        source = subprocess.run(["git", "show", f"{label}:modpass/kernels/_selection_triton.py"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+    # Triton reads a kernel's source back from its file, so the copy must live in one.
+    path = Path(tempfile.mkdtemp()) / f"selection_{label.replace('-', '_')}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return label, module.select_rows
+
+
 def header(bench: str, args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "benchmark": bench,

@@ -9,16 +9,14 @@ kernel's compile time is part of a routed model's compile time on a GPU. This
 script compiles ``select_rows`` (as ``selection.launch`` specialises it) for
 GPU targets with ``triton.compile``, which runs the whole pipeline down to the
 cubin on the CPU. Each sample uses an empty Triton cache; with ``--against REV``
-the kernel source of that git revision is compiled in the same rounds,
+(a git revision or a kernel source file) that kernel is compiled in the same rounds,
 alternating, so the two see the same machine load.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,19 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from modpass.kernels import selection  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCE = "modpass/kernels/_selection_triton.py"
-
-
-def load_kernel(name: str, source: str):
-    """``select_rows`` from a copy of the kernel module's source (Triton reads it back from the file)."""
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.select_rows
 
 
 def compile_once(kernel, capability: int) -> tuple[float, int]:
@@ -54,7 +39,7 @@ def compile_once(kernel, capability: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--against", default=None, help="also compile the kernel source of this git revision")
+    parser.add_argument("--against", default=None, help="also compile this kernel: a git revision or a kernel source file")
     parser.add_argument("--capabilities", default="90,80", help="comma list of CUDA compute capabilities")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -62,11 +47,8 @@ def main() -> None:
 
     kernels = {"current": None}  # compile_for's default: the installed kernel
     if args.against:
-        def git(*command: str) -> str:
-            return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-        revision = git("rev-parse", "--short", args.against).strip()
-        kernels[revision] = load_kernel("against", git("show", f"{revision}:{KERNEL_SOURCE}"))
+        label, kernel = common.selection_kernel(args.against)
+        kernels[label] = kernel
     capabilities = [int(c) for c in args.capabilities.split(",")]
 
     # One throwaway compile loads Triton's compiler and LLVM, which the first sample would otherwise pay.

@@ -64,19 +64,20 @@ def supported(scores: torch.Tensor) -> bool:
     return AVAILABLE and scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_TOKENS
 
 
-def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel) -> torch.Tensor:
+def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None) -> torch.Tensor:
     """Run the kernel on ``scores`` (B, T) fp32; returns int64 indices (B, k).
 
     ``wrap`` is ``torch.library.wrap_triton`` inside the registered op, so that
     Inductor sees the kernel; tests call this directly under the Triton
-    interpreter, on CPU tensors.
+    interpreter, on CPU tensors. ``kernel`` is ``select_rows`` from another
+    source, for ``benchmarks/select_bench.py --against``.
     """
     batch, num_tokens = scores.shape
     scores = scores.contiguous()
     index = torch.empty((batch, k), dtype=torch.int64, device=scores.device)
-    from modpass.kernels._selection_triton import select_rows
-
-    wrap(select_rows)[(batch,)](
+    if kernel is None:
+        from modpass.kernels._selection_triton import select_rows as kernel
+    wrap(kernel)[(batch,)](
         scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=NUM_WARPS
     )
     return index
@@ -89,7 +90,7 @@ def compile_for(capability: int, kernel=None):
     CI uses it to check that the kernel compiles (the interpreter accepts code
     the compiler refuses) and ``benchmarks/kernel_compile.py`` to time the
     compile that a routed model's GPU compile pays. ``kernel`` is
-    ``select_rows`` from another source (an earlier revision's); returns
+    ``select_rows`` from another source, as for :func:`launch`; returns
     Triton's compiled kernel.
     """
     import inspect
