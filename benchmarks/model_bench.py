@@ -68,7 +68,11 @@ def build_model(size: ModelSize, device: torch.device, dtype: torch.dtype) -> to
                          num_hidden_layers=size.layers, num_attention_heads=size.heads,
                          num_key_value_heads=size.heads, max_position_embeddings=max(size.tokens, 2048),
                          use_cache=False, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    # Built on the device: the GPU-sized model's random init takes 19 s on a 2-core host, and every
+    # compile_bench sample (a fresh process) pays it.
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=dtype).eval()
 
 
 def make_cases(models: dict[str, torch.nn.Module], compiled: dict[str, torch.nn.Module], ids: torch.Tensor,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import modpass
+from modpass.kernels import selection
 from tests import models
 from tests.test_reliability import best_k_by_position
 
@@ -53,10 +54,10 @@ def test_backend_emits_triton_kernels_for_routed_blocks():
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["triton-kernel", "sorts"])
-@pytest.mark.parametrize("length", [77, 4096, 10000, 20000])
+@pytest.mark.parametrize("length", [77, 4096, 10000, selection.MAX_TOKENS, selection.MAX_TOKENS + 1])
 def test_selection_on_cuda_keeps_ties_to_the_earlier_position(monkeypatch, kernel, length):
     """Selection on the GPU, eager and compiled: modpass's Triton kernel (rows of one chunk and of
-    several; past ``MAX_TOKENS`` the sorts again), and the two sorts it replaces, which Inductor
+    several, up to ``MAX_TOKENS``; one token past it the sorts again), and the two sorts it replaces, which Inductor
     lowers differently by size (a library sort, a Triton sort). Equal scores must stay in position
     order either way."""
     monkeypatch.setattr(modpass.routing, "SELECTION_KERNEL", kernel)

@@ -2,9 +2,9 @@
 
 The reference (:func:`modpass.routing.select_tokens`) is two stable sorts: a
 descending sort of the scores, then an ascending sort of the k winning
-positions. Inductor lowers each to a full sort of the row; on an H200 (two
-rows of 4096 tokens) the pair took 33 us, more than half of the routing glue,
-against 22 us for this kernel.
+positions. Inductor lowers each to a full sort of the row; on an H100 (two
+rows of 4096 tokens) the pair took 34 us, more than half of the routing glue,
+against 19.5 us for this kernel.
 Selection needs neither sort. This kernel, one program per row:
 
 1. maps each fp32 score to an int32 key with the same order
@@ -21,8 +21,10 @@ Scores must not be NaN (``routing.selection_scores`` maps NaN to ``-inf``).
 One program per row loops over the row in chunks of :data:`CHUNK` tokens; each
 of the 33 counting passes re-reads the row (from L1 for rows of a few thousand
 tokens), so rows past :data:`MAX_TOKENS` go to the sorts, which are faster there.
-Counting several bits per pass (2**b thresholds at once) was tried and not
-kept: ``benchmarks/results/cuda-select-sweep.md``.
+Fewer, wider passes were slower on the GPU and were not kept: counting 2 or 4
+bits per pass (``benchmarks/results/cuda-select-sweep.md``) and a 256-bin
+histogram per 8-bit digit, four passes (``benchmarks/results/cuda-select-radix8.md``).
+The dependent block-wide steps, not the reads, set the time.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ NUM_WARPS = CHUNK // 256
 
 #: Longest row the kernel takes; longer rows use the sorts. One program per row
 #: re-reads its row 33 times, which stops paying once the row outgrows L1: on an
-#: H200 (two rows, ``benchmarks/results/cuda-select.md``) the kernel takes 22 us
-#: against 33 us for the compiled sorts at 4096 tokens and 68 us against 98 at
-#: 16384, but 481 us against 165 at 65536. At 32768 the sorts take 106 us; the
-#: kernel was not timed there, and grows faster than linearly past 16384. A
-#: compiled model with a symbolic length guards on this bound: a length on the
-#: other side of it compiles once more.
-MAX_TOKENS = 16384
+#: H100 (two rows, ``benchmarks/results/cuda-select-radix8.md``, column
+#: ``bit_loop``) the kernel takes 19.5 us against 34 us for the compiled sorts at
+#: 4096 tokens (c = 0.125), 57 against 100 at 16384, 106 against 108 (c = 0.125)
+#: and 158 (c = 0.5) at 32768, but 332 against 174 at 65536. A compiled model
+#: with a symbolic length guards on this bound: a length on the other side of it
+#: compiles once more.
+MAX_TOKENS = 32768
 
 #: A CUDA build of torch with Triton installed, new enough to register Triton
 #: ops (2.6+). Decided at import without touching the driver or importing
