@@ -9,7 +9,8 @@
 # completes; an earlier 170-s limit cut it off), block not reached. Machine start took ~30 s.
 # Later the same day, with the selection kernel: select 76 s, tests 174 s (13 tests), profile with --top 30 ~130 s,
 # model 164 s. "select tests profile" (~6 min in practice) fits a 10-minute call; so do "model" and "block".
-# compile (added 2026-11-27, not yet run on a GPU): 2 rounds x 4 cold compiles at ~12-28 s each plus process start.
+# 2026-11-28 on an H100: select (B=2, two --against kernels) 63 s, tests 139 s (15 tests), profile 113 s; compile cut
+# off at its old 420-s limit after 6 of 8 samples (~65 s a sample, of which 16-34 s compile), so it gets a call of its own.
 set -uo pipefail
 out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|select|profile|model|block|compile ...]}
 shift
@@ -37,12 +38,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 for name in $steps; do
   case "$name" in
     tests) step 270 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
-    select) step 150 python3 benchmarks/select_bench.py --out "$out/cuda-select" ;;
+    select) step 150 python3 benchmarks/select_bench.py --batches 2 --out "$out/cuda-select" ;;
     profile) step 300 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
       --capacities 0.5,0.125 --generic-forms --top 0 --out "$out/cuda-profile-G1-device-time" ;;
     model) step 330 python3 benchmarks/model_bench.py --device cuda --no-kernels --out "$out/cuda-model" ;;
     block) step 270 python3 benchmarks/block_bench.py --device cuda --rounds 9 --calls 10 --kernels \
       --out "$out/cuda-block-G1-calls10" ;;
-    compile) step 420 python3 benchmarks/compile_bench.py --device cuda --rounds 2 --out "$out/cuda-compile" ;;
+    compile) step 560 python3 benchmarks/compile_bench.py --device cuda --rounds 2 --out "$out/cuda-compile" ;;
   esac
 done
