@@ -10,7 +10,8 @@ For each batch, sequence length and capacity it times the kernel
 ``routing.SELECTION_KERNEL`` off (a stable descending sort, then a sort of the
 k winners), each eager and compiled by Inductor (which lowers the sorts its own
 way). ``--against`` adds other versions of the kernel (a git revision or a
-kernel source file each), launched eagerly, as an A/B in the same run. Times come from
+kernel source file each) and ``--configs`` other launch settings (tokens per
+chunk x warps), launched eagerly, as an A/B in the same run. Times come from
 ``triton.testing.do_bench_cudagraph``: the calls are replayed from a CUDA
 graph, so they are kernel time without the host's launch overhead. Every form
 is checked against the eager sorts before it is timed.
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--capacities", default="0.5,0.125")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--against", default="", help="comma list of other kernels: git revisions or kernel source files")
+    parser.add_argument("--configs", default=f"{selection.CHUNK}x{selection.NUM_WARPS}",
+                        help="comma list of CHUNKxWARPS launch settings for each --against kernel (and, where it "
+                             "differs from the default, the current one)")
     parser.add_argument("--out", default=None, help="output path stem (writes STEM.json and STEM.md)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -73,9 +77,14 @@ def main() -> None:
     payload["results"] = []
     forms = {"kernel": selection.select_tokens, "kernel compiled": compiled(selection.select_tokens),
              "sorts": with_sorts(routing.select_tokens), "sorts compiled": with_sorts(compiled(routing.select_tokens))}
-    for against in filter(None, args.against.split(",")):
-        label, kernel = common.selection_kernel(against)
-        forms[f"kernel {label}"] = functools.partial(selection.launch, kernel=kernel)
+    kernels = {"": None, **dict(common.selection_kernel(a) for a in filter(None, args.against.split(",")))}
+    default = (selection.CHUNK, selection.NUM_WARPS)
+    for label, kernel in kernels.items():
+        for config in args.configs.split(","):
+            chunk, warps = (int(n) for n in config.split("x"))
+            if kernel is not None or (chunk, warps) != default:
+                forms[" ".join(filter(None, ["kernel", label, f"{chunk}x{warps}"]))] = functools.partial(
+                    selection.launch, kernel=kernel, chunk=chunk, num_warps=warps)
     rows = []
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for batch, length, capacity in itertools.product(

@@ -66,13 +66,15 @@ def supported(scores: torch.Tensor) -> bool:
     return AVAILABLE and scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_TOKENS
 
 
-def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None) -> torch.Tensor:
+def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None, chunk: int = CHUNK,
+           num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Run the kernel on ``scores`` (B, T) fp32; returns int64 indices (B, k).
 
     ``wrap`` is ``torch.library.wrap_triton`` inside the registered op, so that
     Inductor sees the kernel; tests call this directly under the Triton
-    interpreter, on CPU tensors. ``kernel`` is ``select_rows`` from another
-    source, for ``benchmarks/select_bench.py --against``.
+    interpreter, on CPU tensors. ``kernel`` (``select_rows`` from another
+    source), ``chunk`` and ``num_warps`` are for ``benchmarks/select_bench.py``'s
+    A/B runs.
     """
     batch, num_tokens = scores.shape
     scores = scores.contiguous()
@@ -80,7 +82,7 @@ def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None
     if kernel is None:
         from modpass.kernels._selection_triton import select_rows as kernel
     wrap(kernel)[(batch,)](
-        scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=NUM_WARPS
+        scores, index, num_tokens, k, scores.stride(0), index.stride(0), CHUNK=chunk, num_warps=num_warps
     )
     return index
 
