@@ -24,7 +24,8 @@ tokens), so rows past :data:`MAX_TOKENS` go to the sorts, which are faster there
 Fewer, wider passes were slower on the GPU and were not kept: counting 2 or 4
 bits per pass (``benchmarks/results/cuda-select-sweep.md``) and a 256-bin
 histogram per 8-bit digit, four passes (``benchmarks/results/cuda-select-radix8.md``).
-The dependent block-wide steps, not the reads, set the time.
+The 33 dependent block-wide counts, more than the reads, set the time: 13 us
+at 1024 tokens, 19.5 at four times as many (H100).
 """
 
 from __future__ import annotations
