@@ -35,7 +35,7 @@ import block_bench  # noqa: E402 (script directory on the path first)
 import common  # noqa: E402
 
 CALLS = 5
-#: Case-name suffix of the routed cases compiled with ``routing.COMPILED_FORMS`` and ``SELECTION_KERNEL`` off (``--generic-forms``).
+#: Case-name suffix of the routed cases compiled with every switch of ``modpass.routing`` off (``--generic-forms``).
 GENERIC = " generic"
 
 
@@ -91,10 +91,11 @@ def profile_case(case: common.Case, device: torch.device, top: int) -> Profile:
 
 
 def generic_forms_case(case: common.Case) -> common.Case:
-    """``case`` run (and so compiled: Dynamo guards on the flags) with ``routing.COMPILED_FORMS``
-    and ``routing.SELECTION_KERNEL`` off: the router as a ``Linear``, selection as two sorts."""
+    """``case`` run (and so compiled: Dynamo guards on the flags) with ``routing.COMPILED_FORMS``,
+    ``routing.SELECTION_KERNEL`` and ``routing.ONE_GRADIENT_BUFFER`` off: the router as a
+    ``Linear``, selection as two sorts, and autograd's two gradient buffers for the block input."""
     def step() -> None:
-        with common.routing_switches(COMPILED_FORMS=False, SELECTION_KERNEL=False):
+        with common.routing_switches(COMPILED_FORMS=False, SELECTION_KERNEL=False, ONE_GRADIENT_BUFFER=False):
             case.step()
 
     return dataclasses.replace(case, name=case.name + GENERIC, step=step)
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--passes", default="fwd", help="comma list of fwd,fwdbwd")
     parser.add_argument("--top", type=int, default=15, help="rows of the profiler's operator tables per case (0: none)")
     parser.add_argument("--generic-forms", action="store_true",
-                        help="also profile the compiled routed cases with routing.COMPILED_FORMS and SELECTION_KERNEL off (A/B)")
+                        help="also profile the compiled routed cases with routing.COMPILED_FORMS, SELECTION_KERNEL and ONE_GRADIENT_BUFFER off (A/B)")
     args = parser.parse_args()
     device, dtype = common.setup(args)
     modes = common.parse_modes(args.modes)

@@ -2,7 +2,7 @@
 
 The rewrite pass (``passes/rewrite.py``) wires these functions into a block's
 graph as ``call_function`` nodes, so a printed routed graph reads
-``router -> select_tokens -> gather_tokens -> <block> -> scatter_update``.
+``router -> select_tokens -> take_tokens, gather_tokens -> <block> -> scatter_update``.
 Eager mode runs them as they are; Dynamo and Inductor trace through them.
 
 Every function works on batch-first tensors whose token axis is given
@@ -27,6 +27,12 @@ COMPILED_FORMS = True
 #: (:mod:`modpass.kernels.selection`), eager and compiled; False uses the two
 #: sorts everywhere (for measuring the difference).
 SELECTION_KERNEL = True
+
+#: Give a routed block's input one gradient buffer in the backward
+#: (:func:`take_tokens`), eager and compiled; False leaves autograd's default
+#: (a zero-filled buffer for the gather's gradient, added to the write-back's),
+#: for measuring the difference.
+ONE_GRADIENT_BUFFER = True
 
 #: Gate names and their formulas, ``w(logit)`` for a selected token (and, for
 #: ``"string"``, the weight of a skipped token as well).
@@ -159,6 +165,41 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, .
     return x
 
 
+class _TakeTokens(torch.autograd.Function):
+    """``(hidden, hidden[rows, index])`` with one gradient buffer for ``hidden``; see :func:`take_tokens`."""
+
+    @staticmethod
+    def forward(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden.view_as(hidden), gather_tokens(hidden, index, (1,))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_base: torch.Tensor, grad_selected: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        rows = torch.arange(index.shape[0], device=index.device).unsqueeze(-1)
+        return grad_base.index_put((rows, index), grad_selected, accumulate=True), None
+
+
+def take_tokens(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block input twice: whole, as the base of the write-back, and gathered at ``index``.
+
+    The same values as ``(hidden, gather_tokens(hidden, index, (1,)))``; the
+    difference is the gradient. Autograd would give ``hidden`` one gradient
+    per use and add them: the gather's, scattered into a zero-filled
+    ``(B, T, D)`` buffer, and the write-back's, a second full-size buffer. As
+    one function, the gathered rows' gradient is accumulated into the
+    write-back's buffer at ``index``: one full-size buffer, which Inductor
+    updates in place (``index_put_``), so the backward writes the k rows the
+    forward gathered, plus the one copy of the incoming gradient.
+    """
+    if not ONE_GRADIENT_BUFFER:
+        return hidden, gather_tokens(hidden, index, (1,))
+    return _TakeTokens.apply(hidden, index)
+
+
 def gate_weights(logits_selected: torch.Tensor, gate: str) -> torch.Tensor:
     """Gate ``w`` for selected tokens, shaped ``(B, k, 1)``; see :data:`GATES`."""
     if gate == "sigmoid":
@@ -175,6 +216,7 @@ def scatter_update(
     block_output: torch.Tensor,
     weight: torch.Tensor,
     padding: torch.Tensor | None = None,
+    padding_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out = hidden`` with ``x + w * (block(x) - x)`` written at the selected tokens.
 
@@ -191,12 +233,16 @@ def scatter_update(
     fills its remaining slots with padding, and those keep their value in
     ``hidden`` exactly as skipped tokens do, so whatever the block computes
     for them (NaN from a fully masked query included) never reaches the output.
+    ``padding_values`` is what they keep, ``hidden`` at ``index``: that is
+    ``hidden_selected`` unless ``hidden`` was reweighted after the gather
+    (STRing), so only then does the caller gather it.
     """
     update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
     update = update.to(hidden.dtype)
     rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
     if padding is not None:
-        update = torch.where(padding[rows, index].unsqueeze(-1), hidden[rows, index], update)
+        kept = hidden_selected if padding_values is None else padding_values
+        update = torch.where(padding[rows, index].unsqueeze(-1), kept, update)
     return hidden.index_put((rows, index), update)
 
 

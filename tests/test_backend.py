@@ -170,6 +170,22 @@ def test_padded_and_encoder_fullgraph_match_eager_over_two_lengths_and_two_capac
     assert compiled_graphs() <= 2, "one graph, then one recompile for the second length and none for the capacity"
 
 
+@pytest.fixture
+def reinplaced_graphs(monkeypatch) -> list[torch.fx.Graph]:
+    """Every post-grad graph Inductor compiles, as it is after reinplacing (forward, then backward)."""
+    from torch._inductor.fx_passes import post_grad
+
+    graphs = []
+    reinplace = post_grad.reinplace_inplaceable_ops
+
+    def observe(*args):
+        reinplace(*args)
+        graphs.append(args[-1])
+
+    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", observe)
+    return graphs
+
+
 # Caches off so the post-grad passes run; Dynamo then says its profile cache is off too.
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 @pytest.mark.parametrize(
@@ -178,22 +194,12 @@ def test_padded_and_encoder_fullgraph_match_eager_over_two_lengths_and_two_capac
     ids=["inference", "training", "training-with-aux-loss"],
 )
 def test_compiled_forward_writes_the_selected_tokens_into_the_residual_stream_in_place(
-    monkeypatch, training, aux_loss_weight, in_place
+    reinplaced_graphs, training, aux_loss_weight, in_place
 ):
     """No full-size copy of the hidden states: where a routed block's input is dead after it,
     Inductor's reinplacing turns the routed ``index_put`` into ``index_put_`` on that buffer.
     In training that holds as long as nothing differentiates the full router logits; an aux
     loss does (its weight gradient needs every token), so the input stays alive and is copied."""
-    from torch._inductor.fx_passes import post_grad
-
-    reinplaced_graphs = []
-    reinplace = post_grad.reinplace_inplaceable_ops
-
-    def observe(*args):
-        reinplace(*args)
-        reinplaced_graphs.append(Counter(str(node.target) for node in args[-1].nodes))
-
-    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", observe)
     routed = modpass.transform(models.NanoGPT(layers=4).train(training), 0.25, aux_loss_weight=aux_loss_weight)
     idx = torch.randint(0, 61, (2, 16))
     with torch.set_grad_enabled(training), torch._inductor.config.patch(force_disable_caches=True):
@@ -201,8 +207,31 @@ def test_compiled_forward_writes_the_selected_tokens_into_the_residual_stream_in
         torch.testing.assert_close(got, routed(idx), rtol=1e-4, atol=1e-4)
     # The forward graph; a training backward graph is compiled only when it first runs, and the
     # compiled backward's gradients are test_routed_training_fullgraph_matches_eager_gradients's.
-    forward = reinplaced_graphs[0]
+    forward = Counter(str(node.target) for node in reinplaced_graphs[0].nodes)
     assert (forward["aten.index_put_.default"], forward["aten.index_put.default"]) == ((2, 0) if in_place else (0, 2))
+
+
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+@pytest.mark.parametrize("one_buffer", [True, False])
+def test_compiled_backward_accumulates_the_gathered_rows_into_one_gradient_buffer(reinplaced_graphs, monkeypatch, one_buffer):
+    """``routing.take_tokens``: a routed block input's gradient is the write-back's gradient with
+    the gathered rows' gradient accumulated in place at the k indices. Autograd's default
+    (``ONE_GRADIENT_BUFFER`` off, the check's control) scatters them into a zero-filled
+    ``(B, T, D)`` buffer and adds the two full-size gradients."""
+    monkeypatch.setattr(modpass.routing, "ONE_GRADIENT_BUFFER", one_buffer)
+    routed = modpass.transform(models.NanoGPT(layers=4, width=32).train(), 0.25)
+    idx = torch.randint(0, 61, (2, 16))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        torch.compile(routed, backend="modpass", fullgraph=True)(idx).sum().backward()
+    _, backward = reinplaced_graphs
+    hidden_sized = [node for node in backward.nodes if isinstance(val := node.meta.get("val"), torch.Tensor)
+                    and tuple(val.shape) == (2, 16, 32)]
+    zero_filled = [node for node in hidden_sized if node.target is torch.ops.aten.full.default]
+    accumulated = [node for node in hidden_sized if node.target is torch.ops.aten.index_put_.default and node.args[3:] == (True,)]
+    if one_buffer:
+        assert (len(zero_filled), len(accumulated)) == (0, 2), "one in-place accumulation per routed block"
+    else:
+        assert zero_filled, "the control: autograd's default fills a buffer with zeros"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -92,26 +92,35 @@ def test_all_padding_rows_do_not_disturb_the_batch_and_stay_finite(padded_llama)
     torch.testing.assert_close(out[[1]], skipped, rtol=0, atol=0)
 
 
-def test_padding_in_the_k_slots_passes_the_block_unchanged(padded_llama):
+@pytest.mark.parametrize("gate", ["tanh", "string"])
+def test_padding_in_the_k_slots_passes_the_block_unchanged(padded_llama, gate):
+    """Padding in the k slots keeps what a skipped token keeps: ``x``, or ``w * x`` under STRing
+    (a router bias of 1 makes ``w`` differ from 1 while every real token still ties)."""
+    routed = padded_llama if gate == "tanh" else modpass.transform(models.llama(), 0.5, layers="all", gate=gate)
     ids = torch.randint(0, 97, (2, 8))
     mask = torch.ones_like(ids)
     mask[0, :6] = 0  # 2 real tokens, k = 4: two of the slots must hold padding
     seen = {}
-    block = padded_llama.model.layers[2]
+    block = routed.model.layers[2]
+    skipped_weight = 1.0
+    if gate == "string":
+        with torch.no_grad():
+            block.mod_routers.default.bias.fill_(1.0)
+        skipped_weight = 1.0 + 0.2 * torch.tanh(torch.tensor(1.0))
     handle = block.register_forward_hook(
         lambda module, args, kwargs, output: seen.update(x=args[0] if args else kwargs["hidden_states"], y=output),
         with_kwargs=True,
     )
     try:
         with torch.no_grad():
-            padded_llama(input_ids=ids, attention_mask=mask)
+            routed(input_ids=ids, attention_mask=mask)
     finally:
         handle.remove()
     (record,) = block.last_routing
     # Padding ties at -inf, so the stable tie-break fills the spare slots with the first padding positions.
     assert record.index[0].tolist() == [0, 1, 6, 7] and record.index.shape == (2, 4)
     y = seen["y"][0] if isinstance(seen["y"], tuple) else seen["y"]
-    torch.testing.assert_close(y[0, :6], seen["x"][0, :6], rtol=0, atol=0)
+    torch.testing.assert_close(y[0, :6], seen["x"][0, :6] * skipped_weight, rtol=0, atol=0)
     assert not torch.equal(y[0, 6:], seen["x"][0, 6:])
 
 
@@ -170,6 +179,31 @@ def test_select_tokens_keeps_the_k_best_with_ties_to_the_earlier_position(rows, 
 )
 def test_select_tokens_breaks_ties_by_position_even_between_signed_zeros(scores, k, chosen):
     assert modpass.routing.select_tokens(torch.tensor([scores]), k).tolist() == [chosen]
+
+
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 12),
+    data=st.data(),
+)
+def test_take_tokens_gradient_equals_the_sum_autograd_gives_its_two_uses(batch, tokens, data):
+    """``take_tokens``'s one-buffer backward against autograd's (gather gradient + base gradient),
+    with the base read twice (a write-back and a reweighting) so its gradient is non-zero at the
+    gathered rows: they must be accumulated into it, not written over it."""
+    k = data.draw(st.integers(1, tokens))
+    seed = data.draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(tokens, generator=generator)[:k].sort().values for _ in range(batch)])
+    hidden = torch.randn(batch, tokens, 5, generator=generator, requires_grad=True)
+    probe = torch.randn(batch, tokens, 5, generator=generator)
+    rows = torch.arange(batch).unsqueeze(-1)
+
+    def loss(base, selected):
+        return ((base * 3).index_put((rows, index), selected.sin()) * probe).sum() + (base * probe).sum()
+
+    (got,) = torch.autograd.grad(loss(*modpass.routing.take_tokens(hidden, index)), hidden)
+    (want,) = torch.autograd.grad(loss(hidden, modpass.routing.gather_tokens(hidden, index, (1,))), hidden)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def reference_block(block, x, index, logits, gate):

@@ -5,7 +5,8 @@ Guarantees: the graph computes, for one task,
 
     logits = router(x)                                  # Linear(D, 1), one score per token
     index  = select_tokens(scores(logits, padding), k)  # k = ceil(ratio * T), sorted by position
-    x_sel, side_sel = gather_tokens(..., index)         # every token-indexed input
+    x, x_sel = take_tokens(x, index)                    # one gradient buffer for x in the backward
+    side_sel = gather_tokens(side, index)               # every other token-indexed input
     y_sel  = <the original block>(x_sel, side_sel)      # T is k inside the block
     w      = gate(router(x_sel))                        # the selected tokens' logits, recomputed
     out    = scatter_update(x, index, x_sel, y_sel, w, padding)  # x + w * (y_sel - x_sel) at index;
@@ -36,6 +37,7 @@ Nodes added here carry ``meta["modpass_role"]`` for graph-level checks.
 
 from __future__ import annotations
 
+import operator
 from fractions import Fraction
 
 import torch
@@ -102,8 +104,10 @@ def rewrite(
             padding = call(routing.padding_from_key_mask, mask, role="padding")
         scores = call(routing.selection_scores, logits, padding, route_mask, role="select")
         index = call(routing.select_tokens, scores, k, role="select")
-        gathered = {}
-        for node in inputs:
+        taken = call(routing.take_tokens, hidden, index, role="gather")
+        base = call(operator.getitem, taken, 0, role="gather")
+        gathered = {hidden: call(operator.getitem, taken, 1, role="gather")}
+        for node in inputs[1:]:
             if node.meta["modpass_token_axes"]:
                 gathered[node] = call(routing.gather_tokens, node, index, node.meta["modpass_token_axes"], role="gather")
 
@@ -118,9 +122,13 @@ def rewrite(
     with graph.inserting_before(output):
         logits_selected = call(routing.router_logits, gathered[hidden], router_weight, router_bias, role="gate")
         weight = call(routing.gate_weights, logits_selected, gate, role="gate")
-        base = call(routing.skip_scale, hidden, logits, role="gate") if gate == "string" else hidden
+        padding_values = None
+        if gate == "string":
+            base = call(routing.skip_scale, base, logits, role="gate")
+            if padding is not None:
+                padding_values = call(routing.gather_tokens, base, index, (1,), role="scatter")
         new_hidden = call(routing.scatter_update, base, index, gathered[hidden], outputs[0], weight, padding,
-                          role="scatter")
+                          padding_values, role="scatter")
     output.args = ((new_hidden, *outputs[1:], logits, index, padding),)
     graph.lint()
     gm.recompile()
