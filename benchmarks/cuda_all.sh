@@ -40,7 +40,7 @@ for name in $steps; do
     tests) step 270 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
     select) step 150 python3 benchmarks/select_bench.py --batches 2 --out "$out/cuda-select" ;;
     profile) step 300 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
-      --capacities 0.5,0.125 --generic-forms --top 0 --out "$out/cuda-profile-G1-device-time" ;;
+      --capacities 0.5,0.125 --generic-forms --without ONE_GRADIENT_BUFFER --top 0 --out "$out/cuda-profile-G1-device-time" ;;
     model) step 330 python3 benchmarks/model_bench.py --device cuda --no-kernels --out "$out/cuda-model" ;;
     block) step 270 python3 benchmarks/block_bench.py --device cuda --rounds 9 --calls 10 --kernels \
       --out "$out/cuda-block-G1-calls10" ;;

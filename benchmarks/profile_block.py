@@ -35,7 +35,9 @@ import block_bench  # noqa: E402 (script directory on the path first)
 import common  # noqa: E402
 
 CALLS = 5
-#: Case-name suffix of the routed cases compiled with every switch of ``modpass.routing`` off (``--generic-forms``).
+#: The switches of ``modpass.routing``, each on by default; ``--generic-forms`` turns all of them off.
+SWITCHES = ("COMPILED_FORMS", "SELECTION_KERNEL", "ONE_GRADIENT_BUFFER")
+#: Case-name suffix of the routed cases compiled with every switch off (``--generic-forms``).
 GENERIC = " generic"
 
 
@@ -90,15 +92,20 @@ def profile_case(case: common.Case, device: torch.device, top: int) -> Profile:
     return Profile(min(wall) * 1e3, min(host) * 1e3, device_ms, launches, triton, tables)
 
 
-def generic_forms_case(case: common.Case) -> common.Case:
-    """``case`` run (and so compiled: Dynamo guards on the flags) with ``routing.COMPILED_FORMS``,
-    ``routing.SELECTION_KERNEL`` and ``routing.ONE_GRADIENT_BUFFER`` off: the router as a
-    ``Linear``, selection as two sorts, and autograd's two gradient buffers for the block input."""
+def suffix(switches: tuple[str, ...]) -> str:
+    """Case-name suffix of a routed case run with ``switches`` off."""
+    return GENERIC if set(switches) == set(SWITCHES) else " without " + ",".join(switches)
+
+
+def switched_off_case(case: common.Case, switches: tuple[str, ...]) -> common.Case:
+    """``case`` run (and so compiled: Dynamo guards on the switches) with ``switches`` of
+    ``modpass.routing`` off: with all of them, the router as a ``Linear``, selection as two
+    sorts and autograd's two gradient buffers for the block input."""
     def step() -> None:
-        with common.routing_switches(COMPILED_FORMS=False, SELECTION_KERNEL=False, ONE_GRADIENT_BUFFER=False):
+        with common.routing_switches(**dict.fromkeys(switches, False)):
             case.step()
 
-    return dataclasses.replace(case, name=case.name + GENERIC, step=step)
+    return dataclasses.replace(case, name=case.name + suffix(switches), step=step)
 
 
 def case_table(profiles: dict[str, Profile]) -> str:
@@ -114,14 +121,14 @@ def case_table(profiles: dict[str, Profile]) -> str:
     return common.markdown_table(headers, rows) + "\n"
 
 
-def capacity_table(profiles: dict[str, Profile], flops: dict[str, common.Flops], capacities) -> str:
+def capacity_table(profiles: dict[str, Profile], flops: dict[str, common.Flops], capacities, suffixes) -> str:
     """Device-time ratios per capacity: the GPU-side counterpart of block_bench's table."""
     dense = profiles["dense"].device_ms
     rows = []
     for c in capacities:
         dense_k = profiles[f"dense_k@{c}"].device_ms if f"dense_k@{c}" in profiles else dense
         ideal = flops[f"routed@{c}"].causal_adjusted / flops["dense"].causal_adjusted
-        for forms in ("", GENERIC):
+        for forms in ("", *suffixes):
             if f"routed@{c}{forms}" not in profiles:
                 continue
             routed = profiles[f"routed@{c}{forms}"].device_ms
@@ -140,8 +147,14 @@ def main() -> None:
     parser.add_argument("--passes", default="fwd", help="comma list of fwd,fwdbwd")
     parser.add_argument("--top", type=int, default=15, help="rows of the profiler's operator tables per case (0: none)")
     parser.add_argument("--generic-forms", action="store_true",
-                        help="also profile the compiled routed cases with routing.COMPILED_FORMS, SELECTION_KERNEL and ONE_GRADIENT_BUFFER off (A/B)")
+                        help=f"also profile the compiled routed cases with every routing switch ({', '.join(SWITCHES)}) off (A/B)")
+    parser.add_argument("--without", action="append", default=[], metavar="SWITCH[,SWITCH]",
+                        help="also profile the compiled routed cases with these routing switches off (repeatable; A/B of one form)")
     args = parser.parse_args()
+    switch_sets = [SWITCHES] if args.generic_forms else []
+    switch_sets += [tuple(names.split(",")) for names in args.without]
+    if unknown := {name for names in switch_sets for name in names} - set(SWITCHES):
+        parser.error(f"unknown routing switch(es) {sorted(unknown)}; known: {', '.join(SWITCHES)}")
     device, dtype = common.setup(args)
     modes = common.parse_modes(args.modes)
     backend = common.resolve_backend(args.backend)
@@ -166,14 +179,15 @@ def main() -> None:
             for variant in variants:
                 module = common.compile_module(variant.module, backend, args.compile_mode) if mode == "compiled" else variant.module
                 profiles[variant.name] = profile_case(block_bench.make_case(variant, module, backward, args.seed), device, args.top)
-                if args.generic_forms and mode == "compiled" and variant.name.startswith(("routed@", "routing@")):
-                    case = generic_forms_case(block_bench.make_case(variant, module, backward, args.seed))
-                    profiles[case.name] = profile_case(case, device, args.top)
+                if mode == "compiled" and variant.name.startswith(("routed@", "routing@")):
+                    for switches in switch_sets:
+                        case = switched_off_case(block_bench.make_case(variant, module, backward, args.seed), switches)
+                        profiles[case.name] = profile_case(case, device, args.top)
             payload["results"][f"{pass_name} {mode}"] = {n: dataclasses.asdict(p) | {"tables": None} for n, p in profiles.items()}
             report.append(f"## {pass_name} {mode}\n")
             report.append(case_table(profiles))
             if device.type == "cuda":
-                report.append(capacity_table(profiles, flops, capacities))
+                report.append(capacity_table(profiles, flops, capacities, [suffix(switches) for switches in switch_sets]))
             report += [f"#### {n}\n\n```\n{p.tables}\n```\n" for n, p in profiles.items() if p.tables]
     text = "\n".join(report)
     print(text)

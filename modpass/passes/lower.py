@@ -13,7 +13,9 @@ modpass adds no lowering of its own; instead the routing math
 gathers fuse into the block's first normalisation, the gated update into
 the write-back, and the write-back is an ``index_put`` that Inductor's
 reinplacing turns into an in-place store of the k selected rows wherever
-the block's input is dead. Where the form that suits Inductor is not the
+the block's input is dead; in the backward, the gathered rows' gradient is
+accumulated in place into the write-back's (``routing.take_tokens``), so no
+zero-filled ``(B, T, D)`` buffer is added to it. Where the form that suits Inductor is not the
 one that suits eager execution, the routing function picks it while Dynamo
 traces it (``routing.COMPILED_FORMS``): the router's one-column ``Linear``
 becomes a row reduction (one bandwidth-bound kernel instead of a library
