@@ -144,6 +144,11 @@ def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
     return torch.sort(ranked[:, :k], dim=1).values
 
 
+def batch_rows(index: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)`` row numbers that pair with a ``(B, k)`` ``index`` in advanced indexing: ``x[batch_rows(index), index]``."""
+    return torch.arange(index.shape[0], device=index.device).unsqueeze(-1)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
     """Gather ``x`` at ``index`` (B, k) along each of its token axes.
 
@@ -155,11 +160,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, .
     ``gather``'s backward, which would hold the full ``(B, T, D)`` hidden
     state of every routed block until the backward pass.
     """
-    batch = index.shape[0]
     # Unconditional: a no-op view when x already has B rows, and no size
     # comparison for a data-dependent B (a mixed-task group under compile).
-    x = x.expand(batch, *x.shape[1:])
-    rows = torch.arange(batch, device=index.device).unsqueeze(-1)
+    x = x.expand(index.shape[0], *x.shape[1:])
+    rows = batch_rows(index)
     for axis in token_axes:
         x = x.movedim(axis, 1)[rows, index].movedim(1, axis)
     return x
@@ -179,8 +183,7 @@ class _TakeTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_base: torch.Tensor, grad_selected: torch.Tensor):
         (index,) = ctx.saved_tensors
-        rows = torch.arange(index.shape[0], device=index.device).unsqueeze(-1)
-        return grad_base.index_put((rows, index), grad_selected, accumulate=True), None
+        return grad_base.index_put((batch_rows(index), index), grad_selected, accumulate=True), None
 
 
 def take_tokens(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +242,7 @@ def scatter_update(
     """
     update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
     update = update.to(hidden.dtype)
-    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(-1)
+    rows = batch_rows(index)
     if padding is not None:
         kept = hidden_selected if padding_values is None else padding_values
         update = torch.where(padding[rows, index].unsqueeze(-1), kept, update)
