@@ -138,10 +138,68 @@ def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
     """
     if SELECTION_KERNEL and selection.supported(scores):
         return selection.select_tokens(scores, k)
+    return torch.sort(rank_tokens(scores)[:, :k], dim=1).values
+
+
+def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """Token positions ``(B, T)`` from best to worst score, ties in position order."""
     # -0.0 and 0.0 compare equal, but a radix sort of the bit patterns would not keep them tied.
     scores = torch.where(scores == 0, 0.0, scores)
-    ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return torch.sort(ranked[:, :k], dim=1).values
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices
+
+
+def row_capacities(route_mask: torch.Tensor, numerator, denominator) -> torch.Tensor:
+    """Each row's capacity ``(B,)`` under a route mask: ``#outside + ceil(ratio * #inside)``.
+
+    The tokens outside the mask are always processed; the ratio applies to
+    the routable ones, at least one of them when there are any (as
+    :func:`capacity`), none when a row has none.
+    """
+    inside = route_mask.sum(1)
+    routed = torch.clamp((inside * numerator + denominator - 1) // denominator, min=1)
+    return route_mask.shape[1] - inside + torch.where(inside > 0, routed, 0)
+
+
+def select_tokens_per_row(scores: torch.Tensor, k, row_capacity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` slots per row for rows whose own capacities ``row_capacity`` (``(B,)``, at most k) differ.
+
+    Row ``b``'s best ``row_capacity[b]`` tokens, the ones :func:`select_tokens`
+    picks at that capacity, come first, sorted by position; its remaining
+    slots hold the next-ranked tokens, also sorted by position, and are
+    flagged in ``extra`` (``(B, k)`` bool). Extra slots only give the rows
+    one shape (p-MoD's per-sample padding): their tokens count as skipped,
+    the rewrite hides them from attention and :func:`scatter_update` writes
+    them back unchanged. Placing them last keeps them out of a causal
+    attention over slots (``is_causal=True``) without a mask.
+    """
+    chosen = rank_tokens(scores)[:, :k]
+    extra = torch.arange(chosen.shape[1], device=chosen.device) >= row_capacity.unsqueeze(1)
+    tokens = scores.shape[1]
+    ordered = torch.sort(chosen + tokens * extra, dim=1).values
+    extra = ordered >= tokens
+    return ordered - tokens * extra, extra
+
+
+def hide_extra_slots(mask: torch.Tensor, extra: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
+    """A gathered attention mask in which no query sees the keys of ``extra`` slots but its own.
+
+    ``mask`` is a block's mask after :func:`gather_tokens`: a ``(B, H, k, k)``
+    query-by-key mask (``token_axes == (2, 3)``) or a key mask whose last
+    axis is the key. Boolean masks allow where True, floating ones are
+    additive. A query keeps its own key, so the row of an extra slot in a
+    4-D mask is never empty (which would make attention NaN).
+    """
+    keys = extra.reshape(extra.shape[0], *[1] * (mask.dim() - 2), extra.shape[1])
+    hidden = keys
+    if token_axes == (mask.dim() - 2, mask.dim() - 1):
+        slots = torch.arange(extra.shape[1], device=extra.device)
+        hidden = keys & (slots.unsqueeze(1) != slots)
+    # Contiguous: gather_tokens leaves a query x key mask with its key axis strided, and with an
+    # unbacked k Inductor's compiled backward expected another layout for the mask attention saves
+    # than its forward wrote (an assert_size_stride failure, torch 2.13).
+    if mask.dtype == torch.bool:
+        return (mask & ~hidden).contiguous()
+    return mask.masked_fill(hidden, torch.finfo(mask.dtype).min).contiguous()
 
 
 def batch_rows(index: torch.Tensor) -> torch.Tensor:
@@ -220,6 +278,7 @@ def scatter_update(
     weight: torch.Tensor,
     padding: torch.Tensor | None = None,
     padding_values: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out = hidden`` with ``x + w * (block(x) - x)`` written at the selected tokens.
 
@@ -236,6 +295,8 @@ def scatter_update(
     fills its remaining slots with padding, and those keep their value in
     ``hidden`` exactly as skipped tokens do, so whatever the block computes
     for them (NaN from a fully masked query included) never reaches the output.
+    ``extra`` (``(B, k)`` bool, from :func:`select_tokens_per_row`) marks
+    slots that keep their value in the same way.
     ``padding_values`` is what they keep, ``hidden`` at ``index``: that is
     ``hidden_selected`` unless ``hidden`` was reweighted after the gather
     (STRing), so only then does the caller gather it.
@@ -243,9 +304,12 @@ def scatter_update(
     update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
     update = update.to(hidden.dtype)
     rows = batch_rows(index)
-    if padding is not None:
+    kept_slots = padding[rows, index] if padding is not None else None
+    if extra is not None:
+        kept_slots = extra if kept_slots is None else kept_slots | extra
+    if kept_slots is not None:
         kept = hidden_selected if padding_values is None else padding_values
-        update = torch.where(padding[rows, index].unsqueeze(-1), kept, update)
+        update = torch.where(kept_slots.unsqueeze(-1), kept, update)
     return hidden.index_put((rows, index), update)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import modpass
-from modpass import schedules
+from modpass import routing, schedules
 from tests import models
 
 TASKS = {"t2i": 0.25, "mmu": 0.75}
@@ -105,6 +108,51 @@ def test_route_mask_tokens_outside_the_mask_are_always_processed():
         fixed = set((~mask[row]).nonzero().flatten().tolist())
         assert fixed <= kept[row]
         assert len(kept[row]) == len(fixed) + math.ceil(0.25 * int(mask[row].sum()))
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_row_capacities_keep_the_outside_tokens_and_route_a_ratio_of_the_others(data):
+    tokens = data.draw(st.integers(1, 20))
+    mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=tokens, max_size=tokens), min_size=1, max_size=4)))
+    ratio = data.draw(st.fractions(min_value=Fraction(1, 100), max_value=1))
+    inside = mask.sum(1).tolist()
+    want = [tokens - n + (routing.capacity(n, ratio.numerator, ratio.denominator) if n else 0) for n in inside]
+    assert routing.row_capacities(mask, ratio.numerator, ratio.denominator).tolist() == want
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_select_tokens_per_row_puts_each_rows_own_selection_first(data):
+    """Row b's first capacity[b] slots are select_tokens at capacity[b]; the rest are the next-ranked tokens."""
+    batch, tokens = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 24))
+    # Small integers: plenty of ties, which break by position.
+    scores = torch.tensor(data.draw(st.lists(st.integers(-3, 3), min_size=batch * tokens, max_size=batch * tokens)),
+                          dtype=torch.float32).view(batch, tokens)
+    capacities = data.draw(st.lists(st.integers(1, tokens), min_size=batch, max_size=batch))
+    k = data.draw(st.integers(max(capacities), tokens))
+    index, extra = routing.select_tokens_per_row(scores, k, torch.tensor(capacities))
+    assert index.shape == extra.shape == (batch, k)
+    for row, own in enumerate(capacities):
+        chosen = routing.select_tokens(scores[row : row + 1], own)[0].tolist()
+        assert index[row, :own].tolist() == chosen and not extra[row, :own].any()
+        assert extra[row, own:].all()
+        widest = routing.select_tokens(scores[row : row + 1], k)[0].tolist()
+        assert index[row, own:].tolist() == sorted(set(widest) - set(chosen))
+
+
+def test_hide_extra_slots_forbids_their_keys_but_to_themselves():
+    extra = torch.tensor([[False, True, False, True]])
+    causal = torch.ones(4, 4, dtype=torch.bool).tril().expand(1, 1, 4, 4)
+    hidden = routing.hide_extra_slots(causal, extra, (2, 3))
+    want = causal.clone()
+    want[..., [1, 3]] = False
+    want[..., [1, 3], [1, 3]] = True
+    assert torch.equal(hidden, want)
+    additive = torch.where(causal, 0.0, torch.finfo(torch.float32).min)
+    assert torch.equal(routing.hide_extra_slots(additive, extra, (2, 3)) == 0, want)
+    keys = torch.ones(1, 4, dtype=torch.bool)
+    assert routing.hide_extra_slots(keys, extra, (1,)).tolist() == [[True, False, True, False]]
 
 
 @pytest.mark.parametrize("gate", ["tanh", "sigmoid", "string"])
