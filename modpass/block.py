@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from . import _structure
-from .errors import RoutingInputError
+from .errors import RoutingInputError, UnroutableBlockError
 from .plan import BlockPlan
-from .routing import capacity
+from .routing import capacity, row_capacities
 from .tasks import RoutingState, TaskGroup
 
 
@@ -59,6 +59,15 @@ class RoutingRecord:
     route_mask: torch.Tensor | None = None
     #: ``(B, T)`` bool, True for padding (read from the block's attention mask); None if unmasked.
     padding: torch.Tensor | None = None
+    #: ``(B, k)`` bool, True for slots that only pad a row to the group's largest capacity
+    #: (rows of different capacities under a route mask, in one call under torch.compile).
+    extra: torch.Tensor | None = None
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """``(B, T)`` bool: the tokens this call selected (extra slots are not selected)."""
+        chosen = torch.zeros_like(self.logits, dtype=torch.bool)
+        return chosen.scatter(1, self.index, True if self.extra is None else ~self.extra)
 
 
 class RoutedBlock(nn.Module):
@@ -145,20 +154,39 @@ class RoutedBlock(nn.Module):
                 return self.run_captured(args, kwargs)
             return self._block(*args, **kwargs)
         k = group.capacity
-        carriers = self._capacity_carriers
-        if k is None and carriers is not None:
-            numerator, denominator = carriers[group.task]
-            k = capacity(args[0].shape[1], numerator.shape[0] - CARRIER_OFFSET, denominator.shape[0] - CARRIER_OFFSET)
-        explicit = k is not None
-        key = (group.task, explicit, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
-        route = self._routes.get(key)
-        if route is None:
-            route = self.build_route(key, ratio, args, kwargs)
+        if k is None and self._capacity_carriers is not None:
+            k = capacity(args[0].shape[1], *self.ratio_terms(group.task))
+        form = "per_row" if group.row_capacity is not None else "given" if k is not None else "ratio"
+        route = self.route(form, group.task, args, kwargs)
         mask = self.group_route_mask(group)
-        inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k, route_mask=mask)
-        *outputs, logits, index, padding = route.graph(*inputs)
-        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask, padding))
+        inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k,
+                                   route_mask=mask, row_capacity=group.row_capacity)
+        *outputs, logits, index, padding, extra = route.graph(*inputs)
+        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask, padding, extra))
         return _structure.fill(route.outputs, outputs)
+
+    def route(self, form: str, task: str, args: tuple, kwargs: dict) -> Route | None:
+        """The routed graph of this call structure for ``task``, built on first use.
+
+        ``form`` says where k comes from: ``"ratio"`` (the plan's ratio of
+        T), ``"given"`` (an input, with an optional route mask) or
+        ``"per_row"`` (the largest of per-row capacities, see
+        :func:`modpass.routing.select_tokens_per_row`). None when a ``"per_row"``
+        call would let the block's attention see the extra slots.
+        """
+        key = (task, form, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
+        if key not in self._routes:
+            self.build_route(key, self._plan.ratios[task], args, kwargs)
+        return self._routes[key]
+
+    def ratio_terms(self, task: str):
+        """The task's ratio as ``(numerator, denominator)``: ints, or symbolic sizes after ``set_ratios``."""
+        carriers = self._capacity_carriers
+        if carriers is None:
+            ratio = self._plan.ratios[task]
+            return ratio.numerator, ratio.denominator
+        numerator, denominator = carriers[task]
+        return numerator.shape[0] - CARRIER_OFFSET, denominator.shape[0] - CARRIER_OFFSET
 
     def run_captured(self, args: tuple, kwargs: dict):
         """The block's captured graph, unrouted: a task that is dense here, on a group of a mixed batch under compile.
@@ -172,7 +200,8 @@ class RoutedBlock(nn.Module):
         inputs = self.graph_inputs(gm.meta["modpass_inputs"], gm.meta["modpass_constants"], args, kwargs)
         return _structure.fill(gm.meta["modpass_output_template"], gm(*inputs))
 
-    def graph_inputs(self, roles, constants: dict, args: tuple, kwargs: dict, *, router=None, capacity=None, route_mask=None) -> list:
+    def graph_inputs(self, roles, constants: dict, args: tuple, kwargs: dict, *, router=None, capacity=None, route_mask=None,
+                     row_capacity=None) -> list:
         """The inputs of a captured or routed graph of this block, in the order its ``roles`` name them."""
         leaves = _structure.tensors((args, kwargs))
         inputs = []
@@ -187,6 +216,8 @@ class RoutedBlock(nn.Module):
                 inputs.append(getattr(router, target))
             elif role == "capacity":
                 inputs.append(capacity)
+            elif role == "row_capacity":
+                inputs.append(row_capacity)
             else:
                 inputs.append(route_mask)
         return inputs
@@ -196,11 +227,11 @@ class RoutedBlock(nn.Module):
 
         Group membership depends on tensor values. Under torch.compile a
         LongTensor of task ids splits in the graph (see
-        :meth:`RoutingState.split_in_graph`); a route mask, whose row
-        capacities are read in Python, graph-breaks.
+        :meth:`RoutingState.split_in_graph`), and the rows of a group keep
+        one call under a route mask (see :meth:`share_one_call`).
         """
         hidden = args[0]
-        groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), hidden)
+        groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), args, kwargs)
         if len(groups) == 1 and groups[0].rows is None:
             return self.run(groups[0], args, kwargs)
         batch_leaves = self.analysis(args, kwargs)[1]
@@ -220,39 +251,66 @@ class RoutedBlock(nn.Module):
             return result
         return type(template)((result, *template[1:]))
 
-    def split_by_capacity(self, groups: list[TaskGroup], hidden: torch.Tensor) -> list[TaskGroup]:
+    def split_by_capacity(self, groups: list[TaskGroup], args: tuple, kwargs: dict) -> list[TaskGroup]:
         """Under a route mask, split each routed task group into rows of equal capacity.
 
         Tokens outside the mask are always processed, so a row's capacity is
         ``#outside + ceil(ratio * #inside)``; rows of one group must share it
-        to be gathered into one tensor.
+        to be gathered into one tensor. The capacities are read in Python,
+        which would break a compiled graph in every routed block, so under
+        torch.compile a group stays whole where :meth:`share_one_call` can run it.
         """
         mask = self._state.route_mask
         if mask is None:
             return groups
+        hidden = args[0]
         batch, tokens = hidden.shape[:2]
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens):
             got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise RoutingInputError(
                 f"{self._plan.path}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
             )
-        routable = mask.sum(1).tolist()
+        if torch.compiler.is_compiling():
+            groups = [self.share_one_call(group, mask, args, kwargs) for group in groups]
         refined = []
         for group in groups:
-            ratio = self._plan.ratios.get(group.task)
-            rows = list(range(batch)) if group.rows is None else group.rows.tolist()
-            if ratio is None:
+            if group.row_capacity is not None or self._plan.ratios.get(group.task) is None:
                 refined.append(group)
                 continue
+            capacities = row_capacities(mask, *self.ratio_terms(group.task)).tolist()
             by_capacity: dict[int, list[int]] = {}
-            for row in rows:
-                n = routable[row]
-                k = tokens - n + (capacity(n, ratio.numerator, ratio.denominator) if n else 0)
-                by_capacity.setdefault(k, []).append(row)
+            for row in range(batch) if group.rows is None else group.rows.tolist():
+                by_capacity.setdefault(capacities[row], []).append(row)
             for k, members in by_capacity.items():
                 whole = group.rows is None and len(by_capacity) == 1
                 refined.append(TaskGroup(group.task, None if whole else torch.tensor(members, dtype=torch.long), k))
         return refined
+
+    def share_one_call(self, group: TaskGroup, mask: torch.Tensor, args: tuple, kwargs: dict) -> TaskGroup:
+        """``group`` as one call whose rows keep their own capacities, where the block allows it.
+
+        The call has as many slots per row as the group's largest capacity,
+        and the slots a row does not fill hold tokens it skips (see
+        :func:`modpass.routing.select_tokens_per_row`), hidden from attention. That
+        needs the largest capacity as a size: under torch.compile it is an
+        unbacked symbol with ``torch._dynamo.config.capture_scalar_outputs = True``
+        (without it Dynamo breaks the graph here and says so). The group is
+        returned unchanged for a task that is dense here and for a block
+        whose attention could see the extra slots.
+        """
+        if self._plan.ratios.get(group.task) is None or self.route("per_row", group.task, args, kwargs) is None:
+            return group
+        rows = mask if group.rows is None else mask.index_select(0, group.rows.to(mask.device))
+        row_capacity = row_capacities(rows, *self.ratio_terms(group.task))
+        # At least two slots (where there are two tokens): attention cannot broadcast over an unbacked
+        # size that may be 1, and the floor also defines the maximum for a group with no rows (a task
+        # absent from the batch). A slot beyond every row's capacity is an extra slot like any other.
+        tokens = mask.shape[1]
+        least = min(2, tokens)
+        k = torch.cat([row_capacity, row_capacity.new_full((1,), least)]).max().item()
+        torch._check(k >= least)
+        torch._check(k <= tokens)
+        return TaskGroup(group.task, group.rows, k, row_capacity)
 
     def mode_key(self, hidden: torch.Tensor) -> tuple:
         """What besides the arguments changes a captured graph: train/eval and autocast."""
@@ -288,12 +346,19 @@ class RoutedBlock(nn.Module):
         return found
 
     @torch._dynamo.disable
-    def build_route(self, key: tuple, ratio: Fraction, args: tuple, kwargs: dict) -> Route:
+    def build_route(self, key: tuple, ratio: Fraction, args: tuple, kwargs: dict) -> None:
         from .pipeline import route_block_graph
 
         analysed, _ = self.analysis(args, kwargs)
-        graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=key[1],
-                                   score_gradients=self._score_gradients)
+        form = key[1]
+        try:
+            graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=form != "ratio",
+                                       row_capacities=form == "per_row", score_gradients=self._score_gradients)
+        except UnroutableBlockError:
+            if form != "per_row":
+                raise
+            self._routes[key] = None  # rows of different capacities go one call per capacity
+            return
         route = Route(
             graph=graph,
             inputs=tuple(graph.meta["modpass_inputs"]),
@@ -301,16 +366,19 @@ class RoutedBlock(nn.Module):
             constants=graph.meta["modpass_constants"],
         )
         self._routes[key] = route
-        return route
 
     def prepare(self) -> None:
-        """Build the routed graphs of every routed task for the known calls, in the current mode."""
-        explicit = self._capacity_carriers is not None
+        """Build the routed graphs of every routed task for the known calls, in the current mode.
+
+        That includes the form that keeps rows of different capacities in
+        one call, which only torch.compile uses (see :meth:`share_one_call`):
+        a graph first built while Dynamo traces would break the graph.
+        """
+        form = "given" if self._capacity_carriers is not None else "ratio"
         for args, kwargs in self._examples:
             for task in self._plan.routed_tasks():
-                key = (task, explicit, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
-                if key not in self._routes:
-                    self.build_route(key, self._plan.ratios[task], args, kwargs)
+                self.route(form, task, args, kwargs)
+                self.route("per_row", task, args, kwargs)
 
     def set_ratios(self, plan: BlockPlan) -> None:
         """Route with ``plan``'s ratios from now on (same tasks; called by ``modpass.set_ratios``).

@@ -17,8 +17,11 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
     ``sigmoid(logit) > 0.5`` predicts selection without looking at future
     tokens. Tokens outside a route mask are always processed, and padding is
     never real work (it may fill spare top-k slots), so both are excluded.
-    The loss is the mean BCE per routed block, summed over blocks; it is a
-    zero tensor when the weight is 0 or no routed forward has run.
+    The loss is the mean BCE over a task's tokens in a routed block, summed
+    over tasks and blocks, so it does not depend on how a batch was split
+    into calls (eager splits a task's rows by capacity under a route mask,
+    torch.compile keeps them in one call); it is a zero tensor when the
+    weight is 0 or no routed forward has run.
     """
     plan = routing_plan_of(model)
     if plan is None:
@@ -26,17 +29,23 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
     total = None
     if plan.aux_loss_weight > 0:
         for block in routed_blocks(model).values():
+            sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for record in block.last_routing:
-                target = torch.zeros_like(record.logits).scatter(1, record.index, 1.0)
+                target = record.selected.to(record.logits.dtype)
                 per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
                 counted = record.route_mask
                 if record.padding is not None:
                     counted = ~record.padding if counted is None else counted & ~record.padding
                 if counted is None:
                     counted = torch.ones_like(per_token, dtype=torch.bool)
+                loss, tokens = torch.where(counted, per_token, 0).sum(), counted.sum()
+                if record.task in sums:
+                    loss, tokens = loss + sums[record.task][0], tokens + sums[record.task][1]
+                sums[record.task] = (loss, tokens)
+            for loss, tokens in sums.values():
                 # A mean that is 0, not NaN, over no tokens: a fully masked
                 # group, or a task absent from a batch split under compile.
-                loss = torch.where(counted, per_token, 0).sum() / counted.sum().clamp(min=1)
+                loss = loss / tokens.clamp(min=1)
                 total = loss if total is None else total + loss
     if total is None:
         reference = next(model.parameters())

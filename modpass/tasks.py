@@ -21,12 +21,16 @@ class TaskGroup:
     """Sequences routed alike: one task and, under a route mask, one capacity.
 
     ``rows`` is None when the group is the whole batch; ``capacity`` is None
-    when it follows from the task's ratio and the sequence length.
+    when it follows from the task's ratio and the sequence length. Under
+    torch.compile a group under a route mask may keep rows of different
+    capacities: ``row_capacity`` (``(rows,)``) holds them and ``capacity``
+    is their maximum.
     """
 
     task: str
     rows: torch.Tensor | None
     capacity: int | None = None
+    row_capacity: torch.Tensor | None = None
 
 
 class RoutingState:
@@ -74,7 +78,7 @@ class RoutingState:
             raise RoutingInputError(f"task lists {len(task)} entries but the batch has {batch} sequences; give one task per sequence.")
         if not isinstance(task, torch.Tensor):
             names = [self.check(t) for t in task]
-        elif torch.compiler.is_compiling() and self.route_mask is None:
+        elif torch.compiler.is_compiling():
             return self.split_in_graph(task)
         else:
             indices = task.tolist()

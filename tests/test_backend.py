@@ -409,3 +409,85 @@ def test_the_split_in_the_graph_routes_every_mix_as_the_split_in_python(mix):
         want = routed(idx, task=[THREE_TASKS[i] for i in mix])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert compiled_graphs() == 1, "one graph serves every mix"
+
+
+# Route masks under compile: the largest row capacity is an unbacked size (capture_scalar_outputs),
+# and a task-id split stays in the graph (capture_dynamic_output_shape_ops).
+ROUTE_MASK_SETTINGS = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
+
+
+@settings(max_examples=25)
+@given(
+    mix=st.lists(st.integers(0, len(THREE_TASKS) - 1), min_size=5, max_size=5),
+    routable=st.lists(st.lists(st.booleans(), min_size=12, max_size=12), min_size=5, max_size=5),
+)
+def test_route_masks_under_compile_are_one_graph_for_every_mask_and_mix(mix, routable):
+    """Rows of one task whose capacities differ share one call (extra slots), eager splits them by capacity."""
+    routed = three_task_nanogpt()
+    with torch.no_grad():
+        # The routes eager calls use for groups of one and of two rows, built before compiling (see three_task_nanogpt).
+        for task in THREE_TASKS:
+            for rows in (1, 2):
+                routed(torch.zeros(rows, 12, dtype=torch.long), task=task, route_mask=torch.ones(rows, 12, dtype=torch.bool))
+    compiled = torch.compile(routed, backend="eager", fullgraph=True)
+    idx = torch.arange(5 * 12).reshape(5, 12) % 61
+    mask = torch.tensor(routable)
+    with torch.no_grad(), torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
+        got = compiled(idx, task=torch.tensor(mix), route_mask=mask)
+        want = routed(idx, task=[THREE_TASKS[i] for i in mix], route_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert compiled_graphs() == 1, "one graph serves every route mask and mix"
+
+
+@needs_hf_dynamo
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eager(device):
+    """Llama's traced blocks read a 4-D mask, in which the extra slots are hidden; gradients and the aux loss match."""
+    torch.manual_seed(0)
+    tasks = ("t2i", "mmu")
+    routed = modpass.transform(models.llama(layers=2).to(device).train(), {"t2i": 0.5, "mmu": 0.25}, layers=[1],
+                               aux_loss_weight=0.1)
+    with torch.no_grad():
+        for router in routed.model.layers[1].mod_routers.values():
+            router.weight.normal_()
+    ids = torch.randint(0, 97, (4, 16), device=device)
+    params = list(routed.parameters())
+
+    def step(model, task, mask):
+        loss = model(input_ids=ids, task=task, route_mask=mask).logits.square().mean() + modpass.aux_loss(routed)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [loss] + [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    masks = torch.zeros(2, 4, 16, dtype=torch.bool, device=device)
+    masks[0, :, 4:] = True
+    masks[0, 1, 4:10] = False  # rows of one task with 12 and 6 routable tokens
+    masks[1, :, 2:] = True
+    masks[1, 3, :] = True
+    with torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
+        for mix, mask in zip(([0, 0, 1, 1], [0, 1, 1, 0]), masks):
+            got = step(compiled, torch.tensor(mix, device=device), mask)
+            (record,) = (r for r in routed.model.layers[1].last_routing if r.task == "t2i")
+            assert record.extra is not None and record.extra.any(), "the rows' capacities differ"
+            want = step(routed, [tasks[i] for i in mix], mask)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert compiled_graphs() == 1
+
+
+@needs_hf_dynamo
+def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_extra_slots():
+    """ViT attends bidirectionally without a mask: no extra slots, so its rows are split by capacity (graph breaks)."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.vit(layers=2), 0.5, layers=[1])
+    with torch.no_grad():
+        routed.layers[1].mod_routers.default.weight.normal_()
+    pixels = torch.randn(3, 3, 32, 32)
+    mask = torch.ones(3, 17, dtype=torch.bool)
+    mask[1, :9] = False
+    compiled = torch.compile(routed, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
+        got = compiled(pixel_values=pixels, route_mask=mask).last_hidden_state
+        assert len(routed.layers[1].last_routing) == 2, "one call per capacity"
+        want = routed(pixel_values=pixels, route_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

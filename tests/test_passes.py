@@ -89,14 +89,65 @@ def test_rewrite_inserts_router_select_gather_block_scatter():
     assert placeholders[-2:] == ["router_weight", "router_bias"]
     assert gm.meta["modpass_inputs"][-2:] == [("router", "weight"), ("router", "bias")]
     outputs = gm.graph.output_node().args[0]
-    assert [o.target for o in outputs] == [routing.scatter_update, routing.router_logits, routing.select_tokens,
-                                           routing.padding_from_attention_mask], "(new hidden, logits, index, padding)"
+    assert [o.target for o in outputs[:-1]] == [routing.scatter_update, routing.router_logits, routing.select_tokens,
+                                                routing.padding_from_attention_mask], "(new hidden, logits, index, padding)"
+    assert outputs[-1] is None, "no extra slots at one capacity per call"
 
 
 def test_rewrite_explicit_capacity_takes_k_and_route_mask():
     gm = rewrite(analysed_llama_block(), ratio=Fraction(1, 2), explicit_capacity=True)
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-2:] == ["capacity", "route_mask"]
     assert not any(n.target is routing.capacity for n in gm.graph.nodes)
+
+
+def test_rewrite_with_row_capacities_hides_the_extra_slots_in_the_gathered_mask():
+    gm = rewrite(analysed_llama_block(), ratio=Fraction(1, 2), explicit_capacity=True, row_capacities=True)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"][-3:] == ["capacity", "route_mask", "row_capacity"]
+    assert gm.meta["modpass_inputs"][-1] == ("row_capacity", None)
+    targets = Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    assert (targets[routing.select_tokens_per_row], targets[routing.select_tokens]) == (1, 0)
+    (hide,) = gm.graph.find_nodes(op="call_function", target=routing.hide_extra_slots)
+    assert hide.args[0].target is routing.gather_tokens and hide.args[0].args[0].meta["val"].dim() == 4
+    (attention,) = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)
+    assert attention.args[3] is hide, "the attention reads the mask that hides the extra slots"
+    (scatter,) = gm.graph.find_nodes(op="call_function", target=routing.scatter_update)
+    extra = scatter.args[-1]
+    assert extra.args[0].target is routing.select_tokens_per_row and gm.graph.output_node().args[0][-1] is extra
+
+
+class Bidirectional(nn.Module):
+    """Attention over every token without a mask: extra slots would be seen."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return x + F.scaled_dot_product_attention(q, k, v)
+
+
+class HandWritten(nn.Module):
+    """Causal attention written out by hand: its mask is not one modpass can edit."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        tokens = x.shape[1]
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
+        scores = (q @ k.transpose(1, 2)).masked_fill(~causal, float("-inf"))
+        return x + scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("block, reason", [(Bidirectional, "without a mask and not causally"), (HandWritten, "written out by hand")])
+def test_rewrite_refuses_row_capacities_where_attention_could_see_the_extra_slots(block, reason):
+    gm = token_mixing(token_axes(capture_block(block(), (torch.randn(2, 6, 16),), {})))
+    with pytest.raises(modpass.UnroutableBlockError, match=reason):
+        rewrite(gm, ratio=Fraction(1, 2), explicit_capacity=True, row_capacities=True)
+    rewrite(gm, ratio=Fraction(1, 2), explicit_capacity=True)  # one capacity per call is fine
 
 
 def test_capture_block_writes_out_inferred_view_sizes_so_an_empty_batch_runs():

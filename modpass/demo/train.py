@@ -263,8 +263,7 @@ def evaluate(variant: Variant, digits: data.Digits, step: int, train_flops: int)
             result["mmu_accuracy"] = (label_logits.argmax(-1) == digits.test_labels).float().mean().item()
         for block in modpass.routed_blocks(variant.model).values():
             for record in block.last_routing:
-                selected = torch.zeros_like(record.logits, dtype=torch.bool).scatter(1, record.index, True)
-                hits = (record.logits > 0) == selected
+                hits = (record.logits > 0) == record.selected
                 mask = record.route_mask if record.route_mask is not None else torch.ones_like(hits)
                 agree += (hits & mask).sum().item()
                 counted += mask.sum().item()

@@ -12,8 +12,9 @@ Guarantees: the graph computes, for one task,
     out    = scatter_update(x, index, x_sel, y_sel, w, padding)  # x + w * (y_sel - x_sel) at index;
                                                                  # selected padding keeps x
 
-and returns ``(out, *other block outputs, logits, index, padding)``, where
-``padding`` is the ``(B, T)`` bool padding flags or None for an unmasked block. Two placeholders
+and returns ``(out, *other block outputs, logits, index, padding, extra)``, where
+``padding`` is the ``(B, T)`` bool padding flags or None for an unmasked block and
+``extra`` is None but with ``row_capacities`` (below). Two placeholders
 are appended after the block's own: the router's weight and bias
 (``meta["modpass_inputs"]`` gains ``("router", "weight")`` and
 ``("router", "bias")``). With ``explicit_capacity=True`` two more follow,
@@ -21,6 +22,14 @@ are appended after the block's own: the router's weight and bias
 bool; tokens outside it are always selected), for calls whose capacity
 depends on a per-sequence route mask. Every original use of a token-indexed input now reads
 its gathered version, so sizes the block derives from ``T`` become ``k``.
+
+With ``row_capacities=True`` as well, a last placeholder ``("row_capacity", None)``
+(``(B,)``, each row's own capacity, at most k) lets rows of different
+capacities share the call: ``select_tokens_per_row`` fills a row's spare
+slots with tokens it skips, flagged in ``extra`` (``(B, k)`` bool, returned
+last), which ``scatter_update`` writes back unchanged and ``hide_extra_slots``
+removes from the block's gathered mask. Refused (``UnroutableBlockError``)
+where the block's attention could still see them; see :func:`extra_slots_leak`.
 
 The gate's logits are the router applied to ``x_sel`` (k tokens), not a
 gather of ``logits``: equal values, but the gradient of the gate then needs
@@ -43,7 +52,10 @@ from fractions import Fraction
 import torch
 
 from .. import routing
+from ..errors import UnroutableBlockError
+from .find_blocks import op_name
 from .token_axes import flat_outputs, user_inputs
+from .token_mixing import ATTENTION, CONTRACTIONS, named_arguments, token_dims
 
 
 def attention_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
@@ -63,17 +75,73 @@ def key_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
     return None
 
 
+_ATTENTION_CALLS = {torch.ops.aten.scaled_dot_product_attention.default}
+# Ops that pass a mask on without changing which entries it forbids.
+_MASK_PRESERVING = {
+    "view", "reshape", "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "clone",
+    "contiguous", "to", "_to_copy", "detach",
+}
+
+
+def mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
+    """The mask the rewrite reads padding from: a 4-D attention mask, else a key mask; None when unmasked."""
+    mask = attention_mask_input(inputs)
+    return mask if mask is not None else key_mask_input(inputs)
+
+
+def extra_slots_leak(gm: torch.fx.GraphModule) -> str | None:
+    """Why the block's attention could see the extra slots of :func:`routing.select_tokens_per_row`, or None.
+
+    They stay hidden when every token-mixing op is
+    ``scaled_dot_product_attention`` and each call either is causal over
+    slots without a mask (extra slots come last) or reads its mask from the
+    block's own mask input through ops that keep its forbidden entries
+    (the rewrite forbids the extra keys there).
+    """
+    block_mask = mask_input(user_inputs(gm))
+    symbol = gm.meta["modpass_token_symbol"]
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _ATTENTION_CALLS:
+            arguments = named_arguments(node)
+            mask = arguments.get("attn_mask")
+            if mask is None:
+                if not arguments.get("is_causal", False):
+                    return f"{node.name} attends without a mask and not causally"
+                continue
+            while mask is not block_mask:
+                if not isinstance(mask, torch.fx.Node) or mask.op != "call_function" or op_name(mask.target) not in _MASK_PRESERVING:
+                    return f"the mask of {node.name} is computed by {getattr(mask, 'target', mask)}"
+                mask = mask.args[0]
+        elif any(key in op_name(node.target) for key in ATTENTION):
+            return f"{node.name} calls {node.target}, whose masking modpass does not read"
+        elif op_name(node.target) in CONTRACTIONS:
+            operands = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+            if sum(bool(token_dims(a, symbol)) for a in operands) >= 2:
+                return f"{node.name} ({op_name(node.target)}) multiplies two token-indexed tensors (attention written out by hand)"
+    return None
+
+
 def rewrite(
     gm: torch.fx.GraphModule,
     *,
     ratio: Fraction,
     gate: str = "tanh",
     explicit_capacity: bool = False,
+    row_capacities: bool = False,
     score_gradients: bool = True,
 ) -> torch.fx.GraphModule:
     graph = gm.graph
     inputs = user_inputs(gm)
     hidden = inputs[0]
+    if row_capacities:
+        if not explicit_capacity:
+            raise ValueError("row_capacities=True needs explicit_capacity=True")
+        if (leak := extra_slots_leak(gm)) is not None:
+            raise UnroutableBlockError(
+                f"{gm.meta.get('modpass_where', 'block')}: rows of different capacities cannot share one call: {leak}."
+            )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     added: list[torch.fx.Node] = []
 
@@ -88,35 +156,46 @@ def rewrite(
     with graph.inserting_before(body):
         router_weight = graph.placeholder("router_weight")
         router_bias = graph.placeholder("router_bias")
-        route_mask = None
+        route_mask = row_capacity = None
         if explicit_capacity:
             k = graph.placeholder("capacity")
             route_mask = graph.placeholder("route_mask")
+            if row_capacities:
+                row_capacity = graph.placeholder("row_capacity")
         else:
             num_tokens = call(torch.ops.aten.sym_size.int, hidden, 1, role="capacity")
             k = call(routing.capacity, num_tokens, ratio.numerator, ratio.denominator, role="capacity")
         scoring = routing.router_logits if score_gradients or gate == "string" else routing.router_scores
         logits = call(scoring, hidden, router_weight, router_bias, role="router")
         padding = None
-        if (mask := attention_mask_input(inputs)) is not None:
-            padding = call(routing.padding_from_attention_mask, mask, role="padding")
-        elif (mask := key_mask_input(inputs)) is not None:
-            padding = call(routing.padding_from_key_mask, mask, role="padding")
+        if (mask := mask_input(inputs)) is not None:
+            read_padding = routing.padding_from_attention_mask if mask is attention_mask_input(inputs) else routing.padding_from_key_mask
+            padding = call(read_padding, mask, role="padding")
         scores = call(routing.selection_scores, logits, padding, route_mask, role="select")
-        index = call(routing.select_tokens, scores, k, role="select")
+        extra = None
+        if row_capacity is None:
+            index = call(routing.select_tokens, scores, k, role="select")
+        else:
+            selected = call(routing.select_tokens_per_row, scores, k, row_capacity, role="select")
+            index = call(operator.getitem, selected, 0, role="select")
+            extra = call(operator.getitem, selected, 1, role="select")
         taken = call(routing.take_tokens, hidden, index, role="gather")
         base = call(operator.getitem, taken, 0, role="gather")
         gathered = {hidden: call(operator.getitem, taken, 1, role="gather")}
         for node in inputs[1:]:
-            if node.meta["modpass_token_axes"]:
-                gathered[node] = call(routing.gather_tokens, node, index, node.meta["modpass_token_axes"], role="gather")
+            if axes := node.meta["modpass_token_axes"]:
+                gathered[node] = call(routing.gather_tokens, node, index, axes, role="gather")
+                if extra is not None and node is mask:
+                    gathered[node] = call(routing.hide_extra_slots, gathered[node], extra, axes, role="gather")
 
     routing_nodes = set(added)
     for node, selected in gathered.items():
         node.replace_all_uses_with(selected, delete_user_cb=lambda user: user not in routing_nodes)
 
-    extra = [("capacity", None), ("route_mask", None)] if explicit_capacity else []
-    gm.meta["modpass_inputs"] = [*gm.meta["modpass_inputs"], ("router", "weight"), ("router", "bias"), *extra]
+    capacity_inputs = [("capacity", None), ("route_mask", None)] if explicit_capacity else []
+    if row_capacities:
+        capacity_inputs.append(("row_capacity", None))
+    gm.meta["modpass_inputs"] = [*gm.meta["modpass_inputs"], ("router", "weight"), ("router", "bias"), *capacity_inputs]
     output = graph.output_node()
     outputs = flat_outputs(gm)
     with graph.inserting_before(output):
@@ -125,11 +204,11 @@ def rewrite(
         padding_values = None
         if gate == "string":
             base = call(routing.skip_scale, base, logits, role="gate")
-            if padding is not None:
+            if padding is not None or extra is not None:
                 padding_values = call(routing.gather_tokens, base, index, (1,), role="scatter")
         new_hidden = call(routing.scatter_update, base, index, gathered[hidden], outputs[0], weight, padding,
-                          padding_values, role="scatter")
-    output.args = ((new_hidden, *outputs[1:], logits, index, padding),)
+                          padding_values, extra, role="scatter")
+    output.args = ((new_hidden, *outputs[1:], logits, index, padding, extra),)
     graph.lint()
     gm.recompile()
     gm.meta["modpass_ratio"] = ratio

@@ -35,8 +35,8 @@ import torch
 from ..errors import UnroutableBlockError
 from .token_axes import mentions
 
-_ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
-_CONTRACTIONS = {"matmul", "bmm", "mm", "baddbmm", "addmm", "addbmm", "einsum", "linear"}
+ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+CONTRACTIONS = {"matmul", "bmm", "mm", "baddbmm", "addmm", "addbmm", "einsum", "linear"}
 _REDUCTIONS = {
     "sum", "mean", "amax", "amin", "max", "min", "logsumexp", "softmax", "_softmax", "log_softmax",
     "_log_softmax", "_safe_softmax", "var", "std", "var_mean", "std_mean", "norm", "linalg_vector_norm",
@@ -81,9 +81,9 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         source = source[0] if source else None
     dims = token_dims(source, symbol)
     rank = source.meta["val"].dim() if dims else 0
-    if any(key in name for key in _ATTENTION):
+    if any(key in name for key in ATTENTION):
         return None
-    if name in _CONTRACTIONS:
+    if name in CONTRACTIONS:
         if name == "linear" and dims and rank - 1 in dims:
             return "applies a linear layer across the token axis"
         return None
