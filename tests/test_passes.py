@@ -115,24 +115,24 @@ def test_rewrite_with_row_capacities_hides_the_extra_slots_in_the_gathered_mask(
     assert extra.args[0].target is routing.select_tokens_per_row and gm.graph.output_node().args[0][-1] is extra
 
 
-class Bidirectional(nn.Module):
-    """Attention over every token without a mask: extra slots would be seen."""
+class QKV(nn.Module):
+    """A block with one fused query/key/value projection; subclasses attend in different ways."""
 
     def __init__(self, width: int = 16):
         super().__init__()
         self.qkv = nn.Linear(width, 3 * width)
+
+
+class Bidirectional(QKV):
+    """Attention over every token without a mask: extra slots would be seen."""
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return x + F.scaled_dot_product_attention(q, k, v)
 
 
-class HandWritten(nn.Module):
+class HandWritten(QKV):
     """Causal attention written out by hand: its mask is not one modpass can edit."""
-
-    def __init__(self, width: int = 16):
-        super().__init__()
-        self.qkv = nn.Linear(width, 3 * width)
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -142,7 +142,36 @@ class HandWritten(nn.Module):
         return x + scores.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("block, reason", [(Bidirectional, "without a mask and not causally"), (HandWritten, "written out by hand")])
+class Broadcasting(QKV):
+    """Attention weights from pairwise differences, summed over keys without a product op."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        weights = (q.unsqueeze(2) - k.unsqueeze(1)).square().sum(-1).neg().softmax(-1)
+        return x + (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)
+
+
+class CrossAttention(nn.Module):
+    """Attends to another sequence's states: the extra slots are only ever queries."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.q = nn.Linear(width, width)
+
+    def forward(self, x, memory):
+        return x + F.scaled_dot_product_attention(self.q(x), memory, memory)
+
+
+def test_rewrite_with_row_capacities_accepts_cross_attention():
+    gm = token_mixing(token_axes(capture_block(CrossAttention(), (torch.randn(2, 6, 16), torch.randn(2, 5, 16)), {})))
+    gm = rewrite(gm, ratio=Fraction(1, 2), explicit_capacity=True, row_capacities=True)
+    assert not gm.graph.find_nodes(op="call_function", target=routing.hide_extra_slots), "no mask to edit"
+
+
+@pytest.mark.parametrize(
+    "block, reason",
+    [(Bidirectional, "without a mask and not causally"), (HandWritten, "written out by hand"), (Broadcasting, "token pairs")],
+)
 def test_rewrite_refuses_row_capacities_where_attention_could_see_the_extra_slots(block, reason):
     gm = token_mixing(token_axes(capture_block(block(), (torch.randn(2, 6, 16),), {})))
     with pytest.raises(modpass.UnroutableBlockError, match=reason):

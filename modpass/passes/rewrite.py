@@ -55,7 +55,7 @@ from .. import routing
 from ..errors import UnroutableBlockError
 from .find_blocks import op_name
 from .token_axes import flat_outputs, user_inputs
-from .token_mixing import ATTENTION, CONTRACTIONS, named_arguments, token_dims
+from .token_mixing import ATTENTION, CONTRACTIONS, REDUCTIONS, named_arguments, token_dims
 
 
 def attention_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
@@ -106,6 +106,8 @@ def extra_slots_leak(gm: torch.fx.GraphModule) -> str | None:
         if node.target in _ATTENTION_CALLS:
             arguments = named_arguments(node)
             mask = arguments.get("attn_mask")
+            if not token_dims(arguments["key"], symbol):
+                continue  # cross-attention: its keys are another sequence's
             if mask is None:
                 if not arguments.get("is_causal", False):
                     return f"{node.name} attends without a mask and not causally"
@@ -120,6 +122,8 @@ def extra_slots_leak(gm: torch.fx.GraphModule) -> str | None:
             operands = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
             if sum(bool(token_dims(a, symbol)) for a in operands) >= 2:
                 return f"{node.name} ({op_name(node.target)}) multiplies two token-indexed tensors (attention written out by hand)"
+        elif op_name(node.target) in REDUCTIONS and node.args and len(token_dims(node.args[0], symbol)) >= 2:
+            return f"{node.name} ({op_name(node.target)}) reduces a tensor indexed by token pairs (attention written out by hand)"
     return None
 
 

@@ -37,7 +37,7 @@ from .token_axes import mentions
 
 ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 CONTRACTIONS = {"matmul", "bmm", "mm", "baddbmm", "addmm", "addbmm", "einsum", "linear"}
-_REDUCTIONS = {
+REDUCTIONS = {
     "sum", "mean", "amax", "amin", "max", "min", "logsumexp", "softmax", "_softmax", "log_softmax",
     "_log_softmax", "_safe_softmax", "var", "std", "var_mean", "std_mean", "norm", "linalg_vector_norm",
     "prod", "argmax", "argmin", "all", "any", "count_nonzero",
@@ -108,12 +108,12 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if name in _AXIS_ONLY or not dims:
         return None
     dim_args = [args[k] for k in ("dim", "dims") if k in args]
-    if not dim_args and name not in _REDUCTIONS:
+    if not dim_args and name not in REDUCTIONS:
         return None
     hit = set(dims) & set(normalise(dim_args[0] if dim_args else None, rank))
     if not hit:
         return None
-    if name in _REDUCTIONS:
+    if name in REDUCTIONS:
         return None if len(dims) >= 2 else f"reduces over the token axis ({name})"
     if name == "slice":
         start, end, step = args.get("start"), args.get("end"), args.get("step", 1)
