@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NoBlocksError
+from .token_mixing import ATTENTION
 
 _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 
@@ -93,7 +94,6 @@ def hidden_input(nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, list[torch.
     return chosen, [i for i in inputs if i is not chosen and isinstance(i.meta.get("val"), torch.Tensor)]
 
 
-_ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 _PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm"}
 
 
@@ -121,7 +121,7 @@ def activation_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
 def has_attention(nodes: list[torch.fx.Node], active: set[torch.fx.Node]) -> bool:
     for node in nodes:
         name = op_name(node.target)
-        if any(key in name for key in _ATTENTION_NAMES):
+        if any(key in name for key in ATTENTION):
             return True
         if name in _PRODUCTS and sum(isinstance(a, torch.fx.Node) and a in active for a in node.args) >= 2:
             return True
