@@ -1,4 +1,4 @@
-"""Mixed-task batches: a batch of two tasks vs the same batch as one task, at equal FLOPs.
+"""Mixed-task batches and route masks: a batch of two tasks, or under a route mask, vs the same batch as one task, at equal FLOPs.
 
 Usage (from the repository root)::
 
@@ -12,7 +12,11 @@ capacity (``{"a": c, "b": c}``), so both calls below do the same work:
 the graph, with ``capture_dynamic_output_shape_ops`` on, one graph for every
 mix). mixed/whole is the cost of the split: selecting each task's rows and
 writing them back, and running each routed block once per task on part of
-the batch instead of once on all of it.
+the batch instead of once on all of it. "masked" is the batch with
+``task="a"`` and a route mask that makes every token routable, so its
+capacities are whole's: masked/whole is the cost of the route-mask path
+(per-row capacities, the per-row selection, compiled: the largest row
+capacity as an unbacked size, with ``capture_scalar_outputs`` on).
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ import model_bench  # noqa: E402
 import modpass  # noqa: E402
 
 
-def make_cases(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, backward: bool, seed: int) -> list[common.Case]:
+def case_arguments(ids: torch.Tensor) -> dict[str, dict]:
     mix = (torch.arange(ids.shape[0]) % 2).to(ids.device)
-    return [common.model_case(name, model, module, ids, backward, seed, task=task) for name, task in (("whole", "a"), ("mixed", mix))]
+    return {"whole": {"task": "a"}, "mixed": {"task": mix}, "masked": {"task": "a", "route_mask": torch.ones_like(ids, dtype=torch.bool)}}
+
+
+def make_cases(model: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor, backward: bool, seed: int) -> list[common.Case]:
+    return [common.model_case(name, model, module, ids, backward, seed, **kwargs) for name, kwargs in case_arguments(ids).items()]
 
 
 def main() -> None:
@@ -48,6 +56,7 @@ def main() -> None:
     if size.batch % 2:
         raise SystemExit("the mixed batch alternates two tasks: the batch size must be even")
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
 
     print(f"== {size.describe()}, {dtype}, {device}; tasks a and b at c={args.capacity} on every other layer")
     torch.manual_seed(args.seed)
@@ -71,13 +80,14 @@ def main() -> None:
             timings = common.run_interleaved(make_cases(routed, module, ids, backward, args.seed), baseline="whole",
                                              rounds=rounds, warmup=args.warmup, device=device, seed=args.seed,
                                              calls=args.calls)
-            entry[mode] = {"cases": {n: r.to_json(timings["whole"]) for n, r in timings.items()}, "ratio": timings["mixed"].ratio}
+            entry[mode] = {"cases": {n: r.to_json(timings["whole"]) for n, r in timings.items()},
+                           "ratio": timings["mixed"].ratio, "masked_ratio": timings["masked"].ratio}
         payload["passes"][pass_name] = entry
     if "compiled" in modes:
         routed.eval()
         with torch.no_grad():
-            mix = (torch.arange(size.batch) % 2).to(device)
-            payload["dynamo"] = common.dynamo_breaks(routed, input_ids=ids, task=mix, use_cache=False)
+            payload["dynamo"] = {name: common.dynamo_breaks(routed, input_ids=ids, use_cache=False, **kwargs)
+                                 for name, kwargs in case_arguments(ids).items() if name != "whole"}
 
     text = markdown(payload, size, modes)
     print("\n" + text)
@@ -91,17 +101,18 @@ def markdown(payload: dict, size: model_bench.ModelSize, modes: tuple[str, ...])
     parts = [common.markdown_preamble("modpass mixed-task benchmark: two tasks in one batch vs one task", payload)]
     parts.append(f"Model: LlamaForCausalLM, {size.describe()}, {settings['dtype']}; tasks a and b both at "
                  f"c={settings['capacity']} on every other layer. whole: `task=\"a\"`; mixed: rows alternate a, b "
-                 "(`task=` a LongTensor). Baseline of each round: whole.\n")
+                 "(`task=` a LongTensor); masked: `task=\"a\"` with a route mask that makes every token routable "
+                 "(whole's capacities). Baseline of each round: whole.\n")
     rows = []
     for pass_name, entry in payload["passes"].items():
         for mode in modes:
             cases = entry[mode]["cases"]
-            rows.append([pass_name, mode, f"{cases['whole']['median_s'] * 1e3:.0f}", f"{cases['mixed']['median_s'] * 1e3:.0f}",
-                         f"{common.fmt_ratio(entry[mode]['ratio'])} ({cases['mixed']['ratio_of_medians']:.3f})"])
-    parts.append(common.markdown_table(["pass", "mode", "whole (ms)", "mixed (ms)", "mixed/whole"], rows) + "\n")
-    dynamo = payload.get("dynamo")
-    if dynamo:
-        parts.append(f"Compiled mixed forward (eval): {dynamo['graphs']} graph(s), {dynamo['breaks']} graph break(s).\n")
+            rows.append([pass_name, mode, *(f"{cases[name]['median_s'] * 1e3:.0f}" for name in ("whole", "mixed", "masked")),
+                         f"{common.fmt_ratio(entry[mode]['ratio'])} ({cases['mixed']['ratio_of_medians']:.3f})",
+                         f"{common.fmt_ratio(entry[mode]['masked_ratio'])} ({cases['masked']['ratio_of_medians']:.3f})"])
+    parts.append(common.markdown_table(["pass", "mode", "whole (ms)", "mixed (ms)", "masked (ms)", "mixed/whole", "masked/whole"], rows) + "\n")
+    for name, dynamo in payload.get("dynamo", {}).items():
+        parts.append(f"Compiled {name} forward (eval): {dynamo['graphs']} graph(s), {dynamo['breaks']} graph break(s).\n")
     return "\n".join(parts)
 
 
