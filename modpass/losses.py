@@ -38,10 +38,8 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
                     counted = ~record.padding if counted is None else counted & ~record.padding
                 if counted is None:
                     counted = torch.ones_like(per_token, dtype=torch.bool)
-                loss, tokens = torch.where(counted, per_token, 0).sum(), counted.sum()
-                if record.task in sums:
-                    loss, tokens = loss + sums[record.task][0], tokens + sums[record.task][1]
-                sums[record.task] = (loss, tokens)
+                loss, tokens = sums.get(record.task, (0, 0))
+                sums[record.task] = (loss + torch.where(counted, per_token, 0).sum(), tokens + counted.sum())
             for loss, tokens in sums.values():
                 # A mean that is 0, not NaN, over no tokens: a fully masked
                 # group, or a task absent from a batch split under compile.
