@@ -300,8 +300,7 @@ class RoutedBlock(nn.Module):
         """
         if self._plan.ratios.get(group.task) is None or self.route("per_row", group.task, args, kwargs) is None:
             return group
-        rows = mask if group.rows is None else mask.index_select(0, group.rows.to(mask.device))
-        row_capacity = row_capacities(rows, *self.ratio_terms(group.task))
+        row_capacity = row_capacities(group.rows_of(mask), *self.ratio_terms(group.task))
         # At least two slots (where there are two tokens): attention cannot broadcast over an unbacked
         # size that may be 1, and the floor also defines the maximum for a group with no rows (a task
         # absent from the batch). A slot beyond every row's capacity is an extra slot like any other.
@@ -322,7 +321,7 @@ class RoutedBlock(nn.Module):
         mask = self._state.route_mask
         if mask is None or group.capacity is None:
             return None
-        return mask if group.rows is None else mask.index_select(0, group.rows.to(mask.device))
+        return group.rows_of(mask)
 
     # -- capture and rewrite ----------------------------------------------------------------------
     def analysis(self, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, tuple[bool, ...]]:

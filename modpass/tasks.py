@@ -32,6 +32,10 @@ class TaskGroup:
     capacity: int | None = None
     row_capacity: torch.Tensor | None = None
 
+    def rows_of(self, batched: torch.Tensor) -> torch.Tensor:
+        """The group's rows of a batch-first tensor (all of it for a whole-batch group)."""
+        return batched if self.rows is None else batched.index_select(0, self.rows.to(batched.device))
+
 
 class RoutingState:
     """Per-call routing inputs shared by the routed blocks of one model."""
