@@ -11,7 +11,8 @@ because export bakes those in; a new structure is captured on first use, in
 about a second. The dispatch for a whole-batch task is plain Python over
 tuples, so ``torch.compile(fullgraph=True)`` traces straight through to the
 routed graph; so does a mixed-task batch given as task ids, split in the
-graph (see ``RoutingState.split_in_graph``). A structure first seen under
+graph (see ``RoutingState.split_in_graph``). A batch of one runs the graphs
+of the prepared call it is a row of. Any other structure first seen under
 compile is captured through a graph break (run the model once eagerly with
 such inputs to avoid it).
 """
@@ -100,6 +101,8 @@ class RoutedBlock(nn.Module):
         self.__dict__["_state"] = state
         self.__dict__["_analyses"] = {}
         self.__dict__["_routes"] = {}
+        # Structure of a batch of one -> the prepared structure it is a row of (see prepare).
+        self.__dict__["_row_of"] = {}
         # Set by set_ratios: per task, the ratio carried as tensor sizes (see capacity_carriers).
         self.__dict__["_capacity_carriers"] = None
         self.__dict__["last_routing"] = []
@@ -122,7 +125,7 @@ class RoutedBlock(nn.Module):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_analyses"], state["_routes"], state["last_routing"] = {}, {}, []
+        state["_analyses"], state["_routes"], state["_row_of"], state["last_routing"] = {}, {}, {}, []
         return state
 
     def extra_repr(self) -> str:
@@ -174,7 +177,7 @@ class RoutedBlock(nn.Module):
         :func:`modpass.routing.select_tokens_per_row`). None when a ``"per_row"``
         call would let the block's attention see the extra slots.
         """
-        key = (task, form, self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
+        key = (task, form, *self.structure(args, kwargs))
         if key not in self._routes:
             self.build_route(key, self._plan.ratios[task], args, kwargs)
         return self._routes[key]
@@ -311,6 +314,17 @@ class RoutedBlock(nn.Module):
         torch._check(k <= tokens)
         return TaskGroup(group.task, group.rows, k, row_capacity)
 
+    def structure(self, args: tuple, kwargs: dict) -> tuple:
+        """The key of this call's structure: the graphs built for it are cached under it.
+
+        A batch of one whose own structure was never captured takes the
+        structure of the prepared call it is one row of (see :meth:`prepare`).
+        """
+        key = (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
+        if key not in self._analyses:
+            return self._row_of.get(key, key)
+        return key
+
     def mode_key(self, hidden: torch.Tensor) -> tuple:
         """What besides the arguments changes a captured graph: train/eval and autocast."""
         device = hidden.device.type
@@ -326,7 +340,7 @@ class RoutedBlock(nn.Module):
     # -- capture and rewrite ----------------------------------------------------------------------
     def analysis(self, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, tuple[bool, ...]]:
         """The analysed (not yet routed) graph of this call structure, and which inputs follow the batch."""
-        key = (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
+        key = self.structure(args, kwargs)
         found = self._analyses.get(key)
         if found is None:
             found = self.capture_analysis(key, args, kwargs)
@@ -378,6 +392,33 @@ class RoutedBlock(nn.Module):
             for task in self._plan.routed_tasks():
                 self.route(form, task, args, kwargs)
                 self.route("per_row", task, args, kwargs)
+            self.serve_rows_of(args, kwargs)
+
+    def serve_rows_of(self, args: tuple, kwargs: dict) -> None:
+        """Let a batch of one use the graphs of the call ``(args, kwargs)``, whose batch is symbolic.
+
+        Export specialises size-1 axes, so one row of a prepared call has a
+        structure of its own, and under torch.compile a structure first seen
+        would be captured through a graph break (``fullgraph=True`` fails).
+        The prepared graph takes one row as it is: it was traced with a
+        symbolic batch (export assumes a graph traced at sizes >= 2 holds
+        for size 1, as it does for any dynamic dimension), and it already
+        serves groups of any size, 0 and 1 included, of a mixed batch split
+        in a compiled graph. A batch whose first axis is not symbolic has
+        nothing to lend.
+        """
+        key = self.structure(args, kwargs)
+        analysed, batch_leaves = self.analysis(args, kwargs)
+        hidden = next(node for node, role in zip(analysed.graph.find_nodes(op="placeholder"), analysed.meta["modpass_inputs"])
+                      if role == ("input", 0))
+        if not isinstance(hidden.meta["val"].shape[0], torch.SymInt):
+            return
+        leaves = _structure.tensors((args, kwargs))
+        row = [leaf[:1] if follows_batch else leaf for leaf, follows_batch in zip(leaves, batch_leaves)]
+        row_args, row_kwargs = _structure.replace((args, kwargs), row)
+        row_key = (self.mode_key(row_args[0]), _structure.signature(row_args), _structure.signature(row_kwargs))
+        if row_key != key and row_key not in self._analyses:
+            self._row_of[row_key] = key
 
     def set_ratios(self, plan: BlockPlan) -> None:
         """Route with ``plan``'s ratios from now on (same tasks; called by ``modpass.set_ratios``).

@@ -258,6 +258,57 @@ def test_routed_training_fullgraph_matches_eager_gradients(device):
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4)
 
 
+def captured_structures(routed: torch.nn.Module) -> int:
+    return sum(len(block._analyses) for block in modpass.routed_blocks(routed).values())
+
+
+@needs_hf_dynamo
+def test_a_batch_of_one_runs_the_prepared_graphs_under_fullgraph_in_inference_and_training():
+    """``transform`` prepares batch-2 calls; export specialises size-1 axes, so a batch of one has a
+    structure of its own, which compiling would capture through a graph break (fullgraph refuses it).
+    It runs the prepared graphs instead, eager and compiled, and captures nothing new."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
+    with torch.no_grad():
+        routed.model.layers[1].mod_routers.default.weight.normal_()
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    ids = torch.randint(0, 97, (1, 15))
+    prepared = captured_structures(routed)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    routed.train()
+    prepared = captured_structures(routed)
+
+    def step(model):
+        routed.zero_grad()
+        model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+        return {name: p.grad.clone() for name, p in routed.named_parameters() if p.grad is not None}
+
+    eager, got = step(routed), step(compiled)
+    assert got["model.layers.1.mod_routers.default.weight"].abs().sum() > 0
+    for name, grad in eager.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-4)
+    assert captured_structures(routed) == prepared
+
+
+def test_one_row_groups_of_a_mixed_batch_of_names_compile_without_a_break():
+    """Task names are read in Python, so each group's rows are concrete: a task with one row is a batch of one."""
+    routed = modpass.transform(models.NanoGPT(layers=2).eval(), {"a": 0.5, "b": 0.25}, layers="all")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in modpass.routed_blocks(routed).values():
+            for router in block.mod_routers.values():
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
+    prepared = captured_structures(routed)
+    idx = torch.randint(0, 61, (3, 14), generator=generator)
+    tasks = ["b", "a", "b"]
+    with torch.no_grad():
+        got = torch.compile(routed, backend="eager", fullgraph=True)(idx, task=tasks)
+        torch.testing.assert_close(got, routed(idx, task=tasks), rtol=1e-6, atol=1e-6)
+    assert captured_structures(routed) == prepared
+
+
 def test_compiled_router_is_a_row_reduction_and_the_generic_form_a_linear_layer(monkeypatch):
     """``routing.COMPILED_FORMS``: the router's one-column ``Linear`` is traced as ``sum(x * w) + b``
     (one fused reduction kernel) with the same values; switched off, compiling traces the
@@ -391,10 +442,6 @@ def three_task_nanogpt():
         for block in modpass.routed_blocks(routed).values():
             for router in block.mod_routers.values():
                 router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
-        # The routes of one-row groups, which the eager reference calls would otherwise build between
-        # compiled calls: torch 2.6's Dynamo guards on the number of routes a block holds.
-        for task in THREE_TASKS:
-            routed(torch.zeros(1, 12, dtype=torch.long), task=task)
     return routed
 
 
