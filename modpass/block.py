@@ -443,7 +443,24 @@ class RoutedBlock(nn.Module):
         result = super()._apply(fn, recurse)
         if self._capacity_carriers is not None:
             self.carry_ratios(fn(torch.empty(())).device)
+        self.follow_conversion(fn)
         return result
+
+    def follow_conversion(self, fn) -> None:
+        """Convert the known calls as the block's tensors were (``.to(device)``, ``.half()``) and prepare them.
+
+        The block then receives calls of another dtype or device: new
+        structures, which torch.compile would capture through graph breaks.
+        Converting the recorded calls with the same function is a guess for
+        side inputs (an fp32 mask that stays fp32 would be a new structure
+        again, captured on first use), exact for the hidden state, and costs
+        nothing when ``fn`` changes no structure.
+        """
+        converted = [_structure.replace(call, [fn(t) for t in _structure.tensors(call)]) for call in self._examples]
+        if [_structure.signature(call) for call in converted] == [_structure.signature(call) for call in self._examples]:
+            return
+        self.__dict__["_examples"] = converted
+        self.prepare()
 
 
 # Sizes 0 and 1 are always specialised by Dynamo; offsetting keeps a numerator of 1 symbolic.

@@ -292,6 +292,35 @@ def test_a_batch_of_one_runs_the_prepared_graphs_under_fullgraph_in_inference_an
     assert captured_structures(routed) == prepared
 
 
+CONVERSIONS = [
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+@needs_hf_dynamo
+@pytest.mark.parametrize("conversion", CONVERSIONS)
+def test_a_model_converted_after_transform_compiles_fullgraph(conversion):
+    """``transform`` on the CPU in fp32, then ``.to(dtype or device)``: the prepared calls follow the
+    conversion, so compiling meets no new structure, in inference or training."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
+    with torch.no_grad():
+        routed.model.layers[1].mod_routers.default.weight.normal_()
+    prepared = captured_structures(routed)
+    routed.to("cpu")
+    assert captured_structures(routed) == prepared, "a conversion that changes nothing prepares nothing"
+    routed.to(conversion)
+    ids = torch.randint(0, 97, (2, 15), device=routed.device)
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    tolerance = 2e-2 if routed.dtype == torch.bfloat16 else 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=tolerance, atol=tolerance)
+    routed.train()
+    compiled(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    assert routed.model.layers[1].mod_routers.default.weight.grad.abs().sum() > 0
+
+
 def test_one_row_groups_of_a_mixed_batch_of_names_compile_without_a_break():
     """Task names are read in Python, so each group's rows are concrete: a task with one row is a batch of one."""
     routed = modpass.transform(models.NanoGPT(layers=2).eval(), {"a": 0.5, "b": 0.25}, layers="all")
