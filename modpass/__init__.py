@@ -1,7 +1,7 @@
 """modpass: task-aware Mixture-of-Depths for any PyTorch transformer, by graph transformation."""
 
 from . import schedules
-from .api import routed_blocks, routing_plan_of, set_ratios, transform
+from .api import prepare_autocast, routed_blocks, routing_plan_of, set_ratios, transform
 from .block import RoutedBlock
 from .errors import (
     CaptureError,
@@ -33,6 +33,7 @@ __all__ = [
     "dense",
     "flops",
     "load",
+    "prepare_autocast",
     "routed_blocks",
     "routing_plan_of",
     "save",

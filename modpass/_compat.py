@@ -17,6 +17,17 @@ def inductor_mode_options(mode: str | None) -> dict:
     return dict(list_mode_options(mode))
 
 
+def disable_compile(reason: str):
+    """``torch.compiler.disable`` with the reason that a graph break reports (torch 2.6 takes none)."""
+    import inspect
+
+    import torch
+
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        return lambda fn: torch.compiler.disable(fn, reason=reason)
+    return torch.compiler.disable
+
+
 def outside_dynamo_tracing():
     """A context in which torch.export can run from inside a Dynamo backend.
 

@@ -196,3 +196,27 @@ def routing_plan_of(model: nn.Module) -> RoutingPlan | None:
 
 def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
     return {name: m for name, m in model.named_modules() if isinstance(m, RoutedBlock)}
+
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def prepare_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Prepare a routed model's blocks for calls under ``torch.autocast(device, dtype=dtype)``.
+
+    A routed block keeps a graph per call structure, autocast included
+    (model code may read dtypes that autocast changes), and prepares the
+    structures ``transform`` saw, without autocast. Under ``torch.compile``
+    a structure it has no graph for is captured through a graph break, which
+    ``fullgraph=True`` refuses; call this once before compiling a model that
+    runs under autocast (mixed-precision training). The routed blocks keep
+    preparing both after every ``train()``/``eval()`` switch. Returns ``model``.
+    """
+    if dtype not in AUTOCAST_DTYPES:
+        raise ConfigError(f"prepare_autocast: dtype must be one of {list(AUTOCAST_DTYPES)}, got {dtype!r}.")
+    blocks = routed_blocks(model)
+    if not blocks:
+        raise ConfigError(f"prepare_autocast: {type(model).__name__} has no routed blocks; call modpass.transform or modpass.load first.")
+    for block in blocks.values():
+        block.prepare_autocast(dtype)
+    return model

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _structure
+from ._compat import disable_compile
 from .errors import RoutingInputError, UnroutableBlockError
 from .plan import BlockPlan
 from .routing import capacity, row_capacities
@@ -71,6 +72,16 @@ class RoutingRecord:
         return chosen.scatter(1, self.index, True if self.extra is None else ~self.extra)
 
 
+# What torch.compile(fullgraph=True) says when a routed block meets a call it has no graph for.
+capture_outside_the_graph = disable_compile(
+    "modpass: a routed block met a call structure it has no graph for (train/eval mode, autocast, "
+    "dtypes, devices, size-1 axes, which arguments are given) and captures it here, outside the "
+    "compiled graph. Prepare it before compiling: under torch.autocast call "
+    "modpass.prepare_autocast(model, dtype); otherwise run the model once with such inputs, eagerly "
+    "and compiled without fullgraph (Dynamo passes blocks other arguments than eager mode does)."
+)
+
+
 class RoutedBlock(nn.Module):
     def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState, examples: list | None = None,
                  score_gradients: bool = True):
@@ -109,6 +120,8 @@ class RoutedBlock(nn.Module):
         # Calls this block is known to receive, to prepare its graphs ahead of
         # use in each train/eval mode (torch.compile cannot capture mid-trace).
         self.__dict__["_examples"] = list(examples or [])
+        # Autocast dtypes to prepare those calls under as well (modpass.prepare_autocast).
+        self.__dict__["_autocast_dtypes"] = []
 
     # -- module plumbing ---------------------------------------------------------------------------
     @property
@@ -346,7 +359,7 @@ class RoutedBlock(nn.Module):
             found = self.capture_analysis(key, args, kwargs)
         return found
 
-    @torch._dynamo.disable
+    @capture_outside_the_graph
     def capture_analysis(self, key: tuple, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, tuple[bool, ...]]:
         from .pipeline import capture_block_graph
 
@@ -358,7 +371,7 @@ class RoutedBlock(nn.Module):
         found = self._analyses[key] = (gm, batch)
         return found
 
-    @torch._dynamo.disable
+    @capture_outside_the_graph
     def build_route(self, key: tuple, ratio: Fraction, args: tuple, kwargs: dict) -> None:
         from .pipeline import route_block_graph
 
@@ -389,10 +402,18 @@ class RoutedBlock(nn.Module):
         """
         form = "given" if self._capacity_carriers is not None else "ratio"
         for args, kwargs in self._examples:
-            for task in self._plan.routed_tasks():
-                self.route(form, task, args, kwargs)
-                self.route("per_row", task, args, kwargs)
-            self.serve_rows_of(args, kwargs)
+            for dtype in (None, *self._autocast_dtypes):
+                with torch.autocast(args[0].device.type, dtype=dtype, enabled=dtype is not None):
+                    for task in self._plan.routed_tasks():
+                        self.route(form, task, args, kwargs)
+                        self.route("per_row", task, args, kwargs)
+                    self.serve_rows_of(args, kwargs)
+
+    def prepare_autocast(self, dtype: torch.dtype) -> None:
+        """Prepare the known calls under ``torch.autocast(dtype=dtype)`` too, now and after each train/eval switch."""
+        if dtype not in self._autocast_dtypes:
+            self._autocast_dtypes.append(dtype)
+        self.prepare()
 
     def serve_rows_of(self, args: tuple, kwargs: dict) -> None:
         """Let a batch of one use the graphs of the call ``(args, kwargs)``, whose batch is symbolic.

@@ -272,6 +272,19 @@ def test_set_ratios_refusals():
     assert all(b._capacity_carriers is None for b in modpass.routed_blocks(routed).values())
 
 
+def test_prepare_autocast_refusals_and_eager_use():
+    with pytest.raises(modpass.ConfigError, match="no routed blocks"):
+        modpass.prepare_autocast(models.NanoGPT())
+    routed = modpass.transform(models.NanoGPT(layers=2), 0.5)
+    with pytest.raises(modpass.ConfigError, match="dtype must be one of"):
+        modpass.prepare_autocast(routed, torch.float32)
+    assert modpass.prepare_autocast(routed) is routed
+    prepared = sum(len(block._analyses) for block in modpass.routed_blocks(routed).values())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert routed(torch.randint(0, 61, (2, 12))).dtype == torch.bfloat16
+    assert sum(len(block._analyses) for block in modpass.routed_blocks(routed).values()) == prepared
+
+
 def test_set_ratios_carriers_follow_the_model_and_cost_no_memory():
     routed = modpass.set_ratios(modpass.transform(models.NanoGPT(), 0.5), 123456789 / 10**12)
     routed.to(torch.float64)

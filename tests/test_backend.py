@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import subprocess
 import sys
@@ -319,6 +320,41 @@ def test_a_model_converted_after_transform_compiles_fullgraph(conversion):
     routed.train()
     compiled(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
     assert routed.model.layers[1].mod_routers.default.weight.grad.abs().sum() > 0
+
+
+@needs_hf_dynamo
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_training_compiles_fullgraph_once_prepared(device):
+    """Autocast is part of a call's structure; unprepared, fullgraph stops at the capture and says how to prepare it."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(layers=2).to(device), 0.5, layers=[1])
+    with torch.no_grad():
+        routed.model.layers[1].mod_routers.default.weight.normal_()
+    routed.train()
+    ids = torch.randint(0, 97, (2, 15), device=device)
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+    with pytest.raises(Exception) as refused, autocast():
+        torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids)
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:  # torch 2.6 reports no reason
+        assert "modpass.prepare_autocast(model, dtype)" in str(refused.value)
+
+    torch._dynamo.reset()
+    routed.eval()
+    modpass.prepare_autocast(routed, torch.bfloat16)
+    routed.train()  # the switch prepares the autocast calls of training mode too
+    prepared = captured_structures(routed)
+
+    def step(model):
+        routed.zero_grad()
+        with autocast():
+            model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+        return {name: p.grad.clone() for name, p in routed.named_parameters() if p.grad is not None}
+
+    eager, got = step(routed), step(torch.compile(routed, backend="modpass", fullgraph=True))
+    assert got["model.layers.1.mod_routers.default.weight"].abs().sum() > 0
+    for name, grad in eager.items():
+        torch.testing.assert_close(got[name], grad, rtol=2e-2, atol=2e-2)
+    assert captured_structures(routed) == prepared
 
 
 def test_one_row_groups_of_a_mixed_batch_of_names_compile_without_a_break():
