@@ -152,18 +152,28 @@ class RoutedBlock(nn.Module):
         state = self._state
         if state.dense:
             return self._block(*args, **kwargs)
-        self.last_routing = []
         task = state.whole_batch_task()
-        route = self.run_groups if task is None else lambda a, k: self.run(TaskGroup(task, None), a, k)
+
+        def route(args, kwargs):
+            # The records leave as an output, not by appending to last_routing: a checkpointed
+            # function must not change state outside it (Dynamo refuses that under fullgraph).
+            records = []
+            output = self.run_groups(args, kwargs, records) if task is None else self.run(TaskGroup(task, None), args, kwargs, records)
+            return output, tuple(records)
+
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
             if checkpoint is None:
-                return torch.utils.checkpoint.checkpoint(route, args, kwargs, use_reentrant=False)
-            return checkpoint(route, args, kwargs)
-        return route(args, kwargs)
+                output, records = torch.utils.checkpoint.checkpoint(route, args, kwargs, use_reentrant=False)
+            else:
+                output, records = checkpoint(route, args, kwargs)
+        else:
+            output, records = route(args, kwargs)
+        self.last_routing = [RoutingRecord(*fields) for fields in records]
+        return output
 
-    def run(self, group: TaskGroup, args: tuple, kwargs: dict):
-        """Route one group of sequences (the whole batch unless ``group.rows``)."""
+    def run(self, group: TaskGroup, args: tuple, kwargs: dict, records: list):
+        """Route one group of sequences (the whole batch unless ``group.rows``); its record's fields go to ``records``."""
         ratio = self._plan.ratios.get(group.task)
         if ratio is None:
             if group.rows is not None and torch.compiler.is_compiling():
@@ -178,7 +188,7 @@ class RoutedBlock(nn.Module):
         inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k,
                                    route_mask=mask, row_capacity=group.row_capacity)
         *outputs, logits, index, padding, extra = route.graph(*inputs)
-        self.last_routing.append(RoutingRecord(group.task, logits, index, group.rows, mask, padding, extra))
+        records.append((group.task, logits, index, group.rows, mask, padding, extra))
         return _structure.fill(route.outputs, outputs)
 
     def route(self, form: str, task: str, args: tuple, kwargs: dict) -> Route | None:
@@ -238,7 +248,7 @@ class RoutedBlock(nn.Module):
                 inputs.append(route_mask)
         return inputs
 
-    def run_groups(self, args: tuple, kwargs: dict):
+    def run_groups(self, args: tuple, kwargs: dict, records: list):
         """Mixed-task batches and route masks: route each group of alike rows separately.
 
         Group membership depends on tensor values. Under torch.compile a
@@ -249,7 +259,7 @@ class RoutedBlock(nn.Module):
         hidden = args[0]
         groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), args, kwargs)
         if len(groups) == 1 and groups[0].rows is None:
-            return self.run(groups[0], args, kwargs)
+            return self.run(groups[0], args, kwargs, records)
         batch_leaves = self.analysis(args, kwargs)[1]
         leaves = _structure.tensors((args, kwargs))
         result = None
@@ -257,7 +267,7 @@ class RoutedBlock(nn.Module):
             rows = group.rows.to(hidden.device)
             sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(leaves, batch_leaves)]
             sub_args, sub_kwargs = _structure.replace((args, kwargs), sub)
-            output = self.run(group, sub_args, sub_kwargs)
+            output = self.run(group, sub_args, sub_kwargs, records)
             new_hidden = output if isinstance(output, torch.Tensor) else output[0]
             if result is None:
                 result = hidden.new_empty(hidden.shape)

@@ -357,6 +357,31 @@ def test_autocast_training_compiles_fullgraph_once_prepared(device):
     assert captured_structures(routed) == prepared
 
 
+@needs_hf_dynamo
+def test_gradient_checkpointing_compiles_fullgraph_and_keeps_the_routing_records():
+    """A checkpointed function must not change state outside it: the records leave it as outputs."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1], aux_loss_weight=0.01).train()
+    with torch.no_grad():
+        routed.model.layers[1].mod_routers.default.weight.normal_()
+    routed.gradient_checkpointing_enable()
+    ids = torch.randint(0, 97, (2, 15))
+
+    def step(model):
+        routed.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        aux = modpass.aux_loss(routed)
+        (loss + aux).backward()
+        return aux.detach(), {name: p.grad.clone() for name, p in routed.named_parameters() if p.grad is not None}
+
+    eager_aux, eager = step(routed)
+    compiled_aux, got = step(torch.compile(routed, backend="modpass", fullgraph=True))
+    assert len(routed.model.layers[1].last_routing) == 1
+    torch.testing.assert_close(compiled_aux, eager_aux, rtol=1e-4, atol=1e-4)
+    for name, grad in eager.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-4)
+
+
 def test_one_row_groups_of_a_mixed_batch_of_names_compile_without_a_break():
     """Task names are read in Python, so each group's rows are concrete: a task with one row is a batch of one."""
     routed = modpass.transform(models.NanoGPT(layers=2).eval(), {"a": 0.5, "b": 0.25}, layers="all")
