@@ -28,6 +28,15 @@ def disable_compile(reason: str):
     return torch.compiler.disable
 
 
+def uncompiled(module):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds; any other module as it is."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
 def outside_dynamo_tracing():
     """A context in which torch.export can run from inside a Dynamo backend.
 

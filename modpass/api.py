@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _structure
+from ._compat import uncompiled
 from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, UnroutableBlockError
@@ -63,6 +64,7 @@ def transform(
         raise ConfigError(f"inplace must be True or False, got {inplace!r}.")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"transform expects an nn.Module, got {type(model).__name__}.")
+    refuse_compiled(model, "transform")
     config = RoutingConfig.from_arguments(ratios, layers=layers, gate=gate, aux_loss_weight=aux_loss_weight)
     if routing_plan_of(model) is not None:
         raise ConfigError(
@@ -75,6 +77,15 @@ def transform(
     gm = find_blocks(gm)
     gm = plan_stage(gm, config, model_class=f"{type(model).__module__}.{type(model).__qualname__}")
     return apply_plan(target, gm.meta["modpass_plan"], inputs, gm.meta["modpass_traced_calls"], unroutable=unroutable)
+
+
+def refuse_compiled(model: nn.Module, verb: str) -> None:
+    if uncompiled(model) is not model:
+        raise ConfigError(
+            f"{verb}() takes the model itself, not its torch.compile wrapper: route first, then compile "
+            f"(modpass.{verb}(model, ...), then torch.compile(routed, backend='modpass')); the wrapper's original "
+            "model is its ._orig_mod."
+        )
 
 
 def apply_plan(
@@ -136,6 +147,7 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any]) -> nn.Module
     the first change recompiles once, with the capacity symbolic; later
     changes reuse that graph.
     """
+    given, model = model, uncompiled(model)
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("set_ratios() takes a model routed by modpass.transform or modpass.load.")
@@ -157,7 +169,7 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any]) -> nn.Module
     for block_plan in updated:
         blocks[block_plan.path].set_ratios(block_plan)
     model._modpass_plan = dataclasses.replace(plan, blocks=tuple(updated))
-    return model
+    return given
 
 
 def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> dict[str, tuple[tuple, dict]]:
@@ -190,12 +202,13 @@ def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> di
 
 
 def routing_plan_of(model: nn.Module) -> RoutingPlan | None:
-    """The routing plan of a routed model, or None for a model modpass has not routed."""
-    return getattr(model, "_modpass_plan", None)
+    """The routing plan of a routed model (or of its torch.compile wrapper), or None for a model modpass has not routed."""
+    return getattr(uncompiled(model), "_modpass_plan", None)
 
 
 def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedBlock)}
+    """A routed model's ``RoutedBlock`` modules by their paths in the model (the plan's paths, also through a torch.compile wrapper)."""
+    return {name: m for name, m in uncompiled(model).named_modules() if isinstance(m, RoutedBlock)}
 
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .api import apply_plan, routing_plan_of
+from ._compat import uncompiled
+from .api import apply_plan, refuse_compiled, routing_plan_of
 from .errors import ConfigError, PlanError
 from .inputs import example_inputs_for
 from .passes.capture import capture
@@ -45,6 +46,7 @@ def router_names(plan: RoutingPlan) -> dict[str, tuple[int, ...]]:
 
 def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model``'s routing plan and router weights to ``directory``; returns the path."""
+    model = uncompiled(model)
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("save() takes a model routed by modpass.transform or modpass.load.")
@@ -107,6 +109,7 @@ def load(
     example_inputs: Mapping[str, Any] | tuple | None = None,
 ) -> torch.nn.Module:
     """Rebuild the routed model saved in ``directory`` from a fresh ``base_model``."""
+    refuse_compiled(base_model, "load")
     if routing_plan_of(base_model) is not None:
         raise ConfigError("load() takes the original (unrouted) model; this one is already routed.")
     plan, tensors = read(directory)

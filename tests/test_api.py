@@ -272,6 +272,29 @@ def test_set_ratios_refusals():
     assert all(b._capacity_carriers is None for b in modpass.routed_blocks(routed).values())
 
 
+def test_the_api_takes_a_compiled_routed_model_and_refuses_to_route_a_compiled_one(tmp_path):
+    """Training loops hold the torch.compile wrapper; its original's paths and state_dict names are the plan's."""
+    base = models.NanoGPT(layers=2)
+    routed = modpass.transform(base, 0.5)
+    with torch.no_grad():
+        routed.h[1].mod_routers.default.weight.normal_()
+    compiled = torch.compile(routed, backend="eager")
+    assert list(modpass.routed_blocks(compiled)) == ["h.1"]
+    assert modpass.routing_plan_of(compiled) is modpass.routing_plan_of(routed)
+    assert modpass.set_ratios(compiled, 0.25) is compiled
+    assert modpass.routing_plan_of(routed).blocks[0].ratios["default"] == 0.25
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        compiled(idx)
+    assert routed.h[1].last_routing[0].index.shape == (2, 3)
+    modpass.save(compiled, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(modpass.load(base, tmp_path)(idx), routed(idx), rtol=0, atol=0)
+    for verb in (lambda m: modpass.transform(m, 0.5), lambda m: modpass.load(m, tmp_path)):
+        with pytest.raises(modpass.ConfigError, match="not its torch.compile wrapper"):
+            verb(torch.compile(models.NanoGPT(layers=2), backend="eager"))
+
+
 def test_prepare_autocast_refusals_and_eager_use():
     with pytest.raises(modpass.ConfigError, match="no routed blocks"):
         modpass.prepare_autocast(models.NanoGPT())
