@@ -1,0 +1,25 @@
+"""The examples run against the current API (a few eager steps; the compiled paths have tests of their own)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from modpass.io import read
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_llama_runs_a_few_steps_and_saves_the_routers(tmp_path):
+    accuracy = load_example("train_llama").main(["--steps", "3", "--batch", "8", "--eager", "--out", str(tmp_path)])
+    assert set(accuracy) == {"copy", "sort"} and all(0.0 <= value <= 1.0 for value in accuracy.values())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["plan.json", "routers.safetensors"]
+    plan, _ = read(tmp_path)
+    assert [dict(block.ratios) for block in plan.blocks] == [{"copy": 0.25, "sort": 0.5}] * 2, "the capacity changed halfway"
