@@ -264,6 +264,20 @@ def test_token_mixing_refuses_mixing_outside_attention(block, reason):
         token_mixing(gm)
 
 
+class LengthBranchingBlock(nn.Module):
+    """Scales its update only for sequences longer than 8 tokens: a graph traced at 9 tokens drops the other branch."""
+
+    def forward(self, x):
+        update = x.tanh()
+        return x + (2 * update if x.shape[1] > 8 else update)
+
+
+def test_capture_block_refuses_a_block_whose_code_branches_on_the_token_count():
+    for tokens, holds_for in ((9, r"\[9, int_oo\]"), (5, r"\[2, 8\]")):
+        with pytest.raises(modpass.CaptureError, match=rf"branches on the size of its hidden state.*a token count in {holds_for}"):
+            capture_block(LengthBranchingBlock(), (torch.randn(2, tokens, 8),), {})
+
+
 def test_token_mixing_accepts_eager_attention():
     class EagerAttention(nn.Module):
         def forward(self, x):

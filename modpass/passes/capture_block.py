@@ -26,6 +26,7 @@ import sympy
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.numbers import int_oo
 
 from .._export import FlatCall, first_user_frame
 from .._structure import Slot
@@ -58,6 +59,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             f"{where}: the block updates state in place ({', '.join(map(str, mutated))}); routing a subset "
             "of tokens would update it from that subset only. Leave this block dense with layers=."
         )
+    refuse_size_assumptions(program, where)
     gm = program.graph_module
     roles = []
     user_index = 0
@@ -80,6 +82,34 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     gm.meta["modpass_output_template"] = pytree.tree_unflatten([Slot(i) for i in range(outputs)], program.call_spec.out_spec)
     gm.meta["modpass_where"] = where
     return gm
+
+
+def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -> None:
+    """Refuse a block whose code made its graph hold only for some batch sizes or token counts.
+
+    Export records what the block's code assumed about a symbolic size (a
+    branch on ``T > 8`` gives ``T`` the range ``[9, inf]``) and drops the
+    other branch. The routed graph runs the block on k of T tokens, and a
+    mixed batch on groups of any size, where that branch may not hold: the
+    result would differ without a word. Both sizes of the hidden state keep
+    export's default range, ``[2, inf]``, or the block is refused (other
+    sizes, such as the width, are the same in every call).
+    """
+    user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    hidden = next(n for n in program.graph.find_nodes(op="placeholder") if n.name == user_inputs[0])
+    varying = dict(zip(("batch", "token count"), hidden.meta["val"].shape[:2]))
+    described = []
+    for name, size in varying.items():
+        bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+        if bounds is not None and (bounds.lower > 2 or bounds.upper != int_oo):
+            described.append(f"a {name} in [{bounds.lower}, {bounds.upper}]")
+    if not described:
+        return
+    raise CaptureError(
+        f"{where}: the block's code branches on the size of its hidden state: its graph holds only for {' and '.join(described)}. "
+        "Routing runs the block on the k selected tokens (and a mixed batch on groups of any size), where the branch "
+        "it took may not hold, so it is not routed. Leave this block dense with layers=."
+    )
 
 
 def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
