@@ -343,10 +343,13 @@ class RoutedBlock(nn.Module):
         A batch of one whose own structure was never captured takes the
         structure of the prepared call it is one row of (see :meth:`prepare`).
         """
-        key = (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
+        key = self.own_structure(args, kwargs)
         if key not in self._analyses:
             return self._row_of.get(key, key)
         return key
+
+    def own_structure(self, args: tuple, kwargs: dict) -> tuple:
+        return (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
 
     def mode_key(self, hidden: torch.Tensor) -> tuple:
         """What besides the arguments changes a captured graph: train/eval and autocast."""
@@ -447,7 +450,7 @@ class RoutedBlock(nn.Module):
         leaves = _structure.tensors((args, kwargs))
         row = [leaf[:1] if follows_batch else leaf for leaf, follows_batch in zip(leaves, batch_leaves)]
         row_args, row_kwargs = _structure.replace((args, kwargs), row)
-        row_key = (self.mode_key(row_args[0]), _structure.signature(row_args), _structure.signature(row_kwargs))
+        row_key = self.own_structure(row_args, row_kwargs)
         if row_key != key and row_key not in self._analyses:
             self._row_of[row_key] = key
 
