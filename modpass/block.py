@@ -29,6 +29,7 @@ from torch import nn
 from . import _structure
 from ._compat import disable_compile
 from .errors import RoutingInputError, UnroutableBlockError
+from .passes.token_axes import user_inputs
 from .plan import BlockPlan
 from .routing import capacity, row_capacities
 from .tasks import RoutingState, TaskGroup
@@ -443,8 +444,7 @@ class RoutedBlock(nn.Module):
         """
         key = self.structure(args, kwargs)
         analysed, batch_leaves = self.analysis(args, kwargs)
-        hidden = next(node for node, role in zip(analysed.graph.find_nodes(op="placeholder"), analysed.meta["modpass_inputs"])
-                      if role == ("input", 0))
+        hidden = user_inputs(analysed)[0]
         if not isinstance(hidden.meta["val"].shape[0], torch.SymInt):
             return
         leaves = _structure.tensors((args, kwargs))
