@@ -114,10 +114,48 @@ def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, s
 
 
 def region_of(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:
-    return [
-        n for n in gm.graph.nodes
-        if n.op not in ("placeholder", "output", "get_attr") and any(p == path for p, _ in (n.meta.get("nn_module_stack") or {}).values())
-    ]
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr") and path in module_paths(n)]
+
+
+def module_paths(node: torch.fx.Node) -> set[str]:
+    return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
+
+
+def unshare_scalar_arithmetic(gm: torch.fx.GraphModule, block_paths: list[str]) -> None:
+    """Give each block its own copy of the scalar arithmetic it uses from outside itself.
+
+    Dynamo traces a float global once per graph (``math.pi`` in GPT-2's
+    ``gelu_new`` becomes one 0-d input), and the first block's
+    ``sqrt(2 / pi)`` then feeds every later block. Cut as it is, one region
+    would hand a float to the next, which neither can be routed with (a
+    region's inputs and outputs are tensors and sizes). A copy inside each
+    block makes every region self-contained; the arithmetic is on scalars
+    and costs nothing. Only arithmetic that starts from graph inputs is
+    copied, so no region gains a tensor input.
+    """
+    portable: dict[torch.fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            portable[node] = True
+        elif node.op in ("call_function", "call_method"):
+            portable[node] = not isinstance(node.meta.get("val"), torch.Tensor) and all(portable.get(a, False) for a in node.all_input_nodes)
+    copies: dict[tuple[torch.fx.Node, str], torch.fx.Node] = {}
+
+    def local(node: torch.fx.Node, path: str, before: torch.fx.Node) -> torch.fx.Node:
+        if node.op == "placeholder" or not portable.get(node) or path in module_paths(node):
+            return node
+        if (node, path) not in copies:
+            with gm.graph.inserting_before(before):
+                copy = gm.graph.node_copy(node, lambda arg: local(arg, path, before))
+            copy.meta = {**node.meta, "nn_module_stack": before.meta["nn_module_stack"]}
+            copies[node, path] = copy
+        return copies[node, path]
+
+    for user in list(gm.graph.nodes):
+        path = next((p for p in block_paths if p in module_paths(user)), None)
+        if path is not None:
+            for node in user.all_input_nodes:
+                user.replace_input_with(node, local(node, path, user))
 
 
 def scalar_attribute(node: torch.fx.Node) -> float | int | None:
@@ -214,6 +252,7 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
     normalise_dynamo_metadata(gm)
     gm = find_blocks(gm)
     plan, task, routers = choose_plan(gm, options)
+    unshare_scalar_arithmetic(gm, [block.path for block in plan.blocks if block.ratios.get(task) is not None])
     for number, block in enumerate(plan.blocks):
         ratio = block.ratios.get(task)
         if ratio is None:
