@@ -10,7 +10,10 @@ saved by ``modpass.save``.
 
 The token count must be symbolic in the Dynamo graph (``dynamic=True``, or
 the dynamic recompile after a second length): a static graph bakes ``T`` into
-reshapes and cannot run on ``k`` tokens.
+reshapes and cannot run on ``k`` tokens. Dynamo has also already chosen
+every branch the model's code takes on ``T`` and kept only a guard for it, so
+the graph is refused where a guard on ``T`` fails for fewer tokens (the cut
+region would run that branch on ``k`` tokens regardless).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import operator
 import re
 import warnings
 
+import sympy
 import torch
 
 from . import _structure
@@ -248,6 +252,67 @@ def freeze_constants(routed: torch.fx.GraphModule, constants: dict, reference: t
     return kept
 
 
+def refuse_fixed_token_count(gm: torch.fx.GraphModule, hidden: torch.fx.Node, where: str) -> None:
+    """A block can run on k tokens only where the Dynamo graph keeps the token count symbolic."""
+    tokens = hidden.meta["val"].shape[1]
+    if isinstance(tokens, torch.SymInt):
+        return
+    symbolic = any(
+        isinstance(size, torch.SymInt)
+        for node in gm.graph.find_nodes(op="placeholder") if isinstance(node.meta.get("val"), torch.Tensor)
+        for size in node.meta["val"].shape
+    )
+    cause = (
+        "the model's code fixes it although other sizes are symbolic (ViT, say, adds position embeddings of one length)"
+        if symbolic else "the graph is static: compile with torch.compile(..., dynamic=True)"
+    )
+    raise ConfigError(
+        f"{where}: the traced graph has a fixed sequence length of {tokens}, so the block cannot run on k tokens there: "
+        f"{cause}. modpass.transform(model, ratios) followed by torch.compile routes such models: it captures each block on its own."
+    )
+
+
+def refuse_token_count_branches(hidden: torch.fx.Node, where: str) -> None:
+    """Refuse a graph whose code took a branch that holds for T tokens but not for fewer.
+
+    Dynamo has already chosen the branches a block's code takes on the token
+    count (``if T > 8``) and left a guard for each; the region cut from its
+    graph no longer shows them, and the routed block runs that branch on k
+    of T tokens. So every guard and runtime assert on the token count must
+    hold for each count from 2 (export's least) up to T: an upper bound
+    (``T <= max_positions``) does, ``T > 8`` or ``T % 8 == 0`` does not. The
+    guards are the whole graph's, so one outside the blocks is refused too;
+    ``modpass.transform`` checks each block alone.
+    """
+    tokens = hidden.meta["val"].shape[1]
+    shape_env = tokens.node.shape_env
+    count = sympy.Symbol("T", integer=True, positive=True)  # printed in the message
+    hints = dict(shape_env.var_to_val)
+    largest = int(tokens.node.hint)
+    samples = sorted({*range(2, min(largest, 64) + 1), *(largest >> shift for shift in range(largest.bit_length() - 1)), largest})
+    conditions = [(guard.expr, str(guard.sloc)) for guard in shape_env.guards]
+    conditions += [(check.expr, check.msg) for checks in shape_env.deferred_runtime_asserts.values() for check in checks]
+    for condition, location in conditions:
+        in_counts = condition.xreplace({tokens.node.expr: count}) if tokens.node.expr.is_Symbol else condition.subs(tokens.node.expr, count)
+        if count not in in_counts.free_symbols or not in_counts.free_symbols - {count} <= hints.keys():
+            continue
+        failing = next((n for n in samples if not holds(in_counts.xreplace({**hints, count: sympy.Integer(n)}))), None)
+        if failing is not None:
+            raise UnroutableBlockError(
+                f"{where}: the traced graph holds only where {in_counts} for the token count T (at {location}); at T = {failing} "
+                f"of {largest} it does not. Routing runs blocks on k of T tokens, where a branch the code took on T may not "
+                "hold. modpass.transform(model, ratios) then torch.compile checks each block on its own and refuses only "
+                "blocks that branch so; or leave the block that branches dense with options['layers']."
+            )
+
+
+def holds(condition: sympy.Basic) -> bool:
+    try:
+        return bool(condition)
+    except TypeError:  # not decided by the numbers: treat as failing
+        return False
+
+
 def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) -> torch.fx.GraphModule:
     normalise_dynamo_metadata(gm)
     gm = find_blocks(gm)
@@ -260,16 +325,10 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
         nodes = region_of(gm, block.path)
         region, inputs, outputs = extract(gm, nodes)
         where = f"block {block.index} ({block.path})"
-        try:
-            with outside_dynamo_tracing():
-                analysed = capture_block_graph(region, tuple(_structure.realize(i.meta["val"]) for i in inputs), {}, where=where)
-        except UnroutableBlockError as exc:
-            if "fixes its token count" in str(exc):
-                raise ConfigError(
-                    f"{where}: the traced graph has a fixed sequence length; routing through backend options needs "
-                    "torch.compile(..., dynamic=True) so that the block can run on k tokens."
-                ) from exc
-            raise
+        refuse_fixed_token_count(gm, inputs[0], where)
+        refuse_token_count_branches(inputs[0], where)
+        with outside_dynamo_tracing():
+            analysed = capture_block_graph(region, tuple(_structure.realize(i.meta["val"]) for i in inputs), {}, where=where)
         routed = route_block_graph(analysed, ratio=ratio, gate=plan.gate)
         reference = next(i.meta["val"] for i in inputs if i.meta["val"].is_floating_point())
         if routers:  # a saved plan: io.read has checked that every router is there

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -51,6 +52,14 @@ needs_hf_dynamo = pytest.mark.skipif(
 )
 
 
+@contextlib.contextmanager
+def backend_refuses(error: type[modpass.ModpassError], match: str):
+    """Dynamo wraps what a backend raises; the error inside must be modpass's own."""
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=match) as caught:
+        yield
+    assert isinstance(caught.value.inner_exception, error), caught.value.inner_exception
+
+
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -76,7 +85,7 @@ def test_backend_is_found_without_importing_modpass():
 def test_unknown_options_are_refused():
     model = torch.nn.Linear(4, 3)
     compiled = torch.compile(model, backend="modpass", options={"ratio": 0.5})
-    with pytest.raises(Exception, match="unknown modpass backend option"):
+    with backend_refuses(modpass.ConfigError, "unknown modpass backend option"):
         compiled(torch.randn(2, 4))
 
 
@@ -448,8 +457,48 @@ def test_ratios_option_equals_transform_then_compile(build, logits):
 def test_options_routing_of_a_static_graph_asks_for_dynamic_shapes():
     model = models.NanoGPT(layers=2).eval()
     compiled = torch.compile(model, backend="modpass", dynamic=False, options={"ratios": 0.5, "layers": [1]})
-    with pytest.raises(Exception, match="dynamic=True"), pytest.warns(UserWarning):
+    with backend_refuses(modpass.ConfigError, "the graph is static: compile with .*dynamic=True"), pytest.warns(UserWarning):
         compiled(torch.randint(0, 61, (2, 14)))
+
+
+@needs_hf_dynamo
+def test_options_routing_of_a_model_that_fixes_its_sequence_length_points_to_transform():
+    model = models.vit(layers=2)
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": "all"})
+    refusal = r"fixed sequence length of 17.*the model's code fixes it.*modpass.transform"
+    with backend_refuses(modpass.ConfigError, refusal), pytest.warns(UserWarning):
+        compiled(pixel_values=torch.randn(2, 3, 32, 32))
+
+
+class LengthBranchingBlock(models.NanoBlock):
+    """A nanoGPT block whose update depends on the sequence length through ``condition``."""
+
+    def __init__(self, condition):
+        super().__init__(32, 4)
+        self.condition = condition
+
+    def forward(self, x):
+        update = super().forward(x) - x
+        return x + (2 * update if self.condition(x.shape[1]) else update)
+
+
+@pytest.mark.parametrize(
+    "condition, refused",
+    [(lambda tokens: tokens > 8, "holds only where T > 8"), (lambda tokens: tokens <= 64, None)],
+    ids=["longer-than-8", "at-most-64"],
+)
+def test_options_routing_refuses_a_graph_that_branched_on_the_token_count_where_fewer_tokens_differ(condition, refused):
+    model = models.NanoGPT(layers=2).eval()
+    model.h = torch.nn.ModuleList(LengthBranchingBlock(condition) for _ in model.h)
+    idx = torch.randint(0, 61, (2, 16))
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 1.0, "layers": "all"})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the identity-gated routers' warning
+        if refused:
+            with backend_refuses(modpass.UnroutableBlockError, rf"{refused} for the token count.*at T = 2 of 16"):
+                compiled(idx)
+        else:
+            torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-5)
 
 
 @needs_hf_dynamo
@@ -472,7 +521,7 @@ def test_plan_option_serves_a_stock_model_with_trained_routers(tmp_path, device)
 def test_plan_option_needs_a_task_for_multi_task_plans(tmp_path):
     model = models.NanoGPT(layers=2).eval()
     modpass.save(modpass.transform(model, {"a": 0.5, "b": 0.25}, layers=[1]), tmp_path)
-    with pytest.raises(Exception, match="pick one with options"):
+    with backend_refuses(modpass.ConfigError, "pick one with options"):
         torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})(torch.randint(0, 61, (2, 8)))
 
 
