@@ -253,10 +253,39 @@ class ShiftBlock(nn.Module):
         return x + F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
+class ReinterpretBlock(nn.Module):
+    """Reads (B, T, D) as (T, B, D) without a transpose: its 'batch' axis then pairs neighbouring tokens."""
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        pairs = x.reshape(tokens, batch, width)
+        return x + pairs.mean(1, keepdim=True).expand(tokens, batch, width).reshape(batch, tokens, width)
+
+
+class FoldBlock(nn.Module):
+    """Folds features into the token axis: a softmax over the 'feature' axis then spans tokens."""
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        return x + x.reshape(-1).reshape(width, batch * tokens).softmax(0).reshape(batch, tokens, width)
+
+
+class TransposedRowsBlock(nn.Module):
+    """Adds the rows of (B*T, D) to those of (T*B, D): equal sizes, different tokens in each row."""
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        rows = x.reshape(batch * tokens, width) + x.transpose(0, 1).reshape(tokens * batch, width)
+        return x + rows.reshape(batch, tokens, width)
+
+
 @pytest.mark.parametrize(
     "block, reason",
-    [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token")],
-    ids=["conv", "cumsum", "mean-pool", "token-shift"],
+    [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token"),
+     (ReinterpretBlock(), "spreads one token's position over several axes"),
+     (FoldBlock(), "spreads one token's position over several axes"),
+     (TransposedRowsBlock(), "whose tokens are laid out differently")],
+    ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))

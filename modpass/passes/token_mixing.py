@@ -25,15 +25,24 @@ mixes tokens when it combines positions along such an axis:
 * data-dependent ops (nonzero, unique, masked_select) on tokens are refused.
 
 Everything else (pointwise math, views, linear layers over features,
-feature-wise norms) is position-wise.
+feature-wise norms) is position-wise, provided each token's position stays
+one coordinate of one axis. Shapes alone do not show that once a view merges
+the token axis with others: ``(B, T, D)`` viewed as ``(T, B, D)`` or
+``(D, B*T)`` keeps sizes that mention ``T`` while spreading a token's values
+over rows of other tokens. So ``token_layouts`` follows each merged axis
+through the graph: an axis of size ``a*T*b`` holds token ``t`` at
+``(i*T + t)*b + j``; a view must keep that factor ``T`` whole inside one
+output axis, and an op must not combine two axes of one size laid out
+differently (``(B*T)`` against ``(T*B)``).
 """
 
 from __future__ import annotations
 
+import sympy
 import torch
 
 from ..errors import UnroutableBlockError
-from .token_axes import mentions
+from .token_axes import mentions, size_expr
 
 ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 CONTRACTIONS = {"matmul", "bmm", "mm", "baddbmm", "addmm", "addbmm", "einsum", "linear"}
@@ -48,6 +57,7 @@ _SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm", "batch_no
 _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select"}
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
+_VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 
 
 def token_dims(value, symbol) -> list[int]:
@@ -122,6 +132,88 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     return f"operates along the token axis ({name})"
 
 
+Layout = dict  # a merged token size (sympy) -> the stride b of T inside an axis of that size
+
+
+def divides(divisor, dividend) -> bool:
+    """Whether ``divisor`` divides ``dividend`` for every value of the size symbols."""
+    return sympy.fraction(sympy.cancel(sympy.sympify(dividend) / divisor))[1] == 1
+
+
+def tensors_of(node) -> list[torch.Tensor]:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    values = val if isinstance(val, (list, tuple)) else [val]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def merged_sizes(node, symbol) -> set:
+    return {size_expr(s) for t in tensors_of(node) for s in t.shape if mentions(s, symbol) and size_expr(s) != symbol}
+
+
+def token_positions(shape, layout: Layout, symbol) -> list | str:
+    """For each token factor ``T`` of ``shape``: the product of everything before it in row-major order."""
+    positions, before = [], sympy.Integer(1)
+    for size in map(size_expr, shape):
+        if isinstance(size, int) or symbol not in size.free_symbols:
+            before *= size
+            continue
+        inner = 1 if size == symbol else layout.get(size)
+        outer = None if inner is None else sympy.cancel(size / (symbol * inner))
+        if outer is None or not divides(1, outer) or symbol in outer.free_symbols:
+            return f"reshapes a token axis of size {size} whose order of tokens modpass cannot follow"
+        positions.append(before * outer)
+        before *= size
+    return positions
+
+
+def follow_view(source: torch.Tensor, result: torch.Tensor, layout: Layout, symbol) -> Layout | str:
+    """The layout of a view's result, or why it breaks a token's position apart."""
+    positions = token_positions(source.shape, layout, symbol)
+    if isinstance(positions, str):
+        return positions
+    sizes = [size_expr(s) for s in result.shape]
+    prefix = [sympy.Integer(1)]
+    for size in sizes:
+        prefix.append(prefix[-1] * size)
+    viewed: Layout = {}
+    for before in positions:
+        # The factor T lies whole in axis j when the axes before j split only what precedes T
+        # and axis j ends no earlier than T does.
+        axis = next((j for j in range(len(sizes)) if divides(prefix[j], before) and divides(before * symbol, prefix[j + 1])), None)
+        if axis is None:
+            return f"views {tuple(source.shape)} as {tuple(result.shape)}, which spreads one token's position over several axes"
+        if sizes[axis] != symbol:
+            inner = sympy.cancel(prefix[axis + 1] / (before * symbol))
+            if viewed.setdefault(sizes[axis], inner) != inner:
+                return f"views {tuple(source.shape)} as {tuple(result.shape)}, two axes of one size with tokens laid out differently"
+    return viewed
+
+
+def token_layouts(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
+    """Follow every merged token axis through the graph; the nodes that lose a token's position, and why."""
+    layouts: dict[torch.fx.Node, Layout] = {}
+    problems = []
+    for node in gm.graph.nodes:
+        name = node.target.overloadpacket.__name__ if isinstance(node.target, torch._ops.OpOverload) else None
+        if name in _VIEWS and token_dims(node.args[0], symbol):
+            viewed = follow_view(tensors_of(node.args[0])[0], tensors_of(node)[0], layouts.get(node.args[0], {}), symbol)
+            if isinstance(viewed, str):
+                problems.append((node, viewed))
+            else:
+                layouts[node] = viewed
+            continue
+        sizes = merged_sizes(node, symbol)
+        if not sizes:
+            continue
+        inherited: Layout = {}
+        for source in node.all_input_nodes:
+            for size, inner in layouts.get(source, {}).items():
+                if size in sizes and inherited.setdefault(size, inner) != inner:
+                    problems.append((node, f"combines axes of size {size} whose tokens are laid out differently"))
+        layouts[node] = inherited
+    return problems
+
+
 def model_source_line(node: torch.fx.Node) -> str:
     """The innermost frame of model code (outside torch) that created ``node``."""
     frames = [line.strip() for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File ")]
@@ -133,11 +225,9 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     symbol = gm.meta["modpass_token_symbol"]
     if symbol is None:  # a single-token call: nothing to mix
         return gm
-    problems = []
-    for node in gm.graph.nodes:
-        reason = mixing_reason(node, symbol)
-        if reason:
-            problems.append(f"{node.target} {reason} [{model_source_line(node)}]")
+    reasons = [(node, mixing_reason(node, symbol)) for node in gm.graph.nodes]
+    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol)
+    problems = [f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons]
     if problems:
         where = gm.meta.get("modpass_where", "block")
         raise UnroutableBlockError(
