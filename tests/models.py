@@ -66,3 +66,13 @@ def vit(layers: int = 4):
 
     config = ViTConfig(hidden_size=48, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8)
     return ViTModel(config).eval()
+
+
+def gemma2(layers: int = 4):
+    """Eager attention (soft-capped scores, which SDPA cannot do) and sliding windows on every other layer."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=12, max_position_embeddings=128, sliding_window=8)
+    return Gemma2ForCausalLM(config).eval()
+

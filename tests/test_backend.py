@@ -433,14 +433,17 @@ def nanogpt_logits(model, idx):
     return model(idx)
 
 
-def gpt2_logits(model, idx):
+def causal_lm_logits(model, idx):
     return model(input_ids=idx, use_cache=False).logits
 
 
 @pytest.mark.parametrize(
     "build, logits",
-    [(lambda: models.NanoGPT(layers=2).eval(), nanogpt_logits), pytest.param(lambda: models.gpt2(layers=2), gpt2_logits, marks=needs_hf_dynamo)],
-    ids=["nanogpt", "gpt2"],  # GPT-2's gelu_new shares one sqrt(2 / pi) between all blocks of the Dynamo graph
+    [(lambda: models.NanoGPT(layers=2).eval(), nanogpt_logits), pytest.param(lambda: models.gpt2(layers=2), causal_lm_logits, marks=needs_hf_dynamo),
+     pytest.param(lambda: models.gemma2(layers=2), causal_lm_logits, marks=needs_hf_dynamo)],
+    # GPT-2's gelu_new shares one sqrt(2 / pi) between all blocks of the Dynamo graph; Gemma 2's eager
+    # attention multiplies q by k.transpose(), a call_method node in Dynamo's graph.
+    ids=["nanogpt", "gpt2", "gemma2"],
 )
 def test_ratios_option_equals_transform_then_compile(build, logits):
     model = build()

@@ -110,10 +110,14 @@ def is_weight(placeholder: torch.fx.Node) -> bool:
 
 
 def activation_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Nodes whose value depends on a graph input (not only on weights and constants)."""
+    """Nodes whose value depends on a graph input (not only on weights and constants).
+
+    Dynamo records tensor methods (``k.transpose(2, 3)``) as ``call_method``: eager attention's
+    ``q @ k.transpose`` goes through one.
+    """
     active = {n for n in graph.nodes if n.op == "placeholder" and not is_weight(n)}
     for node in graph.nodes:
-        if node.op == "call_function" and any(a in active for a in node.all_input_nodes):
+        if node.op in ("call_function", "call_method", "call_module") and any(a in active for a in node.all_input_nodes):
             active.add(node)
     return active
 
