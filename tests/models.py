@@ -76,3 +76,13 @@ def gemma2(layers: int = 4):
                           num_key_value_heads=2, head_dim=12, max_position_embeddings=128, sliding_window=8)
     return Gemma2ForCausalLM(config).eval()
 
+
+def mixtral(layers: int = 4, experts: str = "batched_mm"):
+    """A sparse-MoE Llama. ``batched_mm`` dispatches each token to its experts row by row (provably token-wise);
+    transformers' default ``grouped_mm`` sorts all tokens by expert, which modpass refuses."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2,
+                           experts_implementation=experts)
+    return MixtralForCausalLM(config).eval()

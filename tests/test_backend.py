@@ -147,6 +147,10 @@ def padded_batch_case(tokens: int):
     return dict(input_ids=ids, attention_mask=mask), lambda out: out.logits[mask.bool()]
 
 
+def causal_case(tokens: int):
+    return dict(input_ids=torch.randint(0, 97, (2, tokens))), lambda out: out.logits
+
+
 def encoder_case(tokens: int):
     # ViT patches are 8x8, plus the CLS token: a (8 * (tokens - 1)) x 8 image gives `tokens` tokens.
     pixels = torch.randn(2, 3, 8 * (tokens - 1), 8)
@@ -156,10 +160,10 @@ def encoder_case(tokens: int):
 @needs_hf_dynamo
 @pytest.mark.parametrize(
     ("build", "case", "lengths"),
-    [(models.llama, padded_batch_case, (12, 21)), (models.vit, encoder_case, (17, 26))],
-    ids=["padded-batch", "encoder"],
+    [(models.llama, padded_batch_case, (12, 21)), (models.vit, encoder_case, (17, 26)), (models.mixtral, causal_case, (12, 21))],
+    ids=["padded-batch", "encoder", "sparse-moe"],
 )
-def test_padded_and_encoder_fullgraph_match_eager_over_two_lengths_and_two_capacities(build, case, lengths):
+def test_padded_encoder_and_moe_fullgraph_match_eager_over_two_lengths_and_two_capacities(build, case, lengths):
     torch.manual_seed(0)
     routed = modpass.transform(build(layers=2), 0.5, layers=[1])
     (block,) = modpass.routed_blocks(routed).values()

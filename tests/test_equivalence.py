@@ -23,6 +23,7 @@ FAMILIES = {
     "llama": (lambda: models.llama(), lambda b, t, g: {"input_ids": torch.randint(0, 97, (b, t), generator=g)}, lambda o: o.logits),
     "gpt2": (lambda: models.gpt2(), lambda b, t, g: {"input_ids": torch.randint(0, 97, (b, t), generator=g)}, lambda o: o.logits),
     "nanogpt": (lambda: models.NanoGPT().eval(), lambda b, t, g: {"idx": torch.randint(0, 61, (b, t), generator=g)}, lambda o: o),
+    "mixtral": (lambda: models.mixtral(), lambda b, t, g: {"input_ids": torch.randint(0, 97, (b, t), generator=g)}, lambda o: o.logits),
 }
 
 

@@ -307,6 +307,30 @@ def test_capture_block_refuses_a_block_whose_code_branches_on_the_token_count():
             capture_block(LengthBranchingBlock(), (torch.randn(2, tokens, 8),), {})
 
 
+class TokenwiseExperts(nn.Module):
+    """A sparse MoE dispatched row by row, as transformers' ``batched_mm`` experts: each token's k copies
+    meet their experts' weights, then fold back onto the token."""
+
+    def __init__(self, width=8, experts=4, top=2):
+        super().__init__()
+        self.top = top
+        self.gate = nn.Linear(width, experts, bias=False)
+        self.weights = nn.Parameter(torch.randn(experts, width, width) / width**0.5)
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        rows = x.view(-1, width)
+        scores, experts = self.gate(rows).softmax(-1).topk(self.top, dim=-1)
+        copies = rows.repeat_interleave(self.top, dim=0)
+        out = torch.bmm(self.weights[experts.reshape(-1)], copies.unsqueeze(-1)).squeeze(-1) * scores.reshape(-1, 1)
+        return x + out.view(batch * tokens, self.top, width).sum(1).reshape(batch, tokens, width)
+
+
+def test_token_mixing_follows_token_copies_through_an_experts_dispatch():
+    gm = token_axes(capture_block(TokenwiseExperts(), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(gm) is gm
+
+
 def test_token_mixing_accepts_eager_attention():
     class EagerAttention(nn.Module):
         def forward(self, x):

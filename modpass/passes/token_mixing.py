@@ -22,7 +22,9 @@ mixes tokens when it combines positions along such an axis:
   (layer norm over T, group norm, training-mode batch norm) mix tokens;
 * indexing *into* a token axis mixes tokens (indexing with token-indexed
   positions, like a rotary lookup, does not);
-* data-dependent ops (nonzero, unique, masked_select) on tokens are refused.
+* data-dependent ops (nonzero, unique, masked_select) on tokens are refused;
+* ``repeat_interleave`` by a fixed count copies each token in place (an MoE's
+  token-per-expert rows) and is position-wise.
 
 Everything else (pointwise math, views, linear layers over features,
 feature-wise norms) is position-wise, provided each token's position stays
@@ -114,6 +116,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         indexed = [d for d, i in enumerate(args.get("indices", [])) if i is not None]
         return "indexes into the token axis" if set(indexed) & set(dims) else None
     if name == "embedding":
+        return None
+    if name == "repeat_interleave" and isinstance(args.get("repeats"), int) and args.get("dim") is not None:
         return None
     if name in _AXIS_ONLY or not dims:
         return None
@@ -210,6 +214,12 @@ def token_layouts(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node,
             for size, inner in layouts.get(source, {}).items():
                 if size in sizes and inherited.setdefault(size, inner) != inner:
                     problems.append((node, f"combines axes of size {size} whose tokens are laid out differently"))
+        if name == "repeat_interleave" and mixing_reason(node, symbol) is None and token_dims(node.args[0], symbol):
+            source, repeats, dim = node.args[0], node.args[1], named_arguments(node)["dim"]
+            size = size_expr(tensors_of(source)[0].shape[dim])
+            inner = 1 if size == symbol else layouts.get(source, {}).get(size)
+            if inner is not None:
+                inherited[size * repeats] = inner * repeats
         layouts[node] = inherited
     return problems
 

@@ -1,0 +1,74 @@
+"""More Hugging Face architectures, with no code of their own in modpass: blocks found, routed, equal to dense.
+
+Causal LMs get a second check at capacity 0.5: zero routers pick each block's first k tokens, which
+under causal attention see only selected tokens, so those k positions must come out exactly as in
+the dense model (sliding windows, soft-capping, parallel attention and MLP, sparse MoE included).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modpass
+from tests import models
+from tests.test_equivalence import close_to_dense
+
+SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+
+
+def causal_lm(config: str, model: str, **overrides):
+    def build():
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**{**SIZES, **overrides})).eval()
+
+    return build
+
+
+ARCHITECTURES = {
+    "qwen2": causal_lm("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2),
+    "qwen3": causal_lm("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=12),
+    "mistral-sliding-window": causal_lm("MistralConfig", "MistralForCausalLM", num_key_value_heads=2, sliding_window=8),
+    "gemma2-soft-capping": lambda: models.gemma2(layers=2),
+    "gemma3": causal_lm("Gemma3TextConfig", "Gemma3ForCausalLM", num_key_value_heads=2, head_dim=12, sliding_window=8),
+    "phi3": causal_lm("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=2, pad_token_id=0, eos_token_id=0, bos_token_id=0),
+    "gpt-neox-parallel": causal_lm("GPTNeoXConfig", "GPTNeoXForCausalLM", use_parallel_residual=True),
+    "falcon": causal_lm("FalconConfig", "FalconForCausalLM", new_decoder_architecture=True, num_kv_heads=2),
+    "opt": causal_lm("OPTConfig", "OPTForCausalLM", ffn_dim=96, word_embed_proj_dim=48),
+    "mixtral-moe": lambda: models.mixtral(layers=2),
+    "qwen3-moe": causal_lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_key_value_heads=2, head_dim=12, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, experts_implementation="batched_mm"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_routed_causal_lm_equals_dense_at_full_capacity_and_on_the_selected_prefix(name):
+    torch.manual_seed(0)
+    dense = ARCHITECTURES[name]()
+    ids = torch.randint(1, 97, (2, 14))
+    with torch.no_grad():
+        want = dense(input_ids=ids, use_cache=False).logits
+        close_to_dense(modpass.transform(dense, 1.0, layers="all")(input_ids=ids).logits, want)
+        got = modpass.transform(dense, 0.5, layers="all")(input_ids=ids).logits
+    close_to_dense(got[:, :7], want[:, :7])
+    assert not torch.allclose(got[:, 7:], want[:, 7:], atol=1e-3), "the other tokens skipped the blocks"
+
+
+def test_routed_bert_encoder_equals_dense_at_full_capacity():
+    from transformers import BertConfig, BertModel
+
+    dense = BertModel(BertConfig(**SIZES)).eval()
+    ids = torch.randint(1, 97, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = modpass.transform(dense, 1.0, layers="all")(input_ids=ids, attention_mask=mask).last_hidden_state
+    close_to_dense(got[mask.bool()], want[mask.bool()])
+
+
+def test_sparse_moe_blocks_that_sort_all_tokens_by_expert_are_refused():
+    # transformers' default grouped_mm experts: one sort of every token's expert ids, then rows by group.
+    with pytest.raises(modpass.UnroutableBlockError, match=r"model.layers.0.*indexes into the token axis"):
+        modpass.transform(models.mixtral(layers=2, experts="grouped_mm"), 0.5, layers="all")
