@@ -279,13 +279,35 @@ class TransposedRowsBlock(nn.Module):
         return x + rows.reshape(batch, tokens, width)
 
 
+class InnerPositionsBlock(nn.Module):
+    """Adds position embeddings of its own sequence: routed, they would number the k tokens 0..k-1."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.positions = nn.Embedding(64, width)
+
+    def forward(self, x):
+        return x + self.positions(torch.arange(x.shape[1], device=x.device))
+
+
+class InnerDistanceBiasBlock(nn.Module):
+    """An ALiBi-style bias from token distances counted inside the block."""
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device)
+        bias = -(positions[:, None] - positions[None, :]).abs().to(x.dtype)
+        return x + ((x @ x.transpose(1, 2)) + bias).softmax(-1) @ x
+
+
 @pytest.mark.parametrize(
     "block, reason",
     [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token"),
      (ReinterpretBlock(), "spreads one token's position over several axes"),
      (FoldBlock(), "spreads one token's position over several axes"),
-     (TransposedRowsBlock(), "whose tokens are laid out differently")],
-    ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows"],
+     (TransposedRowsBlock(), "whose tokens are laid out differently"),
+     (InnerPositionsBlock(), "counts out itself"), (InnerDistanceBiasBlock(), "counts out itself")],
+    ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
+         "inner-position-embedding", "inner-distance-bias"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -328,6 +350,17 @@ class TokenwiseExperts(nn.Module):
 
 def test_token_mixing_follows_token_copies_through_an_experts_dispatch():
     gm = token_axes(capture_block(TokenwiseExperts(), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(gm) is gm
+
+
+def test_token_mixing_accepts_a_causal_mask_from_positions_counted_inside_the_block():
+    class InnerCausalMask(nn.Module):
+        def forward(self, x):
+            positions = torch.arange(x.shape[1], device=x.device)
+            causal = positions[:, None] >= positions[None, :]  # order only: the gather keeps it
+            return x + (x @ x.transpose(1, 2)).masked_fill(~causal, float("-inf")).softmax(-1) @ x
+
+    gm = token_axes(capture_block(InnerCausalMask(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm
 
 

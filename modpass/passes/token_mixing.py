@@ -24,7 +24,10 @@ mixes tokens when it combines positions along such an axis:
   positions, like a rotary lookup, does not);
 * data-dependent ops (nonzero, unique, masked_select) on tokens are refused;
 * ``repeat_interleave`` by a fixed count copies each token in place (an MoE's
-  token-per-expert rows) and is position-wise.
+  token-per-expert rows) and is position-wise;
+* a block that numbers its tokens itself (``arange`` over ``T``) would number
+  the k routed tokens ``0..k-1``: allowed only where positions are compared
+  with positions (a causal mask), which the gather, in position order, keeps.
 
 Everything else (pointwise math, views, linear layers over features,
 feature-wise norms) is position-wise, provided each token's position stays
@@ -59,6 +62,9 @@ _SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm", "batch_no
 _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select"}
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
+_COMPARISONS = {"ge", "gt", "le", "lt", "eq", "ne"}
+_KEEPS_VALUES = {"unsqueeze", "squeeze", "expand", "slice", "view", "reshape", "_unsafe_view", "to", "_to_copy", "clone", "contiguous",
+                 "transpose", "permute", "alias", "lift_fresh_copy", "detach"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 
 
@@ -224,6 +230,29 @@ def token_layouts(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node,
     return problems
 
 
+def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
+    """Uses of token positions the block counts out itself, other than comparing them with each other."""
+    positions: set[torch.fx.Node] = set()
+    problems = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.overloadpacket.__name__
+        if name == "arange" and token_dims(node, symbol):
+            positions.add(node)
+            continue
+        counted = [a for a in node.all_input_nodes if a in positions]
+        if not counted:
+            continue
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+        if name in _KEEPS_VALUES:
+            positions.add(node)
+        elif not (name in _COMPARISONS and len(tensors) == 2 and all(a in positions for a in tensors)):
+            problems.append((node, "uses token positions that the block counts out itself (arange over the token count): "
+                             "routed, its k tokens would be numbered 0..k-1; pass positions in from outside the block"))
+    return problems
+
+
 def model_source_line(node: torch.fx.Node) -> str:
     """The innermost frame of model code (outside torch) that created ``node``."""
     frames = [line.strip() for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File ")]
@@ -236,7 +265,7 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if symbol is None:  # a single-token call: nothing to mix
         return gm
     reasons = [(node, mixing_reason(node, symbol)) for node in gm.graph.nodes]
-    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol)
+    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol) + positions_made_inside(gm, symbol)
     problems = [f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons]
     if problems:
         where = gm.meta.get("modpass_where", "block")
