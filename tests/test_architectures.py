@@ -7,8 +7,12 @@ the dense model (sliding windows, soft-capping, parallel attention and MLP, spar
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
+import torch._dynamo
 
 import modpass
 from tests import models
@@ -53,6 +57,24 @@ def test_routed_causal_lm_equals_dense_at_full_capacity_and_on_the_selected_pref
         got = modpass.transform(dense, 0.5, layers="all")(input_ids=ids).logits
     close_to_dense(got[:, :7], want[:, :7])
     assert not torch.allclose(got[:, 7:], want[:, 7:], atol=1e-3), "the other tokens skipped the blocks"
+
+
+@pytest.mark.skipif(not os.environ.get("MODPASS_ARCHITECTURE_COMPILE"), reason="about 3 minutes on 2 cores: set MODPASS_ARCHITECTURE_COMPILE=1")
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_routed_causal_lm_compiles_fullgraph_and_the_options_path_equals_transform(name):
+    dense = ARCHITECTURES[name]()
+    ids = torch.randint(1, 97, (2, 14))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        routed = modpass.transform(dense, 0.5, layers="all")
+        compiled = torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids).logits
+        torch.testing.assert_close(compiled, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the identity-gated routers' warning
+            served = torch.compile(dense, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": "all"})
+            torch.testing.assert_close(served(input_ids=ids, use_cache=False).logits, compiled, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_routed_bert_encoder_equals_dense_at_full_capacity():
