@@ -63,9 +63,9 @@ _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "maske
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
 _COMPARISONS = {"ge", "gt", "le", "lt", "eq", "ne"}
-_KEEPS_VALUES = {"unsqueeze", "squeeze", "expand", "slice", "view", "reshape", "_unsafe_view", "to", "_to_copy", "clone", "contiguous",
-                 "transpose", "permute", "alias", "lift_fresh_copy", "detach"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_KEEPS_VALUES = _VIEWS | {"unsqueeze", "squeeze", "expand", "slice", "to", "_to_copy", "clone", "contiguous", "transpose", "permute",
+                          "alias", "lift_fresh_copy", "detach"}
 
 
 def token_dims(value, symbol) -> list[int]:
@@ -86,6 +86,11 @@ def normalise(dims, rank: int) -> list[int]:
         return list(range(rank))
     dims = [dims] if isinstance(dims, int) else list(dims)
     return [d % rank for d in dims] if dims else list(range(rank))
+
+
+def copies_tokens(args: dict) -> bool:
+    """``repeat_interleave`` by a fixed count along one axis: each row becomes that many copies of itself, in place."""
+    return isinstance(args.get("repeats"), int) and args.get("dim") is not None
 
 
 def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
@@ -123,7 +128,7 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "indexes into the token axis" if set(indexed) & set(dims) else None
     if name == "embedding":
         return None
-    if name == "repeat_interleave" and isinstance(args.get("repeats"), int) and args.get("dim") is not None:
+    if name == "repeat_interleave" and copies_tokens(args):
         return None
     if name in _AXIS_ONLY or not dims:
         return None
@@ -220,9 +225,9 @@ def token_layouts(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node,
             for size, inner in layouts.get(source, {}).items():
                 if size in sizes and inherited.setdefault(size, inner) != inner:
                     problems.append((node, f"combines axes of size {size} whose tokens are laid out differently"))
-        if name == "repeat_interleave" and mixing_reason(node, symbol) is None and token_dims(node.args[0], symbol):
-            source, repeats, dim = node.args[0], node.args[1], named_arguments(node)["dim"]
-            size = size_expr(tensors_of(source)[0].shape[dim])
+        if name == "repeat_interleave" and copies_tokens(args := named_arguments(node)):
+            source, repeats = args["self"], args["repeats"]
+            size = size_expr(tensors_of(source)[0].shape[args["dim"]])
             inner = 1 if size == symbol else layouts.get(source, {}).get(size)
             if inner is not None:
                 inherited[size * repeats] = inner * repeats
@@ -241,8 +246,7 @@ def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.
         if name == "arange" and token_dims(node, symbol):
             positions.add(node)
             continue
-        counted = [a for a in node.all_input_nodes if a in positions]
-        if not counted:
+        if not any(a in positions for a in node.all_input_nodes):
             continue
         tensors = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
         if name in _KEEPS_VALUES:
