@@ -508,6 +508,27 @@ def test_options_routing_refuses_a_graph_that_branched_on_the_token_count_where_
             torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-5)
 
 
+class LengthNormalisedBlock(models.NanoBlock):
+    """A nanoGPT block that divides its update by the sequence length: routed, it would divide by k."""
+
+    def __init__(self):
+        super().__init__(32, 4)
+
+    def forward(self, x):
+        return x + (super().forward(x) - x) / x.shape[1]
+
+
+def test_both_entries_refuse_a_block_that_computes_with_the_token_count():
+    model = models.NanoGPT(layers=2).eval()
+    model.h = torch.nn.ModuleList(LengthNormalisedBlock() for _ in model.h)
+    refusal = r"block 0 \(h.0\) cannot run on a subset of tokens.*computes with the token count as a number"
+    with pytest.raises(modpass.UnroutableBlockError, match=refusal):
+        modpass.transform(model, 0.5, layers="all")
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": "all"})
+    with torch.no_grad(), backend_refuses(modpass.UnroutableBlockError, refusal), pytest.warns(UserWarning):
+        compiled(torch.randint(0, 61, (2, 16)))
+
+
 @needs_hf_dynamo
 @pytest.mark.parametrize("device", DEVICES)
 def test_plan_option_serves_a_stock_model_with_trained_routers(tmp_path, device):

@@ -299,15 +299,38 @@ class InnerDistanceBiasBlock(nn.Module):
         return x + ((x @ x.transpose(1, 2)) + bias).softmax(-1) @ x
 
 
+class LengthNormalisedBlock(nn.Module):
+    """Divides its update by the sequence length: routed, by the k routed tokens' count."""
+
+    def forward(self, x):
+        return x + x.tanh() / x.shape[1]
+
+
+class LengthScaledBlock(nn.Module):
+    """Scales its update by ``T ** -0.5``, a symbolic float computed from the token count."""
+
+    def forward(self, x):
+        return x + x.tanh() * x.shape[1] ** -0.5
+
+
+class LengthFilledBlock(nn.Module):
+    def forward(self, x):
+        return x + torch.full_like(x, x.shape[1])
+
+
 @pytest.mark.parametrize(
     "block, reason",
     [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token"),
      (ReinterpretBlock(), "spreads one token's position over several axes"),
      (FoldBlock(), "spreads one token's position over several axes"),
      (TransposedRowsBlock(), "whose tokens are laid out differently"),
-     (InnerPositionsBlock(), "counts out itself"), (InnerDistanceBiasBlock(), "counts out itself")],
+     (InnerPositionsBlock(), "counts out itself"), (InnerDistanceBiasBlock(), "counts out itself"),
+     (LengthNormalisedBlock(), r"div.Tensor computes with the token count as a number \(other="),
+     (LengthScaledBlock(), r"mul.Tensor computes with the token count as a number"),
+     (LengthFilledBlock(), r"full_like.default computes with the token count as a number \(fill_value=")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
-         "inner-position-embedding", "inner-distance-bias"],
+         "inner-position-embedding", "inner-distance-bias",
+         "divides-by-length", "scales-by-length", "fills-with-length"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -371,4 +394,21 @@ def test_token_mixing_accepts_eager_attention():
             return x + scores @ x
 
     gm = token_axes(capture_block(EagerAttention(), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(gm) is gm
+
+
+def test_token_mixing_accepts_the_token_count_as_a_size():
+    class SizedByLength(nn.Module):
+        def __init__(self, width=8):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(width))
+
+        def forward(self, x, mask):
+            batch, tokens, width = x.shape
+            heads = x.view(batch, tokens, 2, width // 2).transpose(1, 2)
+            scores = heads @ heads.transpose(-1, -2) + mask[:, :, :tokens, :tokens]
+            mixed = (scores.softmax(-1) @ heads).transpose(1, 2).reshape(batch, tokens, width)
+            return x + mixed + self.bias.expand(tokens, width) + x.new_zeros(batch, tokens, 1)
+
+    gm = token_axes(capture_block(SizedByLength(), (torch.randn(2, 9, 8), torch.zeros(2, 1, 9, 9)), {}))
     assert token_mixing(gm) is gm

@@ -27,7 +27,10 @@ mixes tokens when it combines positions along such an axis:
   token-per-expert rows) and is position-wise;
 * a block that numbers its tokens itself (``arange`` over ``T``) would number
   the k routed tokens ``0..k-1``: allowed only where positions are compared
-  with positions (a causal mask), which the gather, in position order, keeps.
+  with positions (a causal mask), which the gather, in position order, keeps;
+* a block that computes with the token count as a number (``x / T``, a
+  ``T ** -0.5`` or ``log T`` scale, ``full_like(x, T)``) would compute with
+  ``k``; the count may size tensors (views, expands, slice bounds), nothing more.
 
 Everything else (pointwise math, views, linear layers over features,
 feature-wise norms) is position-wise, provided each token's position stays
@@ -63,6 +66,7 @@ _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "maske
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
 _COMPARISONS = {"ge", "gt", "le", "lt", "eq", "ne"}
+_MAKES_POSITIONS = {"arange", "linspace", "logspace"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 _KEEPS_VALUES = _VIEWS | {"unsqueeze", "squeeze", "expand", "slice", "to", "_to_copy", "clone", "contiguous", "transpose", "permute",
                           "alias", "lift_fresh_copy", "detach"}
@@ -142,7 +146,9 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return None if len(dims) >= 2 else f"reduces over the token axis ({name})"
     if name == "slice":
         start, end, step = args.get("start"), args.get("end"), args.get("step", 1)
-        keeps_all = start in (None, 0) and step == 1 and (end is None or end == _INT_MAX or str(end) == str(source.meta["val"].shape[args["dim"] % rank]))
+        end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end  # x[:, :T] ends at a size node
+        whole = size_expr(source.meta["val"].shape[args["dim"] % rank])
+        keeps_all = start in (None, 0) and step == 1 and (end is None or end == _INT_MAX or size_expr(end) == whole)
         return None if keeps_all else "slices the token axis (a token shift)"
     return f"operates along the token axis ({name})"
 
@@ -243,7 +249,7 @@ def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         name = node.target.overloadpacket.__name__
-        if name == "arange" and token_dims(node, symbol):
+        if name in _MAKES_POSITIONS and token_dims(node, symbol):
             positions.add(node)
             continue
         if not any(a in positions for a in node.all_input_nodes):
@@ -254,6 +260,38 @@ def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.
         elif not (name in _COMPARISONS and len(tensors) == 2 and all(a in positions for a in tensors)):
             problems.append((node, "uses token positions that the block counts out itself (arange over the token count): "
                              "routed, its k tokens would be numbered 0..k-1; pass positions in from outside the block"))
+    return problems
+
+
+def is_size_argument(argument: torch._C.Argument) -> bool:
+    """Whether a schema argument takes sizes, dims or indices (``int``, ``int?``, ``int[]``) rather than values."""
+    kind = argument.type
+    while isinstance(kind, (torch._C.OptionalType, torch._C.ListType)):
+        kind = kind.getElementType()
+    return isinstance(kind, torch._C.IntType)
+
+
+def holds_token_count(node, symbol) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)) and symbol in val.node.expr.free_symbols
+
+
+def token_count_as_value(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
+    """Ops that take a number computed from ``T`` as a value: routed, they would compute with ``k``."""
+    problems = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.overloadpacket.__name__
+        if name in _MAKES_POSITIONS or name.startswith(("_assert", "sym_constrain_range")):
+            continue  # positions_made_inside judges those; runtime asserts only check the count
+        schema = {a.name: a for a in node.target._schema.arguments}
+        for key, value in named_arguments(node).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if key in schema and not is_size_argument(schema[key]) and any(holds_token_count(v, symbol) for v in values):
+                problems.append((node, f"computes with the token count as a number ({key}={values[0]}): routed, it would "
+                                 "compute with the k routed tokens' count instead; pass the length in from outside the block"))
+                break
     return problems
 
 
@@ -270,11 +308,12 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     reasons = [(node, mixing_reason(node, symbol)) for node in gm.graph.nodes]
     reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol) + positions_made_inside(gm, symbol)
+    reasons += token_count_as_value(gm, symbol)
     problems = [f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons]
     if problems:
         where = gm.meta.get("modpass_where", "block")
         raise UnroutableBlockError(
-            f"{where} mixes tokens outside attention, so it cannot run on a subset of tokens: "
+            f"{where} cannot run on a subset of tokens, as routing needs: "
             + "; ".join(problems)
             + ". Leave it dense (layers= without it, or unroutable='dense')."
         )
