@@ -318,6 +318,39 @@ class LengthFilledBlock(nn.Module):
         return x + torch.full_like(x, x.shape[1])
 
 
+class PoolingBlock(nn.Module):
+    def forward(self, x):
+        return x + F.avg_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)
+
+
+def scores_attention(x, scores):
+    return x + scores.softmax(-1) @ x
+
+
+class SlidingWindowBlock(nn.Module):
+    """Attends to the last three positions: a band counted in slots once routed."""
+
+    def forward(self, x):
+        scores = x @ x.transpose(1, 2)
+        ones = torch.ones_like(scores, dtype=torch.bool)
+        return scores_attention(x, scores.masked_fill(~(ones.tril() & ~ones.tril(-3)), float("-inf")))
+
+
+class TokenFeatureTriangleBlock(nn.Module):
+    """``tril`` of a ``(B, T, D)`` tensor keeps features up to the token's slot index."""
+
+    def forward(self, x):
+        return x + x.tril()
+
+
+class NeighbourScoreBlock(nn.Module):
+    """Reads each token's score with its successor (an off-diagonal of the scores)."""
+
+    def forward(self, x):
+        following = (x @ x.transpose(1, 2)).diagonal(offset=1, dim1=1, dim2=2)
+        return x + torch.cat([following, following[:, -1:]], 1).unsqueeze(-1)
+
+
 @pytest.mark.parametrize(
     "block, reason",
     [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token"),
@@ -327,10 +360,14 @@ class LengthFilledBlock(nn.Module):
      (InnerPositionsBlock(), "counts out itself"), (InnerDistanceBiasBlock(), "counts out itself"),
      (LengthNormalisedBlock(), r"div.Tensor computes with the token count as a number \(other="),
      (LengthScaledBlock(), r"mul.Tensor computes with the token count as a number"),
-     (LengthFilledBlock(), r"full_like.default computes with the token count as a number \(fill_value=")],
+     (LengthFilledBlock(), r"full_like.default computes with the token count as a number \(fill_value="),
+     (PoolingBlock(), "pools or resamples along the token axis"), (SlidingWindowBlock(), r"distance.*tril with offset -3"),
+     (TokenFeatureTriangleBlock(), r"relates token indices to feature indices \(tril\)"),
+     (NeighbourScoreBlock(), r"distance.*diagonal with offset 1")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
-         "divides-by-length", "scales-by-length", "fills-with-length"],
+         "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
+         "off-diagonal-scores"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -411,4 +448,16 @@ def test_token_mixing_accepts_the_token_count_as_a_size():
             return x + mixed + self.bias.expand(tokens, width) + x.new_zeros(batch, tokens, 1)
 
     gm = token_axes(capture_block(SizedByLength(), (torch.randn(2, 9, 8), torch.zeros(2, 1, 9, 9)), {}))
+    assert token_mixing(gm) is gm
+
+
+def test_token_mixing_accepts_index_relations_that_compare_only_order():
+    class OrderOnly(nn.Module):
+        def forward(self, x):
+            scores = x @ x.transpose(1, 2)
+            causal = scores + torch.full_like(scores, float("-inf")).triu(1)  # keys after the query
+            own = scores.diagonal(dim1=1, dim2=2).unsqueeze(-1)  # each token with itself
+            return scores_attention(x, causal - torch.eye(x.shape[1])) + own
+
+    gm = token_axes(capture_block(OrderOnly(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm

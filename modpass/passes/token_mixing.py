@@ -18,8 +18,14 @@ mixes tokens when it combines positions along such an axis:
 * any other op whose ``dim``/``dims`` argument names a token axis (cat, split,
   roll, flip, cumsum, sort, select, gather, unflatten...) mixes or shifts tokens;
   a slice along a token axis is allowed only when it keeps the whole axis;
-* convolutions, padding, and normalisations whose statistics span a token axis
-  (layer norm over T, group norm, training-mode batch norm) mix tokens;
+* convolutions, pooling, resampling, padding, and normalisations whose
+  statistics span a token axis (layer norm over T, group norm, training-mode
+  batch norm) mix tokens;
+* ``tril``/``triu``, ``diagonal`` and ``eye`` relate an index along one axis to
+  an index along another: over two token axes they may only compare order
+  (a causal mask, a token with itself), which the gather, in position order,
+  keeps; a distance (a sliding window, ``diagonal=-3``) or a token index
+  against a feature index counts slots, not positions;
 * indexing *into* a token axis mixes tokens (indexing with token-indexed
   positions, like a rotary lookup, does not);
 * data-dependent ops (nonzero, unique, masked_select) on tokens are refused;
@@ -118,6 +124,12 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "selects tokens depending on their values"
     if name in _CONVOLUTIONS and any(d >= 2 for d in dims):
         return "convolves along the token axis"
+    if _is_pooling(name) and set(dims) & set(range(rank - _spatial_rank(name), rank)):
+        return "pools or resamples along the token axis"
+    if name == "as_strided" and dims:
+        return "reinterprets the memory of a token axis (as_strided)"
+    if name in _INDEX_RELATIONS:
+        return index_relation_reason(name, args, node, dims, rank, symbol)
     if name in _PADS and dims:
         pads = list(args.get("pad", node.args[1]))
         padded = {rank - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
@@ -136,7 +148,7 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return None
     if name in _AXIS_ONLY or not dims:
         return None
-    dim_args = [args[k] for k in ("dim", "dims") if k in args]
+    dim_args = [args[k] for k in ("dim", "dims", "dimension") if k in args]
     if not dim_args and name not in REDUCTIONS:
         return None
     hit = set(dims) & set(normalise(dim_args[0] if dim_args else None, rank))
@@ -151,6 +163,35 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         keeps_all = start in (None, 0) and step == 1 and (end is None or end == _INT_MAX or size_expr(end) == whole)
         return None if keeps_all else "slices the token axis (a token shift)"
     return f"operates along the token axis ({name})"
+
+
+def _is_pooling(name: str) -> bool:
+    return "pool" in name or name.startswith(("upsample", "_upsample")) or name in {"im2col", "col2im"}
+
+
+def _spatial_rank(name: str) -> int:
+    """How many trailing axes a pooling or resampling op works over: 1d, 2d or 3d (im2col: 2)."""
+    return next((int(n) for n in "321" if f"{n}d" in name), 2 if name in {"im2col", "col2im"} else 1)
+
+
+# For each op relating indices of two axes: the offsets (``diagonal=``/``offset=``) that compare
+# only order; routed, slot order is position order, so those still hold on the k tokens.
+_INDEX_RELATIONS = {"tril": (0, -1), "triu": (0, 1), "diagonal": (0,), "eye": ()}
+
+
+def index_relation_reason(name: str, args: dict, node: torch.fx.Node, dims: list[int], rank: int, symbol) -> str | None:
+    if name == "eye":  # eye(T) pairs each token with itself; eye(T, D) a token with a feature
+        return "relates token indices to feature indices (eye)" if len(token_dims(node, symbol)) == 1 else None
+    axes = {args.get("dim1", 0) % rank, args.get("dim2", 1) % rank} if name == "diagonal" else {rank - 2, rank - 1}
+    related = axes & set(dims)
+    if not related:
+        return None
+    if len(related) == 1:
+        return f"relates token indices to feature indices ({name})"
+    offset = args.get("offset" if name == "diagonal" else "diagonal", 0)
+    if offset in _INDEX_RELATIONS[name]:
+        return None
+    return f"relates tokens by their distance in the sequence ({name} with offset {offset}): routed, that counts slots, not positions"
 
 
 Layout = dict  # a merged token size (sympy) -> the stride b of T inside an axis of that size
