@@ -389,6 +389,27 @@ def test_capture_block_refuses_a_block_whose_code_branches_on_the_token_count():
             capture_block(LengthBranchingBlock(), (torch.randn(2, tokens, 8),), {})
 
 
+class PositionTableBlock(nn.Module):
+    """Adds learned positions read by length, ``table[:T]``: routed, the k selected tokens would get rows 0..k-1."""
+
+    def __init__(self, as_buffer: bool):
+        super().__init__()
+        table = torch.randn(64, 8)
+        if as_buffer:
+            self.register_buffer("table", table)
+        else:
+            self.table = nn.Parameter(table)
+
+    def forward(self, x):
+        return x + self.table[: x.shape[1]]
+
+
+@pytest.mark.parametrize("as_buffer", [False, True], ids=["parameter", "buffer"])
+def test_capture_block_refuses_a_block_that_reads_a_table_by_its_token_count(as_buffer):
+    with pytest.raises(modpass.CaptureError, match=r"reads a fixed-size table by its token count \(table sliced .* in \[2, 64\]"):
+        capture_block(PositionTableBlock(as_buffer), (torch.randn(2, 16, 8),), {})
+
+
 class TokenwiseExperts(nn.Module):
     """A sparse MoE dispatched row by row, as transformers' ``batched_mm`` experts: each token's k copies
     meet their experts' weights, then fold back onto the token."""

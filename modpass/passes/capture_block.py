@@ -88,12 +88,13 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     """Refuse a block whose code made its graph hold only for some batch sizes or token counts.
 
     Export records what the block's code assumed about a symbolic size (a
-    branch on ``T > 8`` gives ``T`` the range ``[9, inf]``) and drops the
-    other branch. The routed graph runs the block on k of T tokens, and a
-    mixed batch on groups of any size, where that branch may not hold: the
-    result would differ without a word. Both sizes of the hidden state keep
-    export's default range, ``[2, inf]``, or the block is refused (other
-    sizes, such as the width, are the same in every call).
+    branch on ``T > 8`` gives ``T`` the range ``[9, inf]``, reading a 64-row
+    table by it, ``table[:T]``, the range ``[2, 64]``) and drops the other
+    branch. The routed graph runs the block on k of T tokens, and a mixed
+    batch on groups of any size, where that branch may not hold: the result
+    would differ without a word. Both sizes of the hidden state keep export's
+    default range, ``[2, inf]``, or the block is refused (other sizes, such as
+    the width, are the same in every call).
     """
     user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     hidden = next(n for n in program.graph.find_nodes(op="placeholder") if n.name == user_inputs[0])
@@ -105,11 +106,39 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
             described.append(f"a {name} in [{bounds.lower}, {bounds.upper}]")
     if not described:
         return
+    tokens = varying.get("token count")
+    tables = tables_read_by_length(program, tokens.node.expr) if isinstance(tokens, torch.SymInt) else []
+    if tables:
+        raise CaptureError(
+            f"{where}: the block reads a fixed-size table by its token count ({', '.join(tables)}), so its graph holds "
+            f"only for {' and '.join(described)}. Routed, it would read the table's first k rows, not the rows of the k "
+            "selected tokens' positions, so it is not routed. Pass the rows (or positions) in from outside the block, "
+            "or leave this block dense with layers=."
+        )
     raise CaptureError(
         f"{where}: the block's code branches on the size of its hidden state: its graph holds only for {' and '.join(described)}. "
         "Routing runs the block on the k selected tokens (and a mixed batch on groups of any size), where the branch "
         "it took may not hold, so it is not routed. Leave this block dense with layers=."
     )
+
+
+def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol) -> list[str]:
+    """The tensors without a token axis that the block slices to its token count (``table[:T]``), described."""
+    state_names = {
+        spec.arg.name: spec.target.removeprefix(FlatCall.PREFIX)
+        for spec in program.graph_signature.input_specs
+        if spec.kind != InputKind.USER_INPUT and spec.target is not None
+    }
+    tables = []
+    for node in program.graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor):
+        source, dim, _start, end = (*node.args, 0, None, None)[:4]
+        bound = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
+        if not isinstance(bound, torch.SymInt) or symbol not in bound.node.expr.free_symbols:
+            continue
+        if any(isinstance(size, torch.SymInt) and symbol in size.node.expr.free_symbols for size in source.meta["val"].shape):
+            continue
+        tables.append(f"{state_names.get(source.name, source.name)} sliced to the token count along dim {dim}")
+    return tables
 
 
 def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
