@@ -98,6 +98,13 @@ def normalise(dims, rank: int) -> list[int]:
     return [d % rank for d in dims] if dims else list(range(rank))
 
 
+def aten_name(node: torch.fx.Node) -> str | None:
+    """The op's name without its overload (``"slice"`` for ``aten.slice.Tensor``), or None for anything else."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target.overloadpacket.__name__
+    return None
+
+
 def copies_tokens(args: dict) -> bool:
     """``repeat_interleave`` by a fixed count along one axis: each row becomes that many copies of itself, in place."""
     return isinstance(args.get("repeats"), int) and args.get("dim") is not None
@@ -105,9 +112,9 @@ def copies_tokens(args: dict) -> bool:
 
 def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     """Why ``node`` mixes tokens, or None when it is position-wise or attention."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    name = aten_name(node)
+    if name is None:
         return None
-    name = node.target.overloadpacket.__name__
     args = named_arguments(node)
     source = args.get("self", args.get("input", node.args[0] if node.args else None))
     if isinstance(source, (list, tuple)):
@@ -256,7 +263,7 @@ def token_layouts(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node,
     layouts: dict[torch.fx.Node, Layout] = {}
     problems = []
     for node in gm.graph.nodes:
-        name = node.target.overloadpacket.__name__ if isinstance(node.target, torch._ops.OpOverload) else None
+        name = aten_name(node)
         if name in _VIEWS and token_dims(node.args[0], symbol):
             viewed = follow_view(tensors_of(node.args[0])[0], tensors_of(node)[0], layouts.get(node.args[0], {}), symbol)
             if isinstance(viewed, str):
@@ -287,9 +294,9 @@ def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.
     positions: set[torch.fx.Node] = set()
     problems = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        name = aten_name(node)
+        if name is None:
             continue
-        name = node.target.overloadpacket.__name__
         if name in _MAKES_POSITIONS and token_dims(node, symbol):
             positions.add(node)
             continue
@@ -321,9 +328,9 @@ def token_count_as_value(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
     """Ops that take a number computed from ``T`` as a value: routed, they would compute with ``k``."""
     problems = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        name = aten_name(node)
+        if name is None:
             continue
-        name = node.target.overloadpacket.__name__
         if name in _MAKES_POSITIONS or name.startswith(("_assert", "sym_constrain_range")):
             continue  # positions_made_inside judges those; runtime asserts only check the count
         schema = {a.name: a for a in node.target._schema.arguments}
