@@ -31,6 +31,7 @@ from torch.utils._sympy.numbers import int_oo
 from .._export import FlatCall, first_user_frame
 from .._structure import Slot
 from ..errors import CaptureError
+from .token_axes import mentions
 
 _ROLE = {
     InputKind.PARAMETER: "parameter",
@@ -133,9 +134,9 @@ def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.S
     for node in program.graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor):
         source, dim, _start, end = (*node.args, 0, None, None)[:4]
         bound = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
-        if not isinstance(bound, torch.SymInt) or symbol not in bound.node.expr.free_symbols:
+        if not isinstance(bound, torch.SymInt) or not mentions(bound, symbol):
             continue
-        if any(isinstance(size, torch.SymInt) and symbol in size.node.expr.free_symbols for size in source.meta["val"].shape):
+        if any(mentions(size, symbol) for size in source.meta["val"].shape):
             continue
         tables.append(f"{state_names.get(source.name, source.name)} sliced to the token count along dim {dim}")
     return tables
