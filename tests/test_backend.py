@@ -99,18 +99,6 @@ def test_unrouted_model_compiles_exactly_as_inductor():
     assert torch.equal(ours, inductor)
 
 
-@needs_hf_dynamo
-def test_routed_gpt2_fullgraph_two_lengths():
-    # Learned absolute positions and Conv1D layers; labels stay out because HF's own loss logs a
-    # warning that Dynamo cannot trace, dense model included.
-    routed = modpass.transform(models.gpt2(layers=2), 0.5, layers=[1])
-    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
-    for tokens in (12, 20):
-        ids = torch.randint(0, 97, (2, tokens))
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-
-
 def padded_batch_case(tokens: int, device: str = "cpu"):
     ids = torch.randint(0, 97, (2, tokens), device=device)
     mask = torch.ones_like(ids)
@@ -119,6 +107,7 @@ def padded_batch_case(tokens: int, device: str = "cpu"):
 
 
 @needs_hf_dynamo
+@pytest.mark.vectorized
 @pytest.mark.parametrize("device", DEVICES)
 def test_causal_lm_fullgraph_recompiles_once_for_a_length_and_once_for_a_capacity(device):
     """A left-padded batch: the padding mask is one more input of the same graphs."""
@@ -250,6 +239,7 @@ def test_compiled_backward_accumulates_the_gathered_rows_into_one_gradient_buffe
         assert zero_filled, "the control: autograd's default fills a buffer with zeros"
 
 
+@pytest.mark.vectorized
 @pytest.mark.parametrize("device", DEVICES)
 def test_routed_training_fullgraph_matches_eager_gradients(device):
     torch.manual_seed(0)
@@ -452,15 +442,24 @@ def causal_lm_logits(model, idx):
     ids=["nanogpt", "gpt2", "gemma2"],
 )
 def test_ratios_option_equals_transform_then_compile(build, logits):
+    """Both entries compile fullgraph to one dynamic graph each, which matches eager at two lengths."""
     model = build()
-    idx = torch.randint(0, 61, (2, 14))
+    routed = modpass.transform(model, 0.5, layers="all")
+    inputs = [torch.randint(0, 61, (2, tokens)) for tokens in (14, 21)]
     with torch.no_grad():
-        want = logits(torch.compile(modpass.transform(model, 0.5, layers="all"), backend="modpass"), idx)
+        transformed = torch.compile(routed, backend="modpass", dynamic=True, fullgraph=True)
+        want = [logits(transformed, idx) for idx in inputs]
+        for got, idx in zip(want, inputs):
+            torch.testing.assert_close(got, logits(routed, idx), rtol=1e-4, atol=1e-4)
+        assert compiled_graphs() == 1
         torch._dynamo.reset()
         with pytest.warns(UserWarning, match="identity-gated"):
-            got = logits(torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": "all"}), idx)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, logits(model, idx), atol=1e-3), "routing changed the output"
+            options = torch.compile(model, backend="modpass", dynamic=True, fullgraph=True, options={"ratios": 0.5, "layers": "all"})
+            got = [logits(options, idx) for idx in inputs]
+        assert compiled_graphs() == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], logits(model, inputs[0]), atol=1e-3), "routing changed the output"
 
 
 def test_options_routing_of_a_static_graph_asks_for_dynamic_shapes():
