@@ -449,8 +449,8 @@ def test_ratios_option_equals_transform_then_compile(build, logits):
     with torch.no_grad():
         transformed = torch.compile(routed, backend="modpass", dynamic=True, fullgraph=True)
         want = [logits(transformed, idx) for idx in inputs]
-        for got, idx in zip(want, inputs):
-            torch.testing.assert_close(got, logits(routed, idx), rtol=1e-4, atol=1e-4)
+        for compiled_logits, idx in zip(want, inputs):
+            torch.testing.assert_close(compiled_logits, logits(routed, idx), rtol=1e-4, atol=1e-4)
         assert compiled_graphs() == 1
         torch._dynamo.reset()
         with pytest.warns(UserWarning, match="identity-gated"):
