@@ -576,25 +576,25 @@ def test_a_saved_plan_fits_a_frame_rooted_below_the_model():
         rooted_at_graph(plan, routers, ["layers.0", "layers.1", "layers.2"])
 
 
-@needs_hf_dynamo
 def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
     """Task ids as a LongTensor split in the graph: one graph for every mix, absent tasks included.
 
-    Block 0 routes t2i and is dense for mmu (a layer switch); block 1 routes both.
+    Block 0 routes t2i and is dense for mmu (a layer switch); block 1 routes both. (Llama's blocks,
+    whose inputs do not all follow the batch, are split by task in the route-masked test below.)
     """
     torch.manual_seed(0)
     tasks = ("t2i", "mmu")
     ratios = {"t2i": [0.25, 0.5], "mmu": [1.0, 0.75]}
-    routed = modpass.transform(models.llama(layers=2).train(), ratios, layers="all", aux_loss_weight=0.1)
+    routed = modpass.transform(models.NanoGPT(layers=2).train(), ratios, layers="all", aux_loss_weight=0.1)
     with torch.no_grad():
         for block in modpass.routed_blocks(routed).values():
             for router in block.mod_routers.values():
                 router.weight.normal_()
-    ids = torch.randint(0, 97, (4, 16))
+    idx = torch.randint(0, 61, (4, 16))
     params = list(routed.parameters())
 
     def step(model, task):
-        loss = model(input_ids=ids, task=task).logits.square().mean() + modpass.aux_loss(routed)
+        loss = model(idx, task=task).square().mean() + modpass.aux_loss(routed)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [loss] + [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
@@ -606,7 +606,7 @@ def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
         with pytest.raises(RuntimeError, match="task index out of range"):
-            compiled(input_ids=ids, task=torch.tensor([0, 2, 1, 0]))
+            compiled(idx, task=torch.tensor([0, 2, 1, 0]))
     assert compiled_graphs() == 1
 
 

@@ -31,7 +31,7 @@ def missing_dependencies() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo with command-line arguments ``argv``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="modpass demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"a short smoke run ({QUICK_STEPS} steps, under 30 s)")
+    parser.add_argument("--quick", action="store_true", help=f"a short smoke run ({QUICK_STEPS} steps, about a minute on 2 cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data split and batches")
     parser.add_argument("--out", type=Path, default=Settings.out, help="directory for loss_vs_flops.png and results.json")
     parser.add_argument("--steps", type=int, default=None,
