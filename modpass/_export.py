@@ -20,6 +20,11 @@ def auto_dynamic_shapes(tree):
     )
 
 
+def symbolic_axes(value: torch.Tensor) -> tuple[int, ...]:
+    """The axes of a traced (fake) tensor whose sizes are symbolic."""
+    return tuple(axis for axis, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and size.node.expr.free_symbols)
+
+
 def first_user_frame(exc: BaseException) -> str:
     """Where in model code an exception arose (the last frame outside torch)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
@@ -60,7 +65,12 @@ class FlatCall(torch.nn.Module):
         _structure.signature((args, kwargs))  # refuses leaves that are not tensors or constants
         return cls(module, args, kwargs), tuple(_structure.tensors((args, kwargs)))
 
-    def export(self, tensors: tuple) -> torch.export.ExportedProgram:
-        return export_quietly(self, tensors, {}, (tuple(auto_dynamic_shapes(t) for t in tensors),))
+    def export(self, tensors: tuple, dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.export.ExportedProgram:
+        """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1)."""
+        if dynamic_axes is None:
+            shapes = tuple(auto_dynamic_shapes(t) for t in tensors)
+        else:
+            shapes = tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes)
+        return export_quietly(self, tensors, {}, (shapes,))
 
 

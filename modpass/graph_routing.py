@@ -28,6 +28,7 @@ import torch
 
 from . import _structure
 from ._compat import outside_dynamo_tracing
+from ._export import symbolic_axes
 from .config import RoutingConfig
 from .errors import ConfigError, PlanError, UnroutableBlockError
 from .io import read
@@ -328,7 +329,9 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
         refuse_fixed_token_count(gm, inputs[0], where)
         refuse_token_count_branches(inputs[0], where)
         with outside_dynamo_tracing():
-            analysed = capture_block_graph(region, tuple(_structure.realize(i.meta["val"]) for i in inputs), {}, where=where)
+            values = [i.meta["val"] for i in inputs]
+            analysed = capture_block_graph(region, tuple(_structure.realize(v) for v in values), {}, where=where,
+                                           dynamic_axes=tuple(symbolic_axes(v) for v in values))
         routed = route_block_graph(analysed, ratio=ratio, gate=plan.gate)
         reference = next(i.meta["val"] for i in inputs if i.meta["val"].is_floating_point())
         if routers:  # a saved plan: io.read has checked that every router is there

@@ -29,10 +29,11 @@ BLOCK_ANALYSIS_STAGES = (capture_block, token_axes, token_mixing)
 BLOCK_ROUTING_STAGES = (rewrite,)
 
 
-def capture_block_graph(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str) -> torch.fx.GraphModule:
+def capture_block_graph(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str,
+                        dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.fx.GraphModule:
     """Run the block analysis stages: a checked, annotated graph of one block call."""
     first, *rest = BLOCK_ANALYSIS_STAGES
-    gm = first(block, args, kwargs, where=where)
+    gm = first(block, args, kwargs, where=where, dynamic_axes=dynamic_axes)
     for stage in rest:
         gm = stage(gm)
     return gm

@@ -21,17 +21,27 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _scalar_cpu_kernels(request):
-    """Inductor's C++ kernels are compiled scalar unless a test is marked ``vectorized``.
+# Present in every torch modpass supports except the oldest.
+FLOAT_SPECIALISATION = {"specialize_float": True} if hasattr(torch._dynamo.config, "specialize_float") else {}
 
-    On 2 cores and an empty Inductor cache, choosing vector tilings and compiling the vectorised
-    C++ is about a quarter of a compiled llama test; the routed graphs, their fusions and what the
-    tests check are the same either way. The tests marked ``vectorized`` (the main fullgraph and
-    gradient checks) and the benchmarks keep Inductor's default. CUDA kernels are unaffected.
+
+@pytest.fixture(autouse=True)
+def _quick_compile_settings(request):
+    """Two compile settings that cost time and that modpass's graphs do not depend on, unless a test
+    is marked ``compile_defaults``.
+
+    * Inductor's C++ kernels are compiled scalar. On 2 cores and an empty Inductor cache, choosing
+      vector tilings and compiling the vectorised C++ is about a quarter of a compiled llama test;
+      the routed graphs, their fusions and what the tests check are the same either way.
+    * Python floats (Hugging Face's norm epsilons and attention scales) are specialised. Left
+      symbolic, as by default, a dynamic compile traces the model, meets a float that
+      Inductor cannot turn into a tensor, and traces it all again: a third of a dynamic compile.
+
+    The tests marked ``compile_defaults`` (the main fullgraph, gradient and ``options=`` checks)
+    keep torch's defaults, and so do the benchmarks. CUDA kernels are unaffected.
     """
-    if request.node.get_closest_marker("vectorized"):
+    if request.node.get_closest_marker("compile_defaults"):
         yield
         return
-    with torch._inductor.config.patch({"cpp.simdlen": 1}):
+    with torch._inductor.config.patch({"cpp.simdlen": 1}), torch._dynamo.config.patch(FLOAT_SPECIALISATION):
         yield

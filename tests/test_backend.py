@@ -107,7 +107,7 @@ def padded_batch_case(tokens: int, device: str = "cpu"):
 
 
 @needs_hf_dynamo
-@pytest.mark.vectorized
+@pytest.mark.compile_defaults
 @pytest.mark.parametrize("device", DEVICES)
 def test_causal_lm_fullgraph_recompiles_once_for_a_length_and_once_for_a_capacity(device):
     """A left-padded batch: the padding mask is one more input of the same graphs."""
@@ -239,7 +239,7 @@ def test_compiled_backward_accumulates_the_gathered_rows_into_one_gradient_buffe
         assert zero_filled, "the control: autograd's default fills a buffer with zeros"
 
 
-@pytest.mark.vectorized
+@pytest.mark.compile_defaults
 @pytest.mark.parametrize("device", DEVICES)
 def test_routed_training_fullgraph_matches_eager_gradients(device):
     torch.manual_seed(0)
@@ -435,10 +435,12 @@ def causal_lm_logits(model, idx):
 
 @pytest.mark.parametrize(
     "build, logits",
-    [(lambda: models.NanoGPT(layers=2).eval(), nanogpt_logits), pytest.param(lambda: models.gpt2(layers=2), causal_lm_logits, marks=needs_hf_dynamo),
+    [(lambda: models.NanoGPT(layers=2).eval(), nanogpt_logits),
+     pytest.param(lambda: models.gpt2(layers=2), causal_lm_logits, marks=[needs_hf_dynamo, pytest.mark.compile_defaults]),
      pytest.param(lambda: models.gemma2(layers=2), causal_lm_logits, marks=needs_hf_dynamo)],
-    # GPT-2's gelu_new shares one sqrt(2 / pi) between all blocks of the Dynamo graph; Gemma 2's eager
-    # attention multiplies q by k.transpose(), a call_method node in Dynamo's graph.
+    # GPT-2's gelu_new shares one sqrt(2 / pi) between all blocks of the Dynamo graph (with symbolic
+    # floats, as by default, a scalar input of each block); Gemma 2's eager attention multiplies q by
+    # k.transpose(), a call_method node in Dynamo's graph.
     ids=["nanogpt", "gpt2", "gemma2"],
 )
 def test_ratios_option_equals_transform_then_compile(build, logits):

@@ -7,7 +7,10 @@ parameters, buffers and lifted constants, then every tensor leaf of the call
 ``("input", 0)``, ...). Its output is the flat list of the call's outputs
 (``meta["modpass_output_template"]`` rebuilds the structure). Every dimension larger
 than 1 of every tensor leaf is symbolic unless the block itself fixes it, so
-placeholder ``val`` shapes say which axes follow the token count. View and
+placeholder ``val`` shapes say which axes follow the token count; ``dynamic_axes``
+narrows that to the given axes of each leaf (a region of a Dynamo graph passes the
+axes Dynamo traced symbolically: its weights arrive as leaves, and symbols for their
+sizes would only slow the capture down). View and
 reshape sizes are written out where the model wrote ``-1`` (see
 :func:`spell_out_inferred_sizes`), so the graph also runs on an empty batch.
 Raises ``CaptureError`` for blocks that do not export or that mutate state.
@@ -42,10 +45,11 @@ _METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
 _RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 
 
-def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block") -> torch.fx.GraphModule:
+def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block",
+                  dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.fx.GraphModule:
     wrapper, tensors = FlatCall.wrap(block, args, kwargs)
     try:
-        program = wrapper.export(tensors)
+        program = wrapper.export(tensors, dynamic_axes)
     except Exception as exc:  # torch raises many unrelated types here
         raise CaptureError(
             f"{where}: could not capture the block with symbolic sizes: {type(exc).__name__}: "
