@@ -7,17 +7,8 @@ import traceback
 
 import torch
 from torch.export import Dim
-from torch.utils import _pytree as pytree
 
 from . import _structure
-
-
-def auto_dynamic_shapes(tree):
-    """``Dim.AUTO`` for every dimension > 1 of every tensor leaf (size-1 axes stay static)."""
-    return pytree.tree_map(
-        lambda x: {i: Dim.AUTO for i, s in enumerate(x.shape) if s > 1} if isinstance(x, torch.Tensor) else None,
-        tree,
-    )
 
 
 def symbolic_axes(value: torch.Tensor) -> tuple[int, ...]:
@@ -66,11 +57,9 @@ class FlatCall(torch.nn.Module):
         return cls(module, args, kwargs), tuple(_structure.tensors((args, kwargs)))
 
     def export(self, tensors: tuple, dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.export.ExportedProgram:
-        """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1)."""
+        """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1; size-1 axes stay static)."""
         if dynamic_axes is None:
-            shapes = tuple(auto_dynamic_shapes(t) for t in tensors)
-        else:
-            shapes = tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes)
-        return export_quietly(self, tensors, {}, (shapes,))
+            dynamic_axes = tuple(tuple(axis for axis, size in enumerate(t.shape) if size > 1) for t in tensors)
+        return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
 
 
