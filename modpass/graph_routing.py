@@ -333,7 +333,7 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
             analysed = capture_block_graph(region, tuple(_structure.realize(v) for v in values), {}, where=where,
                                            dynamic_axes=tuple(symbolic_axes(v) for v in values))
         routed = route_block_graph(analysed, ratio=ratio, gate=plan.gate)
-        reference = next(i.meta["val"] for i in inputs if i.meta["val"].is_floating_point())
+        reference = next(v for v in values if v.is_floating_point())
         if routers:  # a saved plan: io.read has checked that every router is there
             weight, bias = (routers[f"{block.path}.mod_routers.{task}.{name}"] for name in ("weight", "bias"))
         else:  # fresh identity-gated routers
