@@ -68,3 +68,9 @@ def _known_true_helper():
 
 
 _KNOWN_TRUE = _known_true_helper()
+
+
+def size_hints(shape_env) -> dict:
+    """The values the shape environment's symbols took in the traced example (torch 2.13 renamed them, with a warning)."""
+    hints = getattr(shape_env, "backed_var_to_val", None)
+    return dict(shape_env.var_to_val if hints is None else hints)

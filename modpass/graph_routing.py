@@ -27,7 +27,7 @@ import sympy
 import torch
 
 from . import _structure
-from ._compat import outside_dynamo_tracing
+from ._compat import outside_dynamo_tracing, size_hints
 from ._export import symbolic_axes
 from .config import RoutingConfig
 from .errors import ConfigError, PlanError, UnroutableBlockError
@@ -288,7 +288,7 @@ def refuse_token_count_branches(hidden: torch.fx.Node, where: str) -> None:
     tokens = hidden.meta["val"].shape[1]
     shape_env = tokens.node.shape_env
     count = sympy.Symbol("T", integer=True, positive=True)  # printed in the message
-    hints = dict(shape_env.var_to_val)
+    hints = size_hints(shape_env)
     largest = int(tokens.node.hint)
     samples = sorted({*range(2, min(largest, 64) + 1), *(largest >> shift for shift in range(largest.bit_length() - 1)), largest})
     conditions = [(guard.expr, str(guard.sloc)) for guard in shape_env.guards]
