@@ -66,6 +66,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
         )
     refuse_size_assumptions(program, where)
     gm = program.graph_module
+    state = state_targets(signature)
     roles = []
     user_index = 0
     for input_spec in signature.input_specs:
@@ -73,8 +74,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             roles.append(("input", user_index))
             user_index += 1
         else:
-            target = input_spec.target.removeprefix(FlatCall.PREFIX)
-            roles.append((_ROLE[input_spec.kind], target))
+            roles.append((_ROLE[input_spec.kind], state[input_spec.arg.name]))
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _METADATA_ASSERTS:
             gm.graph.erase_node(node)
@@ -87,6 +87,15 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     gm.meta["modpass_output_template"] = pytree.tree_unflatten([Slot(i) for i in range(outputs)], program.call_spec.out_spec)
     gm.meta["modpass_where"] = where
     return gm
+
+
+def state_targets(signature: torch.export.ExportGraphSignature) -> dict[str, str]:
+    """Each parameter, buffer and constant placeholder's name -> its path in the block (``self_attn.q_proj.weight``)."""
+    return {
+        spec.arg.name: spec.target.removeprefix(FlatCall.PREFIX)
+        for spec in signature.input_specs
+        if spec.kind != InputKind.USER_INPUT and spec.target is not None
+    }
 
 
 def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -> None:
@@ -129,11 +138,7 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
 
 def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol) -> list[str]:
     """The tensors without a token axis that the block slices to its token count (``table[:T]``), described."""
-    state_names = {
-        spec.arg.name: spec.target.removeprefix(FlatCall.PREFIX)
-        for spec in program.graph_signature.input_specs
-        if spec.kind != InputKind.USER_INPUT and spec.target is not None
-    }
+    state_names = state_targets(program.graph_signature)
     tables = []
     for node in program.graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor):
         source, dim, _start, end = (*node.args, 0, None, None)[:4]
