@@ -54,6 +54,12 @@ def llama(layers: int = 4, **overrides):
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
+def enable_checkpointing(model) -> None:
+    """Hugging Face's activation checkpointing, by its transformers >= 5.25 name where it has it (the old one is deprecated)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def gpt2(layers: int = 4):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -374,7 +374,7 @@ def test_gradient_checkpointing_compiles_fullgraph_and_keeps_the_routing_records
     routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1], aux_loss_weight=0.01).train()
     with torch.no_grad():
         routed.model.layers[1].mod_routers.default.weight.normal_()
-    routed.gradient_checkpointing_enable()
+    models.enable_checkpointing(routed)
     routed.model.layers[0].gradient_checkpointing = False
     ids = torch.randint(0, 97, (2, 15))
 

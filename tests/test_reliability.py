@@ -65,7 +65,7 @@ def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(
         return {n: p.grad.clone() for n, p in routed.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    routed.gradient_checkpointing_enable()
+    models.enable_checkpointing(routed)
     assert routed.model.layers[1].gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
