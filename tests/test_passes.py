@@ -406,25 +406,38 @@ def test_capture_block_refuses_a_block_whose_code_branches_on_the_token_count():
             capture_block(LengthBranchingBlock(), (torch.randn(2, tokens, 8),), {})
 
 
+# The ways a block can read the first T rows of a table; export records the range [2, 64] for all but
+# split, which it traces for one token count without a guard (so only the table check can refuse it).
+TABLE_READS = {
+    "slice": (lambda table, tokens: table[:tokens], r"table sliced .*, so its graph holds only for a token count in \[2, 64\]"),
+    "narrow": (lambda table, tokens: table.narrow(0, 0, tokens), r"table narrowed .* in \[2, 64\]"),
+    "split": (lambda table, tokens: table.split(tokens)[0], r"table split to the token count along dim 0\)\. Routed"),
+    "split_with_sizes": (lambda table, tokens: table.split([tokens, 64 - tokens])[0], r"table split .* in \[2, 64\]"),
+}
+
+
 class PositionTableBlock(nn.Module):
     """Adds learned positions read by length, ``table[:T]``: routed, the k selected tokens would get rows 0..k-1."""
 
-    def __init__(self, as_buffer: bool):
+    def __init__(self, as_buffer: bool, read=TABLE_READS["slice"][0]):
         super().__init__()
         table = torch.randn(64, 8)
         if as_buffer:
             self.register_buffer("table", table)
         else:
             self.table = nn.Parameter(table)
+        self.read = read
 
     def forward(self, x):
-        return x + self.table[: x.shape[1]]
+        return x + self.read(self.table, x.shape[1])
 
 
 @pytest.mark.parametrize("as_buffer", [False, True], ids=["parameter", "buffer"])
-def test_capture_block_refuses_a_block_that_reads_a_table_by_its_token_count(as_buffer):
-    with pytest.raises(modpass.CaptureError, match=r"reads a fixed-size table by its token count \(table sliced .* in \[2, 64\]"):
-        capture_block(PositionTableBlock(as_buffer), (torch.randn(2, 16, 8),), {})
+@pytest.mark.parametrize("read", TABLE_READS)
+def test_capture_block_refuses_a_block_that_reads_a_table_by_its_token_count(as_buffer, read):
+    cut, message = TABLE_READS[read]
+    with pytest.raises(modpass.CaptureError, match=r"reads a fixed-size table by its token count \(" + message):
+        capture_block(PositionTableBlock(as_buffer, cut), (torch.randn(2, 16, 8),), {})
 
 
 class TokenwiseExperts(nn.Module):

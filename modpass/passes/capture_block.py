@@ -108,7 +108,9 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     batch on groups of any size, where that branch may not hold: the result
     would differ without a word. Both sizes of the hidden state keep export's
     default range, ``[2, inf]``, or the block is refused (other sizes, such as
-    the width, are the same in every call).
+    the width, are the same in every call). A block that reads a table by its
+    token count is refused with or without a recorded range, since export
+    traces ``table.split(T)`` for one count without recording one.
     """
     user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     hidden = next(n for n in program.graph.find_nodes(op="placeholder") if n.name == user_inputs[0])
@@ -118,36 +120,50 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
         bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
         if bounds is not None and (bounds.lower > 2 or bounds.upper != int_oo):
             described.append(f"a {name} in [{bounds.lower}, {bounds.upper}]")
-    if not described:
-        return
+    held = f"its graph holds only for {' and '.join(described)}"
     tokens = varying.get("token count")
+    # Looked for even where export recorded no range: it traces `table.split(T)` without one.
     tables = tables_read_by_length(program, tokens.node.expr) if isinstance(tokens, torch.SymInt) else []
     if tables:
         raise CaptureError(
-            f"{where}: the block reads a fixed-size table by its token count ({', '.join(tables)}), so its graph holds "
-            f"only for {' and '.join(described)}. Routed, it would read the table's first k rows, not the rows of the k "
-            "selected tokens' positions, so it is not routed. Pass the rows (or positions) in from outside the block, "
-            "or leave this block dense with layers=."
+            f"{where}: the block reads a fixed-size table by its token count ({', '.join(tables)})"
+            f"{', so ' + held if described else ''}. Routed, it would read the table's first k rows, not the rows of "
+            "the k selected tokens' positions, so it is not routed. Pass the rows (or positions) in from outside the "
+            "block, or leave this block dense with layers=."
         )
-    raise CaptureError(
-        f"{where}: the block's code branches on the size of its hidden state: its graph holds only for {' and '.join(described)}. "
-        "Routing runs the block on the k selected tokens (and a mixed batch on groups of any size), where the branch "
-        "it took may not hold, so it is not routed. Leave this block dense with layers=."
-    )
+    if described:
+        raise CaptureError(
+            f"{where}: the block's code branches on the size of its hidden state: {held}. Routing runs the block on "
+            "the k selected tokens (and a mixed batch on groups of any size), where the branch it took may not hold, "
+            "so it is not routed. Leave this block dense with layers=."
+        )
+
+
+# Each way of cutting rows off a tensor: how the message says it, and its source, axis and the lengths it cuts to.
+_CUTS = {
+    torch.ops.aten.slice.Tensor: ("sliced", lambda source, dim=0, start=None, end=None, step=1: (source, dim, [end])),
+    torch.ops.aten.narrow.default: ("narrowed", lambda source, dim, start, length: (source, dim, [length])),
+    torch.ops.aten.split.Tensor: ("split", lambda source, split_size, dim=0: (source, dim, [split_size])),
+    torch.ops.aten.split_with_sizes.default: ("split", lambda source, sizes, dim=0: (source, dim, list(sizes))),
+}
 
 
 def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol) -> list[str]:
-    """The tensors without a token axis that the block slices to its token count (``table[:T]``), described."""
+    """The tensors without a token axis that the block cuts to its token count (``table[:T]``,
+    ``table.narrow(0, 0, T)``, ``table.split(T)``), described."""
     state_names = state_targets(program.graph_signature)
     tables = []
-    for node in program.graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor):
-        source, dim, _start, end = (*node.args, 0, None, None)[:4]
-        bound = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
-        if not isinstance(bound, torch.SymInt) or not mentions(bound, symbol):
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in _CUTS:
+            continue
+        cut, arguments = _CUTS[node.target]
+        source, dim, lengths = arguments(*node.args, **node.kwargs)
+        bounds = [length.meta.get("val") if isinstance(length, torch.fx.Node) else length for length in lengths]
+        if not any(isinstance(bound, torch.SymInt) and mentions(bound, symbol) for bound in bounds):
             continue
         if any(mentions(size, symbol) for size in source.meta["val"].shape):
             continue
-        tables.append(f"{state_names.get(source.name, source.name)} sliced to the token count along dim {dim}")
+        tables.append(f"{state_names.get(source.name, source.name)} {cut} to the token count along dim {dim}")
     return tables
 
 
