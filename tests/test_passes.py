@@ -417,9 +417,10 @@ TABLE_READS = {
 
 
 class PositionTableBlock(nn.Module):
-    """Adds learned positions read by length, ``table[:T]``: routed, the k selected tokens would get rows 0..k-1."""
+    """Adds learned positions read by length (``read(table, T)``, say ``table[:T]``): routed, the k selected
+    tokens would get rows 0..k-1."""
 
-    def __init__(self, as_buffer: bool, read=TABLE_READS["slice"][0]):
+    def __init__(self, as_buffer: bool, read):
         super().__init__()
         table = torch.randn(64, 8)
         if as_buffer:
