@@ -201,10 +201,11 @@ def routing_only_block(block: nn.Module) -> nn.Module | None:
     build = stripped.build_route
 
     @torch._dynamo.disable
-    def build_route(*args, **kwargs):
-        route = build(*args, **kwargs)
-        strip_block_body(route.graph)
-        return route
+    def build_route(key, *args, **kwargs):
+        build(key, *args, **kwargs)
+        route = stripped._routes[key]  # None: a form this block runs one call per capacity
+        if route is not None:
+            strip_block_body(route.graph)
 
     stripped.__dict__["build_route"] = build_route
     return stripped

@@ -61,3 +61,48 @@ def select_rows(scores_ptr, index_ptr, num_tokens, k, scores_row_stride, index_r
         tl.store(row_index + slot, position.to(tl.int64), mask=kept)
         tied_before += tl.sum(tied, axis=0)
         kept_before += tl.sum(kept.to(tl.int32), axis=0)
+
+
+@triton.jit
+def rank_rows(scores_ptr, kept_ptr, num_tokens, k, scores_row_stride, kept_row_stride, BLOCK: tl.constexpr):
+    """Flag the k best tokens of each row, ``BLOCK`` tokens a program: many programs per row.
+
+    A token's rank is how many tokens beat it: a higher key, or an equal key at an earlier
+    position (the reference's stable tie-break). Each program ranks its tokens against the whole
+    row, tile by tile; no program waits for another, so a batch of two rows fills the GPU.
+    """
+    row = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK
+    row_scores = scores_ptr + row * scores_row_stride
+    position = first + tl.arange(0, BLOCK)
+    key, in_row = ordered_keys(row_scores, position, num_tokens)
+    mine = key[:, None]
+    beaten = tl.zeros([BLOCK, BLOCK], dtype=tl.int32)
+    # Tiles before this program's tokens win ties, tiles after lose them: one comparison a pair
+    # there; only the program's own tile compares positions.
+    for start in range(0, first, BLOCK):
+        other, _ = ordered_keys(row_scores, start + tl.arange(0, BLOCK), num_tokens)
+        beaten += (other[None, :] >= mine).to(tl.int32)
+    earlier = tl.arange(0, BLOCK)[None, :] < tl.arange(0, BLOCK)[:, None]
+    beaten += (in_row[None, :] & ((key[None, :] > mine) | ((key[None, :] == mine) & earlier))).to(tl.int32)
+    for start in range(first + BLOCK, num_tokens, BLOCK):
+        other, other_in_row = ordered_keys(row_scores, start + tl.arange(0, BLOCK), num_tokens)
+        beaten += (other_in_row[None, :] & (other[None, :] > mine)).to(tl.int32)
+    kept = tl.sum(beaten, axis=1) < k
+    tl.store(kept_ptr + row * kept_row_stride + position, kept.to(tl.int8), mask=in_row)
+
+
+@triton.jit
+def compact_rows(kept_ptr, index_ptr, num_tokens, kept_row_stride, index_row_stride, CHUNK: tl.constexpr):
+    """Write each row's flagged positions in position order (each at its rank among the flagged)."""
+    row = tl.program_id(0)
+    row_kept = kept_ptr + row * kept_row_stride
+    row_index = index_ptr + row * index_row_stride
+    lanes = tl.arange(0, CHUNK)
+    kept_before = 0
+    for start in range(0, num_tokens, CHUNK):
+        position = start + lanes
+        kept = tl.load(row_kept + position, mask=position < num_tokens, other=0).to(tl.int32)
+        slot = kept_before + tl.cumsum(kept, axis=0) - 1
+        tl.store(row_index + slot, position.to(tl.int64), mask=kept != 0)
+        kept_before += tl.sum(kept, axis=0)
