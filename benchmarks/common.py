@@ -130,7 +130,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 @contextlib.contextmanager
 def routing_switches(**values: bool):
-    """Set switches of ``modpass.routing`` (``COMPILED_FORMS``, ``SELECTION_KERNEL``, ``RANK_COUNT``, ``ONE_GRADIENT_BUFFER``) for a block, then restore them.
+    """Set switches of ``modpass.routing`` (``COMPILED_FORMS``, ``SELECTION_KERNEL``, ``ONE_GRADIENT_BUFFER``) for a block, then restore them.
 
     Dynamo guards on them, so a compiled call inside the block recompiles
     rather than reusing a graph traced with the other setting.

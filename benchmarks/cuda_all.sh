@@ -37,13 +37,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for name in $steps; do
   case "$name" in
-    # Four workers: the machine has 16 cores, and compiling, not the GPU, sets the tests' time.
-    tests) step 300 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py tests/test_backend.py -k cuda ;;
-    select) step 200 python3 benchmarks/select_bench.py --batches 2,8,32 --lengths 1024,4096,8192,16384 \
-      --capacities 0.125 --rank-configs 32x1,32x2,64x4,64x8,128x8 --out "$out/cuda-select" ;;
+    tests) step 270 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
+    select) step 150 python3 benchmarks/select_bench.py --batches 2 --out "$out/cuda-select" ;;
     profile) step 300 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
-      --capacities 0.5,0.125 --without RANK_COUNT --without ONE_GRADIENT_BUFFER --top 0 \
-      --out "$out/cuda-profile-G1-device-time" ;;
+      --capacities 0.5,0.125 --generic-forms --without ONE_GRADIENT_BUFFER --top 0 --out "$out/cuda-profile-G1-device-time" ;;
     model) step 330 python3 benchmarks/model_bench.py --device cuda --no-kernels --out "$out/cuda-model" ;;
     block) step 270 python3 benchmarks/block_bench.py --device cuda --rounds 9 --calls 10 --kernels \
       --out "$out/cuda-block-G1-calls10" ;;

@@ -1,17 +1,16 @@
-"""Triton compile time of modpass's selection kernels, ahead of time: no GPU needed.
+"""Triton compile time of modpass's selection kernel, ahead of time: no GPU needed.
 
 Usage (from the repository root, with Triton installed)::
 
     python benchmarks/kernel_compile.py --against d9513de --out benchmarks/results/cpu-kernel-compile   # d9513de: unrolled passes
 
 Inductor compiles the Triton kernels of a compiled model on the host, so the
-kernels' compile time is part of a routed model's compile time on a GPU. This
-script compiles each kernel of ``selection.KERNELS`` (as the launches
-specialise it) for GPU targets with ``triton.compile``, which runs the whole
-pipeline down to the cubin on the CPU. Each sample uses an empty Triton cache;
-with ``--against REV`` (a git revision or a kernel source file) that version of
-``select_rows`` is compiled in the same rounds, alternating, so the two see the
-same machine load.
+kernel's compile time is part of a routed model's compile time on a GPU. This
+script compiles ``select_rows`` (as ``selection.launch`` specialises it) for
+GPU targets with ``triton.compile``, which runs the whole pipeline down to the
+cubin on the CPU. Each sample uses an empty Triton cache; with ``--against REV``
+(a git revision or a kernel source file) that kernel is compiled in the same rounds,
+alternating, so the two see the same machine load.
 """
 
 from __future__ import annotations
@@ -30,14 +29,11 @@ import common  # noqa: E402
 from modpass.kernels import selection  # noqa: E402
 
 
-def compile_once(name: str, kernel, capability: int) -> tuple[float, int]:
-    """Seconds for one compile of kernel ``name`` into an empty cache, and the cubin's size in bytes.
-
-    ``kernel`` None: the current one.
-    """
+def compile_once(kernel, capability: int) -> tuple[float, int]:
+    """Seconds for one compile into an empty cache, and the cubin's size in bytes (``kernel`` None: the current one)."""
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
     start = time.perf_counter()
-    compiled = selection.compile_for(capability, kernel, name)
+    compiled = selection.compile_for(capability, kernel)
     return time.perf_counter() - start, len(compiled.asm["cubin"])
 
 
@@ -49,21 +45,20 @@ def main() -> None:
     args = parser.parse_args()
     device, _ = common.setup(args)
 
-    # label -> (name in selection.KERNELS, kernel); None is compile_for's default, the installed kernel.
-    kernels = {name: (name, None) for name in selection.KERNELS}
+    kernels = {"current": None}  # compile_for's default: the installed kernel
     if args.against:
         label, kernel = common.selection_kernel(args.against)
-        kernels[f"select_rows {label}"] = ("select_rows", kernel)
+        kernels[label] = kernel
     capabilities = [int(c) for c in args.capabilities.split(",")]
 
     # One throwaway compile loads Triton's compiler and LLVM, which the first sample would otherwise pay.
-    compile_once("select_rows", None, capabilities[0])
+    compile_once(kernels["current"], capabilities[0])
     samples = {(name, cap): [] for name in kernels for cap in capabilities}
     sizes = {}
     for _ in range(args.repeats):
         for cap in capabilities:
-            for name, (kernel_name, kernel) in kernels.items():
-                seconds, sizes[name, cap] = compile_once(kernel_name, kernel, cap)
+            for name, kernel in kernels.items():
+                seconds, sizes[name, cap] = compile_once(kernel, cap)
                 samples[name, cap].append(seconds)
 
     payload = common.header("kernel_compile", args, device)
@@ -72,9 +67,9 @@ def main() -> None:
     rows = [[name, f"sm_{cap}", f"{statistics.median(samples[name, cap]):.2f}",
              f"{min(samples[name, cap]):.2f}–{max(samples[name, cap]):.2f}", sizes[name, cap]]
             for name, cap in samples]
-    method = (f"`selection.compile_for` (the constants and warps of `selection.KERNELS`) into an "
+    method = (f"`selection.compile_for` (CHUNK={selection.CHUNK}, {selection.NUM_WARPS} warps) into an "
               f"empty cache, {args.repeats} rounds alternating the kernels; median and range of the seconds")
-    markdown = (common.markdown_preamble("modpass selection kernels: Triton compile time", payload, method)
+    markdown = (common.markdown_preamble("modpass selection kernel: Triton compile time", payload, method)
                 + "\n" + common.markdown_table(["kernel", "target", "compile (s)", "range (s)", "cubin (bytes)"], rows))
     print(markdown)
     if args.out:

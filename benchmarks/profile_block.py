@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 CALLS = 5
 #: The switches of ``modpass.routing``, each on by default; ``--generic-forms`` turns all of them off.
-SWITCHES = ("COMPILED_FORMS", "SELECTION_KERNEL", "RANK_COUNT", "ONE_GRADIENT_BUFFER")
+SWITCHES = ("COMPILED_FORMS", "SELECTION_KERNEL", "ONE_GRADIENT_BUFFER")
 #: Case-name suffix of the routed cases compiled with every switch off (``--generic-forms``).
 GENERIC = " generic"
 

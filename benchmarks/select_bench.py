@@ -4,17 +4,14 @@ Usage (from the repository root, on a CUDA machine)::
 
     python benchmarks/select_bench.py --out benchmarks/results/cuda-select
 
-For each batch, sequence length and capacity it times the kernels
-(``selection.select_tokens``, which picks the rank count or the radix select by
-length, at every length: routing itself sends rows past
-``selection.MAX_TOKENS`` to the sorts), each of the two kernels on its own at
-every length, and ``routing.select_tokens`` with ``routing.SELECTION_KERNEL``
-off (a stable descending sort, then a sort of the k winners), eager and
-compiled by Inductor (which lowers the sorts its own way). ``--against`` adds
-other versions of the radix kernel (a git revision or a kernel source file
-each), ``--configs`` other launch settings of it (tokens per chunk x warps) and
-``--rank-configs`` other launch settings of the rank count (tokens per program
-x warps), launched eagerly, as an A/B in the same run. Times come from
+For each batch, sequence length and capacity it times the kernel
+(``selection.select_tokens``, at every length: routing itself sends rows past
+``selection.MAX_TOKENS`` to the sorts) and ``routing.select_tokens`` with
+``routing.SELECTION_KERNEL`` off (a stable descending sort, then a sort of the
+k winners), each eager and compiled by Inductor (which lowers the sorts its own
+way). ``--against`` adds other versions of the kernel (a git revision or a
+kernel source file each) and ``--configs`` other launch settings (tokens per
+chunk x warps), launched eagerly, as an A/B in the same run. Times come from
 ``triton.testing.do_bench_cudagraph``: the calls are replayed from a CUDA
 graph, so they are kernel time without the host's launch overhead. Every form
 is checked against the eager sorts before it is timed.
@@ -70,8 +67,6 @@ def main() -> None:
     parser.add_argument("--configs", default=f"{selection.CHUNK}x{selection.NUM_WARPS}",
                         help="comma list of CHUNKxWARPS launch settings for each --against kernel (and, where it "
                              "differs from the default, the current one)")
-    parser.add_argument("--rank-configs", default=f"{selection.RANK_BLOCK}x{selection.RANK_WARPS}",
-                        help="comma list of BLOCKxWARPS launch settings for the rank count")
     parser.add_argument("--out", default=None, help="output path stem (writes STEM.json and STEM.md)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -83,14 +78,13 @@ def main() -> None:
     forms = {"kernel": selection.select_tokens, "kernel compiled": compiled(selection.select_tokens),
              "sorts": with_sorts(routing.select_tokens), "sorts compiled": with_sorts(compiled(routing.select_tokens))}
     kernels = {"": None, **dict(common.selection_kernel(a) for a in filter(None, args.against.split(",")))}
+    default = (selection.CHUNK, selection.NUM_WARPS)
     for label, kernel in kernels.items():
         for config in args.configs.split(","):
             chunk, warps = (int(n) for n in config.split("x"))
-            forms[" ".join(filter(None, ["radix", label, f"{chunk}x{warps}"]))] = functools.partial(
-                selection.launch_radix, kernel=kernel, chunk=chunk, num_warps=warps)
-    for config in args.rank_configs.split(","):
-        block, warps = (int(n) for n in config.split("x"))
-        forms[f"rank {block}x{warps}"] = functools.partial(selection.launch_rank, block=block, num_warps=warps)
+            if kernel is not None or (chunk, warps) != default:
+                forms[" ".join(filter(None, ["kernel", label, f"{chunk}x{warps}"]))] = functools.partial(
+                    selection.launch, kernel=kernel, chunk=chunk, num_warps=warps)
     rows = []
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for batch, length, capacity in itertools.product(

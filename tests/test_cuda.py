@@ -49,23 +49,18 @@ def test_backend_emits_triton_kernels_for_routed_blocks():
         got, code = run_and_get_code(lambda: compiled(input_ids=ids).logits.float())
     code = "".join(code)
     assert "@triton.jit" in code
-    assert "rank_rows" in code and "compact_rows" in code and "sort" not in code, (
-        "selection is modpass's Triton kernels, called from Inductor's code")
+    assert "select_rows" in code and "sort" not in code, "selection is modpass's Triton kernel, called from Inductor's code"
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize(("kernel", "rank_count"), [(True, True), (True, False), (False, True)],
-                         ids=["triton-kernels", "radix-select", "sorts"])
-@pytest.mark.parametrize("length", [77, 4096, selection.RANK_MAX_TOKENS, selection.RANK_MAX_TOKENS + 1, 10000,
-                                    selection.MAX_TOKENS, selection.MAX_TOKENS + 1])
-def test_selection_on_cuda_keeps_ties_to_the_earlier_position(monkeypatch, kernel, rank_count, length):
-    """Selection on the GPU, eager and compiled: modpass's Triton kernels (the rank count up to
-    ``RANK_MAX_TOKENS``, then the radix select over one chunk and several, up to ``MAX_TOKENS``; one
-    token past it the sorts again), and the two sorts they replace, which Inductor
+@pytest.mark.parametrize("kernel", [True, False], ids=["triton-kernel", "sorts"])
+@pytest.mark.parametrize("length", [77, 4096, 10000, selection.MAX_TOKENS, selection.MAX_TOKENS + 1])
+def test_selection_on_cuda_keeps_ties_to_the_earlier_position(monkeypatch, kernel, length):
+    """Selection on the GPU, eager and compiled: modpass's Triton kernel (rows of one chunk and of
+    several, up to ``MAX_TOKENS``; one token past it the sorts again), and the two sorts it replaces, which Inductor
     lowers differently by size (a library sort, a Triton sort). Equal scores must stay in position
-    order either way. ``radix-select`` turns the rank count off: the radix select at every length it takes."""
+    order either way."""
     monkeypatch.setattr(modpass.routing, "SELECTION_KERNEL", kernel)
-    monkeypatch.setattr(modpass.routing, "RANK_COUNT", rank_count)
     generator = torch.Generator(device="cuda").manual_seed(0)
     scores = torch.randint(-50, 50, (2, length), device="cuda", generator=generator).float()  # many ties
     scores[0, :3] = float("inf")

@@ -42,48 +42,29 @@ def test_kernel_takes_cuda_rows_up_to_max_tokens_only(monkeypatch):
         assert not selection.supported(torch.empty(2, 16, device="cuda"))
 
 
-def test_select_tokens_dispatches_to_the_kernels_where_supported_and_the_switches_are_on(monkeypatch):
+def test_select_tokens_dispatches_to_the_kernel_where_supported_and_the_switch_is_on(monkeypatch):
     calls = []
 
-    def kernel(scores, k, rank_count):
-        calls.append((k, rank_count))
+    def kernel(scores, k):
+        calls.append(k)
         return torch.zeros(scores.shape[0], k, dtype=torch.long)
 
     monkeypatch.setattr(selection, "supported", lambda scores: True)
     monkeypatch.setattr(selection, "select_tokens", kernel)
     scores = torch.tensor([[0.0, 2.0, 1.0]])
-    assert routing.select_tokens(scores, 2).tolist() == [[0, 0]] and calls == [(2, True)]
-    monkeypatch.setattr(selection, "RANK_MAX_TOKENS", 2)
-    routing.select_tokens(scores, 2)
-    monkeypatch.setattr(selection, "RANK_MAX_TOKENS", 3)
-    monkeypatch.setattr(routing, "RANK_COUNT", False)
-    routing.select_tokens(scores, 2)
-    assert calls[1:] == [(2, False), (2, False)], "the radix select past RANK_MAX_TOKENS, or with RANK_COUNT off"
+    assert routing.select_tokens(scores, 2).tolist() == [[0, 0]] and calls == [2]
     monkeypatch.setattr(routing, "SELECTION_KERNEL", False)
-    assert routing.select_tokens(scores, 2).tolist() == [[1, 2]] and len(calls) == 3
-
-
-def test_launch_picks_the_rank_count_up_to_rank_max_tokens_and_the_radix_select_past_it(monkeypatch):
-    called = []
-    monkeypatch.setattr(selection, "launch_rank", lambda scores, k, wrap: called.append("rank"))
-    monkeypatch.setattr(selection, "launch_radix", lambda scores, k, wrap: called.append("radix"))
-    for length in (1, selection.RANK_MAX_TOKENS, selection.RANK_MAX_TOKENS + 1, selection.MAX_TOKENS):
-        selection.launch(torch.zeros(1, length), 1)
-    assert called == ["rank", "rank", "radix", "radix"]
-    selection.launch(torch.zeros(1, 1), 1, rank_count=False)
-    selection.launch(torch.zeros(1, selection.MAX_TOKENS), 1, rank_count=True)
-    assert called[4:] == ["radix", "rank"], "an explicit choice wins over the length"
+    assert routing.select_tokens(scores, 2).tolist() == [[1, 2]] and calls == [2]
 
 
 @needs_triton
-@pytest.mark.parametrize("name", list(selection.KERNELS))
 @pytest.mark.parametrize("capability", [90, 80])
-def test_selection_kernels_compile_for_the_gpu_without_one(capability, name, tmp_path, monkeypatch):
+def test_selection_kernel_compiles_for_the_gpu_without_one(capability, tmp_path, monkeypatch):
     # The interpreter runs code that Triton's compiler refuses (a loop-carried variable that changes
-    # type, for one): the kernels must also go through the whole compile, to a cubin, for their GPUs.
+    # type, for one): the kernel must also go through the whole compile, to a cubin, for its GPUs.
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    compiled = selection.compile_for(capability, name=name)
-    assert compiled.metadata.num_warps == selection.KERNELS[name][2]
+    compiled = selection.compile_for(capability)
+    assert compiled.metadata.num_warps == selection.NUM_WARPS
     assert len(compiled.asm["cubin"]) > 0
     # Within the shared memory every CUDA GPU gives a block without opting in.
     assert compiled.metadata.shared <= 48 * 1024
@@ -97,45 +78,6 @@ def test_triton_selection_kernel_follows_the_selection_rule_under_the_interprete
     assert "selection kernel checks passed" in result.stdout
 
 
-def check_kernel(kernel, lengths: tuple[int, ...]) -> None:
-    """``kernel`` (a ``selection.launch*`` function) gives the reference's answer on the rows that catch its faults.
-
-    ``lengths``: rows of one chunk (or rank block), one token past it and several, for the kernel's loops.
-    """
-    from modpass import routing
-    from tests import test_reliability
-
-    # The reference's own property test (hypothesis: ties, +-0, +-inf, float32 extremes, several rows),
-    # pointed at the kernel.
-    reference = routing.select_tokens
-    routing.select_tokens = kernel
-    try:
-        test_reliability.test_select_tokens_keeps_the_k_best_with_ties_to_the_earlier_position()
-    finally:
-        routing.select_tokens = reference
-
-    # Many ties; the edges of k.
-    generator = torch.Generator().manual_seed(0)
-    for length in lengths:
-        scores = torch.randint(-50, 50, (2, length), generator=generator).float()
-        scores[0, :3] = float("inf")
-        scores[1, -3:] = float("-inf")
-        scores[1, ::7] = -0.0
-        for k in (0, 1, (length + 7) // 8, length):
-            assert kernel(scores, k).tolist() == test_reliability.best_k_by_position(scores, k), (kernel, length, k)
-    # Ties at the k-th place for a value with each single key bit set (both signs): every bit of the
-    # threshold decides which tied tokens are kept. The integer-valued rows above missed a dropped pass.
-    tie = torch.tensor([1 << bit for bit in range(31)], dtype=torch.int32).view(torch.float32)
-    scores = torch.zeros(62, 10)
-    scores[:, [0, 2, 4, 5, 8]] = torch.cat([tie, -tie]).unsqueeze(-1)
-    scores[:, [3, 6]] = float("inf")
-    scores[31:, [1, 7, 9]] = float("-inf")
-    assert kernel(scores, 4).tolist() == test_reliability.best_k_by_position(scores, 4), kernel
-    # A strided (non-contiguous) row view is read correctly.
-    wide = torch.randn(3, 200, generator=generator)
-    assert kernel(wide[:, ::2], 17).tolist() == test_reliability.best_k_by_position(wide[:, ::2], 17), kernel
-
-
 def _check_under_the_interpreter() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through the pytest test, which sets TRITON_INTERPRET=1"
     from tests import conftest  # noqa: F401  (registers the suite's hypothesis profile, no deadline)
@@ -144,20 +86,41 @@ def _check_under_the_interpreter() -> None:
     hypothesis.settings.register_profile("triton-interpreter", hypothesis.settings.get_profile("modpass"), max_examples=20)
     hypothesis.settings.load_profile("triton-interpreter")
 
+    from modpass import routing
     from modpass.kernels import selection
     from tests import test_reliability
 
-    # The rank count is quadratic in the row, which the interpreter makes slow: its rows are shorter.
-    rank, radix = selection.RANK_BLOCK, selection.CHUNK
-    check_kernel(selection.launch_rank, (rank, rank + 1, 5 * rank + 3))
-    check_kernel(selection.launch_radix, (radix, radix + 1, 4 * radix + 77))
+    kernel = selection.launch
+    # The reference's own property test (hypothesis: ties, +-0, +-inf, float32 extremes, several rows),
+    # pointed at the kernel.
+    routing.select_tokens = kernel
+    test_reliability.test_select_tokens_keeps_the_k_best_with_ties_to_the_earlier_position()
 
-    # The registered op, which routing calls on CUDA, launches the same kernels through wrap_triton.
-    wide = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
+    # Rows of one chunk, one token past it and several chunks; many ties; the edges of k.
+    generator = torch.Generator().manual_seed(0)
+    for length in (selection.CHUNK, selection.CHUNK + 1, 4 * selection.CHUNK + 77):
+        scores = torch.randint(-50, 50, (2, length), generator=generator).float()
+        scores[0, :3] = float("inf")
+        scores[1, -3:] = float("-inf")
+        scores[1, ::7] = -0.0
+        for k in (0, 1, (length + 7) // 8, length):
+            assert kernel(scores, k).tolist() == test_reliability.best_k_by_position(scores, k), (length, k)
+    # Ties at the k-th place for a value with each single key bit set (both signs): every bit of the
+    # threshold decides which tied tokens are kept. The integer-valued rows above missed a dropped pass.
+    tie = torch.tensor([1 << bit for bit in range(31)], dtype=torch.int32).view(torch.float32)
+    scores = torch.zeros(62, 10)
+    scores[:, [0, 2, 4, 5, 8]] = torch.cat([tie, -tie]).unsqueeze(-1)
+    scores[:, [3, 6]] = float("inf")
+    scores[31:, [1, 7, 9]] = float("-inf")
+    assert kernel(scores, 4).tolist() == test_reliability.best_k_by_position(scores, 4)
+    # A strided (non-contiguous) row view is read correctly.
+    wide = torch.randn(3, 200, generator=generator)
+    assert kernel(wide[:, ::2], 17).tolist() == test_reliability.best_k_by_position(wide[:, ::2], 17)
+
+    # The registered op, which routing calls on CUDA, launches the same kernel through wrap_triton.
     op = selection.register()
     try:
-        for rank_count in (True, False):
-            assert op(wide, 50, rank_count).tolist() == test_reliability.best_k_by_position(wide, 50), rank_count
+        assert op(wide, 50).tolist() == test_reliability.best_k_by_position(wide, 50)
     except RuntimeError as error:
         if "wrap_triton only works" not in str(error):
             raise

@@ -1,38 +1,30 @@
-"""Top-k token selection in Triton: a rank count for rows of a few thousand tokens, a radix select beyond.
+"""Top-k token selection as one Triton program per sequence (radix select).
 
 The reference (:func:`modpass.routing.select_tokens`) is two stable sorts: a
 descending sort of the scores, then an ascending sort of the k winning
 positions. Inductor lowers each to a full sort of the row; on an H100 (two
-rows of 4096 tokens) the pair took 34 us, more than half of the routing glue.
-Selection needs neither sort. Both kernels first map each fp32 score to an
-int32 key with the same order (``-0.0`` first becomes ``0.0``, so the two stay
-tied) and give exactly the reference's answer, ties to the earlier position.
+rows of 4096 tokens) the pair took 34 us, more than half of the routing glue,
+against 19.5 us for this kernel.
+Selection needs neither sort. This kernel, one program per row:
 
-**Rank count** (rows of up to :data:`RANK_MAX_TOKENS`): ``rank_rows`` gives
-each token its rank, the number of tokens that beat it (a higher key, or an
-equal key at an earlier position), and flags it when the rank is below k;
-``compact_rows`` then writes each flagged position at its rank among the
-flagged (a prefix sum), so the output is sorted by position. The count is
-quadratic in the row, but its programs (:data:`RANK_BLOCK` tokens each) are
-independent, so two rows fill the GPU where the radix select keeps two SMs
-busy through a chain of 33 dependent counts.
-
-**Radix select** (``select_rows``, rows up to :data:`MAX_TOKENS`), one program per row:
-
-1. finds the k-th largest key bit by bit, most significant first: a bit is
+1. maps each fp32 score to an int32 key with the same order
+   (``-0.0`` first becomes ``0.0``, so the two stay tied);
+2. finds the k-th largest key bit by bit, most significant first: a bit is
    set when at least k keys reach the threshold with it (32 block-wide counts);
-2. keeps every key above that threshold and, of the keys equal to it, the
-   earliest ``k - above`` by position (a prefix sum);
-3. writes each kept position at its rank among the kept (another prefix sum).
+3. keeps every key above that threshold and, of the keys equal to it, the
+   earliest ``k - above`` by position (a prefix sum), which is exactly the
+   reference's tie-break;
+4. writes each kept position at its rank among the kept (another prefix sum),
+   so the output is sorted by position without sorting.
 
 Scores must not be NaN (``routing.selection_scores`` maps NaN to ``-inf``).
-The radix program loops over the row in chunks of :data:`CHUNK` tokens; each
+One program per row loops over the row in chunks of :data:`CHUNK` tokens; each
 of the 33 counting passes re-reads the row (from L1 for rows of a few thousand
 tokens), so rows past :data:`MAX_TOKENS` go to the sorts, which are faster there.
 Fewer, wider passes were slower on the GPU and were not kept: counting 2 or 4
 bits per pass (``benchmarks/results/cuda-select-sweep.md``) and a 256-bin
 histogram per 8-bit digit, four passes (``benchmarks/results/cuda-select-radix8.md``).
-The 33 dependent block-wide counts, more than the reads, set its time: 13 us
+The 33 dependent block-wide counts, more than the reads, set the time: 13 us
 at 1024 tokens, 19.5 at four times as many (H100).
 """
 
@@ -60,14 +52,6 @@ NUM_WARPS = CHUNK // 256
 #: compiles once more.
 MAX_TOKENS = 32768
 
-#: Longest row the rank count takes; rows up to :data:`MAX_TOKENS` use the
-#: radix select. The count's work grows with the square of the row.
-RANK_MAX_TOKENS = 8192
-#: Tokens one ``rank_rows`` program ranks, against tiles of as many.
-RANK_BLOCK = 64
-#: Warps per ``rank_rows`` program.
-RANK_WARPS = 4
-
 #: A CUDA build of torch with Triton installed, new enough to register Triton
 #: ops (2.6+). Decided at import without touching the driver or importing
 #: Triton (a CPU build never pays Triton's import), and a constant for Dynamo.
@@ -83,36 +67,15 @@ def supported(scores: torch.Tensor) -> bool:
     return AVAILABLE and scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_TOKENS
 
 
-def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, rank_count: bool | None = None) -> torch.Tensor:
-    """Run the selection kernels on ``scores`` (B, T) fp32; returns int64 indices (B, k).
+def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None, chunk: int = CHUNK,
+           num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """Run the kernel on ``scores`` (B, T) fp32; returns int64 indices (B, k).
 
-    :func:`launch_rank` where ``rank_count`` (by default: rows of up to
-    :data:`RANK_MAX_TOKENS` tokens), else :func:`launch_radix`. ``wrap`` is
-    ``torch.library.wrap_triton`` inside the registered op, so that Inductor
-    sees the kernels; tests call this directly under the Triton interpreter,
-    on CPU tensors.
-    """
-    if rank_count is None:
-        rank_count = prefers_rank_count(scores)
-    return launch_rank(scores, k, wrap) if rank_count else launch_radix(scores, k, wrap)
-
-
-def prefers_rank_count(scores: torch.Tensor) -> bool:
-    """Whether rows of ``scores`` (B, T) are short enough for the rank count (:data:`RANK_MAX_TOKENS`).
-
-    Decided while Dynamo traces, so a compiled model with a symbolic length
-    guards on the bound, as on :data:`MAX_TOKENS`: a length on the other side
-    of it compiles once more.
-    """
-    return scores.shape[1] <= RANK_MAX_TOKENS
-
-
-def launch_radix(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None, chunk: int = CHUNK,
-                 num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """The radix select, one program per row (``select_rows``); arguments and result as :func:`launch`.
-
-    ``kernel`` (``select_rows`` from another source), ``chunk`` and
-    ``num_warps`` are for ``benchmarks/select_bench.py``'s A/B runs.
+    ``wrap`` is ``torch.library.wrap_triton`` inside the registered op, so that
+    Inductor sees the kernel; tests call this directly under the Triton
+    interpreter, on CPU tensors. ``kernel`` (``select_rows`` from another
+    source), ``chunk`` and ``num_warps`` are for ``benchmarks/select_bench.py``'s
+    A/B runs.
     """
     batch, num_tokens = scores.shape
     scores = scores.contiguous()
@@ -125,52 +88,14 @@ def launch_radix(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kerne
     return index
 
 
-def launch_rank(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, block: int = RANK_BLOCK,
-                num_warps: int = RANK_WARPS) -> torch.Tensor:
-    """The rank count (``rank_rows``, then ``compact_rows``); arguments and result as :func:`launch`.
-
-    ``block`` and ``num_warps`` (of ``rank_rows``) are for
-    ``benchmarks/select_bench.py``'s A/B runs.
-    """
-    from modpass.kernels._selection_triton import compact_rows, rank_rows
-
-    batch, num_tokens = scores.shape
-    scores = scores.contiguous()
-    kept = torch.empty((batch, num_tokens), dtype=torch.int8, device=scores.device)
-    index = torch.empty((batch, k), dtype=torch.int64, device=scores.device)
-    wrap(rank_rows)[(batch, ceil_div(num_tokens, block))](
-        scores, kept, num_tokens, k, scores.stride(0), kept.stride(0), BLOCK=block, num_warps=num_warps
-    )
-    wrap(compact_rows)[(batch,)](
-        kept, index, num_tokens, kept.stride(0), index.stride(0), CHUNK=CHUNK, num_warps=NUM_WARPS
-    )
-    return index
-
-
-def ceil_div(numerator, denominator: int):
-    """``ceil(numerator / denominator)`` for an int or a SymInt (a grid size)."""
-    return (numerator + denominator - 1) // denominator
-
-
-#: Each kernel's argument types, constants and warps, as the launches specialise them (for :func:`compile_for`).
-KERNELS = {
-    "select_rows": ({"scores_ptr": "*fp32", "index_ptr": "*i64", "num_tokens": "i32", "k": "i32",
-                     "scores_row_stride": "i32", "index_row_stride": "i32"}, {"CHUNK": CHUNK}, NUM_WARPS),
-    "rank_rows": ({"scores_ptr": "*fp32", "kept_ptr": "*i8", "num_tokens": "i32", "k": "i32",
-                   "scores_row_stride": "i32", "kept_row_stride": "i32"}, {"BLOCK": RANK_BLOCK}, RANK_WARPS),
-    "compact_rows": ({"kept_ptr": "*i8", "index_ptr": "*i64", "num_tokens": "i32", "kept_row_stride": "i32",
-                      "index_row_stride": "i32"}, {"CHUNK": CHUNK}, NUM_WARPS),
-}
-
-
-def compile_for(capability: int, kernel=None, name: str = "select_rows"):
-    """Compile kernel ``name`` of :data:`KERNELS` for CUDA compute capability ``capability`` (90: H100/H200) on the host.
+def compile_for(capability: int, kernel=None):
+    """Compile the kernel for CUDA compute capability ``capability`` (90: H100/H200) on the host.
 
     No GPU is needed: Triton runs its whole pipeline down to the cubin here.
-    CI uses it to check that the kernels compile (the interpreter accepts code
+    CI uses it to check that the kernel compiles (the interpreter accepts code
     the compiler refuses) and ``benchmarks/kernel_compile.py`` to time the
     compile that a routed model's GPU compile pays. ``kernel`` is
-    ``select_rows`` from another source, as for :func:`launch_radix`; returns
+    ``select_rows`` from another source, as for :func:`launch`; returns
     Triton's compiled kernel.
     """
     import inspect
@@ -179,15 +104,14 @@ def compile_for(capability: int, kernel=None, name: str = "select_rows"):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from modpass.kernels import _selection_triton
-
-    kernel = kernel or getattr(_selection_triton, name)
-    types, constexprs, num_warps = KERNELS[name]
-    signature = {**types, **dict.fromkeys(constexprs, "constexpr")}
+    if kernel is None:
+        from modpass.kernels._selection_triton import select_rows as kernel
+    signature = {"scores_ptr": "*fp32", "index_ptr": "*i64", "num_tokens": "i32", "k": "i32",
+                 "scores_row_stride": "i32", "index_row_stride": "i32", "CHUNK": "constexpr"}
     # Triton 3.3 renamed ``constants`` to ``constexprs``.
     constants = "constexprs" if "constexprs" in inspect.signature(ASTSource).parameters else "constants"
-    source = ASTSource(fn=kernel, signature=signature, **{constants: constexprs})
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    source = ASTSource(fn=kernel, signature=signature, **{constants: {"CHUNK": CHUNK}})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": NUM_WARPS})
 
 
 @functools.cache
@@ -199,8 +123,8 @@ def register():
     """
 
     @torch.library.triton_op("modpass::select_tokens", mutates_args=())
-    def select_tokens_op(scores: torch.Tensor, k: int, rank_count: bool) -> torch.Tensor:
-        return launch(scores, k, torch.library.wrap_triton, rank_count)
+    def select_tokens_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+        return launch(scores, k, torch.library.wrap_triton)
 
     return select_tokens_op
 
@@ -209,11 +133,6 @@ if AVAILABLE:
     register()
 
 
-def select_tokens(scores: torch.Tensor, k, rank_count: bool | None = None) -> torch.Tensor:
-    """Indices ``(B, k)`` of the k best positions per row, sorted by position (see :func:`supported`).
-
-    ``rank_count`` picks the kernel as for :func:`launch`.
-    """
-    if rank_count is None:
-        rank_count = prefers_rank_count(scores)
-    return torch.ops.modpass.select_tokens(scores.float(), k, rank_count)
+def select_tokens(scores: torch.Tensor, k) -> torch.Tensor:
+    """Indices ``(B, k)`` of the k best positions per row, sorted by position (see :func:`supported`)."""
+    return torch.ops.modpass.select_tokens(scores.float(), k)
