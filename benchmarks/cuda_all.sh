@@ -37,7 +37,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for name in $steps; do
   case "$name" in
-    tests) step 270 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_backend.py -k cuda ;;
+    # Four workers: the machine has 16 cores, and compiling, not the GPU, sets the tests' time.
+    tests) step 270 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py tests/test_backend.py -k cuda ;;
     select) step 150 python3 benchmarks/select_bench.py --batches 2 --out "$out/cuda-select" ;;
     profile) step 300 python3 benchmarks/profile_block.py --device cuda --modes compiled --passes fwd,fwdbwd \
       --capacities 0.5,0.125 --generic-forms --without ONE_GRADIENT_BUFFER --top 0 --out "$out/cuda-profile-G1-device-time" ;;

@@ -34,6 +34,10 @@ from .plan import BlockPlan
 from .routing import capacity, row_capacities
 from .tasks import RoutingState, TaskGroup
 
+#: Under torch.compile, the rows of a route-masked group share one call with a slot count rounded up
+#: to a multiple of this (at most the sequence length; see :meth:`RoutedBlock.share_one_call`).
+SLOT_MULTIPLE = 8
+
 
 @dataclass
 class Route:
@@ -317,7 +321,8 @@ class RoutedBlock(nn.Module):
         """``group`` as one call whose rows keep their own capacities, where the block allows it.
 
         The call has as many slots per row as the group's largest capacity,
-        and the slots a row does not fill hold tokens it skips (see
+        rounded up to a multiple of :data:`SLOT_MULTIPLE` (at most T), and the
+        slots a row does not fill hold tokens it skips (see
         :func:`modpass.routing.select_tokens_per_row`), hidden from attention. That
         needs the largest capacity as a size: under torch.compile it is an
         unbacked symbol with ``torch._dynamo.config.capture_scalar_outputs = True``
@@ -333,7 +338,12 @@ class RoutedBlock(nn.Module):
         # absent from the batch). A slot beyond every row's capacity is an extra slot like any other.
         tokens = mask.shape[1]
         least = min(2, tokens)
-        k = torch.cat([row_capacity, row_capacity.new_full((1,), least)]).max().item()
+        largest = torch.cat([row_capacity, row_capacity.new_full((1,), least)]).max()
+        # Slots in multiples of SLOT_MULTIPLE (at most T): a (B, H, k, k) attention mask over them then
+        # has the strides CUDA's memory-efficient attention requires. Eager SDPA pads an unaligned mask
+        # itself; Inductor pads it for the forward but, with an unbacked k, hands the backward a
+        # contiguous one ("attn_bias is not correctly aligned (strideH)", torch 2.11, H200).
+        k = torch.clamp((largest + SLOT_MULTIPLE - 1) // SLOT_MULTIPLE * SLOT_MULTIPLE, max=tokens).item()
         torch._check(k >= least)
         torch._check(k <= tokens)
         return TaskGroup(group.task, group.rows, k, row_capacity)
