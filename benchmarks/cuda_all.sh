@@ -11,6 +11,8 @@
 # model 164 s. "select tests profile" (~6 min in practice) fits a 10-minute call; so do "model" and "block".
 # 2026-11-28 on an H100: select (B=2, two --against kernels) 63 s, tests 139 s (15 tests), profile 113 s; compile cut
 # off at its old 420-s limit after 6 of 8 samples (~65 s a sample, of which 16-34 s compile), so it gets a call of its own.
+# 2026-12-04 on an H200: tests on four workers 115-127 s (20-31 tests), profile with --without (two switch sets) 159 s,
+# model 174 s; the machine started in about 30 s. "tests model" (~5 min) fits one call.
 set -uo pipefail
 out=${1:?usage: benchmarks/cuda_all.sh OUTDIR [tests|select|profile|model|block|compile ...]}
 shift
