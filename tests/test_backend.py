@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -700,13 +701,21 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
         for router in routed.model.layers[1].mod_routers.values():
             router.weight.normal_()
     ids = torch.randint(0, 97, (4, 16), device=device)
-    params = list(routed.parameters())
+    # On CUDA, a float64 copy on the CPU as well: where compiled and eager differ, it says which is wrong.
+    exact = copy.deepcopy(routed).to("cpu", torch.float64) if device == "cuda" else None
 
-    def step(model, task, mask):
-        loss = model(input_ids=ids, task=task, route_mask=mask).logits.square().mean() + modpass.aux_loss(routed)
+    def step(model, task, mask, owner=routed):
+        """The loss and the gradient of every parameter of ``owner`` (the routed model ``model`` runs)."""
+        params = list(owner.parameters())
+        inputs = ids.to(params[0].device)
+        loss = model(input_ids=inputs, task=task, route_mask=mask).logits.square().mean() + modpass.aux_loss(owner)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [loss] + [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
+    def assert_close(actual, expected, what):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda text: f"{what}: {text}")
+
+    names = ["loss", *(name for name, _ in routed.named_parameters())]
     compiled = torch.compile(routed, backend="modpass", fullgraph=True)
     masks = torch.zeros(2, 4, 16, dtype=torch.bool, device=device)
     masks[0, :, 4:] = True
@@ -722,8 +731,13 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
             slots = [r.index.shape[1] for r in routed.model.layers[1].last_routing]
             assert all(k % SLOT_MULTIPLE == 0 for k in slots), slots
             want = step(routed, [tasks[i] for i in mix], mask)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+            if exact is not None:
+                reference = step(exact, [tasks[i] for i in mix], mask.cpu(), owner=exact)
+                for name, g, w, r in zip(names, got, want, reference):
+                    assert_close(w.cpu().double(), r, f"eager {name} against float64 on the CPU")
+                    assert_close(g.cpu().double(), r, f"compiled {name} against float64 on the CPU")
+            for name, g, w in zip(names, got, want):
+                assert_close(g, w, f"compiled {name} against eager")
     assert compiled_graphs() == 1
 
 
