@@ -21,6 +21,7 @@ from .passes.capture import capture
 from .passes.find_blocks import find_blocks
 from .passes.plan import plan as plan_stage
 from .plan import RoutingPlan
+from .progress import Progress
 from .tasks import RoutingState, take_routing_arguments
 
 
@@ -34,6 +35,7 @@ def transform(
     aux_loss_weight: float = 0.0,
     example_inputs: Mapping[str, Any] | tuple | None = None,
     unroutable: Literal["raise", "dense"] = "raise",
+    progress: bool | None = None,
 ) -> nn.Module:
     """Return ``model`` with its transformer blocks routed Mixture-of-Depths style.
 
@@ -52,6 +54,9 @@ def transform(
             models and token-id models when omitted.
         unroutable: ``"raise"`` (default) refuses blocks that cannot be routed
             safely; ``"dense"`` leaves them dense with a warning.
+        progress: a progress bar on stderr, one step per routed block (each
+            takes seconds to capture): ``None`` shows it on a terminal only,
+            ``True`` always, ``False`` never.
 
     Returns:
         A model of the same class whose ``state_dict`` is the original one plus
@@ -71,12 +76,15 @@ def transform(
             f"{type(model).__name__} is already routed by modpass; transform the original model again with "
             "new ratios (or load a saved plan with modpass.load) instead of routing twice."
         )
-    target = model if inplace else copy.deepcopy(model)
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
-    gm = capture(target, inputs)
-    gm = find_blocks(gm)
-    gm = plan_stage(gm, config, model_class=f"{type(model).__module__}.{type(model).__qualname__}")
-    return apply_plan(target, gm.meta["modpass_plan"], inputs, gm.meta["modpass_traced_calls"], unroutable=unroutable)
+    with Progress(progress, "transform") as steps:
+        target = model if inplace else copy.deepcopy(model)
+        inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
+        steps.stage(f"capturing {type(model).__name__}")
+        gm = capture(target, inputs)
+        gm = find_blocks(gm)
+        gm = plan_stage(gm, config, model_class=f"{type(model).__module__}.{type(model).__qualname__}")
+        return apply_plan(target, gm.meta["modpass_plan"], inputs, gm.meta["modpass_traced_calls"], steps,
+                          unroutable=unroutable)
 
 
 def refuse_compiled(model: nn.Module, verb: str) -> None:
@@ -89,7 +97,8 @@ def refuse_compiled(model: nn.Module, verb: str) -> None:
 
 
 def apply_plan(
-    model: nn.Module, routing_plan: RoutingPlan, example_inputs, traced_calls: dict, *, unroutable: str = "raise"
+    model: nn.Module, routing_plan: RoutingPlan, example_inputs, traced_calls: dict, steps: Progress, *,
+    unroutable: str = "raise",
 ) -> nn.Module:
     """Install routed blocks into ``model`` per ``routing_plan`` (all or nothing).
 
@@ -97,10 +106,13 @@ def apply_plan(
     traced (what torch.compile will show it), so both run without capture.
     """
     state = RoutingState(routing_plan.tasks)
+    steps.expect(len(routing_plan.blocks))
+    steps.stage("running the example inputs")
     calls = record_block_calls(model, [b.path for b in routing_plan.blocks], example_inputs)
     routed: dict[str, RoutedBlock] = {}
     refused: list[str] = []
     for block_plan in routing_plan.blocks:
+        steps.stage(f"block {block_plan.index} ({block_plan.path})")
         block = model.get_submodule(block_plan.path)
         examples = [calls[block_plan.path]]
         if block_plan.path in traced_calls:
@@ -112,6 +124,8 @@ def apply_plan(
         except (UnroutableBlockError, CaptureError) as exc:
             refused.append(str(exc))
             continue
+        finally:
+            steps.block_done()
         routed[block_plan.path] = candidate
     if refused and unroutable == "raise":
         raise UnroutableBlockError(
@@ -136,7 +150,7 @@ def apply_plan(
     return model
 
 
-def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any]) -> nn.Module:
+def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress: bool | None = None) -> nn.Module:
     """Change the capacities of a routed model in place, keeping its routers and their weights.
 
     ``ratios`` takes the forms ``transform`` takes and applies to the blocks
@@ -145,7 +159,8 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any]) -> nn.Module
     has a router: a block that was dense for it needs a new ``transform``.
     The plan (what ``modpass.save`` writes) follows. Under ``torch.compile``
     the first change recompiles once, with the capacity symbolic; later
-    changes reuse that graph.
+    changes reuse that graph. Each block builds its graphs for the new
+    capacities (seconds per block); ``progress`` is as for ``transform``.
     """
     given, model = model, uncompiled(model)
     plan = routing_plan_of(model)
@@ -166,8 +181,11 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any]) -> nn.Module
                 "them. Transform the original model again to route them there."
             )
         updated.append(dataclasses.replace(block_plan, ratios=ratios_here))
-    for block_plan in updated:
-        blocks[block_plan.path].set_ratios(block_plan)
+    with Progress(progress, "set_ratios", blocks=len(updated)) as steps:
+        for block_plan in updated:
+            steps.stage(f"block {block_plan.index} ({block_plan.path})")
+            blocks[block_plan.path].set_ratios(block_plan)
+            steps.block_done()
     model._modpass_plan = dataclasses.replace(plan, blocks=tuple(updated))
     return given
 
@@ -214,7 +232,7 @@ def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def prepare_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def prepare_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, progress: bool | None = None) -> nn.Module:
     """Prepare a routed model's blocks for calls under ``torch.autocast(device, dtype=dtype)``.
 
     A routed block keeps a graph per call structure, autocast included
@@ -223,13 +241,17 @@ def prepare_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     a structure it has no graph for is captured through a graph break, which
     ``fullgraph=True`` refuses; call this once before compiling a model that
     runs under autocast (mixed-precision training). The routed blocks keep
-    preparing both after every ``train()``/``eval()`` switch. Returns ``model``.
+    preparing both after every ``train()``/``eval()`` switch. ``progress`` is
+    as for ``transform``. Returns ``model``.
     """
     if dtype not in AUTOCAST_DTYPES:
         raise ConfigError(f"prepare_autocast: dtype must be one of {list(AUTOCAST_DTYPES)}, got {dtype!r}.")
     blocks = routed_blocks(model)
     if not blocks:
         raise ConfigError(f"prepare_autocast: {type(model).__name__} has no routed blocks; call modpass.transform or modpass.load first.")
-    for block in blocks.values():
-        block.prepare_autocast(dtype)
+    with Progress(progress, "prepare_autocast", blocks=len(blocks)) as steps:
+        for path, block in blocks.items():
+            steps.stage(path)
+            block.prepare_autocast(dtype)
+            steps.block_done()
     return model

@@ -29,6 +29,7 @@ from .inputs import example_inputs_for
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
 from .plan import RoutingPlan
+from .progress import Progress
 
 PLAN_FILE = "plan.json"
 ROUTER_FILE = "routers.safetensors"
@@ -107,15 +108,22 @@ def load(
     *,
     inplace: bool = False,
     example_inputs: Mapping[str, Any] | tuple | None = None,
+    progress: bool | None = None,
 ) -> torch.nn.Module:
-    """Rebuild the routed model saved in ``directory`` from a fresh ``base_model``."""
+    """Rebuild the routed model saved in ``directory`` from a fresh ``base_model``.
+
+    ``progress`` shows a bar per routed block as ``transform`` does (``None``:
+    on a terminal only).
+    """
     refuse_compiled(base_model, "load")
     if routing_plan_of(base_model) is not None:
         raise ConfigError("load() takes the original (unrouted) model; this one is already routed.")
     plan, tensors = read(directory)
-    target = base_model if inplace else copy.deepcopy(base_model)
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
-    traced_calls = check_plan_fits(plan, target, inputs)
-    routed = apply_plan(target, plan, inputs, traced_calls)
+    with Progress(progress, "load") as steps:
+        target = base_model if inplace else copy.deepcopy(base_model)
+        inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
+        steps.stage(f"capturing {type(base_model).__name__}")
+        traced_calls = check_plan_fits(plan, target, inputs)
+        routed = apply_plan(target, plan, inputs, traced_calls, steps)
     routed.load_state_dict(tensors, strict=False)
     return routed

@@ -317,3 +317,20 @@ def test_set_ratios_carriers_follow_the_model_and_cost_no_memory():
     with torch.no_grad():
         routed(torch.randint(0, 61, (1, 8)))
     assert routed.h[1].last_routing[0].index.shape == (1, 1)
+
+
+def test_progress_counts_the_routed_blocks_on_request_and_is_quiet_off_a_terminal(tmp_path, capsys):
+    model = models.NanoGPT(layers=4).eval()
+    routed = modpass.transform(model, 0.5, progress=True)
+    shown = capsys.readouterr().err
+    assert "modpass.transform" in shown and "2/2" in shown and "block 3 (h.3)" in shown
+    modpass.save(routed, tmp_path / "plan")
+    modpass.set_ratios(routed, 0.25)
+    modpass.load(model, tmp_path / "plan")
+    assert capsys.readouterr().err == "", "stderr is not a terminal under pytest: no bar by default"
+    modpass.load(model, tmp_path / "plan", progress=True)
+    modpass.set_ratios(routed, 0.5, progress=True)
+    shown = capsys.readouterr().err
+    assert "modpass.load" in shown and "modpass.set_ratios" in shown
+    with pytest.raises(modpass.ConfigError, match="progress must be True, False or None"):
+        modpass.transform(model, 0.5, progress="yes")
