@@ -677,6 +677,18 @@ def test_route_masks_under_compile_are_one_graph_for_every_mask_and_mix(mix, rou
     assert compiled_graphs() == 1, "one graph serves every route mask and mix"
 
 
+def routing_roles(records) -> dict[tuple[int, int], str]:
+    """``(row, position) -> "task selected"`` or ``"task extra slot"`` for the tokens a block's calls took."""
+    roles = {}
+    for record in records:
+        rows = range(record.index.shape[0]) if record.rows is None else record.rows.tolist()
+        for slot_row, row in enumerate(rows):
+            for slot, position in enumerate(record.index[slot_row].tolist()):
+                extra = record.extra is not None and bool(record.extra[slot_row, slot])
+                roles[(row, position)] = f"{record.task} {'extra slot' if extra else 'selected'}"
+    return roles
+
+
 @needs_hf_dynamo
 @pytest.mark.parametrize(
     ("device", "attention"),
@@ -704,16 +716,29 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
     # On CUDA, a float64 copy on the CPU as well: where compiled and eager differ, it says which is wrong.
     exact = copy.deepcopy(routed).to("cpu", torch.float64) if device == "cuda" else None
 
-    def step(model, task, mask, owner=routed):
+    roles = {}
+
+    def step(model, task, mask, owner=routed, run="eager"):
         """The loss and the gradient of every parameter of ``owner`` (the routed model ``model`` runs)."""
         params = list(owner.parameters())
         inputs = ids.to(params[0].device)
         loss = model(input_ids=inputs, task=task, route_mask=mask).logits.square().mean() + modpass.aux_loss(owner)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        roles[run] = routing_roles(owner.model.layers[1].last_routing)
         return [loss] + [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
-    def assert_close(actual, expected, what):
-        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda text: f"{what}: {text}")
+    def assert_close(actual, expected, what, runs):
+        def message(text):
+            if actual.shape != (97, routed.config.hidden_size):
+                return f"{what}: {text}"
+            # An embedding gradient: which tokens differ, and what routing did with each in either run.
+            close = torch.isclose(actual.cpu().double(), expected.cpu().double(), rtol=1e-4, atol=1e-5).all(dim=1)
+            tokens = torch.isin(ids.cpu(), (~close).nonzero().flatten()).nonzero().tolist()
+            routing = "; ".join(f"row {row} position {pos}: " + ", ".join(
+                f"{run} {roles[run].get((row, pos), 'skipped')}" for run in runs) for row, pos in tokens)
+            return f"{what}: {text}\nTokens whose embedding gradient differs: {routing}"
+
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=message)
 
     names = ["loss", *(name for name, _ in routed.named_parameters())]
     compiled = torch.compile(routed, backend="modpass", fullgraph=True)
