@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def compile_fx(gm, example_inputs, config_patches: dict):
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
@@ -74,3 +76,14 @@ def size_hints(shape_env) -> dict:
     """The values the shape environment's symbols took in the traced example (torch 2.13 renamed them, with a warning)."""
     hints = getattr(shape_env, "backed_var_to_val", None)
     return dict(shape_env.var_to_val if hints is None else hints)
+
+
+#: torch releases whose Inductor gives the view of a non-contiguous tensor with a data-dependent
+#: size contiguous strides, a silent wrong result (pytorch#143498, fixed in 2.7 by #145548); see
+#: ``passes/unbacked_views.py``.
+INDUCTOR_MISREADS_UNBACKED_VIEWS = torch.torch_version.TorchVersion(torch.__version__) < (2, 7)
+
+
+def contiguous_while_compiling(tensor):
+    """``tensor``, or while Dynamo traces it, a contiguous copy of it (see ``passes/unbacked_views.py``)."""
+    return tensor.contiguous() if torch.compiler.is_compiling() else tensor

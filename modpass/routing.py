@@ -172,7 +172,8 @@ def select_tokens_per_row(scores: torch.Tensor, k, row_capacity: torch.Tensor) -
     them back unchanged. Placing them last keeps them out of a causal
     attention over slots (``is_causal=True``) without a mask.
     """
-    chosen = rank_tokens(scores)[:, :k]
+    # narrow, not [:, :k]: slicing asks whether k is the whole row, which a data-dependent k cannot answer (torch 2.7).
+    chosen = rank_tokens(scores).narrow(1, 0, k)
     extra = torch.arange(chosen.shape[1], device=chosen.device) >= row_capacity.unsqueeze(1)
     tokens = scores.shape[1]
     ordered = torch.sort(chosen + tokens * extra, dim=1).values

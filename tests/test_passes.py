@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from fractions import Fraction
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modpass
-from modpass import _structure, routing
+from modpass import _compat, _structure, routing
 from modpass.api import record_block_calls
 from modpass.passes.capture import capture
 from modpass.passes.capture_block import capture_block
@@ -19,6 +20,7 @@ from modpass.passes.find_blocks import find_blocks
 from modpass.passes.rewrite import rewrite
 from modpass.passes.token_axes import token_axes, user_inputs
 from modpass.passes.token_mixing import token_mixing
+from modpass.passes.unbacked_views import unbacked_views
 from tests import models
 
 
@@ -513,3 +515,26 @@ def test_token_mixing_accepts_index_relations_that_compare_only_order():
 
     gm = token_axes(capture_block(OrderOnly(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm
+
+
+@pytest.mark.parametrize("misreads", [True, False], ids=["torch-2.6", "torch-2.7+"])
+def test_unbacked_views_copy_only_what_a_view_reads_out_of_order(monkeypatch, misreads):
+    """nanoGPT splits q, k, v off one projection and views each: those inputs are strided, the rest are not."""
+    monkeypatch.setattr(_compat, "INDUCTOR_MISREADS_UNBACKED_VIEWS", misreads)
+    model = models.NanoGPT(layers=2)
+    (args, kwargs) = record_block_calls(model, ["h.1"], {"idx": torch.randint(0, 61, (2, 9))})["h.1"]
+    gm = capture_block(model.h[1], args, kwargs)
+    reshapes = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default)]
+    split_views = [n for n in reshapes if n.args[0].target is operator.getitem]
+    assert len(split_views) == 3, "q, k and v, each viewed once"
+    gm = unbacked_views(gm)
+    copies = [n for n in gm.graph.nodes if n.target is _compat.contiguous_while_compiling]
+    if not misreads:
+        assert not copies
+        return
+    assert len(copies) == 3
+    assert all(n.args[0] in copies for n in split_views)
+    assert all(n.args[0].meta["val"].is_contiguous() for n in reshapes if n not in split_views)
+    block = model.h[1]
+    inputs = [args[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
+    torch.testing.assert_close(gm(*inputs)[0], block(*args, **kwargs), rtol=0, atol=0, msg="eager mode copies nothing")

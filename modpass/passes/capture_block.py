@@ -42,7 +42,7 @@ _ROLE = {
     InputKind.CONSTANT_TENSOR: "constant",
 }
 _METADATA_ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
-_RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
+RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 
 
 def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block",
@@ -180,7 +180,7 @@ def spell_out_inferred_sizes(graph: torch.fx.Graph) -> None:
     """
     placeholder_symbols = _symbols_of(graph.find_nodes(op="placeholder"))
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _RESHAPES:
+        if node.op != "call_function" or node.target not in RESHAPES:
             continue
         shape = list(node.args[1])
         inferred = [i for i, size in enumerate(shape) if isinstance(size, int) and size == -1]

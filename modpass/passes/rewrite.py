@@ -79,7 +79,7 @@ _ATTENTION_CALLS = {torch.ops.aten.scaled_dot_product_attention.default}
 # Ops that pass a mask on without changing which entries it forbids.
 _MASK_PRESERVING = {
     "view", "reshape", "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "clone",
-    "contiguous", "to", "_to_copy", "detach",
+    "contiguous", "contiguous_while_compiling", "to", "_to_copy", "detach",
 }
 
 
