@@ -87,3 +87,8 @@ INDUCTOR_MISREADS_UNBACKED_VIEWS = torch.torch_version.TorchVersion(torch.__vers
 def contiguous_while_compiling(tensor):
     """``tensor``, or while Dynamo traces it, a contiguous copy of it (see ``passes/unbacked_views.py``)."""
     return tensor.contiguous() if torch.compiler.is_compiling() else tensor
+
+
+#: torch releases whose compiled code does not check ``torch._check`` on data-dependent sizes
+#: (2.6 checked; 2.13 raises).
+DYNAMO_DROPS_UNBACKED_CHECKS = torch.torch_version.TorchVersion(torch.__version__) < (2, 7)

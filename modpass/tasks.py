@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _compat
 from .errors import RoutingInputError
 
 
@@ -109,11 +110,19 @@ class RoutingState:
         breaks the graph here, once per forward, and its message names that
         setting.
         """
-        torch._assert_async(
-            ((task >= 0) & (task < len(self.tasks))).all(),
-            f"task index out of range; tasks are {dict(enumerate(self.tasks))}",
-        )
-        return [TaskGroup(name, (task == i).nonzero().squeeze(1)) for i, name in enumerate(self.tasks)]
+        if _compat.DYNAMO_DROPS_UNBACKED_CHECKS:
+            # There the check below does nothing: read the ids through a bounds-checked index instead.
+            task = torch.arange(len(self.tasks), device=task.device)[task]
+        groups = [TaskGroup(name, (task == i).nonzero().squeeze(1)) for i, name in enumerate(self.tasks)]
+        # A row whose id is out of range is in no group. Checked on the group sizes, not the ids: the
+        # sizes are host integers, so compiled this is a runtime assert in Inductor's Python wrapper
+        # ("Eq(u0 + u1, 4)" for a batch of 4 and two tasks). A check on the ids (torch._assert_async)
+        # lands in a C++ kernel, where a compiled forward without autograd aborts the process on CPU
+        # (torch 2.13), torch 2.6-2.8 drop it (the row is left uninitialised), and on CUDA it is a
+        # device-side assert, which ends the process's CUDA context.
+        # (Without a message: torch 2.6's Dynamo takes none, and later ones drop it from runtime asserts.)
+        torch._check(sum(group.rows.shape[0] for group in groups) == task.shape[0])
+        return groups
 
     def check(self, name: object) -> str:
         if name not in self.tasks:

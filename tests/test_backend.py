@@ -615,9 +615,37 @@ def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
             want = step(routed, [tasks[i] for i in mix])
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-        with pytest.raises(RuntimeError, match="task index out of range"):
+        with pytest.raises(RuntimeError, match=OUT_OF_RANGE):
             compiled(idx, task=torch.tensor([0, 2, 1, 0]))
     assert compiled_graphs() == 1
+
+
+# Compiled, an out-of-range task id leaves its row in no group, and the group sizes no longer add up
+# to the batch (a runtime assert); torch 2.6 reads the ids through a bounds-checked index instead.
+OUT_OF_RANGE = r"Eq\(u\d+ \+ u\d+, 4\)|index out of bounds"
+
+
+def test_split_views_of_a_task_group_compile_right_with_the_torch_2_6_workaround(monkeypatch):
+    """Torch 2.6's Inductor misread nanoGPT's q/k/v views in a task's group (passes/unbacked_views.py):
+    the test above failed there. Here the workaround runs on this torch: its copies trace, compile and change nothing."""
+    monkeypatch.setattr(modpass._compat, "INDUCTOR_MISREADS_UNBACKED_VIEWS", True)
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT(layers=2).eval(), {"t2i": 0.5, "mmu": 1.0}, layers=[1])
+    with torch.no_grad():
+        for router in routed.h[1].mod_routers.values():
+            router.weight.normal_()
+    copies = [[n for n in gm.graph.nodes if n.target is modpass._compat.contiguous_while_compiling]
+              for gm, _ in routed.h[1]._analyses.values()]
+    assert copies and all(len(c) == 3 for c in copies), "q, k and v of every prepared call"
+    idx = torch.randint(0, 61, (4, 16))
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = compiled(idx, task=torch.tensor([0, 1, 1, 0]))
+        want = routed(idx, task=["t2i", "mmu", "mmu", "t2i"])
+        # Without autograd a check inside a C++ kernel aborted the process (torch 2.13): this one raises.
+        with pytest.raises(RuntimeError, match=OUT_OF_RANGE):
+            compiled(idx, task=torch.tensor([0, 2, 1, 0]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 THREE_TASKS = ("t2i", "mmu", "lm")
@@ -654,6 +682,8 @@ def test_the_split_in_the_graph_routes_every_mix_as_the_split_in_python(mix):
 ROUTE_MASK_SETTINGS = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
 
 
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 7),
+                    reason="torch 2.6's Dynamo cannot narrow a row to a data-dependent slot count")
 @settings(max_examples=25)
 @given(
     mix=st.lists(st.integers(0, len(THREE_TASKS) - 1), min_size=5, max_size=5),
@@ -749,7 +779,7 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
     masks[1, 3, :] = True
     with torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS), backends:
         for mix, mask in zip(([0, 0, 1, 1], [0, 1, 1, 0]), masks):
-            got = step(compiled, torch.tensor(mix, device=device), mask)
+            got = step(compiled, torch.tensor(mix, device=device), mask, run="compiled")
             (record,) = (r for r in routed.model.layers[1].last_routing if r.task == "t2i")
             assert record.extra is not None and record.extra.any(), "the rows' capacities differ"
             # 13 and 7 slots, the groups' largest capacities, would fail CUDA's attention backward.
@@ -757,12 +787,12 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
             assert all(k % SLOT_MULTIPLE == 0 for k in slots), slots
             want = step(routed, [tasks[i] for i in mix], mask)
             if exact is not None:
-                reference = step(exact, [tasks[i] for i in mix], mask.cpu(), owner=exact)
+                reference = step(exact, [tasks[i] for i in mix], mask.cpu(), owner=exact, run="float64")
                 for name, g, w, r in zip(names, got, want, reference):
-                    assert_close(w.cpu().double(), r, f"eager {name} against float64 on the CPU")
-                    assert_close(g.cpu().double(), r, f"compiled {name} against float64 on the CPU")
+                    assert_close(w.cpu().double(), r, f"eager {name} against float64 on the CPU", ("eager", "float64"))
+                    assert_close(g.cpu().double(), r, f"compiled {name} against float64 on the CPU", ("compiled", "float64"))
             for name, g, w in zip(names, got, want):
-                assert_close(g, w, f"compiled {name} against eager")
+                assert_close(g, w, f"compiled {name} against eager", ("compiled", "eager"))
     assert compiled_graphs() == 1
 
 
