@@ -81,7 +81,7 @@ def size_hints(shape_env) -> dict:
 #: torch releases whose Inductor gives the view of a non-contiguous tensor with a data-dependent
 #: size contiguous strides, a silent wrong result (pytorch#143498, fixed in 2.7 by #145548); see
 #: ``passes/unbacked_views.py``.
-INDUCTOR_MISREADS_UNBACKED_VIEWS = torch.torch_version.TorchVersion(torch.__version__) < (2, 7)
+INDUCTOR_MISREADS_UNBACKED_VIEWS = torch.__version__ < (2, 7)
 
 
 def contiguous_while_compiling(tensor):
@@ -91,4 +91,4 @@ def contiguous_while_compiling(tensor):
 
 #: torch releases whose compiled code does not check ``torch._check`` on data-dependent sizes
 #: (2.6 checked; 2.13 raises).
-DYNAMO_DROPS_UNBACKED_CHECKS = torch.torch_version.TorchVersion(torch.__version__) < (2, 7)
+DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 7)
