@@ -92,3 +92,10 @@ def contiguous_while_compiling(tensor):
 #: torch releases whose compiled code does not check ``torch._check`` on data-dependent sizes
 #: (2.6 checked; 2.13 raises).
 DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 7)
+
+
+#: torch releases that cannot compile one call for rows of different capacities under a route mask
+#: (:meth:`modpass.block.RoutedBlock.share_one_call`): 2.6's Dynamo cannot narrow a row to the
+#: data-dependent slot count, and its Inductor then fails to lower the backward. There the rows
+#: are split by capacity, one call each, with graph breaks.
+DYNAMO_CANNOT_SHARE_ONE_CALL = torch.__version__ < (2, 7)

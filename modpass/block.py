@@ -26,7 +26,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from . import _structure
+from . import _compat, _structure
 from ._compat import disable_compile
 from .errors import RoutingInputError, UnroutableBlockError
 from .passes.token_axes import user_inputs
@@ -84,6 +84,13 @@ capture_outside_the_graph = disable_compile(
     "compiled graph. Prepare it before compiling: under torch.autocast call "
     "modpass.prepare_autocast(model, dtype); otherwise run the model once with such inputs, eagerly "
     "and compiled without fullgraph (Dynamo passes blocks other arguments than eager mode does)."
+)
+
+# Reading each row's capacity in Python breaks the graph; said once here, where it happens.
+split_outside_the_graph = disable_compile(
+    "modpass: under a route mask, rows of one task with different capacities run one call per "
+    "capacity, split here outside the compiled graph: the block's attention could see the slots "
+    "that one shared call would add, or this torch (2.6) cannot compile that call."
 )
 
 
@@ -303,9 +310,20 @@ class RoutedBlock(nn.Module):
             )
         if torch.compiler.is_compiling():
             groups = [self.share_one_call(group, mask, args, kwargs) for group in groups]
+        if all(self.stays_whole(group) for group in groups):
+            return groups
+        return self.split_rows_by_capacity(groups, mask)
+
+    def stays_whole(self, group: TaskGroup) -> bool:
+        """Whether a group under a route mask is one call: its rows share one call already, or its task is dense here."""
+        return group.row_capacity is not None or self._plan.ratios.get(group.task) is None
+
+    @split_outside_the_graph
+    def split_rows_by_capacity(self, groups: list[TaskGroup], mask: torch.Tensor) -> list[TaskGroup]:
+        batch = mask.shape[0]
         refined = []
         for group in groups:
-            if group.row_capacity is not None or self._plan.ratios.get(group.task) is None:
+            if self.stays_whole(group):
                 refined.append(group)
                 continue
             capacities = row_capacities(mask, *self.ratio_terms(group.task)).tolist()
@@ -328,9 +346,12 @@ class RoutedBlock(nn.Module):
         unbacked symbol with ``torch._dynamo.config.capture_scalar_outputs = True``
         (without it Dynamo breaks the graph here and says so). The group is
         returned unchanged for a task that is dense here and for a block
-        whose attention could see the extra slots.
+        whose attention could see the extra slots, and on torch 2.6
+        (``_compat.DYNAMO_CANNOT_SHARE_ONE_CALL``).
         """
-        if self._plan.ratios.get(group.task) is None or self.route("per_row", group.task, args, kwargs) is None:
+        if _compat.DYNAMO_CANNOT_SHARE_ONE_CALL or self._plan.ratios.get(group.task) is None:
+            return group
+        if self.route("per_row", group.task, args, kwargs) is None:
             return group
         row_capacity = row_capacities(group.rows_of(mask), *self.ratio_terms(group.task))
         # At least two slots (where there are two tokens): attention cannot broadcast over an unbacked

@@ -62,6 +62,10 @@ def backend_refuses(error: type[modpass.ModpassError], match: str):
     assert isinstance(caught.value.inner_exception, error), caught.value.inner_exception
 
 
+# What fullgraph says at a graph break modpass makes (torch.compiler.disable(reason=...)); torch 2.6 takes no reason.
+GRAPH_BREAKS_REPORT_MODPASS_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
+
+
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -342,7 +346,7 @@ def test_autocast_training_compiles_fullgraph_once_prepared(device):
     autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
     with pytest.raises(Exception) as refused, autocast():
         torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids)
-    if "reason" in inspect.signature(torch.compiler.disable).parameters:  # torch 2.6 reports no reason
+    if GRAPH_BREAKS_REPORT_MODPASS_REASON:
         assert "modpass.prepare_autocast(model, dtype)" in str(refused.value)
 
     torch._dynamo.reset()
@@ -682,7 +686,8 @@ def test_the_split_in_the_graph_routes_every_mix_as_the_split_in_python(mix):
 ROUTE_MASK_SETTINGS = {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}
 
 
-@pytest.mark.skipif(torch.__version__ < (2, 7), reason="torch 2.6's Dynamo cannot narrow a row to a data-dependent slot count")
+@pytest.mark.skipif(modpass._compat.DYNAMO_CANNOT_SHARE_ONE_CALL,
+                    reason="this torch cannot compile one call for rows of different capacities: it splits them, with graph breaks")
 @settings(max_examples=25)
 @given(
     mix=st.lists(st.integers(0, len(THREE_TASKS) - 1), min_size=5, max_size=5),
@@ -704,6 +709,35 @@ def test_route_masks_under_compile_are_one_graph_for_every_mask_and_mix(mix, rou
         want = routed(idx, task=[THREE_TASKS[i] for i in mix], route_mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert compiled_graphs() == 1, "one graph serves every route mask and mix"
+
+
+def test_route_masks_under_compile_split_by_capacity_where_torch_cannot_share_one_call(monkeypatch):
+    """Torch 2.6 cannot compile rows of different capacities as one call (``_compat.DYNAMO_CANNOT_SHARE_ONE_CALL``):
+    there each capacity gets a call of its own, through graph breaks. Forced on here: compiled training matches eager."""
+    monkeypatch.setattr(modpass._compat, "DYNAMO_CANNOT_SHARE_ONE_CALL", True)
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT(layers=2).train(), {"t2i": 0.5, "mmu": 0.25}, layers=[1])
+    with torch.no_grad():
+        for router in routed.h[1].mod_routers.values():
+            router.weight.normal_()
+    idx = torch.randint(0, 61, (4, 16))
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    mask[:, :4] = False
+    mask[1, 4:10] = False  # rows of one task with 12 and 6 routable tokens
+
+    def step(model, task):
+        loss = model(idx, task=task, route_mask=mask).square().mean()
+        return [loss, *torch.autograd.grad(loss, list(routed.parameters()))]
+
+    compiled = torch.compile(routed, backend="modpass")
+    with torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
+        got = step(compiled, torch.tensor([0, 0, 1, 1]))
+        records = routed.h[1].last_routing
+        assert [r.extra for r in records] == [None] * 3, "one call per capacity, no extra slots"
+        want = step(routed, ["t2i", "t2i", "mmu", "mmu"])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert compiled_graphs() > 1, "the split by capacity breaks the graph"
 
 
 def routing_roles(records) -> dict[tuple[int, int], str]:
@@ -796,18 +830,27 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
 
 
 @needs_hf_dynamo
-def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_extra_slots():
-    """ViT attends bidirectionally without a mask: no extra slots, so its rows are split by capacity (graph breaks)."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-task", "mixed-tasks"])
+def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_extra_slots(mixed):
+    """ViT attends bidirectionally without a mask: no extra slots, so its rows are split by capacity (graph breaks),
+    also within a task's group of a mixed batch, whose rows the graph chose."""
     torch.manual_seed(0)
-    routed = modpass.transform(models.vit(layers=2), 0.5, layers=[1])
+    routed = modpass.transform(models.vit(layers=2), {"a": 0.5, "b": 0.25} if mixed else 0.5, layers=[1])
     with torch.no_grad():
-        routed.layers[1].mod_routers.default.weight.normal_()
+        for router in routed.layers[1].mod_routers.values():
+            router.weight.normal_()
     pixels = torch.randn(3, 3, 32, 32)
     mask = torch.ones(3, 17, dtype=torch.bool)
     mask[1, :9] = False
+    tasks = {"task": torch.tensor([0, 0, 1])} if mixed else {}
     compiled = torch.compile(routed, backend="eager")
     with torch.no_grad(), torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
-        got = compiled(pixel_values=pixels, route_mask=mask).last_hidden_state
-        assert len(routed.layers[1].last_routing) == 2, "one call per capacity"
-        want = routed(pixel_values=pixels, route_mask=mask).last_hidden_state
+        if GRAPH_BREAKS_REPORT_MODPASS_REASON:
+            with pytest.raises(torch._dynamo.exc.Unsupported, match="one call per\\s+capacity"):
+                torch.compile(routed, backend="eager", fullgraph=True)(pixel_values=pixels, route_mask=mask, **tasks)
+            torch._dynamo.reset()
+        got = compiled(pixel_values=pixels, route_mask=mask, **tasks).last_hidden_state
+        assert len(routed.layers[1].last_routing) == 2 + mixed, "one call per capacity"
+        eager_tasks = {"task": ["a", "a", "b"]} if mixed else {}
+        want = routed(pixel_values=pixels, route_mask=mask, **eager_tasks).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
