@@ -99,3 +99,31 @@ DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 7)
 #: data-dependent slot count, and its Inductor then fails to lower the backward. There the rows
 #: are split by capacity, one call each, with graph breaks.
 DYNAMO_CANNOT_SHARE_ONE_CALL = torch.__version__ < (2, 7)
+
+
+#: torch releases whose CPU attention, choosing its kernel while Dynamo traces, asks whether the
+#: mask's batch size is 1: "Could not guard on data-dependent expression Eq(u0, 1)" where that
+#: size depends on data, as a task's group of a mixed batch does (pytorch#181084; seen on 2.6,
+#: 2.11 and 2.12.1, not on 2.13). See ``passes/unbacked_attention_masks.py``.
+CPU_ATTENTION_GUARDS_ON_MASK_BATCH = torch.__version__ < (2, 13)
+
+
+def masked_attention_while_compiling(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                                     enable_gqa=False):
+    """``aten.scaled_dot_product_attention``; while Dynamo traces a masked call, the CPU kernel it would run.
+
+    With a 4-D mask and no dropout, CPU attention runs flash attention for CPU on
+    an additive mask in the query's dtype, with grouped keys repeated per query
+    head. Calling that kernel directly skips the kernel choice, whose mask check
+    is what cannot take a data-dependent batch size.
+    """
+    if not torch.compiler.is_compiling() or attn_mask is None or attn_mask.dim() != 4 or dropout_p != 0.0 or is_causal:
+        return torch.ops.aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, is_causal,
+                                                                    scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa:
+        repeats = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    return flash(query, key, value, attn_mask=attn_mask.to(query.dtype), scale=scale)[0]

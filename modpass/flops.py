@@ -31,13 +31,19 @@ def register_cpu_attention_flops() -> None:
 
         @flop_counter.register_flop_formula(forward, get_raw=True)
         def _forward(query, key, value, *args, out_val=None, **kwargs) -> int:
-            return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+            return flop_counter.sdpa_flop_count(query.shape, *_per_query_head(query, key, value))
 
     if backward not in flop_counter.flop_registry:
 
         @flop_counter.register_flop_formula(backward, get_raw=True)
         def _backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
-            return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+            return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, *_per_query_head(query, key, value))
+
+
+def _per_query_head(query, *tensors) -> list[tuple]:
+    """The shapes of grouped keys and values as if repeated for every query head, the work the kernel does
+    (torch before 2.13 counts only equal heads and refuses grouped-query attention)."""
+    return [(*t.shape[:-3], query.shape[-3], *t.shape[-2:]) for t in tensors]
 
 
 @dataclass

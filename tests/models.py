@@ -8,11 +8,13 @@ from torch import nn
 
 
 class NanoBlock(nn.Module):
-    """A nanoGPT block: pre-norm causal attention and MLP, fused qkv projection."""
+    """A nanoGPT block: pre-norm causal attention and MLP, fused qkv projection; ``causal=False``: an encoder's block,
+    attending both ways without a mask."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.ln_1 = nn.LayerNorm(width)
         self.c_attn = nn.Linear(width, 3 * width)
         self.c_proj = nn.Linear(width, width)
@@ -23,18 +25,19 @@ class NanoBlock(nn.Module):
         batch, tokens, width = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.c_proj(y.transpose(1, 2).reshape(batch, tokens, width))
         return x + self.mlp(self.ln_2(x))
 
 
 class NanoGPT(nn.Module):
-    def __init__(self, vocab: int = 61, width: int = 32, layers: int = 4, heads: int = 4, block_size: int = 64):
+    def __init__(self, vocab: int = 61, width: int = 32, layers: int = 4, heads: int = 4, block_size: int = 64,
+                 causal: bool = True):
         super().__init__()
         self.block_size = block_size
         self.wte = nn.Embedding(vocab, width)
         self.wpe = nn.Embedding(block_size, width)
-        self.h = nn.ModuleList(NanoBlock(width, heads) for _ in range(layers))
+        self.h = nn.ModuleList(NanoBlock(width, heads, causal) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab, bias=False)
 

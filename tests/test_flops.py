@@ -21,6 +21,29 @@ def test_cpu_attention_is_counted():
     assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 16 * 8)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["forward", "forward-and-backward"])
+def test_cpu_attention_over_grouped_keys_counts_every_query_head(requires_grad):
+    """Grouped-query attention (Llama's enable_gqa) costs what attention over keys repeated per query head costs."""
+    register_cpu_attention_flops()
+    q = torch.randn(2, 4, 16, 8, requires_grad=requires_grad)
+    kv = torch.randn(2, 2, 16, 8, requires_grad=requires_grad)
+
+    def flops(attend) -> dict:
+        with FlopCounterMode(display=False) as counter:
+            out = attend()
+            if requires_grad:
+                out.sum().backward()
+        return counter.get_flop_counts()["Global"]
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    grouped = flops(lambda: sdpa(q, kv, kv, is_causal=True, enable_gqa=True))
+    repeated = flops(lambda: sdpa(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1), is_causal=True))
+    if grouped.keys() != repeated.keys():
+        # Torch 2.6 runs grouped attention on the math kernels, whose backward keeps the scores instead of recomputing them.
+        pytest.skip(f"this torch runs other kernels for grouped attention: {sorted(map(str, grouped))}")
+    assert sum(grouped.values()) == sum(repeated.values()) > 0
+
+
 @pytest.fixture(scope="module")
 def nano():
     return models.NanoGPT(layers=4, width=32, block_size=128).eval()

@@ -20,6 +20,7 @@ from modpass.passes.find_blocks import find_blocks
 from modpass.passes.rewrite import rewrite
 from modpass.passes.token_axes import token_axes, user_inputs
 from modpass.passes.token_mixing import token_mixing
+from modpass.passes.unbacked_attention_masks import unbacked_attention_masks
 from modpass.passes.unbacked_views import unbacked_views
 from tests import models
 
@@ -538,3 +539,29 @@ def test_unbacked_views_copy_only_what_a_view_reads_out_of_order(monkeypatch, mi
     block = model.h[1]
     inputs = [args[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
     torch.testing.assert_close(gm(*inputs)[0], block(*args, **kwargs), rtol=0, atol=0, msg="eager mode copies nothing")
+
+
+@pytest.mark.parametrize("guards", [True, False], ids=["torch-2.12-and-older", "torch-2.13+"])
+def test_unbacked_attention_masks_take_only_masked_cpu_attention(monkeypatch, guards):
+    """Llama's attention reads a 4-D mask in a padded batch and none without padding; eager mode runs the same op."""
+    monkeypatch.setattr(_compat, "CPU_ATTENTION_GUARDS_ON_MASK_BATCH", guards)
+    model = models.llama(layers=2)
+    ids = torch.randint(0, 97, (2, 9))
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    for attention_mask, masked in ((padding, True), (None, False)):
+        (args, kwargs) = record_block_calls(model, ["model.layers.1"], {"input_ids": ids, "attention_mask": attention_mask, "use_cache": False})[
+            "model.layers.1"]
+        gm = capture_block(model.model.layers[1], args, kwargs)
+        attention = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+        assert len(attention) == 1
+        gm = unbacked_attention_masks(gm)
+        assert attention[0].target is (_compat.masked_attention_while_compiling if guards and masked else
+                                       torch.ops.aten.scaled_dot_product_attention.default)
+        block = model.model.layers[1]
+        leaves = _structure.tensors((args, kwargs))
+        inputs = [leaves[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
+        got = gm(*inputs)[0]
+        want = block(*args, **kwargs)
+        want = want if isinstance(want, torch.Tensor) else want[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg="eager mode runs the aten op")

@@ -1,4 +1,4 @@
-"""Block stage 4, ``rewrite``: turn a captured block into its routed form.
+"""Block stage 6, ``rewrite``: turn a captured block into its routed form.
 
 Expects: a graph annotated by ``token_axes`` and checked by ``token_mixing``.
 Guarantees: the graph computes, for one task,
@@ -51,7 +51,7 @@ from fractions import Fraction
 
 import torch
 
-from .. import routing
+from .. import _compat, routing
 from ..errors import UnroutableBlockError
 from .find_blocks import op_name
 from .token_axes import flat_outputs, user_inputs
@@ -75,7 +75,7 @@ def key_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
     return None
 
 
-_ATTENTION_CALLS = {torch.ops.aten.scaled_dot_product_attention.default}
+_ATTENTION_CALLS = {torch.ops.aten.scaled_dot_product_attention.default, _compat.masked_attention_while_compiling}
 # Ops that pass a mask on without changing which entries it forbids.
 _MASK_PRESERVING = {
     "view", "reshape", "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "clone",

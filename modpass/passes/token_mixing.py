@@ -52,6 +52,8 @@ differently (``(B*T)`` against ``(T*B)``).
 
 from __future__ import annotations
 
+import inspect
+
 import sympy
 import torch
 
@@ -85,7 +87,10 @@ def token_dims(value, symbol) -> list[int]:
 
 
 def named_arguments(node: torch.fx.Node) -> dict:
-    schema = node.target._schema
+    """A call's arguments by name: an op's by its schema, a Python function's by its signature."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return dict(inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments)
     named = {a.name: v for a, v in zip(schema.arguments, node.args)}
     named.update(node.kwargs)
     return named
