@@ -114,15 +114,21 @@ def masked_attention_while_compiling(query, key, value, attn_mask=None, dropout_
 
     With a 4-D mask and no dropout, CPU attention runs flash attention for CPU on
     an additive mask in the query's dtype, with grouped keys repeated per query
-    head. Calling that kernel directly skips the kernel choice, whose mask check
-    is what cannot take a data-dependent batch size.
+    head, after autocast's cast to its lower precision. Calling that kernel
+    directly skips the kernel choice, whose mask check is what cannot take a
+    data-dependent batch size.
     """
     if not torch.compiler.is_compiling() or attn_mask is None or attn_mask.dim() != 4 or dropout_p != 0.0 or is_causal:
         return torch.ops.aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, is_causal,
                                                                     scale=scale, enable_gqa=enable_gqa)
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     if enable_gqa:
-        repeats = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
+        # Query head h reads key head h // repeats; indexing, not repeat_interleave, whose reshape torch 2.6
+        # cannot trace on a data-dependent batch.
+        heads = torch.arange(query.shape[-3], device=query.device) // (query.shape[-3] // key.shape[-3])
+        key, value = key.index_select(-3, heads), value.index_select(-3, heads)
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import Counter
 from fractions import Fraction
@@ -565,3 +566,30 @@ def test_unbacked_attention_masks_take_only_masked_cpu_attention(monkeypatch, gu
         want = block(*args, **kwargs)
         want = want if isinstance(want, torch.Tensor) else want[0]
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg="eager mode runs the aten op")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("enable_gqa", [False, True], ids=["heads", "grouped-heads"])
+def test_masked_attention_while_compiling_runs_what_attention_runs(autocast, mask_dtype, enable_gqa):
+    """The flash-attention call the workaround makes while compiling gives what attention gives, on a data-dependent batch."""
+    q = torch.randn(4, 4, 8, 6)
+    k, v = torch.randn(2, 4, 2 if enable_gqa else 4, 8, 6).unbind(0)
+    q = q.bfloat16() if autocast else q  # a projection's output under autocast, beside keys rotated in float32
+    allowed = torch.rand(4, 1, 8, 8) > 0.3
+    allowed[..., 0] = True
+    mask = allowed if mask_dtype == torch.bool else torch.zeros(allowed.shape).masked_fill(~allowed, -1e4)
+    ids = torch.tensor([0, 1, 0, 0])
+
+    def attend(attention, q, k, v, mask, ids):
+        rows = (ids == 0).nonzero().squeeze(1)  # a task's group: its size depends on data
+        q, k, v, mask = (t.index_select(0, rows) for t in (q, k, v, mask))
+        return attention(q, k, v, mask, enable_gqa=enable_gqa)
+
+    compiled = torch.compile(functools.partial(attend, _compat.masked_attention_while_compiling), backend="eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = compiled(q, k, v, mask, ids)
+        want = attend(torch.nn.functional.scaled_dot_product_attention, q, k, v, mask, ids)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-2 if autocast else 1e-5, atol=1e-2 if autocast else 1e-5)
