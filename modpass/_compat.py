@@ -90,8 +90,8 @@ def contiguous_while_compiling(tensor):
 
 
 #: torch releases whose compiled code does not check ``torch._check`` on data-dependent sizes
-#: (2.6 checked; 2.13 raises).
-DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 7)
+#: (a minimal reproduction: 2.6.0 and 2.7.1 drop it; 2.8.0, 2.11, 2.12.1 and 2.13 raise).
+DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 8)
 
 
 #: torch releases that cannot compile one call for rows of different capacities under a route mask

@@ -97,6 +97,10 @@ def test_two_process_training_matches_single_process(wrapper, tmp_path):
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp.fully_shard")
         if not hasattr(torch.cpu.Stream, "record_event"):
             pytest.skip("FSDP2 on CPU needs torch.cpu.Stream.record_event (torch 2.6 lacks it)")
+        if torch.__version__ < (2, 9):
+            # Checked without modpass on 2026-12-05: a dense nanoGPT's losses under FSDP2 part from one
+            # process's from the second step on 2.7.1 and 2.8.0, and match on 2.9.1 and later.
+            pytest.skip("FSDP2 on CPU (gloo) does not train as one process does on torch 2.7 and 2.8, without modpass too")
     out = str(tmp_path / "rank0.pt")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     run_workers((2, str(tmp_path / "store"), out, wrapper))
