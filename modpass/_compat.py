@@ -103,8 +103,9 @@ DYNAMO_CANNOT_SHARE_ONE_CALL = torch.__version__ < (2, 7)
 
 #: torch releases whose CPU attention, choosing its kernel while Dynamo traces, asks whether the
 #: mask's batch size is 1: "Could not guard on data-dependent expression Eq(u0, 1)" where that
-#: size depends on data, as a task's group of a mixed batch does (pytorch#181084; seen on 2.6,
-#: 2.11 and 2.12.1, not on 2.13). See ``passes/unbacked_attention_masks.py``.
+#: size depends on data, as a task's group of a mixed batch does (pytorch#181084; a minimal
+#: reproduction fails on 2.6.0, 2.7.1, 2.8.0, 2.9.1, 2.10.0, 2.11.0 and 2.12.1, and passes on 2.13).
+#: See ``passes/unbacked_attention_masks.py``.
 CPU_ATTENTION_GUARDS_ON_MASK_BATCH = torch.__version__ < (2, 13)
 
 
