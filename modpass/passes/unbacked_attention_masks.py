@@ -23,14 +23,15 @@ import torch
 from .. import _compat
 from .token_mixing import named_arguments
 
-ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
+# The aten op itself (token_mixing.ATTENTION names every attention kernel, for refusals).
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def unbacked_attention_masks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if not _compat.CPU_ATTENTION_GUARDS_ON_MASK_BATCH:
         return gm
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not ATTENTION:
+        if node.op != "call_function" or node.target is not SDPA:
             continue
         arguments = named_arguments(node)
         query = arguments["query"].meta.get("val")
