@@ -183,6 +183,11 @@ def test_rewrite_refuses_row_capacities_where_attention_could_see_the_extra_slot
     rewrite(gm, ratio=Fraction(1, 2), explicit_capacity=True)  # one capacity per call is fine
 
 
+def graph_inputs(gm: torch.fx.GraphModule, block: nn.Module, leaves) -> list:
+    """The inputs of a captured block graph: the call's tensors by position, then the block's parameters."""
+    return [leaves[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
+
+
 def test_capture_block_writes_out_inferred_view_sizes_so_an_empty_batch_runs():
     model = models.gpt2(layers=2)
     ids = torch.randint(0, 97, (2, 11))
@@ -196,8 +201,7 @@ def test_capture_block_writes_out_inferred_view_sizes_so_an_empty_batch_runs():
     # An empty group of sequences (a task absent from a mixed batch under compile) flows through.
     leaves = [leaf[:0] if leaf.shape[0] == 2 else leaf for leaf in _structure.tensors((args, kwargs))]
     block = model.transformer.h[1]
-    inputs = [leaves[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
-    assert gm(*inputs)[0].shape == (0, 11, 48)
+    assert gm(*graph_inputs(gm, block, leaves))[0].shape == (0, 11, 48)
 
 
 class CrossBlock(nn.Module):
@@ -538,8 +542,8 @@ def test_unbacked_views_copy_only_what_a_view_reads_out_of_order(monkeypatch, mi
     assert all(n.args[0] in copies for n in split_views)
     assert all(n.args[0].meta["val"].is_contiguous() for n in reshapes if n not in split_views)
     block = model.h[1]
-    inputs = [args[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
-    torch.testing.assert_close(gm(*inputs)[0], block(*args, **kwargs), rtol=0, atol=0, msg="eager mode copies nothing")
+    torch.testing.assert_close(gm(*graph_inputs(gm, block, args))[0], block(*args, **kwargs), rtol=0, atol=0,
+                               msg="eager mode copies nothing")
 
 
 @pytest.mark.parametrize("guards", [True, False], ids=["torch-2.12-and-older", "torch-2.13+"])
@@ -560,9 +564,7 @@ def test_unbacked_attention_masks_take_only_masked_cpu_attention(monkeypatch, gu
         assert attention[0].target is (_compat.masked_attention_while_compiling if guards and masked else
                                        torch.ops.aten.scaled_dot_product_attention.default)
         block = model.model.layers[1]
-        leaves = _structure.tensors((args, kwargs))
-        inputs = [leaves[target] if role == "input" else block.get_parameter(target) for role, target in gm.meta["modpass_inputs"]]
-        got = gm(*inputs)[0]
+        got = gm(*graph_inputs(gm, block, _structure.tensors((args, kwargs))))[0]
         want = block(*args, **kwargs)
         want = want if isinstance(want, torch.Tensor) else want[0]
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg="eager mode runs the aten op")
