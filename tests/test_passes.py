@@ -16,7 +16,7 @@ import modpass
 from modpass import _compat, _structure, routing
 from modpass.api import record_block_calls
 from modpass.passes.capture import capture
-from modpass.passes.capture_block import capture_block
+from modpass.passes.capture_block import capture_block, refuse_size_assumptions
 from modpass.passes.find_blocks import find_blocks
 from modpass.passes.rewrite import rewrite
 from modpass.passes.token_axes import token_axes, user_inputs
@@ -413,6 +413,21 @@ def test_capture_block_refuses_a_block_whose_code_branches_on_the_token_count():
         with pytest.raises(modpass.CaptureError, match=rf"branches on the size of its hidden state.*a token count in {holds_for}"):
             capture_block(LengthBranchingBlock(), (torch.randn(2, tokens, 8),), {})
 
+
+
+@pytest.mark.parametrize("upper, refused", [(2**63 + 1, False), (2**16, True)], ids=["past-any-size", "bounded"])
+def test_capture_block_reads_an_upper_bound_no_tensor_reaches_as_no_bound(upper, refused):
+    """Torch before 2.8 bounds the token count by 2**63 + 1, not infinity, after ``diagonal(offset=1)``."""
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    program = torch.export.export(nn.Tanh(), (torch.randn(2, 9, 8),), dynamic_shapes=({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},), strict=False)
+    tokens = next(iter(program.graph.find_nodes(op="placeholder"))).meta["val"].shape[1].node.expr
+    program._range_constraints = {**program.range_constraints, tokens: ValueRanges(2, upper)}
+    if refused:
+        with pytest.raises(modpass.CaptureError, match=rf"a token count in \[2, {upper}\]"):
+            refuse_size_assumptions(program, "block")
+    else:
+        refuse_size_assumptions(program, "block")
 
 # The ways a block can read the first T rows of a table; export records the range [2, 64] for all but
 # split, which it traces for one token count without a guard (so only the table check can refuse it).

@@ -23,13 +23,13 @@ structure).
 from __future__ import annotations
 
 import operator
+import sys
 from functools import reduce
 
 import sympy
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
-from torch.utils._sympy.numbers import int_oo
 
 from .._export import FlatCall, first_user_frame
 from .._structure import Slot
@@ -98,6 +98,10 @@ def state_targets(signature: torch.export.ExportGraphSignature) -> dict[str, str
     }
 
 
+# Torch before 2.8 bounds a token count by 2**63 + 1, not infinity, after `diagonal(offset=1)`.
+_NO_SIZE_REACHES = sys.maxsize
+
+
 def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -> None:
     """Refuse a block whose code made its graph hold only for some batch sizes or token counts.
 
@@ -108,7 +112,8 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     batch on groups of any size, where that branch may not hold: the result
     would differ without a word. Both sizes of the hidden state keep export's
     default range, ``[2, inf]``, or the block is refused (other sizes, such as
-    the width, are the same in every call). A block that reads a table by its
+    the width, are the same in every call); an upper bound no tensor size can
+    reach counts as none. A block that reads a table by its
     token count is refused with or without a recorded range, since export
     traces ``table.split(T)`` for one count without recording one.
     """
@@ -118,7 +123,7 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     described = []
     for name, size in varying.items():
         bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
-        if bounds is not None and (bounds.lower > 2 or bounds.upper != int_oo):
+        if bounds is not None and (bounds.lower > 2 or bounds.upper < _NO_SIZE_REACHES):
             described.append(f"a {name} in [{bounds.lower}, {bounds.upper}]")
     held = f"its graph holds only for {' and '.join(described)}"
     tokens = varying.get("token count")
