@@ -1,9 +1,10 @@
 """Example inputs for capturing a model when the caller gives none.
 
 Hugging Face models name their main input (``main_input_name``) and carry a
-config with the sizes needed; other models are assumed to take token ids
-first when their first embedding table is an ``nn.Embedding``. Anything else
-needs ``example_inputs=``.
+config with the sizes needed: token ids and images are built from it, other
+main inputs (audio features) need ``example_inputs=``. Other models are
+assumed to take token ids first when their first embedding table is an
+``nn.Embedding``. Anything else needs ``example_inputs=``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def example_inputs_for(model: nn.Module) -> dict:
         channels = getattr(config, "num_channels", 3)
         dtype = next(model.parameters()).dtype
         inputs["pixel_values"] = torch.randn(BATCH, channels, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    elif config is not None and main is not None:
+        # An Embedding here may be a position table (Whisper's encoder): guessing token ids would feed
+        # integers to a model that takes features, and capture would then fail far from the cause.
+        raise ConfigError(
+            f"cannot guess example inputs for {type(model).__name__}: its main input is {main!r}, and modpass "
+            "builds only input_ids and pixel_values from a config; pass example_inputs= with a real batch "
+            f"(a dict such as {{{main!r}: tensor}}, batch >= 2 and sequence length >= 2)."
+        )
     else:
         embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
         first = next(iter(inspect.signature(model.forward).parameters), None)

@@ -11,6 +11,7 @@ from torch import nn
 
 import modpass
 from tests import models
+from tests.test_equivalence import close_to_dense
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,22 @@ def test_uncapturable_model_names_the_construct():
 def test_example_inputs_cannot_be_guessed_for_unknown_models():
     with pytest.raises(modpass.ConfigError, match="example_inputs"):
         modpass.transform(nn.Sequential(nn.Linear(4, 4)), 0.5)
+
+
+def test_example_inputs_are_not_guessed_for_a_main_input_other_than_tokens_or_images():
+    # Whisper's encoder has an Embedding (its positions), which must not pass for a token-id model.
+    from transformers import WhisperConfig, WhisperModel
+
+    config = WhisperConfig(vocab_size=97, num_mel_bins=8, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, d_model=48, max_source_positions=16,
+                           pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0, begin_suppress_tokens=None)
+    encoder = WhisperModel(config).eval().encoder
+    with pytest.raises(modpass.ConfigError, match=r"main input is 'input_features'.*example_inputs="):
+        modpass.transform(encoder, 0.5)
+    features = {"input_features": torch.randn(2, 8, 32)}
+    with torch.no_grad():
+        want = encoder(**features).last_hidden_state
+        close_to_dense(modpass.transform(encoder, 1.0, layers="all", example_inputs=features)(**features).last_hidden_state, want)
 
 
 def test_transforming_twice_is_refused(llama_and_routed):
