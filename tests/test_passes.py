@@ -400,6 +400,23 @@ def test_token_mixing_refuses_mixing_outside_attention(block, reason):
         token_mixing(gm)
 
 
+class RepeatedCumsumBlock(nn.Module):
+    """One line of code making the same token-mixing op three times (as an experts loop makes its indexing)."""
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x + x.cumsum(dim=1)
+        return x
+
+
+def test_token_mixing_names_each_reason_once_with_a_count():
+    gm = token_axes(capture_block(RepeatedCumsumBlock(), (torch.randn(2, 9, 8),), {}))
+    with pytest.raises(modpass.UnroutableBlockError) as refusal:
+        token_mixing(gm)
+    assert str(refusal.value).count("aten.cumsum") == 1
+    assert "(3 times)" in str(refusal.value)
+
+
 class LengthBranchingBlock(nn.Module):
     """Scales its update only for sequences longer than 8 tokens: a graph traced at 9 tokens drops the other branch."""
 

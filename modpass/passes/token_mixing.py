@@ -53,6 +53,7 @@ differently (``(B*T)`` against ``(T*B)``).
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 import sympy
 import torch
@@ -362,7 +363,9 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     reasons = [(node, mixing_reason(node, symbol)) for node in gm.graph.nodes]
     reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol) + positions_made_inside(gm, symbol)
     reasons += token_count_as_value(gm, symbol)
-    problems = [f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons]
+    # One source line often makes several such ops (an index per expert's rows): each reason once, counted.
+    counts = Counter(f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons)
+    problems = [problem if n == 1 else f"{problem} ({n} times)" for problem, n in counts.items()]
     if problems:
         where = gm.meta.get("modpass_where", "block")
         raise UnroutableBlockError(
