@@ -16,6 +16,7 @@ from ._compat import uncompiled
 from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, UnroutableBlockError
+from .hints import batch_wide_experts_hint
 from .inputs import example_inputs_for
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
@@ -122,7 +123,7 @@ def apply_plan(
         try:
             candidate.prepare()
         except (UnroutableBlockError, CaptureError) as exc:
-            refused.append(str(exc))
+            refused.append(str(exc) + batch_wide_experts_hint(block))
             continue
         finally:
             steps.block_done()

@@ -90,7 +90,14 @@ def test_routed_bert_encoder_equals_dense_at_full_capacity():
     close_to_dense(got[mask.bool()], want[mask.bool()])
 
 
-def test_sparse_moe_blocks_that_sort_all_tokens_by_expert_are_refused():
-    # transformers' default grouped_mm experts: one sort of every token's expert ids, then rows by group.
-    with pytest.raises(modpass.UnroutableBlockError, match=r"model.layers.0.*indexes into the token axis"):
-        modpass.transform(models.mixtral(layers=2, experts="grouped_mm"), 0.5, layers="all")
+@pytest.mark.parametrize(
+    "experts, refusal, where",
+    # grouped_mm: one sort of every token's expert ids, then rows by group (a block refused);
+    # eager: a Python loop over the experts present (the model does not export).
+    [("grouped_mm", modpass.UnroutableBlockError, "model.layers.0"), ("eager", modpass.CaptureError, "modeling_mixtral.py")],
+)
+def test_sparse_moe_blocks_that_dispatch_the_batch_together_are_refused_with_the_setting_that_routes(experts, refusal, where):
+    with pytest.raises(refusal, match=where) as refused:
+        modpass.transform(models.mixtral(layers=2, experts=experts), 0.5, layers="all")
+    assert f"The experts here use transformers' '{experts}' dispatch" in str(refused.value)
+    assert "model.set_experts_implementation('batched_mm')" in str(refused.value)

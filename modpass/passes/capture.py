@@ -25,6 +25,7 @@ import torch
 
 from .._export import FlatCall, first_user_frame
 from ..errors import CaptureError
+from ..hints import batch_wide_experts_hint
 
 
 def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
@@ -48,7 +49,7 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (at {first_user_frame(exc)}). "
             "modpass needs a model whose forward traces with symbolic sizes: data-dependent Python "
             "control flow on tensor values must be replaced by tensor ops (torch.where, torch.cond), "
-            "and example_inputs must match how the model is called."
+            "and example_inputs must match how the model is called." + batch_wide_experts_hint(model)
         ) from exc
     finally:
         for handle in handles:

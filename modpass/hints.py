@@ -1,0 +1,24 @@
+"""Pointers that refusals add where a known setting of the model would make it routable."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def batch_wide_experts_hint(module: nn.Module) -> str:
+    """A pointer to per-token dispatch for a refused model or block with transformers' mixture-of-experts layers.
+
+    transformers dispatches experts by a setting of the model (its experts
+    classes carry ``_is_expert_parallel``): ``grouped_mm`` sorts the whole
+    batch's tokens by expert and ``eager`` loops over the experts present, both
+    refused, while ``batched_mm`` handles each token on its own and routes.
+    """
+    settings = {m.config._experts_implementation for m in module.modules() if hasattr(m, "_is_expert_parallel")}
+    settings.discard("batched_mm")
+    if not settings:
+        return ""
+    return (
+        f" The experts here use transformers' {', '.join(map(repr, sorted(settings)))} dispatch, which handles the batch's "
+        "tokens together; model.set_experts_implementation('batched_mm') (or experts_implementation='batched_mm' in "
+        "the config) dispatches each token on its own, which modpass can route."
+    )
