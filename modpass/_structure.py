@@ -84,6 +84,17 @@ def realize(tree):
     return tree
 
 
+def collect(template, tree) -> dict[int, object]:
+    """The leaves of ``tree`` by the :class:`Slot` of ``template`` they fill: the inverse of :func:`fill`."""
+    if isinstance(template, Slot):
+        return {template.index: tree}
+    if isinstance(template, (tuple, list)):
+        return {index: leaf for item, subtree in zip(template, tree) for index, leaf in collect(item, subtree).items()}
+    if isinstance(template, dict):
+        return {index: leaf for key, item in template.items() for index, leaf in collect(item, tree[key]).items()}
+    return {}
+
+
 def fill(template, outputs: list):
     """Rebuild an output structure from a template whose leaves are :class:`Slot` markers."""
     if isinstance(template, Slot):

@@ -272,22 +272,20 @@ class RoutedBlock(nn.Module):
         groups = self.split_by_capacity(self._state.groups(hidden.shape[0]), args, kwargs)
         if len(groups) == 1 and groups[0].rows is None:
             return self.run(groups[0], args, kwargs, records)
-        batch_leaves = self.analysis(args, kwargs)[1]
+        analysed, batch_leaves = self.analysis(args, kwargs)
+        template = analysed.meta["modpass_output_template"]
         leaves = _structure.tensors((args, kwargs))
-        result = None
+        result = hidden.new_empty(hidden.shape)
         for group in groups:
             rows = group.rows.to(hidden.device)
             sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(leaves, batch_leaves)]
             sub_args, sub_kwargs = _structure.replace((args, kwargs), sub)
             output = self.run(group, sub_args, sub_kwargs, records)
-            new_hidden = output if isinstance(output, torch.Tensor) else output[0]
-            if result is None:
-                result = hidden.new_empty(hidden.shape)
-                template = output
-            result = result.index_copy(0, rows, new_hidden)
-        if isinstance(template, torch.Tensor):
-            return result
-        return type(template)((result, *template[1:]))
+            outputs = _structure.collect(template, output)
+            result = result.index_copy(0, rows, outputs[0])
+        # The other outputs are the last group's, except inputs passed through: those are returned whole.
+        outputs |= {0: result} | {j: leaves[i] for j, i in analysed.meta["modpass_passthrough_outputs"].items()}
+        return _structure.fill(template, [outputs[j] for j in range(len(outputs))])
 
     def split_by_capacity(self, groups: list[TaskGroup], args: tuple, kwargs: dict) -> list[TaskGroup]:
         """Under a route mask, split each routed task group into rows of equal capacity.

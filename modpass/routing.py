@@ -81,25 +81,25 @@ def router_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return router_logits(hidden.detach(), weight.detach(), bias.detach())
 
 
-def padding_from_attention_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` bool, True where a token is padding, from a ``(B, H, T, T)`` mask.
+def padding_from_attention_mask(mask: torch.Tensor, batch) -> torch.Tensor:
+    """``(batch, T)`` bool, True where a token is padding, from a ``(B, H, T, T)`` mask (B is batch or 1).
 
     A real token may always attend to itself, so a token is padding exactly
     when the mask forbids its own diagonal entry. Boolean masks mark allowed
     entries True; floating masks are additive (a large negative value forbids).
+    A mask of batch 1 (T5's position bias) holds for every row.
     """
     # Indexing rather than torch.diagonal, whose Inductor lowering calls a
     # deprecated torch helper and prints a FutureWarning on every compile.
     positions = torch.arange(mask.shape[-1], device=mask.device)
     diagonal = mask[:, 0, positions, positions]
-    if diagonal.dtype == torch.bool:
-        return ~diagonal
-    return diagonal <= torch.finfo(diagonal.dtype).min / 2
+    padding = ~diagonal if diagonal.dtype == torch.bool else diagonal <= torch.finfo(diagonal.dtype).min / 2
+    return padding.expand(batch, -1)
 
 
-def padding_from_key_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` bool padding flags from a boolean ``(B, ..., T)`` key mask (True = keep)."""
-    return ~mask.reshape(mask.shape[0], -1, mask.shape[-1])[:, 0]
+def padding_from_key_mask(mask: torch.Tensor, batch) -> torch.Tensor:
+    """``(batch, T)`` bool padding flags from a boolean ``(B, ..., T)`` key mask (True = keep; B is batch or 1)."""
+    return (~mask.reshape(mask.shape[0], -1, mask.shape[-1])[:, 0]).expand(batch, -1)
 
 
 def selection_scores(

@@ -22,10 +22,13 @@ class NanoBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x, is_causal=self.causal)
+
+    def mix(self, x: torch.Tensor, **attention) -> torch.Tensor:
         batch, tokens, width = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        y = F.scaled_dot_product_attention(q, k, v, **attention)
         x = x + self.c_proj(y.transpose(1, 2).reshape(batch, tokens, width))
         return x + self.mlp(self.ln_2(x))
 
@@ -45,6 +48,32 @@ class NanoGPT(nn.Module):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.h:
             x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+class BiasBlock(NanoBlock):
+    """Attends under an additive ``(B, 1, T, T)`` bias and returns it for the next block, as T5's layers hand on
+    their position bias."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(x, attn_mask=bias), bias
+
+
+class BiasGPT(NanoGPT):
+    """nanoGPT whose blocks share one causal ALiBi-style bias, its slope set by each sequence's first token."""
+
+    def __init__(self, width: int = 32, layers: int = 4, heads: int = 4):
+        super().__init__(width=width, layers=layers, heads=heads)
+        self.h = nn.ModuleList(BiasBlock(width, heads) for _ in range(layers))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        distance = (positions.unsqueeze(1) - positions).to(x.dtype)
+        slope = idx[:, :1, None, None].to(x.dtype) / self.wte.num_embeddings
+        bias = torch.where(distance >= 0, -slope * distance, torch.finfo(x.dtype).min)
+        for block in self.h:
+            x, bias = block(x, bias)
         return self.lm_head(self.ln_f(x))
 
 

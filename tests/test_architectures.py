@@ -90,6 +90,42 @@ def test_routed_bert_encoder_equals_dense_at_full_capacity():
     close_to_dense(got[mask.bool()], want[mask.bool()])
 
 
+def test_t5_encoder_routes_the_layers_that_hand_on_its_position_bias():
+    """T5's first layer computes the relative position bias and returns it; every later layer takes it in and returns
+    it unchanged (an output modpass passes through whole), so all layers but the first route."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    dense = T5EncoderModel(T5Config(vocab_size=97, d_model=48, d_kv=12, d_ff=96, num_layers=3, num_heads=4,
+                                    relative_attention_num_buckets=8, relative_attention_max_distance=16)).eval()
+    ids = torch.randint(1, 97, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    real = mask.bool()
+    with pytest.raises(modpass.UnroutableBlockError, match=r"encoder.block.0.*output 1 .* computed by the block"):
+        modpass.transform(dense, 0.5, layers=[0])
+    with torch.no_grad():
+        want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        full = modpass.transform(dense, {"a": 1.0, "b": 1.0}, layers=[1, 2])
+        for task in ("a", ["a", "b"]):  # the whole batch, and one group per task
+            close_to_dense(full(input_ids=ids, attention_mask=mask, task=task).last_hidden_state[real], want[real])
+        # At 0.5 zero routers pick each row's first 7 tokens, which see only each other in blocks 1 and 2.
+        got = modpass.transform(dense, 0.5, layers=[1, 2])(input_ids=ids).last_hidden_state
+        for block in dense.encoder.block[1:]:
+            block.forward = on_the_first_tokens(7, block.forward)
+        close_to_dense(got, dense(input_ids=ids).last_hidden_state)
+
+
+def on_the_first_tokens(k: int, forward):
+    """A T5 block that runs on the first ``k`` tokens only (their slice of the position bias); the rest skip it."""
+
+    def run(hidden, attention_mask, position_bias, *rest, **kwargs):
+        out, _, cross_bias = forward(hidden[:, :k], attention_mask, position_bias[..., :k, :k], *rest, **kwargs)
+        return torch.cat([out, hidden[:, k:]], 1), position_bias, cross_bias
+
+    return run
+
+
 @pytest.mark.parametrize(
     "experts, refusal, where",
     # grouped_mm: one sort of every token's expert ids, then rows by group (a block refused);

@@ -83,8 +83,8 @@ def test_rewrite_inserts_router_select_gather_block_scatter():
     roles = Counter(n.meta.get("modpass_role") for n in gm.graph.nodes if "modpass_role" in n.meta)
     assert roles["router"] == 1
     assert roles["scatter"] == 1
-    assert roles["padding"] == 1, "padding comes from the 4-D mask"
     targets = Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+    assert targets[routing.padding_from_attention_mask] == 1, "padding comes from the 4-D mask"
     assert (targets[routing.take_tokens], targets[routing.gather_tokens]) == (1, 3), "hidden; mask, cos and sin"
     assert targets[routing.select_tokens] == 1
     assert targets[routing.scatter_update] == 1

@@ -12,7 +12,8 @@ Guarantees: the graph computes, for one task,
     out    = scatter_update(x, index, x_sel, y_sel, w, padding)  # x + w * (y_sel - x_sel) at index;
                                                                  # selected padding keeps x
 
-and returns ``(out, *other block outputs, logits, index, padding, extra)``, where
+and returns ``(out, *other block outputs, logits, index, padding, extra)`` (an input
+the block returns unchanged is returned whole, not gathered), where
 ``padding`` is the ``(B, T)`` bool padding flags or None for an unmasked block and
 ``extra`` is None but with ``row_capacities`` (below). Two placeholders
 are appended after the block's own: the router's weight and bias
@@ -174,7 +175,8 @@ def rewrite(
         padding = None
         if (mask := mask_input(inputs)) is not None:
             read_padding = routing.padding_from_attention_mask if mask is attention_mask_input(inputs) else routing.padding_from_key_mask
-            padding = call(read_padding, mask, role="padding")
+            batch = call(torch.ops.aten.sym_size.int, hidden, 0, role="padding")
+            padding = call(read_padding, mask, batch, role="padding")
         scores = call(routing.selection_scores, logits, padding, route_mask, role="select")
         extra = None
         if row_capacity is None:
@@ -201,7 +203,9 @@ def rewrite(
         capacity_inputs.append(("row_capacity", None))
     gm.meta["modpass_inputs"] = [*gm.meta["modpass_inputs"], ("router", "weight"), ("router", "bias"), *capacity_inputs]
     output = graph.output_node()
-    outputs = flat_outputs(gm)
+    # An input the block passes through leaves as it came, whole, not as the block's gathered copy.
+    passthrough = gm.meta["modpass_passthrough_outputs"]
+    outputs = [inputs[passthrough[j]] if j in passthrough else out for j, out in enumerate(flat_outputs(gm))]
     with graph.inserting_before(output):
         logits_selected = call(routing.router_logits, gathered[hidden], router_weight, router_bias, role="gate")
         weight = call(routing.gate_weights, logits_selected, gate, role="gate")

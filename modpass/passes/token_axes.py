@@ -6,6 +6,9 @@ Guarantees: ``gm.meta["modpass_token_symbol"]`` is the symbol of ``T``; every
 user-input placeholder has ``meta["modpass_token_axes"]`` (a tuple of axes,
 empty when the input is not token-indexed) and ``meta["modpass_batch_axis"]``
 (0 when it follows the batch, None when it is broadcast or batch-free).
+``gm.meta["modpass_passthrough_outputs"]`` maps the position of every extra
+output that is one of the block's inputs, returned as it came (T5 hands its
+position bias on to the next layer this way), to that input's position.
 The graph is unchanged.
 
 An axis is a token axis exactly when its size is the symbol ``T`` itself.
@@ -18,7 +21,8 @@ states of another sequence keep their own symbol.
 
 Refuses (``UnroutableBlockError``) inputs or outputs whose size is another
 expression of ``T`` (``2*T``, ``T + 1``), token-indexed inputs that are not
-batch-first, and extra outputs that carry the token axis.
+batch-first, and extra outputs that carry the token axis, unless they are
+inputs passed through.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if hidden.dim() != 3:
         raise UnroutableBlockError(f"{where}: the first argument has shape {tuple(hidden.shape)}; a routed block takes a (batch, tokens, features) hidden state first.")
     token = size_expr(hidden.shape[1])
+    gm.meta["modpass_passthrough_outputs"] = {
+        j: inputs.index(out) for j, out in enumerate(flat_outputs(gm)[1:], start=1) if out in inputs
+    }
     if token == 1:
         # A single token (decoding, or a one-token call): k is 1 too, so no
         # side input needs gathering and nothing can mix tokens.
@@ -97,13 +104,17 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             f"{where}: the block's first output is not a hidden state shaped like its input {tuple(hidden.shape)}; "
             "a routed block must map (B, T, D) to (B, T, D)."
         )
+    passthrough = gm.meta["modpass_passthrough_outputs"]
     for j, out in enumerate(outputs[1:], start=1):
+        if j in passthrough:
+            continue
         val = out.meta.get("val") if isinstance(out, torch.fx.Node) else None
         if isinstance(val, torch.Tensor) and any(mentions(s, token) for s in val.shape):
             raise UnroutableBlockError(
-                f"{where}: output {j} (shape {tuple(val.shape)}) is indexed by token, e.g. attention weights or "
-                "cache entries; routed blocks only return the hidden state per token. Disable such outputs "
-                "(output_attentions=False, use_cache=False)."
+                f"{where}: output {j} (shape {tuple(val.shape)}) is indexed by token and computed by the block (attention "
+                "weights, cache entries, or a tensor that later layers read); a routed block returns a new hidden state "
+                "per token and its other inputs as they came, nothing else indexed by token. Turn such outputs off "
+                "where the model can (output_attentions=False, use_cache=False), or leave this block dense with layers=."
             )
     gm.meta["modpass_token_symbol"] = token
     gm.meta["modpass_batch_symbol"] = batch
