@@ -350,6 +350,10 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
                 routed_output = gm.graph.call_function(operator.getitem, (call, position))
                 routed_output.meta["val"] = output.meta.get("val")  # later blocks read it
                 output.replace_all_uses_with(routed_output)
-        gm.graph.eliminate_dead_code()
+        # The region's own nodes, and only those: a dead-code pass over the whole graph would also drop the
+        # model's in-place writes through views elsewhere (DeepSeek-V3 fills its keys with `k[..., :n].copy_()`,
+        # a call_method that nothing uses), leaving the memory they should have filled uninitialised.
+        for node in reversed(nodes):
+            gm.graph.erase_node(node)
     gm.recompile()
     return gm

@@ -442,6 +442,21 @@ def nanogpt_logits(model, idx):
     return model(idx)
 
 
+class InPlaceEmbeddingGPT(models.NanoGPT):
+    """nanoGPT whose embeddings are written into an empty tensor half by half, in place through views (as
+    DeepSeek-V3's attention assembles its keys): Dynamo's graph holds ``copy_`` calls that nothing uses."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        tokens, positions = self.wte(idx), self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = tokens.new_empty(tokens.shape)
+        half = x.shape[-1] // 2
+        x[..., :half].copy_(tokens[..., :half] + positions[..., :half])
+        x[..., half:].copy_(tokens[..., half:] + positions[..., half:])
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
 def causal_lm_logits(model, idx):
     return model(input_ids=idx, use_cache=False).logits
 
@@ -449,12 +464,13 @@ def causal_lm_logits(model, idx):
 @pytest.mark.parametrize(
     "build, logits",
     [(lambda: models.NanoGPT(layers=2).eval(), nanogpt_logits),
+     (lambda: InPlaceEmbeddingGPT(layers=2).eval(), nanogpt_logits),
      pytest.param(lambda: models.gpt2(layers=2), causal_lm_logits, marks=[needs_hf_dynamo, pytest.mark.compile_defaults]),
      pytest.param(lambda: models.gemma2(layers=2), causal_lm_logits, marks=needs_hf_dynamo)],
     # GPT-2's gelu_new shares one sqrt(2 / pi) between all blocks of the Dynamo graph (with symbolic
     # floats, as by default, a scalar input of each block); Gemma 2's eager attention multiplies q by
     # k.transpose(), a call_method node in Dynamo's graph.
-    ids=["nanogpt", "gpt2", "gemma2"],
+    ids=["nanogpt", "nanogpt-in-place-embedding", "gpt2", "gemma2"],
 )
 def test_ratios_option_equals_transform_then_compile(build, logits):
     """Both entries compile fullgraph to one dynamic graph each, which matches eager at two lengths."""
