@@ -417,6 +417,22 @@ def test_token_mixing_names_each_reason_once_with_a_count():
     assert "(3 times)" in str(refusal.value)
 
 
+class FoldedBiasBlock(nn.Module):
+    """Adds a ``(batch * heads, 1, T)`` bias to per-head scores, as Bloom adds its ALiBi tensor."""
+
+    def forward(self, x, bias):
+        batch, tokens, width = x.shape
+        heads = x.reshape(batch * 4, tokens, width // 4)
+        scores = torch.baddbmm(bias, heads, heads.transpose(1, 2)).softmax(-1)
+        return x + (scores @ heads).reshape(batch, tokens, width)
+
+
+def test_token_axes_refuse_a_token_indexed_input_with_the_batch_folded_into_its_first_axis():
+    gm = capture_block(FoldedBiasBlock(), (torch.randn(2, 9, 8), torch.randn(8, 1, 9)), {})
+    with pytest.raises(modpass.UnroutableBlockError, match=r"input 1 .* is not batch-first: its first axis is the batch folded"):
+        token_axes(gm)
+
+
 class LengthBranchingBlock(nn.Module):
     """Scales its update only for sequences longer than 8 tokens: a graph traced at 9 tokens drops the other branch."""
 

@@ -90,9 +90,13 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             )
         batch_axis = 0 if val.dim() and size_expr(val.shape[0]) == batch and 0 not in axes else None
         if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1:
+            first = size_expr(val.shape[0])
+            folded = not isinstance(first, int) and not isinstance(batch, int) and (first / batch).is_Integer
             raise UnroutableBlockError(
-                f"{where}: token-indexed input {i} (shape {tuple(val.shape)}) is not batch-first; "
-                "modpass gathers per sequence along axis 0."
+                f"{where}: token-indexed input {i} (shape {tuple(val.shape)}) is not batch-first"
+                + (f": its first axis is the batch folded with another axis ({first}), in an order its shape does not "
+                   "tell (Bloom's ALiBi tensor is (batch * heads, 1, T))" if folded else "")
+                + "; modpass gathers per sequence along axis 0. Leave this block dense with layers=."
             )
         node.meta["modpass_token_axes"] = axes
         node.meta["modpass_batch_axis"] = batch_axis
