@@ -90,7 +90,8 @@ capture_outside_the_graph = disable_compile(
 split_outside_the_graph = disable_compile(
     "modpass: under a route mask, rows of one task with different capacities run one call per "
     "capacity, split here outside the compiled graph: the block's attention could see the slots "
-    "that one shared call would add, or this torch (2.6) cannot compile that call."
+    "that one shared call would add (its shared_call_refusal says how), or this torch (2.6) cannot "
+    "compile that call."
 )
 
 
@@ -129,6 +130,8 @@ class RoutedBlock(nn.Module):
         # Set by set_ratios: per task, the ratio carried as tensor sizes (see capacity_carriers).
         self.__dict__["_capacity_carriers"] = None
         self.__dict__["last_routing"] = []
+        # Why rows of different capacities cannot share one call here (see share_one_call), or None.
+        self.__dict__["shared_call_refusal"] = None
         # Calls this block is known to receive, to prepare its graphs ahead of
         # use in each train/eval mode (torch.compile cannot capture mid-trace).
         self.__dict__["_examples"] = list(examples or [])
@@ -423,10 +426,11 @@ class RoutedBlock(nn.Module):
         try:
             graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=form != "ratio",
                                        row_capacities=form == "per_row", score_gradients=self._score_gradients)
-        except UnroutableBlockError:
+        except UnroutableBlockError as refusal:
             if form != "per_row":
                 raise
             self._routes[key] = None  # rows of different capacities go one call per capacity
+            self.__dict__["shared_call_refusal"] = str(refusal)
             return
         route = Route(
             graph=graph,

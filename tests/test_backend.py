@@ -875,6 +875,30 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
     assert compiled_graphs() == 1
 
 
+@needs_hf_dynamo
+@pytest.mark.skipif(modpass._compat.DYNAMO_CANNOT_SHARE_ONE_CALL,
+                    reason="this torch cannot compile one call for rows of different capacities: it splits them, with graph breaks")
+def test_route_masks_on_sparse_moe_blocks_compile_to_one_graph():
+    """transformers' batched_mm experts multiply each token's copies by its experts' weights, a product within each
+    token: rows of different capacities share one call with extra slots, as in a dense Llama block."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.mixtral(layers=2), 0.5, layers=[1])
+    randomise_routers(routed)
+    ids = torch.randint(0, 97, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[1, :6] = False
+    mask[2, 10:] = False
+    compiled = torch.compile(routed, backend="eager", fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
+        got = compiled(input_ids=ids, route_mask=mask).logits
+        (record,) = routed.model.layers[1].last_routing
+        assert record.extra is not None and record.extra.any(), "the rows' capacities differ"
+        assert routed.model.layers[1].shared_call_refusal is None
+        want = routed(input_ids=ids, route_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert compiled_graphs() == 1
+
+
 @pytest.mark.parametrize("mixed", [False, True], ids=["one-task", "mixed-tasks"])
 def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_extra_slots(mixed):
     """An encoder attends both ways without a mask: no extra slots, so its rows are split by capacity (graph breaks),
@@ -895,5 +919,6 @@ def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_e
             torch._dynamo.reset()
         got = compiled(idx, route_mask=mask, **tasks)
         assert len(routed.h[1].last_routing) == 2 + mixed, "one call per capacity"
+        assert "attends without a mask and not causally" in routed.h[1].shared_call_refusal
         want = routed(idx, route_mask=mask, **({"task": ["a", "a", "b"]} if mixed else {}))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

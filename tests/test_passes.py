@@ -155,6 +155,14 @@ class Broadcasting(QKV):
         return x + (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)
 
 
+class LinearAttention(QKV):
+    """Linear attention: keys and values summed over tokens first (``k.T @ v``), a product with no token axis left."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return x + q @ (k.transpose(1, 2) @ v)
+
+
 class CrossAttention(nn.Module):
     """Attends to another sequence's states: the extra slots are only ever queries."""
 
@@ -166,6 +174,26 @@ class CrossAttention(nn.Module):
         return x + F.scaled_dot_product_attention(self.q(x), memory, memory)
 
 
+class CausalWithExperts(QKV):
+    """Causal attention, then sparse experts that multiply each token's copies by its experts' weights (``bmm``
+    with the token axis, folded, on both operands): a product within each token, which cannot see extra slots."""
+
+    def __init__(self, width: int = 16):
+        super().__init__(width)
+        self.experts = TokenwiseExperts(width)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.experts(x + F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_rewrite_with_row_capacities_accepts_products_within_each_token():
+    gm = token_mixing(token_axes(capture_block(CausalWithExperts(), (torch.randn(2, 6, 16),), {})))
+    assert any(n.target is torch.ops.aten.bmm.default for n in gm.graph.nodes)
+    gm = rewrite(gm, ratio=Fraction(1, 2), explicit_capacity=True, row_capacities=True)
+    assert gm.graph.find_nodes(op="call_function", target=routing.select_tokens_per_row)
+
+
 def test_rewrite_with_row_capacities_accepts_cross_attention():
     gm = token_mixing(token_axes(capture_block(CrossAttention(), (torch.randn(2, 6, 16), torch.randn(2, 5, 16)), {})))
     gm = rewrite(gm, ratio=Fraction(1, 2), explicit_capacity=True, row_capacities=True)
@@ -174,7 +202,8 @@ def test_rewrite_with_row_capacities_accepts_cross_attention():
 
 @pytest.mark.parametrize(
     "block, reason",
-    [(Bidirectional, "without a mask and not causally"), (HandWritten, "written out by hand"), (Broadcasting, "token pairs")],
+    [(Bidirectional, "without a mask and not causally"), (HandWritten, "written out by hand"), (Broadcasting, "token pairs"),
+     (LinearAttention, "relates tokens to each other")],
 )
 def test_rewrite_refuses_row_capacities_where_attention_could_see_the_extra_slots(block, reason):
     gm = token_mixing(token_axes(capture_block(block(), (torch.randn(2, 6, 16),), {})))

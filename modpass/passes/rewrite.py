@@ -90,6 +90,16 @@ def mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
     return mask if mask is not None else key_mask_input(inputs)
 
 
+def relates_tokens(node: torch.fx.Node, symbol) -> bool:
+    """Whether a contraction pairs tokens: ``q @ k.T`` (a token x token result), ``scores @ v`` (a token x token
+    operand) or ``k.T @ v`` (summed over tokens). Where two operands carry the token axis only as a batch axis of
+    the product, as transformers' ``batched_mm`` experts multiply each token's copies by its experts' weights, the
+    result keeps one token axis and each token meets only itself."""
+    operands = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+    indexed = [len(token_dims(a, symbol)) for a in operands if token_dims(a, symbol)]
+    return any(n >= 2 for n in indexed) or (len(indexed) >= 2 and len(token_dims(node, symbol)) != 1)
+
+
 def extra_slots_leak(gm: torch.fx.GraphModule) -> str | None:
     """Why the block's attention could see the extra slots of :func:`routing.select_tokens_per_row`, or None.
 
@@ -119,10 +129,8 @@ def extra_slots_leak(gm: torch.fx.GraphModule) -> str | None:
                 mask = mask.args[0]
         elif any(key in op_name(node.target) for key in ATTENTION):
             return f"{node.name} calls {node.target}, whose masking modpass does not read"
-        elif op_name(node.target) in CONTRACTIONS:
-            operands = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
-            if sum(bool(token_dims(a, symbol)) for a in operands) >= 2:
-                return f"{node.name} ({op_name(node.target)}) multiplies two token-indexed tensors (attention written out by hand)"
+        elif op_name(node.target) in CONTRACTIONS and relates_tokens(node, symbol):
+            return f"{node.name} ({op_name(node.target)}) relates tokens to each other (attention written out by hand)"
         elif op_name(node.target) in REDUCTIONS and node.args and len(token_dims(node.args[0], symbol)) >= 2:
             return f"{node.name} ({op_name(node.target)}) reduces a tensor indexed by token pairs (attention written out by hand)"
     return None
