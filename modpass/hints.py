@@ -13,8 +13,10 @@ def batch_wide_experts_hint(module: nn.Module) -> str:
     batch's tokens by expert and ``eager`` loops over the experts present, both
     refused, while ``batched_mm`` handles each token on its own and routes.
     """
-    settings = {m.config._experts_implementation for m in module.modules() if hasattr(m, "_is_expert_parallel")}
-    settings.discard("batched_mm")
+    settings = {
+        getattr(getattr(m, "config", None), "_experts_implementation", None) for m in module.modules() if hasattr(m, "_is_expert_parallel")
+    }
+    settings -= {None, "batched_mm"}
     if not settings:
         return ""
     return (
