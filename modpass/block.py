@@ -287,7 +287,10 @@ class RoutedBlock(nn.Module):
             outputs = _structure.collect(template, output)
             result = result.index_copy(0, rows, outputs[0])
         # The other outputs are the last group's, except inputs passed through: those are returned whole.
-        outputs |= {0: result} | {j: leaves[i] for j, i in analysed.meta["modpass_passthrough_outputs"].items()}
+        # (Item by item: torch 2.6's Dynamo cannot trace `|` on dicts.)
+        outputs[0] = result
+        for j, i in analysed.meta["modpass_passthrough_outputs"].items():
+            outputs[j] = leaves[i]
         return _structure.fill(template, [outputs[j] for j in range(len(outputs))])
 
     def split_by_capacity(self, groups: list[TaskGroup], args: tuple, kwargs: dict) -> list[TaskGroup]:
