@@ -114,8 +114,8 @@ def masked_attention_while_compiling(query, key, value, attn_mask=None, dropout_
     """``aten.scaled_dot_product_attention``; while Dynamo traces a masked call, the CPU kernel it would run.
 
     With a 4-D mask and no dropout, CPU attention runs flash attention for CPU on
-    an additive mask in the query's dtype, with grouped keys repeated per query
-    head, after autocast's cast to its lower precision. Calling that kernel
+    a contiguous additive mask in the query's dtype, with grouped keys repeated
+    per query head, after autocast's cast to its lower precision. Calling that kernel
     directly skips the kernel choice, whose mask check is what cannot take a
     data-dependent batch size.
     """
@@ -133,4 +133,6 @@ def masked_attention_while_compiling(query, key, value, attn_mask=None, dropout_
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    return flash(query, key, value, attn_mask=attn_mask.to(query.dtype), scale=scale)[0]
+    # Contiguous: torch 2.6 and 2.7's kernel ignores the mask's stride along the keys, and a gathered
+    # mask's key axis is strided (the compiled output was silently wrong there).
+    return flash(query, key, value, attn_mask=attn_mask.to(query.dtype).contiguous(), scale=scale)[0]

@@ -650,8 +650,10 @@ def test_unbacked_attention_masks_take_only_masked_cpu_attention(monkeypatch, gu
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 @pytest.mark.parametrize("enable_gqa", [False, True], ids=["heads", "grouped-heads"])
-def test_masked_attention_while_compiling_runs_what_attention_runs(autocast, mask_dtype, enable_gqa):
-    """The flash-attention call the workaround makes while compiling gives what attention gives, on a data-dependent batch."""
+@pytest.mark.parametrize("key_strided", [False, True], ids=["contiguous-mask", "key-strided-mask"])
+def test_masked_attention_while_compiling_runs_what_attention_runs(autocast, mask_dtype, enable_gqa, key_strided):
+    """The flash-attention call the workaround makes while compiling gives what attention gives, on a data-dependent
+    batch, also for a mask whose key axis is strided, as a gathered mask's is (torch 2.6 and 2.7's kernel misreads it)."""
     q = torch.randn(4, 4, 8, 6)
     k, v = torch.randn(2, 4, 2 if enable_gqa else 4, 8, 6).unbind(0)
     q = q.bfloat16() if autocast else q  # a projection's output under autocast, beside keys rotated in float32
@@ -663,8 +665,11 @@ def test_masked_attention_while_compiling_runs_what_attention_runs(autocast, mas
     def attend(attention, q, k, v, mask, ids):
         rows = (ids == 0).nonzero().squeeze(1)  # a task's group: its size depends on data
         q, k, v, mask = (t.index_select(0, rows) for t in (q, k, v, mask))
+        if key_strided:
+            mask = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
         return attention(q, k, v, mask, enable_gqa=enable_gqa)
 
+    torch._dynamo.reset()  # each case compiles `attend` afresh, not as a recompile of the last
     compiled = torch.compile(functools.partial(attend, _compat.masked_attention_while_compiling), backend="eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
             torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
