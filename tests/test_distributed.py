@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import time
+import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +20,10 @@ from tests import models
 
 STEPS = 3
 GLOBAL_BATCH = 4
-# Training takes a few seconds; the deadline only bounds a hung gloo teardown so CI fails fast.
+# Training takes a few seconds; the deadline only bounds a hung rank so CI fails fast, with its stack.
 WORKER_DEADLINE_S = 300
+# Once both ranks have passed the final barrier their work is on disk: how long gloo may take to tear down.
+TEARDOWN_S = 30
 
 
 def build():
@@ -50,6 +55,9 @@ def train(model, routed, idx, tasks):
 
 
 def worker(rank: int, world: int, store: str, out: str, wrapper: str) -> None:
+    # A rank still running near the deadline writes every thread's stack, for the failure message.
+    stacks = open(f"{store}.rank{rank}.stacks", "w")  # noqa: SIM115 (open until the process exits)
+    faulthandler.dump_traceback_later(WORKER_DEADLINE_S - 20, file=stacks)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     try:
@@ -75,20 +83,40 @@ def worker(rank: int, world: int, store: str, out: str, wrapper: str) -> None:
         # Tear down together: a rank that destroys the group while the other is still saving
         # can leave gloo waiting on a peer that is gone.
         dist.barrier()
+        Path(f"{store}.rank{rank}.done").touch()
     finally:
         dist.destroy_process_group()
 
 
 def run_workers(args: tuple) -> None:
-    """Spawn the two ranks and wait for them, but never longer than WORKER_DEADLINE_S."""
+    """Spawn the two ranks and wait for them to finish their work, but never longer than WORKER_DEADLINE_S.
+
+    A rank that has passed the final barrier has saved everything the test reads, so one that then hangs in
+    gloo's teardown (seen once in CI on 2026-12-05, not reproduced since) is killed after TEARDOWN_S with a
+    warning. A rank hung before that fails the test with the stacks it wrote.
+    """
+    world, store = args[0], args[1]
     context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + WORKER_DEADLINE_S
+    started = time.monotonic()
+    finished = None
     while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the two gloo workers did not exit within {WORKER_DEADLINE_S} s (killed them)")
+        now = time.monotonic()
+        if finished is None and all(os.path.exists(f"{store}.rank{rank}.done") for rank in range(world)):
+            finished = now
+        if finished is not None and now - finished > TEARDOWN_S:
+            kill(context)
+            warnings.warn(f"the gloo workers finished but did not exit within {TEARDOWN_S} s of it (killed them)", stacklevel=2)
+            return
+        if now - started > WORKER_DEADLINE_S:
+            kill(context)
+            stacks = "\n".join(Path(f"{store}.rank{rank}.stacks").read_text() for rank in range(world))
+            pytest.fail(f"the two gloo workers did not finish within {WORKER_DEADLINE_S} s (killed them); their stacks:\n{stacks}")
+
+
+def kill(context) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
