@@ -8,14 +8,14 @@ from torch import nn
 def batch_wide_experts_hint(module: nn.Module) -> str:
     """A pointer to per-token dispatch for a refused model or block with transformers' mixture-of-experts layers.
 
-    transformers dispatches experts by a setting of the model (its experts
-    classes carry ``_is_expert_parallel``): ``grouped_mm`` sorts the whole
-    batch's tokens by expert and ``eager`` loops over the experts present, both
-    refused, while ``batched_mm`` handles each token on its own and routes.
+    transformers dispatches experts by a setting of the model (the forward of
+    its experts classes is a wrapper in ``transformers/integrations/moe.py``
+    that reads ``config._experts_implementation``): ``grouped_mm`` sorts the
+    whole batch's tokens by expert and ``eager`` loops over the experts
+    present, both refused, while ``batched_mm`` handles each token on its own
+    and routes.
     """
-    settings = {
-        getattr(getattr(m, "config", None), "_experts_implementation", None) for m in module.modules() if hasattr(m, "_is_expert_parallel")
-    }
+    settings = {getattr(getattr(m, "config", None), "_experts_implementation", None) for m in module.modules() if dispatches_experts(m)}
     settings -= {None, "batched_mm"}
     if not settings:
         return ""
@@ -24,3 +24,9 @@ def batch_wide_experts_hint(module: nn.Module) -> str:
         "tokens together; model.set_experts_implementation('batched_mm') (or experts_implementation='batched_mm' in "
         "the config) dispatches each token on its own, which modpass can route."
     )
+
+
+def dispatches_experts(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is transformers' experts dispatch (the same file from 5.17 to 5.25 at least)."""
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and code.co_filename.replace("\\", "/").endswith("transformers/integrations/moe.py")
