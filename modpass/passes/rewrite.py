@@ -96,7 +96,7 @@ def relates_tokens(node: torch.fx.Node, symbol) -> bool:
     the product, as transformers' ``batched_mm`` experts multiply each token's copies by its experts' weights, the
     result keeps one token axis and each token meets only itself."""
     operands = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
-    indexed = [len(token_dims(a, symbol)) for a in operands if token_dims(a, symbol)]
+    indexed = [n for n in (len(token_dims(a, symbol)) for a in operands) if n]
     return any(n >= 2 for n in indexed) or (len(indexed) >= 2 and len(token_dims(node, symbol)) != 1)
 
 

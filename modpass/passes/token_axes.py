@@ -61,8 +61,9 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if hidden.dim() != 3:
         raise UnroutableBlockError(f"{where}: the first argument has shape {tuple(hidden.shape)}; a routed block takes a (batch, tokens, features) hidden state first.")
     token = size_expr(hidden.shape[1])
-    gm.meta["modpass_passthrough_outputs"] = {
-        j: inputs.index(out) for j, out in enumerate(flat_outputs(gm)[1:], start=1) if out in inputs
+    outputs = flat_outputs(gm)
+    passthrough = gm.meta["modpass_passthrough_outputs"] = {
+        j: inputs.index(out) for j, out in enumerate(outputs[1:], start=1) if out in inputs
     }
     if token == 1:
         # A single token (decoding, or a one-token call): k is 1 too, so no
@@ -101,14 +102,12 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         node.meta["modpass_token_axes"] = axes
         node.meta["modpass_batch_axis"] = batch_axis
 
-    outputs = flat_outputs(gm)
     first = outputs[0] if outputs else None
     if not isinstance(first, torch.fx.Node) or [size_expr(s) for s in first.meta["val"].shape] != [size_expr(s) for s in hidden.shape]:
         raise UnroutableBlockError(
             f"{where}: the block's first output is not a hidden state shaped like its input {tuple(hidden.shape)}; "
             "a routed block must map (B, T, D) to (B, T, D)."
         )
-    passthrough = gm.meta["modpass_passthrough_outputs"]
     for j, out in enumerate(outputs[1:], start=1):
         if j in passthrough:
             continue
