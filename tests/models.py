@@ -45,10 +45,13 @@ class NanoGPT(nn.Module):
         self.lm_head = nn.Linear(width, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = self.embed(idx)
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
 
 
 class BiasBlock(NanoBlock):
@@ -67,7 +70,7 @@ class BiasGPT(NanoGPT):
         self.h = nn.ModuleList(BiasBlock(width, heads) for _ in range(layers))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = self.embed(idx)
         positions = torch.arange(idx.shape[1], device=idx.device)
         distance = (positions.unsqueeze(1) - positions).to(x.dtype)
         slope = idx[:, :1, None, None].to(x.dtype) / self.wte.num_embeddings

@@ -446,15 +446,13 @@ class InPlaceEmbeddingGPT(models.NanoGPT):
     """nanoGPT whose embeddings are written into an empty tensor half by half, in place through views (as
     DeepSeek-V3's attention assembles its keys): Dynamo's graph holds ``copy_`` calls that nothing uses."""
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
         tokens, positions = self.wte(idx), self.wpe(torch.arange(idx.shape[1], device=idx.device))
         x = tokens.new_empty(tokens.shape)
         half = x.shape[-1] // 2
         x[..., :half].copy_(tokens[..., :half] + positions[..., :half])
         x[..., half:].copy_(tokens[..., half:] + positions[..., half:])
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return x
 
 
 def causal_lm_logits(model, idx):
