@@ -19,6 +19,7 @@ The model is not modified.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -36,8 +37,13 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
         args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
     wrapper, tensors = FlatCall.wrap(model, args, kwargs)
     calls: dict[str, tuple] = {}
+
+    def remember_first_call(module, args, kwargs, path):
+        # Returns None: a pre-hook's return value would replace the arguments of this and every later call.
+        calls.setdefault(path, (args, dict(kwargs)))
+
     handles = [
-        module.register_forward_pre_hook(lambda m, a, k, path=path: calls.setdefault(path, (a, dict(k))), with_kwargs=True)
+        module.register_forward_pre_hook(functools.partial(remember_first_call, path=path), with_kwargs=True)
         for path, module in model.named_modules()
         if path
     ]
