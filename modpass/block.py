@@ -276,19 +276,33 @@ class RoutedBlock(nn.Module):
         if len(groups) == 1 and groups[0].rows is None:
             return self.run(groups[0], args, kwargs, records)
         analysed, batch_leaves = self.analysis(args, kwargs)
+        if analysed.meta["modpass_batch_mixing"]:
+            raise UnroutableBlockError(
+                f"{self._plan.path}: this batch is routed in groups of rows (its tasks or route-mask capacities differ), "
+                "one call of the block per group, but the block combines different sequences of its batch: "
+                + "; ".join(analysed.meta["modpass_batch_mixing"])
+                + ". Give it batches of one task, by name (task='...'; a tensor of task ids is split in groups under "
+                "torch.compile), without a route mask of differing capacities, or leave this block dense with layers=."
+            )
         template = analysed.meta["modpass_output_template"]
         leaves = _structure.tensors((args, kwargs))
-        result = hidden.new_empty(hidden.shape)
+        row_outputs = (0, *analysed.meta["modpass_row_outputs"])
+        assembled = {}
         for group in groups:
             rows = group.rows.to(hidden.device)
             sub = [leaf.index_select(0, rows) if is_batch else leaf for leaf, is_batch in zip(leaves, batch_leaves)]
             sub_args, sub_kwargs = _structure.replace((args, kwargs), sub)
             output = self.run(group, sub_args, sub_kwargs, records)
             outputs = _structure.collect(template, output)
-            result = result.index_copy(0, rows, outputs[0])
-        # The other outputs are the last group's, except inputs passed through: those are returned whole.
-        # (Item by item: torch 2.6's Dynamo cannot trace `|` on dicts.)
-        outputs[0] = result
+            for j in row_outputs:
+                part = outputs[j]
+                if j not in assembled:
+                    assembled[j] = part.new_empty((hidden.shape[0], *part.shape[1:]))
+                assembled[j] = assembled[j].index_copy(0, rows, part)
+        # Outputs that follow the batch are assembled row by row; inputs passed through are returned whole; the
+        # rest are the same in every group. (Item by item: torch 2.6's Dynamo cannot trace `|` on dicts.)
+        for j in row_outputs:
+            outputs[j] = assembled[j]
         for j, i in analysed.meta["modpass_passthrough_outputs"].items():
             outputs[j] = leaves[i]
         return _structure.fill(template, [outputs[j] for j in range(len(outputs))])

@@ -80,6 +80,33 @@ class BiasGPT(NanoGPT):
         return self.lm_head(self.ln_f(x))
 
 
+class ConditionedBlock(NanoBlock):
+    """Reads a per-sequence conditioning vector ``(B, D)`` and hands a new one to the next block, as DiT-style
+    blocks hand on their modulation."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.condition = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(x + c[:, None], is_causal=True), torch.tanh(self.condition(c))
+
+
+class ConditionedGPT(NanoGPT):
+    """nanoGPT conditioned on each sequence's first token through a vector its blocks update."""
+
+    def __init__(self, width: int = 32, layers: int = 4, heads: int = 4):
+        super().__init__(width=width, layers=layers, heads=heads)
+        self.h = nn.ModuleList(ConditionedBlock(width, heads) for _ in range(layers))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        c = self.wte(idx[:, 0])
+        for block in self.h:
+            x, c, *_ = block(x, c)
+        return self.lm_head(self.ln_f(x + c[:, None]))
+
+
 def llama(layers: int = 4, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -59,6 +59,16 @@ def test_find_blocks_refuses_a_model_without_blocks():
         find_blocks(capture(model, (torch.randn(2, 5, 8),)))
 
 
+def test_capture_computes_what_the_model_computes_when_it_calls_a_module_twice():
+    """The hooks that record each module's first call must not replay its arguments into later calls."""
+    torch.manual_seed(0)
+    model = models.ConditionedGPT().eval()  # calls its token embedding on the ids, then on their first column
+    idx = torch.randint(0, 61, (2, 9))
+    gm = capture(model, (idx,))
+    assert gm.meta["modpass_traced_calls"]["wte"][0][0].dim() == 2
+    torch.testing.assert_close(gm(idx), model(idx))
+
+
 def analysed_llama_block():
     model = models.llama(layers=2)
     ids = torch.randint(0, 97, (2, 11))
@@ -569,6 +579,16 @@ def test_token_mixing_accepts_eager_attention():
 
     gm = token_axes(capture_block(EagerAttention(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm
+
+
+def test_token_mixing_reads_a_two_tensor_max_as_elementwise_and_notes_what_mixes_the_batch():
+    class ClampedAndCentred(nn.Module):
+        def forward(self, x, c):
+            floor = torch.full((), -1.0)
+            return torch.max(x, floor) + (c - c.mean(dim=0))[:, None]  # XGLM clamps its scores so
+
+    gm = token_mixing(token_axes(capture_block(ClampedAndCentred(), (torch.randn(2, 9, 8), torch.randn(2, 8)), {})))
+    assert [reason.split(" [")[0] for reason in gm.meta["modpass_batch_mixing"]] == ["aten.mean.dim"]
 
 
 def test_token_mixing_accepts_the_token_count_as_a_size():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import modpass
 from modpass import routing, schedules
@@ -67,6 +68,46 @@ def test_an_input_that_blocks_hand_on_leaves_a_mixed_batch_whole():
         with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
             compiled = torch.compile(routed, backend="eager", fullgraph=True)(idx, task=torch.tensor([0, 1, 1, 0]))
         torch.testing.assert_close(compiled, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_vector_per_sequence_that_blocks_hand_on_is_assembled_row_by_row():
+    """Each block computes the next block's conditioning per sequence: a mixed batch must keep each row's own."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.ConditionedGPT().eval(), TASKS, layers="all")
+    randomise_routers(routed)
+    idx = torch.randint(1, 61, (4, 16))
+    tasks = ["t2i", "mmu", "mmu", "t2i"]
+    with torch.no_grad():
+        alone = torch.cat([routed(idx[i : i + 1], task=t) for i, t in enumerate(tasks)])
+        torch.testing.assert_close(routed(idx, task=tasks), alone, rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            compiled = torch.compile(routed, backend="eager", fullgraph=True)(idx, task=torch.tensor([0, 1, 1, 0]))
+        torch.testing.assert_close(compiled, alone, rtol=1e-5, atol=1e-5)
+
+
+class BatchMixingBlock(models.ConditionedBlock):
+    def __init__(self, width: int, heads: int, mixing: str):
+        super().__init__(width, heads)
+        self.mixing = mixing
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, c = super().forward(x, c)
+        if self.mixing == "centred over the batch":
+            return y, c - c.mean(dim=0)
+        return y, c, x.new_ones(()) * x.shape[0]  # "scaled by the batch size": one value for the whole batch
+
+
+@pytest.mark.parametrize("mixing, reason", [("centred over the batch", "aten.mean.dim"), ("scaled by the batch size", "output 2 is one value")])
+def test_a_block_that_mixes_sequences_refuses_a_mixed_batch(mixing, reason):
+    torch.manual_seed(0)
+    model = models.ConditionedGPT(layers=2).eval()
+    model.h = nn.ModuleList(BatchMixingBlock(32, 4, mixing) for _ in model.h)
+    routed = modpass.transform(model, dict.fromkeys(TASKS, 1.0), layers="all")
+    idx = torch.randint(1, 61, (4, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(idx, task="mmu"), model(idx))
+        with pytest.raises(modpass.UnroutableBlockError, match=f"one call of the block per group.*{reason}"):
+            routed(idx, task=["t2i", "mmu", "mmu", "t2i"])
 
 
 def test_flops_per_task_follow_the_per_task_ratios(two_task):

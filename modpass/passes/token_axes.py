@@ -9,6 +9,12 @@ empty when the input is not token-indexed) and ``meta["modpass_batch_axis"]``
 ``gm.meta["modpass_passthrough_outputs"]`` maps the position of every extra
 output that is one of the block's inputs, returned as it came (T5 hands its
 position bias on to the next layer this way), to that input's position.
+Of the other extra outputs, ``gm.meta["modpass_row_outputs"]`` lists those that
+follow the batch (a per-sequence conditioning vector handed on, as DiT-style
+blocks do): a mixed-task batch assembles them row by row, like the hidden
+state. ``gm.meta["modpass_batch_wide_outputs"]`` lists those that are
+batch-free yet computed from per-sequence inputs (a statistic over the batch):
+they have no per-row value, so a mixed-task batch refuses them.
 The graph is unchanged.
 
 An axis is a token axis exactly when its size is the symbol ``T`` itself.
@@ -73,6 +79,7 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.meta["modpass_batch_axis"] = 0 if node.meta["val"].dim() and size_expr(node.meta["val"].shape[0]) == size_expr(hidden.shape[0]) else None
         gm.meta["modpass_token_symbol"] = None
         gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
+        classify_extra_outputs(gm, inputs, outputs)
         return gm
     if isinstance(token, int):
         raise UnroutableBlockError(
@@ -121,4 +128,25 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             )
     gm.meta["modpass_token_symbol"] = token
     gm.meta["modpass_batch_symbol"] = batch
+    classify_extra_outputs(gm, inputs, outputs)
     return gm
+
+
+def classify_extra_outputs(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], outputs: list) -> None:
+    """Sort the computed extra outputs into those that follow the batch and those reduced over it."""
+    batch = gm.meta["modpass_batch_symbol"]
+    per_row = {n for n in inputs if n.meta["modpass_batch_axis"] == 0 or n.meta["modpass_token_axes"]}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" and any(a in per_row for a in node.all_input_nodes):
+            per_row.add(node)
+    row_outputs, batch_wide_outputs = [], []
+    for j, out in enumerate(outputs[1:], start=1):
+        val = out.meta.get("val") if isinstance(out, torch.fx.Node) else None
+        if j in gm.meta["modpass_passthrough_outputs"] or not isinstance(val, torch.Tensor):
+            continue
+        if val.dim() and size_expr(val.shape[0]) == batch:
+            row_outputs.append(j)
+        elif out in per_row:
+            batch_wide_outputs.append(j)
+    gm.meta["modpass_row_outputs"] = tuple(row_outputs)
+    gm.meta["modpass_batch_wide_outputs"] = tuple(batch_wide_outputs)

@@ -6,6 +6,10 @@ Guarantees: the graph is unchanged and every op that combines values from
 different token positions is attention-like, so running the block on a subset
 of tokens is the MoD semantics; otherwise ``UnroutableBlockError`` lists each
 offending op with the source line that created it.
+``gm.meta["modpass_batch_mixing"]`` lists where the block combines different
+sequences of the batch (the same rules, read along the batch axis). Such a
+block cannot run a mixed-task batch, which it would see one task's rows at a
+time; that is refused when it happens, since one task per batch is fine.
 
 A tensor *carries tokens* along the axes whose size mentions ``T``. An op
 mixes tokens when it combines positions along such an axis:
@@ -168,6 +172,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if not hit:
         return None
     if name in REDUCTIONS:
+        if name in {"max", "min"} and "other" in args:  # torch.max(a, b): elementwise
+            return None
         return None if len(dims) >= 2 else f"reduces over the token axis ({name})"
     if name == "slice":
         start, end, step = args.get("start"), args.get("end"), args.get("step", 1)
@@ -356,7 +362,18 @@ def model_source_line(node: torch.fx.Node) -> str:
     return (user or frames or ["unknown source"])[-1]
 
 
+def batch_mixing(gm: torch.fx.GraphModule) -> list[str]:
+    """Where the block combines different sequences of its batch: the ops that would mix tokens, read along the
+    batch axis, and extra outputs that are one value for the whole batch (see ``token_axes``)."""
+    batch = gm.meta["modpass_batch_symbol"]
+    ops = [] if isinstance(batch, int) else [node for node in gm.graph.nodes if mixing_reason(node, batch)]
+    return [f"{node.target} [{model_source_line(node)}]" for node in dict.fromkeys(ops)] + [
+        f"output {j} is one value for the whole batch, computed from its sequences" for j in gm.meta["modpass_batch_wide_outputs"]
+    ]
+
+
 def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    gm.meta["modpass_batch_mixing"] = batch_mixing(gm)
     symbol = gm.meta["modpass_token_symbol"]
     if symbol is None:  # a single-token call: nothing to mix
         return gm
