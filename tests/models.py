@@ -34,13 +34,15 @@ class NanoBlock(nn.Module):
 
 
 class NanoGPT(nn.Module):
+    block_class = NanoBlock
+
     def __init__(self, vocab: int = 61, width: int = 32, layers: int = 4, heads: int = 4, block_size: int = 64,
                  causal: bool = True):
         super().__init__()
         self.block_size = block_size
         self.wte = nn.Embedding(vocab, width)
         self.wpe = nn.Embedding(block_size, width)
-        self.h = nn.ModuleList(NanoBlock(width, heads, causal) for _ in range(layers))
+        self.h = nn.ModuleList(self.block_class(width, heads, causal) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab, bias=False)
 
@@ -65,9 +67,7 @@ class BiasBlock(NanoBlock):
 class BiasGPT(NanoGPT):
     """nanoGPT whose blocks share one causal ALiBi-style bias, its slope set by each sequence's first token."""
 
-    def __init__(self, width: int = 32, layers: int = 4, heads: int = 4):
-        super().__init__(width=width, layers=layers, heads=heads)
-        self.h = nn.ModuleList(BiasBlock(width, heads) for _ in range(layers))
+    block_class = BiasBlock
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx)
@@ -84,20 +84,18 @@ class ConditionedBlock(NanoBlock):
     """Reads a per-sequence conditioning vector ``(B, D)`` and hands a new one to the next block, as DiT-style
     blocks hand on their modulation."""
 
-    def __init__(self, width: int, heads: int):
-        super().__init__(width, heads)
+    def __init__(self, width: int, heads: int, causal: bool = True):
+        super().__init__(width, heads, causal)
         self.condition = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mix(x + c[:, None], is_causal=True), torch.tanh(self.condition(c))
+        return self.mix(x + c[:, None], is_causal=self.causal), torch.tanh(self.condition(c))
 
 
 class ConditionedGPT(NanoGPT):
     """nanoGPT conditioned on each sequence's first token through a vector its blocks update."""
 
-    def __init__(self, width: int = 32, layers: int = 4, heads: int = 4):
-        super().__init__(width=width, layers=layers, heads=heads)
-        self.h = nn.ModuleList(ConditionedBlock(width, heads) for _ in range(layers))
+    block_class = ConditionedBlock
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx)
