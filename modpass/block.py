@@ -20,6 +20,7 @@ such inputs to avoid it).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -132,9 +133,10 @@ class RoutedBlock(nn.Module):
         self.__dict__["last_routing"] = []
         # Why rows of different capacities cannot share one call here (see share_one_call), or None.
         self.__dict__["shared_call_refusal"] = None
+        self.__dict__["_hidden_name"] = first_parameter_name(block)
         # Calls this block is known to receive, to prepare its graphs ahead of
         # use in each train/eval mode (torch.compile cannot capture mid-trace).
-        self.__dict__["_examples"] = list(examples or [])
+        self.__dict__["_examples"] = [self.hidden_first(*call) for call in examples or []]
         # Autocast dtypes to prepare those calls under as well (modpass.prepare_autocast).
         self.__dict__["_autocast_dtypes"] = []
 
@@ -162,8 +164,12 @@ class RoutedBlock(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        args, kwargs = self.hidden_first(args, kwargs)
         if not args or not isinstance(args[0], torch.Tensor):
-            raise RoutingInputError(f"{self._plan.path}: a routed block takes the hidden state as its first positional argument.")
+            raise RoutingInputError(
+                f"{self._plan.path}: a routed block takes the hidden state as its first argument (by position, or by "
+                f"the name of the block's first parameter, {self._hidden_name!r})."
+            )
         state = self._state
         if state.dense:
             return self._block(*args, **kwargs)
@@ -186,6 +192,14 @@ class RoutedBlock(nn.Module):
             output, records = route(args, kwargs)
         self.last_routing = [RoutingRecord(*fields) for fields in records]
         return output
+
+    def hidden_first(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call with a hidden state given by name (``block(hidden_states=h)``, as diffusers calls its blocks) moved
+        to the front, the form every routed path reads."""
+        if args or self._hidden_name not in kwargs:
+            return args, kwargs
+        kwargs = dict(kwargs)
+        return (kwargs.pop(self._hidden_name),), kwargs
 
     def run(self, group: TaskGroup, args: tuple, kwargs: dict, records: list):
         """Route one group of sequences (the whole batch unless ``group.rows``); its record's fields go to ``records``."""
@@ -563,6 +577,16 @@ def capacity_carriers(ratio: Fraction, device: torch.device) -> tuple[torch.Tens
     for carrier in carriers:
         torch._dynamo.maybe_mark_dynamic(carrier, 0)
     return carriers
+
+
+def first_parameter_name(block: nn.Module) -> str | None:
+    """The name of the first parameter of ``block.forward`` when a caller may pass it by name."""
+    try:
+        parameters = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature (a builtin)
+        return None
+    first = parameters[0] if parameters else None
+    return first.name if first is not None and first.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else None
 
 
 def resolve(module: nn.Module, target: str):

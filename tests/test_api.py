@@ -72,6 +72,30 @@ def test_inplace_routes_the_model_itself():
     assert isinstance(model.h[1], modpass.RoutedBlock)
 
 
+class KeywordCallGPT(models.NanoGPT):
+    """Passes the hidden state to its blocks by name, as diffusers' transformers do (``block(hidden_states=h)``)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.h:
+            x = block(x=x)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_blocks_called_with_the_hidden_state_by_name_route_as_by_position():
+    torch.manual_seed(0)
+    model = KeywordCallGPT().eval()
+    by_position = models.NanoGPT().eval()
+    by_position.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(modpass.transform(model, 1.0)(idx), model(idx))
+        routed, reference = modpass.transform(model, 0.5), modpass.transform(by_position, 0.5)
+        torch.testing.assert_close(routed(idx), reference(idx))
+        compiled = torch.compile(routed, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(idx), reference(idx))
+
+
 def test_failed_inplace_transform_leaves_no_half_routed_model():
     model = MixedStack().eval()
     with pytest.raises(modpass.UnroutableBlockError):
