@@ -105,6 +105,28 @@ class ConditionedGPT(NanoGPT):
         return self.lm_head(self.ln_f(x + c[:, None]))
 
 
+class HeadRepeatedMaskBlock(NanoBlock):
+    """Attends under a ``(B, 1, T)`` key bias that it repeats per head and views back by the hidden state's batch, as
+    diffusers' attention prepares its mask: export then ties the bias's batch to the hidden state's only by guards."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        mask = bias.repeat_interleave(self.heads, dim=0).view(x.shape[0], self.heads, -1, bias.shape[-1])
+        return self.mix(x, attn_mask=mask)
+
+
+class KeyPaddingGPT(NanoGPT):
+    """A bidirectional nanoGPT whose blocks ignore the keys that ``keep`` marks as padding."""
+
+    block_class = HeadRepeatedMaskBlock
+
+    def forward(self, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        bias = (1.0 - keep[:, None, :].to(x.dtype)) * -10000.0
+        for block in self.h:
+            x = block(x, bias)
+        return self.lm_head(self.ln_f(x))
+
+
 def llama(layers: int = 4, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -72,6 +72,21 @@ def test_what_blocks_hand_on_keeps_every_row_in_a_mixed_batch(build):
         torch.testing.assert_close(compiled, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_a_mask_whose_batch_only_guards_tie_to_the_hidden_states_follows_the_rows():
+    """diffusers repeats a (B, 1, T) mask per head and views it back by the batch; that mask must be gathered per row."""
+    torch.manual_seed(0)
+    model = models.KeyPaddingGPT().eval()
+    idx, keep = torch.randint(1, 61, (4, 16)), torch.ones(4, 16, dtype=torch.long)
+    keep[1, 10:], keep[2, 5:] = 0, 0
+    routed = modpass.transform(model, {"t2i": 1.0, "mmu": 0.5}, layers="all", example_inputs=(idx, keep))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(idx, keep, task="t2i"), model(idx, keep))
+        randomise_routers(routed)
+        tasks = ["t2i", "mmu", "mmu", "t2i"]
+        alone = torch.cat([routed(idx[i : i + 1], keep[i : i + 1], task=t) for i, t in enumerate(tasks)])
+        torch.testing.assert_close(routed(idx, keep, task=tasks), alone, rtol=1e-5, atol=1e-5)
+
+
 class BatchMixingBlock(models.ConditionedBlock):
     def __init__(self, width: int, heads: int, mixing: str):
         super().__init__(width, heads)

@@ -23,7 +23,9 @@ independent and only the block's own arithmetic ties a size to ``T`` (a mask
 added to the attention scores, rotary tables multiplied into the queries).
 Sizes are never compared: a head size, batch or width equal to ``T`` at
 capture time stays a different symbol or a constant, and cross-attention
-states of another sequence keep their own symbol.
+states of another sequence keep their own symbol. An input's first axis
+follows the batch when it is the batch's symbol or the export's guards prove
+it equal (see ``follows_batch``).
 
 Refuses (``UnroutableBlockError``) inputs or outputs whose size is another
 expression of ``T`` (``2*T``, ``T + 1``), token-indexed inputs that are not
@@ -33,7 +35,9 @@ inputs passed through.
 
 from __future__ import annotations
 
+import sympy
 import torch
+from torch.utils._sympy.functions import FloorDiv
 
 from ..errors import UnroutableBlockError
 
@@ -86,9 +90,9 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             f"{where}: the block fixes its token count to {token} (its computation only works for that "
             "length), so it cannot run on a subset of tokens. Leave it dense with layers=."
         )
-    batch = size_expr(hidden.shape[0])
     for i, node in enumerate(inputs):
         val = node.meta["val"]
+        batch = size_expr(hidden.shape[0])  # read again: follows_batch may have equated it with another input's
         axes = tuple(d for d, s in enumerate(val.shape) if size_expr(s) == token)
         tied = [d for d, s in enumerate(val.shape) if mentions(s, token) and d not in axes]
         if tied:
@@ -96,7 +100,7 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 f"{where}: input {i} has shape {tuple(val.shape)}, where axis {tied[0]} depends on the token "
                 "count without being it; such an input cannot be gathered to a subset of tokens."
             )
-        batch_axis = 0 if val.dim() and size_expr(val.shape[0]) == batch and 0 not in axes else None
+        batch_axis = 0 if val.dim() and follows_batch(val.shape[0], hidden.shape[0]) and 0 not in axes else None
         if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1:
             first = size_expr(val.shape[0])
             folded = not isinstance(first, int) and not isinstance(batch, int) and (first / batch).is_Integer
@@ -127,9 +131,33 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 "where the model can (output_attentions=False, use_cache=False), or leave this block dense with layers=."
             )
     gm.meta["modpass_token_symbol"] = token
-    gm.meta["modpass_batch_symbol"] = batch
+    gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
     classify_extra_outputs(gm, inputs, outputs)
     return gm
+
+
+def follows_batch(size, batch_size) -> bool:
+    """Whether an input's first axis is the batch: the batch's own symbol, or one the export's guards prove equal to it.
+
+    The proof taken is ``size // batch == 1`` with ``batch`` dividing ``size``:
+    diffusers' attention repeats a ``(B, 1, T)`` mask per head and views it
+    back by the hidden state's batch, which ties the two sizes only so. A
+    proven equality is then recorded in the export's shape environment, so
+    that every size computed from the input reads as one of the batch.
+    """
+    first, batch = size_expr(size), size_expr(batch_size)
+    if first == batch:
+        return True
+    if isinstance(first, int) or isinstance(batch, int) or not first.is_Symbol:
+        return False
+    shape_env = size.node.shape_env
+    ratio = sympy.cancel(first / batch)
+    divides = any(sympy.cancel(shape_env.replace(m.args[0]) / shape_env.replace(m.args[1])) == ratio for m in shape_env.divisible)
+    floor_is_one = any(shape_env.replace(g.expr) == sympy.Eq(FloorDiv(first, batch), 1) for g in shape_env.guards)
+    if not (divides and floor_is_one):
+        return False
+    torch._check(size == batch_size)  # implied by the guards above; records one symbol as the other
+    return size_expr(size) == size_expr(batch_size)
 
 
 def classify_extra_outputs(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], outputs: list) -> None:
