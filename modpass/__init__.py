@@ -1,7 +1,7 @@
 """modpass: task-aware Mixture-of-Depths for any PyTorch transformer, by graph transformation."""
 
 from . import schedules
-from .api import prepare_autocast, routed_blocks, routing_plan_of, set_ratios, transform
+from .api import default_task, prepare_autocast, routed_blocks, routing_plan_of, set_ratios, transform
 from .block import RoutedBlock
 from .errors import (
     CaptureError,
@@ -30,6 +30,7 @@ __all__ = [
     "RoutingPlan",
     "UnroutableBlockError",
     "aux_loss",
+    "default_task",
     "dense",
     "flops",
     "load",

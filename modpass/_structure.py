@@ -46,8 +46,8 @@ def signature(tree, path: str = "") -> tuple:
         return ("constant", tree)
     raise RoutingInputError(
         f"argument {path or '<root>'} is a {type(tree).__name__}; routed blocks take tensors and plain flags only. "
-        "A KV cache cannot be shared by routed blocks yet: call the model with use_cache=False "
-        "(generation through routed blocks is not supported)."
+        "A KV cache cannot be shared by routed blocks yet: call the model with use_cache=False; generate() works "
+        "that way too (a routed model's default), rerunning the whole sequence at each step."
     )
 
 

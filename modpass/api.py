@@ -1,11 +1,12 @@
-"""Public verbs: ``transform`` and ``set_ratios`` (save/load, aux_loss and flops live in their own modules)."""
+"""Public verbs: ``transform``, ``set_ratios`` and ``default_task`` (save/load, aux_loss and flops live in their own modules)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,7 +16,7 @@ from . import _structure
 from ._compat import uncompiled
 from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
-from .errors import CaptureError, ConfigError, ModpassError, PlanError, UnroutableBlockError
+from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
 from .hints import batch_wide_experts_hint
 from .inputs import example_inputs_for
 from .passes.capture import capture
@@ -141,10 +142,11 @@ def apply_plan(
     for path, block in routed.items():
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, block)
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False):
-        # Routed blocks would write k-token keys/values into a shared cache.
-        config.use_cache = False
+    # Routed blocks would write k-token keys/values into a shared cache; without one, Hugging Face's
+    # generate() reruns the whole sequence at each step.
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
     model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)
@@ -228,6 +230,30 @@ def routing_plan_of(model: nn.Module) -> RoutingPlan | None:
 def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
     """A routed model's ``RoutedBlock`` modules by their paths in the model (the plan's paths, also through a torch.compile wrapper)."""
     return {name: m for name, m in uncompiled(model).named_modules() if isinstance(m, RoutedBlock)}
+
+
+@contextlib.contextmanager
+def default_task(model: nn.Module, task: str | Sequence[str] | torch.Tensor) -> Iterator[nn.Module]:
+    """Route the calls of ``model`` that give no ``task=`` as ``task`` inside the ``with`` block.
+
+    For callers that cannot pass ``task=``: Hugging Face's ``generate()``
+    refuses keyword arguments its model's signature does not name. ``task``
+    takes the forms ``task=`` takes (a name, one name per sequence, or a
+    LongTensor of task indices); it is checked on each call, against that
+    call's batch.
+    """
+    state = getattr(uncompiled(model), "_modpass_state", None)
+    if state is None:
+        raise ConfigError("default_task() takes a model routed by modpass.transform or modpass.load.")
+    if not isinstance(task, (str, Sequence, torch.Tensor)):
+        raise RoutingInputError(f"default_task: task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
+    for name in [task] if isinstance(task, str) else [] if isinstance(task, torch.Tensor) else task:
+        state.check(name)
+    previous, state.default_task = state.default_task, task
+    try:
+        yield model
+    finally:
+        state.default_task = previous
 
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)

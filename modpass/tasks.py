@@ -44,6 +44,8 @@ class RoutingState:
     def __init__(self, tasks: Sequence[str]):
         self.tasks = tuple(tasks)
         self.task: object = None
+        #: The task of calls that give none (see :func:`modpass.default_task`).
+        self.default_task: object = None
         self.route_mask: torch.Tensor | None = None
         self.dense = False
         #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
@@ -133,7 +135,7 @@ class RoutingState:
 def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a routed model: move ``task``/``route_mask`` into its RoutingState."""
     state: RoutingState = module._modpass_state
-    state.task = kwargs.pop("task", None)
+    state.task = kwargs.pop("task", state.default_task)
     state.route_mask = kwargs.pop("route_mask", None)
     # groups() would notice the new task anyway; clearing here keeps the last
     # call's groups out of what a compiled forward is traced (and guarded) on.

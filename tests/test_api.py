@@ -245,6 +245,32 @@ def test_kv_cache_calls_are_refused_clearly(llama_and_routed):
     assert out.past_key_values is None
 
 
+def test_generate_reruns_the_sequence_under_the_default_task():
+    torch.manual_seed(0)
+    model = models.llama().eval()
+    routed = modpass.transform(model, {"t2i": 0.5, "mmu": 1.0})
+    ids = torch.randint(1, 97, (2, 8))
+    greedy = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        with modpass.default_task(routed, "t2i"):
+            t2i = routed.generate(ids, **greedy)
+        by_hand = ids
+        for _ in range(4):
+            next_token = routed(input_ids=by_hand, task="t2i").logits[:, -1].argmax(-1, keepdim=True)
+            by_hand = torch.cat([by_hand, next_token], dim=1)
+        torch.testing.assert_close(t2i, by_hand, rtol=0, atol=0)
+        with modpass.default_task(routed, "mmu"):  # full capacity: the dense model's tokens, which it got with its cache
+            torch.testing.assert_close(routed.generate(ids, **greedy), model.generate(ids, **greedy), rtol=0, atol=0)
+        with modpass.default_task(routed, torch.tensor([0, 1])):
+            mixed = routed.generate(ids, **greedy)
+        torch.testing.assert_close(mixed[0], t2i[0], rtol=0, atol=0)
+        with pytest.raises(modpass.RoutingInputError, match="pass task="):
+            routed(input_ids=ids)  # the default ends with the with block
+        with pytest.raises(modpass.RoutingInputError, match="unknown task 'x2y'"), modpass.default_task(routed, ["t2i", "x2y"]):
+            pass
+    assert routed.generation_config.use_cache is False and model.generation_config.use_cache is True
+
+
 def test_unknown_task_names_the_known_ones(llama_and_routed):
     with pytest.raises(modpass.RoutingInputError, match=r"\['default'\]"):
         llama_and_routed[1](input_ids=torch.randint(0, 97, (1, 5)), task="t2i")
