@@ -23,7 +23,7 @@ from .passes.capture import capture
 from .passes.find_blocks import find_blocks
 from .passes.plan import plan as plan_stage
 from .plan import RoutingPlan
-from .progress import Progress
+from .progress import ModeSwitchProgress, Progress
 from .tasks import RoutingState, take_routing_arguments
 
 
@@ -147,6 +147,8 @@ def apply_plan(
     for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
         if getattr(config, "use_cache", False):
             config.use_cache = False
+    state.blocks = list(routed.values())
+    state.switching = ModeSwitchProgress(steps.enabled)
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
     model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)

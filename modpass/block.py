@@ -147,10 +147,16 @@ class RoutedBlock(nn.Module):
 
     def train(self, mode: bool = True):
         changed = mode != self.training
+        if changed:
+            others = sum(b.training != mode for b in self._state.blocks if b is not self)
+            self._state.switching.block_starts(mode, pending=others + 1)
         self._block.training = mode
         super().train(mode)
         if changed:
-            self.prepare()
+            try:
+                self.prepare()
+            finally:
+                self._state.switching.block_done()
         return self
 
     def __getstate__(self):

@@ -18,6 +18,7 @@ class Progress:
     def __init__(self, enabled: bool | None, verb: str, blocks: int | None = None) -> None:
         if enabled is not None and not isinstance(enabled, bool):
             raise ConfigError(f"{verb}: progress must be True, False or None (on a terminal only), got {enabled!r}.")
+        self.enabled = enabled
         self._bar = tqdm(total=blocks, desc=f"modpass.{verb}", unit="block", disable=None if enabled is None else not enabled,
                          dynamic_ncols=True)
 
@@ -37,3 +38,32 @@ class Progress:
     def __exit__(self, *exc_info) -> None:
         self._bar.set_postfix_str("")
         self._bar.close()
+
+
+class ModeSwitchProgress:
+    """One bar over the routed blocks that prepare graphs when their model switches train/eval mode.
+
+    ``model.train()`` visits the blocks one by one; the first block that has
+    work opens the bar for the blocks still in the other mode, and the bar
+    closes when they have all prepared. ``enabled`` is the ``progress=`` the
+    model was routed with.
+    """
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self._enabled = enabled
+        self._progress: Progress | None = None
+        self._left = 0
+
+    def block_starts(self, mode: bool, pending: int) -> None:
+        """A block begins preparing; ``pending`` blocks (itself included) have yet to switch to ``mode``."""
+        if self._left == 0:
+            self._progress = Progress(self._enabled, "train" if mode else "eval", blocks=pending)
+            self._progress.stage("preparing the routed graphs for this mode")
+            self._left = pending
+
+    def block_done(self) -> None:
+        self._left -= 1
+        self._progress.block_done()
+        if self._left == 0:
+            self._progress.__exit__(None, None, None)
+            self._progress = None

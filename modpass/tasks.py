@@ -15,6 +15,7 @@ import torch
 
 from . import _compat
 from .errors import RoutingInputError
+from .progress import ModeSwitchProgress
 
 
 @dataclass
@@ -46,6 +47,9 @@ class RoutingState:
         self.task: object = None
         #: The task of calls that give none (see :func:`modpass.default_task`).
         self.default_task: object = None
+        #: The model's routed blocks, in plan order (set by ``apply_plan``), and the bar of a train/eval switch.
+        self.blocks: list = []
+        self.switching = ModeSwitchProgress()
         self.route_mask: torch.Tensor | None = None
         self.dense = False
         #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).

@@ -399,5 +399,15 @@ def test_progress_counts_the_routed_blocks_on_request_and_is_quiet_off_a_termina
     modpass.set_ratios(routed, 0.5, progress=True)
     shown = capsys.readouterr().err
     assert "modpass.load" in shown and "modpass.set_ratios" in shown
+    routed.train()  # the bar follows the progress= the model was routed with
+    shown = capsys.readouterr().err
+    assert "modpass.train" in shown and "2/2" in shown
+    routed.eval()
+    routed.train()  # each mode's graphs are built once
+    assert "modpass.eval" in capsys.readouterr().err
+    routed.h[1].eval()  # one block alone: a bar that expects both blocks, finished by the next switch
+    routed.eval()
+    shown = capsys.readouterr().err
+    assert shown.count("\n") == 1 and "2/2" in shown.splitlines()[-1], "one bar, closed"
     with pytest.raises(modpass.ConfigError, match="progress must be True, False or None"):
         modpass.transform(model, 0.5, progress="yes")
