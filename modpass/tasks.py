@@ -139,8 +139,12 @@ class RoutingState:
 def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a routed model: move ``task``/``route_mask`` into its RoutingState."""
     state: RoutingState = module._modpass_state
-    state.task = kwargs.pop("task", state.default_task)
-    state.route_mask = kwargs.pop("route_mask", None)
+    # Read by iterating over the keys: Dynamo then guards on the whole key set. For `pop(key, default)`
+    # or `key in kwargs` it guards only on keys that are there (torch 2.13), so a forward compiled
+    # without a route mask would have dropped one given later, silently.
+    routing = {key: kwargs.pop(key) for key in [key for key in kwargs if key in ("task", "route_mask")]}
+    state.task = routing.get("task", state.default_task)
+    state.route_mask = routing.get("route_mask")
     # groups() would notice the new task anyway; clearing here keeps the last
     # call's groups out of what a compiled forward is traced (and guarded) on.
     state.cached_groups = None
