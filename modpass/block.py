@@ -343,8 +343,12 @@ class RoutedBlock(nn.Module):
         batch, tokens = hidden.shape[:2]
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens):
             got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            other_sequence = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
             raise RoutingInputError(
                 f"{self._plan.path}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
+                + (f" If this block runs over another sequence than the mask's {mask.shape[1]} tokens (a vision "
+                   "encoder's patches beside a language model's tokens), route only the blocks of the mask's sequence, "
+                   f"with layers= (this is block {self._plan.index})." if other_sequence and isinstance(tokens, int) and mask.shape[1] != tokens else "")
             )
         if torch.compiler.is_compiling():
             groups = [self.share_one_call(group, mask, args, kwargs) for group in groups]

@@ -55,7 +55,9 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (at {first_user_frame(exc)}). "
             "modpass needs a model whose forward traces with symbolic sizes: data-dependent Python "
             "control flow on tensor values must be replaced by tensor ops (torch.where, torch.cond), "
-            "and example_inputs must match how the model is called." + batch_wide_experts_hint(model)
+            "and example_inputs must match how the model is called. Where that code is outside the transformer "
+            "blocks (an image tokenizer), example_inputs that skip it (token ids only) capture the same blocks, and the "
+            "routed model still takes the model's other inputs." + batch_wide_experts_hint(model)
         ) from exc
     finally:
         for handle in handles:
