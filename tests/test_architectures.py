@@ -69,6 +69,15 @@ ARCHITECTURES = {
                                      embedding_multiplier=2.0, attention_multiplier=0.1, logits_scaling=2.0, bos_token_id=0,
                                      eos_token_id=0),
     "qwen2-vl-text-mrope": mrope_text_model("Qwen2VL"),
+    # Early-fusion unified models (UniMoD's setting): image tokens share the language model's sequence.
+    "emu3-text": causal_lm("Emu3TextConfig", "Emu3ForCausalLM", num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                           eos_token_id=0),
+    "chameleon-qk-norm": causal_lm("ChameleonConfig", "ChameleonForConditionalGeneration", num_key_value_heads=2,
+                                   pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                   vocabulary_map={"<image>": 79, **{f"IMGIMG{chr(65 + i)}Z": 80 + i for i in range(8)}},
+                                   vq_config=dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8,
+                                                  base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1,
+                                                  attn_resolutions=[])),
 }
 
 # Run by hand (MODPASS_MORE_ARCHITECTURES=1, about a minute on 2 cores): the same checks on architectures whose
