@@ -779,6 +779,17 @@ def test_a_compiled_model_follows_routing_arguments_its_first_call_lacked(first,
         torch.testing.assert_close(call(compiled, then), call(routed, then), rtol=1e-6, atol=1e-6)
 
 
+def test_a_compiled_model_follows_the_default_task():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT(layers=2).eval(), {"a": 0.25, "b": 0.75}, layers="all")
+    compiled = torch.compile(routed, backend="eager", fullgraph=True)
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        for task in ("a", "b"):
+            with modpass.default_task(compiled, task):
+                torch.testing.assert_close(compiled(idx), routed(idx, task=task), rtol=0, atol=0)
+
+
 def test_route_masks_under_compile_split_by_capacity_where_torch_cannot_share_one_call(monkeypatch):
     """Torch 2.6 cannot compile rows of different capacities as one call (``_compat.DYNAMO_CANNOT_SHARE_ONE_CALL``):
     there each capacity gets a call of its own, through graph breaks. Forced on here: compiled training matches eager."""
