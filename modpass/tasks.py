@@ -142,7 +142,10 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     # Read by iterating over the keys: Dynamo then guards on the whole key set. For `pop(key, default)`
     # or `key in kwargs` it guards only on keys that are there (torch 2.13), so a forward compiled
     # without a route mask would have dropped one given later, silently.
-    routing = {key: kwargs.pop(key) for key in [key for key in kwargs if key in ("task", "route_mask")]}
+    routing = {}
+    for key in list(kwargs):
+        if key in ("task", "route_mask"):
+            routing[key] = kwargs.pop(key)
     state.task = routing.get("task", state.default_task)
     state.route_mask = routing.get("route_mask")
     # groups() would notice the new task anyway; clearing here keeps the last

@@ -773,7 +773,8 @@ def test_a_compiled_model_follows_routing_arguments_its_first_call_lacked(first,
         task, _, masked = spec.partition("+")
         return model(idx, task=task, **({"route_mask": mask} if masked else {}))
 
-    compiled = torch.compile(routed, backend="eager", fullgraph=True)
+    # Where torch splits a route mask's rows by capacity, with graph breaks, the guards matter as much.
+    compiled = torch.compile(routed, backend="eager", fullgraph=not modpass._compat.DYNAMO_CANNOT_SHARE_ONE_CALL)
     with torch.no_grad(), torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
         call(compiled, first)
         torch.testing.assert_close(call(compiled, then), call(routed, then), rtol=1e-6, atol=1e-6)
