@@ -154,7 +154,7 @@ def find_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             "no transformer blocks found: looked for repeated sibling modules of one class (e.g. the "
             "layers of a ModuleList) that map a (batch, tokens, features) hidden state to a tensor of the "
             f"same shape and attend over tokens. Repeated modules seen: {repeated or 'none'}. If the model keeps its layers in "
-            "one module (or calls a layer more than once), modpass cannot route it."
+            "one module, or runs one layer repeatedly instead of a list of layers (ALBERT), modpass cannot route it."
         )
     blocks = []
     for index, path in enumerate(outermost):
