@@ -17,6 +17,8 @@ from ._compat import known_to_be_one
 from .errors import RoutingInputError
 
 CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+#: Symbolic scalars and the constants they stand for.
+SYMBOLIC = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}
 
 
 class Slot:
@@ -44,6 +46,10 @@ def signature(tree, path: str = "") -> tuple:
         return ("dict", tuple((key, signature(value, f"{path}[{key!r}]")) for key, value in tree.items()))
     if isinstance(tree, CONSTANTS):
         return ("constant", tree)
+    if type(tree) in SYMBOLIC:
+        # A size handed to a block (BEiT's `resolution=pixel_values.shape[2:]`) is a constant of its captured
+        # graph: reading its value makes Dynamo guard on it, so another value is another structure.
+        return ("constant", SYMBOLIC[type(tree)](tree))
     raise RoutingInputError(
         f"argument {path or '<root>'} is a {type(tree).__name__}; routed blocks take tensors and plain flags only. "
         "A KV cache cannot be shared by routed blocks yet: call the model with use_cache=False; generate() works "
@@ -73,10 +79,12 @@ def replace(tree, new: list):
 
 
 def realize(tree):
-    """``tree`` with fake (traced) tensors replaced by real zero tensors of the same metadata."""
+    """``tree`` with fake (traced) tensors replaced by real zero tensors of the same metadata, symbolic sizes by their values."""
     if isinstance(tree, torch.Tensor):
         sizes = [s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in tree.shape]
         return torch.zeros(sizes, dtype=tree.dtype, device=tree.device)
+    if type(tree) in SYMBOLIC:
+        return SYMBOLIC[type(tree)](tree.node.hint)
     if isinstance(tree, (tuple, list)):
         return type(tree)(realize(item) for item in tree)
     if isinstance(tree, dict):

@@ -16,6 +16,7 @@ import torch._dynamo
 
 import modpass
 from tests import models
+from tests.test_backend import dynamo_compiles_transformers
 from tests.test_equivalence import close_to_dense
 
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
@@ -174,6 +175,29 @@ def test_routed_bert_encoder_equals_dense_at_full_capacity():
         want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
         got = modpass.transform(dense, 1.0, layers="all")(input_ids=ids, attention_mask=mask).last_hidden_state
     close_to_dense(got[mask.bool()], want[mask.bool()])
+
+
+@pytest.mark.parametrize("shared_bias", [False, True], ids=["absolute positions", "shared relative bias"])
+def test_beit_routes_though_its_layers_take_the_image_size(shared_bias):
+    """BEiT hands every layer ``resolution=pixel_values.shape[2:]``: symbolic sizes when captured, a constant per
+    image size for the routed blocks. With a shared relative bias, each layer takes the bias as its mask."""
+    from transformers import BeitConfig, BeitModel
+
+    torch.manual_seed(0)
+    dense = BeitModel(BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=32, patch_size=8, use_shared_relative_position_bias=shared_bias)).eval()
+    with torch.no_grad():
+        for table in (p for p in dense.parameters() if not p.any()):  # zero-initialised bias tables would hide a wrong gather
+            table.normal_()
+        routed = modpass.transform(dense, 1.0, layers="all")
+        for size in (32, 48):  # 48: another image size, so other constants for the blocks
+            pixels = torch.randn(2, 3, size, size)
+            want = dense(pixels, interpolate_pos_encoding=True).last_hidden_state
+            close_to_dense(routed(pixels, interpolate_pos_encoding=True).last_hidden_state, want)
+        if dynamo_compiles_transformers():  # not on torch 2.6
+            compiled = torch.compile(modpass.transform(dense, 0.5, layers="all"), backend="eager", fullgraph=True)
+            pixels = torch.randn(2, 3, 32, 32)
+            torch.testing.assert_close(compiled(pixels).last_hidden_state, compiled._orig_mod(pixels).last_hidden_state)
 
 
 def test_t5_encoder_routes_the_layers_that_hand_on_its_position_bias():
