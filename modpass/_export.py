@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import traceback
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.export import Dim
@@ -14,6 +17,23 @@ from . import _structure
 def symbolic_axes(value: torch.Tensor) -> tuple[int, ...]:
     """The axes of a traced (fake) tensor whose sizes are symbolic."""
     return tuple(axis for axis, size in enumerate(value.shape) if isinstance(size, torch.SymInt) and size.node.expr.free_symbols)
+
+
+@contextlib.contextmanager
+def first_calls(modules: Iterable[tuple[str, torch.nn.Module]]) -> Iterator[dict[str, tuple[tuple, dict]]]:
+    """While open, record the ``(args, kwargs)`` of each named module's first call, by its name."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def remember(module, args, kwargs, path):
+        # Returns None: a pre-hook's return value would replace the arguments of this and every later call.
+        calls.setdefault(path, (args, dict(kwargs)))
+
+    handles = [module.register_forward_pre_hook(functools.partial(remember, path=path), with_kwargs=True) for path, module in modules]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def first_user_frame(exc: BaseException) -> str:

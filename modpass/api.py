@@ -14,6 +14,7 @@ from torch import nn
 
 from . import _structure
 from ._compat import uncompiled
+from ._export import first_calls
 from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
@@ -197,14 +198,9 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
 
 def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> dict[str, tuple[tuple, dict]]:
     """The ``(args, kwargs)`` each block receives when ``model`` runs on ``example_inputs``."""
-    calls: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for path in paths:
-        def remember(module, args, kwargs, path=path):
-            calls.setdefault(path, (args, dict(kwargs)))
-        handles.append(model.get_submodule(path).register_forward_pre_hook(remember, with_kwargs=True))
+    blocks = [(path, model.get_submodule(path)) for path in paths]
     try:
-        with torch.no_grad():
+        with first_calls(blocks) as calls, torch.no_grad():
             if isinstance(example_inputs, Mapping):
                 model(**example_inputs)
             elif isinstance(example_inputs, (tuple, list)):
@@ -215,9 +211,6 @@ def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> di
         raise
     except Exception as exc:
         raise CaptureError(f"running {type(model).__name__} on the example inputs failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [p for p in paths if p not in calls]
     if missing:
         raise CaptureError(f"blocks {missing} were not called when the model ran on the example inputs.")

@@ -19,12 +19,11 @@ The model is not modified.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import torch
 
-from .._export import FlatCall, first_user_frame
+from .._export import FlatCall, first_calls, first_user_frame
 from ..errors import CaptureError
 from ..hints import batch_wide_experts_hint
 
@@ -36,19 +35,9 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
     else:
         args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
     wrapper, tensors = FlatCall.wrap(model, args, kwargs)
-    calls: dict[str, tuple] = {}
-
-    def remember_first_call(module, args, kwargs, path):
-        # Returns None: a pre-hook's return value would replace the arguments of this and every later call.
-        calls.setdefault(path, (args, dict(kwargs)))
-
-    handles = [
-        module.register_forward_pre_hook(functools.partial(remember_first_call, path=path), with_kwargs=True)
-        for path, module in model.named_modules()
-        if path
-    ]
     try:
-        gm = wrapper.export(tensors).module()
+        with first_calls((path, module) for path, module in model.named_modules() if path) as calls:
+            gm = wrapper.export(tensors).module()
     except Exception as exc:  # torch raises many unrelated types here
         raise CaptureError(
             f"could not capture {type(model).__name__} with torch.export (non-strict): "
@@ -59,9 +48,6 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
             "blocks (an image tokenizer), example_inputs that skip it (token ids only) capture the same blocks, and the "
             "routed model still takes the model's other inputs." + batch_wide_experts_hint(model)
         ) from exc
-    finally:
-        for handle in handles:
-            handle.remove()
     gm.meta["modpass_traced_calls"] = calls
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
