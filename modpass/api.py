@@ -24,7 +24,7 @@ from .passes.capture import capture
 from .passes.find_blocks import find_blocks
 from .passes.plan import plan as plan_stage
 from .plan import RoutingPlan
-from .progress import ModeSwitchProgress, Progress
+from .progress import Progress
 from .tasks import RoutingState, take_routing_arguments
 
 
@@ -108,7 +108,7 @@ def apply_plan(
     Each block is prepared for the calls it receives in eager mode and while
     traced (what torch.compile will show it), so both run without capture.
     """
-    state = RoutingState(routing_plan.tasks)
+    state = RoutingState(routing_plan.tasks, progress=steps.enabled)
     steps.expect(len(routing_plan.blocks))
     steps.stage("running the example inputs")
     calls = record_block_calls(model, [b.path for b in routing_plan.blocks], example_inputs)
@@ -149,7 +149,6 @@ def apply_plan(
         if getattr(config, "use_cache", False):
             config.use_cache = False
     state.blocks = list(routed.values())
-    state.switching = ModeSwitchProgress(steps.enabled)
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
     model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)

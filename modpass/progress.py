@@ -35,9 +35,12 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def close(self) -> None:
         self._bar.set_postfix_str("")
         self._bar.close()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class ModeSwitchProgress:
@@ -45,11 +48,10 @@ class ModeSwitchProgress:
 
     ``model.train()`` visits the blocks one by one; the first block that has
     work opens the bar for the blocks still in the other mode, and the bar
-    closes when they have all prepared. ``enabled`` is the ``progress=`` the
-    model was routed with.
+    closes when they have all prepared.
     """
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | None) -> None:
         self._enabled = enabled
         self._progress: Progress | None = None
         self._left = 0
@@ -65,5 +67,5 @@ class ModeSwitchProgress:
         self._left -= 1
         self._progress.block_done()
         if self._left == 0:
-            self._progress.__exit__(None, None, None)
+            self._progress.close()
             self._progress = None

@@ -42,14 +42,15 @@ class TaskGroup:
 class RoutingState:
     """Per-call routing inputs shared by the routed blocks of one model."""
 
-    def __init__(self, tasks: Sequence[str]):
+    def __init__(self, tasks: Sequence[str], progress: bool | None = None):
         self.tasks = tuple(tasks)
         self.task: object = None
         #: The task of calls that give none (see :func:`modpass.default_task`).
         self.default_task: object = None
-        #: The model's routed blocks, in plan order (set by ``apply_plan``), and the bar of a train/eval switch.
+        #: The model's routed blocks, in plan order (set by ``apply_plan``), and the bar of a train/eval switch,
+        #: shown as the ``progress=`` the model was routed with says.
         self.blocks: list = []
-        self.switching = ModeSwitchProgress()
+        self.switching = ModeSwitchProgress(progress)
         self.route_mask: torch.Tensor | None = None
         self.dense = False
         #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
