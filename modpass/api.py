@@ -239,10 +239,13 @@ def default_task(model: nn.Module, task: str | Sequence[str] | torch.Tensor) -> 
     state = getattr(uncompiled(model), "_modpass_state", None)
     if state is None:
         raise ConfigError("default_task() takes a model routed by modpass.transform or modpass.load.")
-    if not isinstance(task, (str, Sequence, torch.Tensor)):
+    if isinstance(task, str):
+        state.check(task)
+    elif isinstance(task, Sequence):
+        for name in task:
+            state.check(name)
+    elif not isinstance(task, torch.Tensor):  # task ids are checked per call, as task= ids are
         raise RoutingInputError(f"default_task: task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
-    for name in [task] if isinstance(task, str) else [] if isinstance(task, torch.Tensor) else task:
-        state.check(name)
     previous, state.default_task = state.default_task, task
     try:
         yield model

@@ -141,7 +141,7 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a routed model: move ``task``/``route_mask`` into its RoutingState."""
     state: RoutingState = module._modpass_state
     # Read by iterating over the keys: Dynamo then guards on the whole key set. For `pop(key, default)`
-    # or `key in kwargs` it guards only on keys that are there (torch 2.13), so a forward compiled
+    # or `key in kwargs` it guards only on keys that are there (torch 2.7.1 to 2.13), so a forward compiled
     # without a route mask would have dropped one given later, silently.
     routing = {}
     for key in list(kwargs):

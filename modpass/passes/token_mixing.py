@@ -367,7 +367,7 @@ def batch_mixing(gm: torch.fx.GraphModule) -> list[str]:
     batch axis, and extra outputs that are one value for the whole batch (see ``token_axes``)."""
     batch = gm.meta["modpass_batch_symbol"]
     ops = [] if isinstance(batch, int) else [node for node in gm.graph.nodes if mixing_reason(node, batch)]
-    return [f"{node.target} [{model_source_line(node)}]" for node in dict.fromkeys(ops)] + [
+    return list(dict.fromkeys(f"{node.target} [{model_source_line(node)}]" for node in ops)) + [
         f"output {j} is one value for the whole batch, computed from its sequences" for j in gm.meta["modpass_batch_wide_outputs"]
     ]
 
