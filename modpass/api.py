@@ -33,6 +33,7 @@ def transform(
     ratios: float | Mapping[str, Any],
     *,
     layers: Layers = "every_other",
+    within: str | None = None,
     inplace: bool = False,
     gate: str = "tanh",
     aux_loss_weight: float = 0.0,
@@ -49,6 +50,10 @@ def transform(
             schedule from :mod:`modpass.schedules`.
         layers: ``"every_other"`` (blocks 1, 3, 5, ...), ``"all"``,
             ``"last_half"`` or a list of block indices.
+        within: the module path whose blocks are routed, for a model with
+            several block stacks (``"model.language_model"`` beside a vision
+            encoder); ``layers``, per-block lists and schedules then count only
+            its blocks, from 0. ``None``: every block the model has.
         inplace: modify ``model`` itself instead of a deep copy.
         gate: ``"tanh"``, ``"sigmoid"`` or ``"string"`` (see ``modpass.routing.GATES``).
         aux_loss_weight: weight of the router BCE loss returned by ``modpass.aux_loss``.
@@ -73,7 +78,8 @@ def transform(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"transform expects an nn.Module, got {type(model).__name__}.")
     refuse_compiled(model, "transform")
-    config = RoutingConfig.from_arguments(ratios, layers=layers, gate=gate, aux_loss_weight=aux_loss_weight)
+    config = RoutingConfig.from_arguments(ratios, layers=layers, gate=gate, aux_loss_weight=aux_loss_weight,
+                                          within="" if within is None else within)
     if routing_plan_of(model) is not None:
         raise ConfigError(
             f"{type(model).__name__} is already routed by modpass; transform the original model again with "
@@ -171,7 +177,7 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("set_ratios() takes a model routed by modpass.transform or modpass.load.")
-    config = RoutingConfig.from_arguments(ratios, layers=[b.index for b in plan.blocks])
+    config = RoutingConfig.from_arguments(ratios, layers=[b.index for b in plan.blocks], within=plan.within)
     if set(config.tasks) != set(plan.tasks):
         raise ConfigError(f"ratios name tasks {list(config.tasks)}; this model routes {list(plan.tasks)}. Give a ratio for each.")
     new_ratios = resolve_ratios(config, plan.num_blocks)

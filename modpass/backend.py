@@ -4,7 +4,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so no import is
 needed. Options (``torch.compile(..., options={...})``):
 
 * ``"inductor"``: a dict of Inductor config patches, passed on unchanged;
-* ``"ratios"`` / ``"layers"`` / ``"gate"``: route an *unrouted* model's blocks
+* ``"ratios"`` / ``"layers"`` / ``"within"`` / ``"gate"``: route an *unrouted* model's blocks
   in the Dynamo graph with fresh identity-gated routers (for measuring speed
   and equivalence before training);
 * ``"plan"``: route an unrouted model with a plan and router weights saved
@@ -23,7 +23,7 @@ from ._compat import inductor_mode_options
 from .errors import ConfigError
 from .passes.lower import lower
 
-ROUTING_OPTIONS = ("ratios", "layers", "gate", "plan", "task")
+ROUTING_OPTIONS = ("ratios", "layers", "within", "gate", "plan", "task")
 OPTIONS = ("inductor", *ROUTING_OPTIONS)
 
 

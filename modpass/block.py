@@ -347,8 +347,8 @@ class RoutedBlock(nn.Module):
             raise RoutingInputError(
                 f"{self._plan.path}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
                 + (f" If this block runs over another sequence than the mask's {mask.shape[1]} tokens (a vision "
-                   "encoder's patches beside a language model's tokens), route only the blocks of the mask's sequence, "
-                   f"with layers= (this is block {self._plan.index})." if other_sequence and isinstance(tokens, int) and mask.shape[1] != tokens else "")
+                   "encoder's patches beside a language model's tokens), route only the blocks of the mask's sequence: "
+                   "transform(..., within=<the module holding them>), or layers=." if other_sequence and isinstance(tokens, int) and mask.shape[1] != tokens else "")
             )
         if torch.compiler.is_compiling():
             groups = [self.share_one_call(group, mask, args, kwargs) for group in groups]

@@ -53,13 +53,16 @@ def check_task_name(name: object) -> str:
 class RoutingConfig:
     """Validated ``transform`` settings.
 
-    ``ratios`` maps each task to a float, a per-block list, or a schedule.
+    ``ratios`` maps each task to a float, a per-block list, or a schedule;
+    ``within`` is the module path whose blocks are routed ("" = the whole
+    model), and ``layers``, lists and schedules count only its blocks.
     """
 
     ratios: Mapping[str, RatioSpec]
     layers: Layers = "every_other"
     gate: str = "tanh"
     aux_loss_weight: float = 0.0
+    within: str = ""
     tasks: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,9 @@ class RoutingConfig:
         object.__setattr__(self, "tasks", tuple(check_task_name(t) for t in self.ratios))
         if self.gate not in GATES:
             raise ConfigError(f"gate {self.gate!r} is unknown; choose one of {sorted(GATES)}.")
+        if not isinstance(self.within, str):
+            raise ConfigError(f"within must be a module path such as 'model.language_model', got {type(self.within).__name__}.")
+        object.__setattr__(self, "within", self.within.strip("."))
         w = self.aux_loss_weight
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
             raise ConfigError(f"aux_loss_weight must be a finite number >= 0, got {w!r}.")
@@ -83,8 +89,13 @@ class RoutingConfig:
         )
 
 
-def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
-    """Block indices chosen by ``layers``, validated against ``num_blocks``."""
+def counted_blocks(num_blocks: int, within: str) -> str:
+    """``"the model has 4 blocks"``, naming the module the count is limited to."""
+    return f"the model has {num_blocks} blocks" + (f" in {within!r}" if within else "")
+
+
+def resolve_layers(layers: Layers, num_blocks: int, within: str = "") -> list[int]:
+    """Block indices chosen by ``layers``, validated against ``num_blocks`` (those inside ``within``)."""
     if isinstance(layers, str):
         if layers == "every_other":
             return list(range(1, num_blocks, 2))
@@ -102,7 +113,7 @@ def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise ConfigError(f"layers contains {i!r}; block indices are integers.")
         if not 0 <= i < num_blocks:
-            raise ConfigError(f"block index {i} is out of range: the model has {num_blocks} blocks (0..{num_blocks - 1}).")
+            raise ConfigError(f"block index {i} is out of range: {counted_blocks(num_blocks, within)} (0..{num_blocks - 1}).")
     if len(set(chosen)) != len(chosen):
         dupes = sorted({i for i in chosen if chosen.count(i) > 1})
         raise ConfigError(f"layers lists block(s) {dupes} more than once.")
@@ -117,7 +128,7 @@ def resolve_ratios(config: RoutingConfig, num_blocks: int) -> dict[int, dict[str
     schedule gives a ratio for every block; an entry of exactly 1.0 there
     means dense for that task at that block (``None`` in the result).
     """
-    chosen = set(resolve_layers(config.layers, num_blocks))
+    chosen = set(resolve_layers(config.layers, num_blocks, config.within))
     per_block: dict[int, dict[str, Fraction | None]] = {}
     for task, spec in config.ratios.items():
         if callable(spec):
@@ -128,7 +139,7 @@ def resolve_ratios(config: RoutingConfig, num_blocks: int) -> dict[int, dict[str
             values = list(spec)
             if len(values) != num_blocks:
                 raise ConfigError(
-                    f"ratios[{task!r}] has {len(values)} entries but the model has {num_blocks} blocks; "
+                    f"ratios[{task!r}] has {len(values)} entries but {counted_blocks(num_blocks, config.within)}; "
                     "give one ratio per block (1.0 = dense for this task at that block)."
                 )
             where = f"ratios[{task!r}]"

@@ -35,7 +35,7 @@ from .io import read
 from .passes.find_blocks import find_blocks
 from .passes.plan import plan as plan_stage
 from .pipeline import capture_block_graph, route_block_graph
-from .plan import RoutingPlan
+from .plan import RoutingPlan, in_scope
 
 # The traced model is a local of the compiled frame: its ``self``, or, where the model's forward is
 # wrapped by a ``(*args, **kwargs)`` decorator (transformers >= 5.24 wraps
@@ -73,19 +73,25 @@ def rooted_at_graph(
     A graph break above the blocks (in the model's own wrapper code, say)
     hands the backend a frame rooted at a submodule: there ``layers.1`` is the
     plan's ``model.layers.1``. The plan fits when every one of its blocks is
-    one prefix away from a block of the graph and the block counts agree.
+    one prefix away from a block of the graph and the block counts inside the
+    plan's ``within`` agree.
     """
-    if len(graph_paths) == plan.num_blocks:
-        if all(b.path in graph_paths for b in plan.blocks):
+    prefixes = sorted({p.path[: -len(g)] for p in plan.blocks for g in graph_paths if p.path.endswith("." + g)})
+    for prefix in ["", *prefixes]:  # a prefix ends with "."
+        scoped = {g for g in graph_paths if in_scope(prefix + g, plan.within)}
+        if len(scoped) != plan.num_blocks or not all(
+            b.path.startswith(prefix) and b.path.removeprefix(prefix) in scoped for b in plan.blocks
+        ):
+            continue
+        if not prefix:
             return plan, routers
-        prefixes = {p.path[: -len(g)] for p in plan.blocks for g in graph_paths if p.path.endswith("." + g)}
-        for prefix in prefixes:  # each ends with "."
-            if all(b.path.startswith(prefix) and b.path.removeprefix(prefix) in graph_paths for b in plan.blocks):
-                blocks = tuple(dataclasses.replace(b, path=b.path.removeprefix(prefix)) for b in plan.blocks)
-                moved = {name.removeprefix(prefix): value for name, value in routers.items() if name.startswith(prefix)}
-                return dataclasses.replace(plan, blocks=blocks), moved
+        within = plan.within[len(prefix):] if (plan.within + ".").startswith(prefix) else ""
+        blocks = tuple(dataclasses.replace(b, path=b.path.removeprefix(prefix)) for b in plan.blocks)
+        moved = {name.removeprefix(prefix): value for name, value in routers.items() if name.startswith(prefix)}
+        return dataclasses.replace(plan, blocks=blocks, within=within), moved
+    where = f" in {plan.within!r}" if plan.within else ""
     raise PlanError(
-        f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks; the graph has "
+        f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks{where}; the graph has "
         f"{graph_paths}. Save the plan from a transform of this model class and depth."
     )
 
@@ -93,14 +99,15 @@ def rooted_at_graph(
 def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, str, dict[str, torch.Tensor]]:
     """The plan, the task to route and the router tensors, from backend options."""
     if "plan" in options:
-        if any(k in options for k in ("ratios", "layers", "gate")):
-            raise ConfigError("give either options['plan'] or options['ratios'] (with 'layers', 'gate'), not both.")
+        if any(k in options for k in ("ratios", "layers", "within", "gate")):
+            raise ConfigError("give either options['plan'] or options['ratios'] (with 'layers', 'within', 'gate'), not both.")
         plan, routers = read(options["plan"])
         plan, routers = rooted_at_graph(plan, routers, [b.path for b in gm.meta["modpass_blocks"]])
     else:
         if "ratios" not in options:
             raise ConfigError("backend routing needs options['ratios'] (or options['plan']).")
-        config = RoutingConfig.from_arguments(options["ratios"], layers=options.get("layers", "every_other"), gate=options.get("gate", "tanh"))
+        config = RoutingConfig.from_arguments(options["ratios"], layers=options.get("layers", "every_other"),
+                                              within=options.get("within", ""), gate=options.get("gate", "tanh"))
         plan = plan_stage(gm, config).meta["modpass_plan"]
         routers = {}
         warnings.warn(
@@ -177,9 +184,9 @@ def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> tuple[torch
     """A region as its own graph: ``(region module, outer input nodes, outer output nodes)``.
 
     The hidden state is the first input and the new hidden state the first
-    output. Size symbols that Dynamo passes as inputs are re-derived from a
-    tensor input carrying the same symbol, so the region's sizes follow its
-    tensors when it is captured again.
+    output. Sizes that Dynamo passes as inputs, or that the region computes
+    from them, are re-derived from a tensor input carrying the same size, so
+    the region's sizes follow its tensors when it is captured again.
     """
     region = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in region))
@@ -204,21 +211,35 @@ def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> tuple[torch
     for node in tensor_inputs:
         env[node] = graph.placeholder(node.name)
         env[node].meta = dict(node.meta)
+    dims: dict[str, tuple[torch.fx.Node, int]] = {}
+    for tensor in tensor_inputs:
+        for d, size in enumerate(tensor.meta["val"].shape):
+            dims.setdefault(str(size), (tensor, d))
+
+    def read_size(node: torch.fx.Node) -> torch.fx.Node:
+        tensor, d = dims[str(node.meta["val"])]
+        return graph.call_function(torch.ops.aten.sym_size.int, (env[tensor], d))
+
+    # A size the block computes from outer symbols (a concatenated sequence's ``s0 + s1``) is read off the
+    # tensor input that carries it, so its sizes follow its tensors and the symbols need not cross.
+    derived = {n for n in nodes if n.op != "placeholder" and isinstance(n.meta.get("val"), torch.SymInt) and str(n.meta["val"]) in dims}
+    used = {a for n in nodes if n not in derived for a in n.all_input_nodes}
     for node in inputs:
-        if node in env or node in scalars:
+        if node in env or node in scalars or node not in used:
             continue
         value = node.meta.get("val")
         if not isinstance(value, torch.SymInt):
             raise UnroutableBlockError(f"block input {node.name} is a {type(value).__name__}; only tensors and sizes can cross a routed block.")
-        source = next(((t, d) for t in tensor_inputs for d, s in enumerate(t.meta["val"].shape) if str(s) == str(value)), None)
-        if source is None:
+        if str(value) not in dims:
             raise UnroutableBlockError(f"size {value} used by the block is not the size of any tensor it receives.")
-        env[node] = graph.call_function(torch.ops.aten.sym_size.int, (env[source[0]], source[1]))
+        env[node] = read_size(node)
     for node in nodes:
-        if node.op == "call_method" and node.target == "item" and node.args[0] in scalars:
+        if node in derived:
+            env[node] = read_size(node)
+        elif node.op == "call_method" and node.target == "item" and node.args[0] in scalars:
             env[node] = scalars[node.args[0]]
-            continue
-        env[node] = graph.node_copy(node, lambda a: env[a])
+        else:
+            env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(tuple(env[o] for o in outputs))
     return torch.fx.GraphModule(gm, graph), tensor_inputs, outputs
 

@@ -28,7 +28,7 @@ from .errors import ConfigError, PlanError
 from .inputs import example_inputs_for
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
-from .plan import RoutingPlan
+from .plan import RoutingPlan, in_scope
 from .progress import Progress
 
 PLAN_FILE = "plan.json"
@@ -86,9 +86,10 @@ def read(directory: str | os.PathLike) -> tuple[RoutingPlan, dict[str, torch.Ten
 def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -> dict:
     """Raise ``PlanError`` unless ``model`` has the blocks ``plan`` routes; returns the traced block calls."""
     gm = find_blocks(capture(model, example_inputs))
-    blocks = gm.meta["modpass_blocks"]
+    blocks = [b for b in gm.meta["modpass_blocks"] if in_scope(b.path, plan.within)]
     if len(blocks) != plan.num_blocks:
-        raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks; this {type(model).__name__} has {len(blocks)}.")
+        where = f" in {plan.within!r}" if plan.within else ""
+        raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks{where}; this {type(model).__name__} has {len(blocks)}.")
     by_path = {b.path: b for b in blocks}
     for block in plan.blocks:
         found = by_path.get(block.path)

@@ -16,6 +16,11 @@ from .errors import PlanError
 PLAN_FORMAT = 1
 
 
+def in_scope(path: str, within: str) -> bool:
+    """Whether the module at ``path`` lies inside the module at ``within`` ("" = the whole model)."""
+    return not within or path == within or path.startswith(within + ".")
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Routing of one block: its place in the model and a ratio per task (None = dense)."""
@@ -39,6 +44,9 @@ class RoutingPlan:
     aux_loss_weight: float = 0.0
     model_class: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    # The module whose blocks the plan counts (``transform(within=...)``); ``num_blocks`` and the
+    # blocks' indices count only those.
+    within: str = ""
 
     def block(self, path: str) -> BlockPlan:
         for b in self.blocks:
@@ -83,6 +91,7 @@ class RoutingPlan:
                 aux_loss_weight=float(data["aux_loss_weight"]),
                 model_class=str(data.get("model_class", "")),
                 versions=dict(data.get("versions", {})),
+                within=str(data.get("within", "")),
             )
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
             raise PlanError(f"routing plan is malformed ({type(exc).__name__}: {exc}); re-save it with modpass.save.") from exc

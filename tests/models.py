@@ -127,6 +127,32 @@ class KeyPaddingGPT(NanoGPT):
         return self.lm_head(self.ln_f(x))
 
 
+class PrefixVisionGPT(NanoGPT):
+    """A vision encoder over image patches whose states come before the text, as unified models (Janus, LLaVA) put an
+    image before the prompt: two block stacks, ``vision`` (bidirectional, over patches) and ``h`` (causal, over
+    patches plus text)."""
+
+    def __init__(self, patch_features: int = 12, vision_layers: int = 3, width: int = 32, heads: int = 4, **kwargs):
+        super().__init__(width=width, heads=heads, **kwargs)
+        self.patch_embed = nn.Linear(patch_features, width)
+        self.vision = nn.ModuleList(NanoBlock(width, heads, causal=False) for _ in range(vision_layers))
+
+    def forward(self, idx: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        image = self.patch_embed(patches)
+        for block in self.vision:
+            image = block(image)
+        x = torch.cat([image, self.embed(idx)], dim=1)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def prefix_vision_gpt() -> tuple[PrefixVisionGPT, dict[str, torch.Tensor]]:
+    """Three vision blocks over 6 patches, then four language blocks over the patches and 10 tokens; and its inputs."""
+    torch.manual_seed(0)
+    return PrefixVisionGPT().eval(), {"idx": torch.randint(0, 61, (2, 10)), "patches": torch.randn(2, 6, 12)}
+
+
 def llama(layers: int = 4, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

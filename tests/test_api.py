@@ -290,6 +290,52 @@ def randomised(routed):
     return routed
 
 
+def test_within_routes_the_blocks_of_one_stack_and_counts_only_them(tmp_path):
+    model, inputs = models.prefix_vision_gpt()
+    everywhere = modpass.transform(model, 0.5, example_inputs=inputs)
+    assert set(modpass.routed_blocks(everywhere)) == {"vision.1", "h.0", "h.2"}  # every other block of seven
+    text = randomised(modpass.transform(model, {"a": [1.0, 0.5, 1.0, 0.5], "b": [1.0, 1.0, 0.5, 0.25]}, layers="all",
+                                                  within="h", example_inputs=inputs))
+    plan = modpass.routing_plan_of(text)
+    assert (plan.within, plan.num_blocks) == ("h", 4)
+    assert [(b.index, b.path, b.routed_tasks()) for b in plan.blocks] == [(1, "h.1", ["a"]), (2, "h.2", ["b"]), (3, "h.3", ["a", "b"])]
+    image_only = (torch.arange(16) < 6).expand(2, 16)  # the language blocks' sequence: patches, then text
+    with torch.no_grad():
+        out = text(**inputs, task=["a", "b"], route_mask=image_only)
+    assert text.h[3].last_routing[0].index.shape[1] == 10 + 3  # the text, and half of the patches
+    with pytest.raises(modpass.RoutingInputError, match=r"vision.1: route_mask.*within="):
+        everywhere(**inputs, route_mask=image_only)
+
+    modpass.save(text, tmp_path)
+    loaded = modpass.load(model, tmp_path, example_inputs=inputs)
+    assert modpass.routing_plan_of(loaded) == plan
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs, task=["a", "b"], route_mask=image_only), out, rtol=0, atol=0)
+    modpass.set_ratios(loaded, {"a": [1.0, 0.25, 1.0, 0.25], "b": [1.0, 1.0, 0.5, 0.5]})
+    assert modpass.routing_plan_of(loaded).block("h.1").ratios["a"] == 0.25
+
+
+def test_within_at_full_capacity_equals_the_dense_model():
+    model, inputs = models.prefix_vision_gpt()
+    routed = modpass.transform(model, 1.0, layers="all", within="h.", example_inputs=inputs)
+    assert set(modpass.routed_blocks(routed)) == {f"h.{i}" for i in range(4)}
+    with torch.no_grad():
+        torch.testing.assert_close(routed(**inputs), model(**inputs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"within": "vision_tower"}, r"within='vision_tower' holds none of the model's blocks, which lie in vision \(3 blocks\), h \(4 blocks\)"),
+     ({"within": "h", "layers": [4]}, r"out of range: the model has 4 blocks in 'h'"),
+     ({"within": "h", "ratios": {"a": [0.5] * 7}}, r"7 entries but the model has 4 blocks in 'h'"),
+     ({"within": 3}, "within must be a module path")],
+)
+def test_bad_within_is_refused(kwargs, match):
+    model, inputs = models.prefix_vision_gpt()
+    with pytest.raises(modpass.ConfigError, match=match):
+        modpass.transform(model, kwargs.pop("ratios", 0.5), example_inputs=inputs, **kwargs)
+
+
 def test_set_ratios_equals_a_fresh_transform_with_the_same_routers():
     base = models.NanoGPT(layers=4)
     routed = randomised(modpass.transform(base, {"t2i": 0.5, "mmu": [1.0, 0.5, 1.0, 0.25]}, layers="all"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -603,6 +604,33 @@ def test_a_saved_plan_fits_a_frame_rooted_below_the_model():
     assert rooted_at_graph(plan, routers, ["model.layers.0", "model.layers.1"]) == (plan, routers)
     with pytest.raises(modpass.PlanError, match="the graph has"):
         rooted_at_graph(plan, routers, ["layers.0", "layers.1", "layers.2"])
+
+
+def test_a_plan_within_one_stack_fits_a_frame_rooted_below_the_model():
+    routed = modpass.transform(models.llama(layers=2), {"t2i": 0.5}, layers=[1])
+    plan = dataclasses.replace(modpass.routing_plan_of(routed), within="model.layers")
+    routers = {k: v for k, v in routed.state_dict().items() if ".mod_routers." in k}
+    moved_plan, moved = rooted_at_graph(plan, routers, ["vision.0", "vision.1", "layers.0", "layers.1"])
+    assert ([b.path for b in moved_plan.blocks], moved_plan.within) == (["layers.1"], "layers")
+    assert set(moved) == {"layers.1.mod_routers.t2i.weight", "layers.1.mod_routers.t2i.bias"}
+    with pytest.raises(modpass.PlanError, match="of 2 blocks in 'model.layers'; the graph has"):
+        rooted_at_graph(plan, routers, ["vision.0", "layers.0", "layers.1", "layers.2"])
+
+
+def test_options_route_the_blocks_within_one_stack_as_transform_does(tmp_path):
+    model, inputs = models.prefix_vision_gpt()
+    routed = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
+    unchanged = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
+    randomise_routers(routed)
+    modpass.save(routed, tmp_path)
+    with torch.no_grad():
+        served = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})(**inputs)
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match="identity-gated"):
+            fresh = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "within": "h"})(**inputs)
+        torch.testing.assert_close(served, routed(**inputs), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fresh, unchanged(**inputs), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fresh, model(**inputs), atol=1e-3), "routing changed the output"
 
 
 def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():

@@ -30,7 +30,7 @@ per block from symbolic shapes when the block itself is captured.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,12 @@ class BlockInfo:
     hidden_size: int
     hidden_shape: tuple[str, ...]
     side_inputs: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def block_stacks(paths) -> str:
+    """Where blocks lie, one entry per parent module: ``"model.vision_model.encoder.layers (24 blocks), ..."``."""
+    counts = Counter(path.rpartition(".")[0] or "<root>" for path in paths)
+    return ", ".join(f"{parent} ({n} block{'s' * (n != 1)})" for parent, n in counts.items())
 
 
 def shape_key(node: torch.fx.Node) -> tuple[str, ...] | None:

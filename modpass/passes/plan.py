@@ -3,8 +3,10 @@
 Expects: ``gm.meta["modpass_blocks"]`` from ``find_blocks`` and a validated
 ``RoutingConfig``.
 Guarantees: ``gm.meta["modpass_plan"]`` holds a :class:`~modpass.plan.RoutingPlan`
-with exact fractional ratios; the graph is unchanged. Raises ``ConfigError``
-for layer indices or per-block lists that do not fit the blocks found.
+with exact fractional ratios over the blocks inside ``config.within``, indexed
+from 0 among those (a vision encoder's blocks do not shift a language model's
+indices); the graph is unchanged. Raises ``ConfigError`` for layer indices or
+per-block lists that do not fit those blocks, and for a ``within`` that holds none.
 """
 
 from __future__ import annotations
@@ -12,24 +14,33 @@ from __future__ import annotations
 import torch
 
 from ..config import RoutingConfig, resolve_ratios
-from ..plan import BlockPlan, RoutingPlan
+from ..errors import ConfigError
+from ..plan import BlockPlan, RoutingPlan, in_scope
 from ..versions import versions
+from .find_blocks import block_stacks
 
 
 def plan(gm: torch.fx.GraphModule, config: RoutingConfig, model_class: str = "") -> torch.fx.GraphModule:
-    blocks = gm.meta["modpass_blocks"]
+    found = gm.meta["modpass_blocks"]
+    blocks = [b for b in found if in_scope(b.path, config.within)]
+    if not blocks:
+        raise ConfigError(
+            f"within={config.within!r} holds none of the model's blocks, which lie in "
+            f"{block_stacks(b.path for b in found)}; give one of those module paths (or a module above one)."
+        )
     ratios = resolve_ratios(config, len(blocks))
     gm.meta["modpass_plan"] = RoutingPlan(
         tasks=config.tasks,
         num_blocks=len(blocks),
         blocks=tuple(
-            BlockPlan(index=b.index, path=b.path, block_class=b.block_class, hidden_size=b.hidden_size, ratios=ratios[b.index])
-            for b in blocks
-            if b.index in ratios
+            BlockPlan(index=i, path=b.path, block_class=b.block_class, hidden_size=b.hidden_size, ratios=ratios[i])
+            for i, b in enumerate(blocks)
+            if i in ratios
         ),
         gate=config.gate,
         aux_loss_weight=float(config.aux_loss_weight),
         model_class=model_class,
         versions=versions(),
+        within=config.within,
     )
     return gm
