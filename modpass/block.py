@@ -196,7 +196,9 @@ class RoutedBlock(nn.Module):
                 output, records = checkpoint(route, args, kwargs)
         else:
             output, records = route(args, kwargs)
-        self.last_routing = [RoutingRecord(*fields) for fields in records]
+        routing = [RoutingRecord(*fields) for fields in records]
+        # Within one forward of the model, a shared or looped block's later calls add to its earlier ones.
+        self.last_routing = [*self.last_routing, *routing] if state.in_forward else routing
         return output
 
     def hidden_first(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

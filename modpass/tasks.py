@@ -53,6 +53,9 @@ class RoutingState:
         self.switching = ModeSwitchProgress(progress)
         self.route_mask: torch.Tensor | None = None
         self.dense = False
+        #: True from the model's pre-hook to its forward hook: routed blocks then add to ``last_routing``,
+        #: which the pre-hook cleared, so a block called more than once in a forward keeps every call's records.
+        self.in_forward = False
         #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
 
@@ -152,4 +155,12 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     # groups() would notice the new task anyway; clearing here keeps the last
     # call's groups out of what a compiled forward is traced (and guarded) on.
     state.cached_groups = None
+    state.in_forward = True
+    for block in state.blocks:
+        block.last_routing = []
     return args, kwargs
+
+
+def end_forward(module: torch.nn.Module, args: tuple, output) -> None:
+    """Forward hook of a routed model (run on errors too): routed blocks called on their own replace their records."""
+    module._modpass_state.in_forward = False

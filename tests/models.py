@@ -127,6 +127,17 @@ class KeyPaddingGPT(NanoGPT):
         return self.lm_head(self.ln_f(x))
 
 
+class LoopedGPT(NanoGPT):
+    """Runs its blocks twice over, as looped (recurrent-depth) transformers reuse their layers."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for _ in range(2):
+            for block in self.h:
+                x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
 class PrefixVisionGPT(NanoGPT):
     """A vision encoder over image patches whose states come before the text, as unified models (Janus, LLaVA) put an
     image before the prompt: two block stacks, ``vision`` (bidirectional, over patches) and ``h`` (causal, over

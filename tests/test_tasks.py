@@ -267,6 +267,34 @@ def test_aux_loss_is_bce_against_topk_membership():
     assert modpass.aux_loss(plain).item() == 0.0
 
 
+def test_a_block_called_twice_in_a_forward_trains_its_router_on_both_calls():
+    routed = modpass.transform(models.LoopedGPT().eval(), 0.5, layers=[1], aux_loss_weight=1.0)
+    randomise_routers(routed, seed=4)
+    idx = torch.randint(0, 61, (2, 10))
+
+    def step(model):
+        model(idx)
+        records = routed.h[1].last_routing
+        loss = modpass.aux_loss(routed)
+        return records, loss, torch.autograd.grad(loss, routed.h[1].mod_routers.default.weight)
+
+    records, loss, grad = step(routed)
+    assert len(records) == 2 and not torch.equal(records[0].logits, records[1].logits), "one record per call"
+    targets = [torch.zeros(2, 10).scatter(1, r.index, 1.0) for r in records]
+    per_token = torch.cat([F.binary_cross_entropy_with_logits(r.logits, t, reduction="none") for r, t in zip(records, targets)])
+    torch.testing.assert_close(loss, per_token.mean())
+    assert len(step(routed)[0]) == 2, "the next forward starts afresh"
+    compiled = step(torch.compile(routed, backend="modpass", fullgraph=True))
+    torch.testing.assert_close(compiled[1], loss)
+    torch.testing.assert_close(compiled[2], grad)
+    with modpass.dense(routed):
+        routed(idx)
+    assert routed.h[1].last_routing == [] and modpass.aux_loss(routed).item() == 0.0
+    routed.h[1](torch.randn(2, 10, 32))
+    routed.h[1](torch.randn(2, 10, 32))
+    assert len(routed.h[1].last_routing) == 1, "a block called on its own keeps its last call"
+
+
 def test_aux_loss_leaves_out_padding_even_when_it_fills_top_k_slots():
     routed = modpass.transform(models.llama(layers=2), 0.6, layers=[1], aux_loss_weight=1.0)
     randomise_routers(routed, seed=3)
