@@ -80,7 +80,7 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         # side input needs gathering and nothing can mix tokens.
         for node in inputs:
             node.meta["modpass_token_axes"] = (1,) if node is inputs[0] else ()
-            node.meta["modpass_batch_axis"] = 0 if node.meta["val"].dim() and size_expr(node.meta["val"].shape[0]) == size_expr(hidden.shape[0]) else None
+            node.meta["modpass_batch_axis"] = 0 if node.meta["val"].dim() and follows_batch(node.meta["val"].shape[0], hidden.shape[0]) else None
         gm.meta["modpass_token_symbol"] = None
         gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
         classify_extra_outputs(gm, inputs, outputs)
