@@ -226,6 +226,26 @@ def test_t5_encoder_routes_the_layers_that_hand_on_its_position_bias():
         close_to_dense(got, dense(input_ids=ids).last_hidden_state)
 
 
+def test_an_encoder_decoder_routes_either_stack_with_within():
+    """BART's decoder blocks attend causally to their own tokens and across to the encoder's, another sequence whose
+    states are never gathered: zero routers pick the first k decoder tokens, which must equal the dense model's."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    dense = BartForConditionalGeneration(BartConfig(vocab_size=97, d_model=48, encoder_layers=2, decoder_layers=2,
+                                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                                    decoder_ffn_dim=96, max_position_embeddings=64)).eval()
+    inputs = dict(input_ids=torch.randint(3, 97, (2, 12)), decoder_input_ids=torch.randint(3, 97, (2, 9)), use_cache=False)
+    with torch.no_grad():
+        want = dense(**inputs).logits
+        for within in ("model.encoder", "model.decoder"):
+            full = modpass.transform(dense, 1.0, layers="all", within=within, example_inputs=inputs)
+            assert [b.path for b in modpass.routing_plan_of(full).blocks] == [f"{within}.layers.{i}" for i in range(2)]
+            close_to_dense(full(**inputs).logits, want)
+        half = modpass.transform(dense, 0.5, layers="all", within="model.decoder", example_inputs=inputs)
+        close_to_dense(half(**inputs).logits[:, :5], want[:, :5])
+
+
 def on_the_first_tokens(k: int, forward):
     """A T5 block that runs on the first ``k`` tokens only (their slice of the position bias); the rest skip it."""
 
