@@ -1,7 +1,7 @@
 """modpass: task-aware Mixture-of-Depths for any PyTorch transformer, by graph transformation."""
 
 from . import schedules
-from .api import default_task, prepare_autocast, routed_blocks, routing_plan_of, set_ratios, transform
+from .api import default_task, list_blocks, prepare_autocast, routed_blocks, routing_plan_of, set_ratios, transform
 from .block import RoutedBlock
 from .errors import (
     CaptureError,
@@ -15,9 +15,11 @@ from .errors import (
 from .flops import FlopReport, dense, flops
 from .io import load, save
 from .losses import aux_loss
+from .passes.find_blocks import BlockInfo
 from .plan import BlockPlan, RoutingPlan
 
 __all__ = [
+    "BlockInfo",
     "BlockPlan",
     "FlopReport",
     "CaptureError",
@@ -33,6 +35,7 @@ __all__ = [
     "default_task",
     "dense",
     "flops",
+    "list_blocks",
     "load",
     "prepare_autocast",
     "routed_blocks",

@@ -1,4 +1,4 @@
-"""Public verbs: ``transform``, ``set_ratios`` and ``default_task`` (save/load, aux_loss and flops live in their own modules)."""
+"""Public verbs: ``transform``, ``list_blocks``, ``set_ratios`` and ``default_task`` (save/load, aux_loss and flops live in their own modules)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingI
 from .hints import batch_wide_experts_hint
 from .inputs import example_inputs_for
 from .passes.capture import capture
-from .passes.find_blocks import find_blocks
+from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
 from .plan import RoutingPlan
 from .progress import Progress
@@ -94,6 +94,21 @@ def transform(
         gm = plan_stage(gm, config, model_class=f"{type(model).__module__}.{type(model).__qualname__}")
         return apply_plan(target, gm.meta["modpass_plan"], inputs, gm.meta["modpass_traced_calls"], steps,
                           unroutable=unroutable)
+
+
+def list_blocks(model: nn.Module, *, example_inputs: Mapping[str, Any] | tuple | None = None) -> list[BlockInfo]:
+    """The transformer blocks ``transform`` finds in ``model``, in the order they run: what ``layers=`` indices count.
+
+    Each entry's ``stack`` is the module holding it and its siblings, the
+    ``within=`` that routes that stack alone (a vision encoder's blocks and a
+    language model's are two stacks). Captures the model once (seconds) and
+    leaves it unchanged; ``example_inputs`` as for ``transform``.
+    """
+    refuse_compiled(model, "list_blocks")
+    if routing_plan_of(model) is not None:
+        raise ConfigError(f"{type(model).__name__} is already routed; its routed blocks are modpass.routing_plan_of(model).blocks.")
+    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    return find_blocks(capture(model, inputs)).meta["modpass_blocks"]
 
 
 def refuse_compiled(model: nn.Module, verb: str) -> None:

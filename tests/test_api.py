@@ -290,6 +290,19 @@ def randomised(routed):
     return routed
 
 
+def test_list_blocks_shows_what_layers_and_within_count_and_changes_nothing():
+    model, inputs = models.prefix_vision_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = modpass.list_blocks(model, example_inputs=inputs)
+    want = [(i, f"vision.{i}", "vision") for i in range(3)] + [(3 + i, f"h.{i}", "h") for i in range(4)]
+    assert [(b.index, b.path, b.stack) for b in found] == want
+    assert all(b.hidden_size == 32 and b.block_class.endswith("NanoBlock") for b in found)
+    assert all(not m._forward_pre_hooks for m in model.modules()), "no hook left behind"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(modpass.ConfigError, match="already routed"):
+        modpass.list_blocks(modpass.transform(model, 0.5, within="h", example_inputs=inputs), example_inputs=inputs)
+
+
 def test_within_routes_the_blocks_of_one_stack_and_counts_only_them(tmp_path):
     model, inputs = models.prefix_vision_gpt()
     everywhere = modpass.transform(model, 0.5, example_inputs=inputs)

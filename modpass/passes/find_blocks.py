@@ -43,6 +43,9 @@ _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 
 @dataclass(frozen=True)
 class BlockInfo:
+    """A block found: its index among all blocks in execution order, module path, class and width, and the symbolic
+    shapes of its hidden state and side inputs (``("s0", "s1", "64")``)."""
+
     index: int
     path: str
     block_class: str
@@ -50,11 +53,16 @@ class BlockInfo:
     hidden_shape: tuple[str, ...]
     side_inputs: tuple[tuple[str, tuple[str, ...]], ...]
 
+    @property
+    def stack(self) -> str:
+        """The module holding this block and its siblings (a ``within=`` that routes them)."""
+        return self.path.rpartition(".")[0]
 
-def block_stacks(paths) -> str:
-    """Where blocks lie, one entry per parent module: ``"model.vision_model.encoder.layers (24 blocks), ..."``."""
-    counts = Counter(path.rpartition(".")[0] or "<root>" for path in paths)
-    return ", ".join(f"{parent} ({n} block{'s' * (n != 1)})" for parent, n in counts.items())
+
+def block_stacks(blocks: list[BlockInfo]) -> str:
+    """Where blocks lie, one entry per stack: ``"model.vision_model.encoder.layers (24 blocks), ..."``."""
+    counts = Counter(block.stack or "<root>" for block in blocks)
+    return ", ".join(f"{stack} ({n} block{'s' * (n != 1)})" for stack, n in counts.items())
 
 
 def shape_key(node: torch.fx.Node) -> tuple[str, ...] | None:

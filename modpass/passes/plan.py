@@ -26,7 +26,7 @@ def plan(gm: torch.fx.GraphModule, config: RoutingConfig, model_class: str = "")
     if not blocks:
         raise ConfigError(
             f"within={config.within!r} holds none of the model's blocks, which lie in "
-            f"{block_stacks(b.path for b in found)}; give one of those module paths (or a module above one)."
+            f"{block_stacks(found)}; give one of those module paths (or a module above one)."
         )
     ratios = resolve_ratios(config, len(blocks))
     gm.meta["modpass_plan"] = RoutingPlan(
