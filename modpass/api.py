@@ -19,7 +19,7 @@ from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
 from .hints import batch_wide_experts_hint
-from .inputs import example_inputs_for
+from .inputs import capture_inputs
 from .passes.capture import capture
 from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
@@ -87,7 +87,7 @@ def transform(
         )
     with Progress(progress, "transform") as steps:
         target = model if inplace else copy.deepcopy(model)
-        inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
+        inputs = capture_inputs(target, example_inputs)
         steps.stage(f"capturing {type(model).__name__}")
         gm = capture(target, inputs)
         gm = find_blocks(gm)
@@ -107,7 +107,7 @@ def list_blocks(model: nn.Module, *, example_inputs: Mapping[str, Any] | tuple |
     refuse_compiled(model, "list_blocks")
     if routing_plan_of(model) is not None:
         raise ConfigError(f"{type(model).__name__} is already routed; its routed blocks are modpass.routing_plan_of(model).blocks.")
-    inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+    inputs = capture_inputs(model, example_inputs)
     return find_blocks(capture(model, inputs)).meta["modpass_blocks"]
 
 

@@ -10,6 +10,7 @@ assumed to take token ids first when their first embedding table is an
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ def token_ids(vocab: int, limit: int | None, device) -> torch.Tensor:
 
 
 def example_inputs_for(model: nn.Module) -> dict:
+    """Inputs built from the model's config (or its first embedding); ``ConfigError`` where they cannot be guessed."""
     device = device_of(model)
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
@@ -71,6 +73,17 @@ def example_inputs_for(model: nn.Module) -> dict:
             )
         limit = max_positions(config) if config is not None else getattr(model, "block_size", None)
         inputs[first] = token_ids(embedding.num_embeddings, limit if isinstance(limit, int) else None, device)
-    if config is not None and "use_cache" in inspect.signature(model.forward).parameters:
-        inputs["use_cache"] = False
+    return inputs
+
+
+def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | None) -> Mapping | tuple:
+    """The inputs to capture ``model`` with: ``example_inputs``, or a guess, with ``use_cache=False`` added.
+
+    A routed model runs without a KV cache (``transform`` turns it off), so
+    its blocks are captured as they will be called; with one, export also
+    fails on the cache object a Hugging Face model returns.
+    """
+    inputs = example_inputs_for(model) if example_inputs is None else example_inputs
+    if isinstance(inputs, Mapping) and "use_cache" not in inputs and "use_cache" in inspect.signature(model.forward).parameters:
+        inputs = {**inputs, "use_cache": False}
     return inputs

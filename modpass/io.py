@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ._compat import uncompiled
 from .api import apply_plan, refuse_compiled, routing_plan_of
 from .errors import ConfigError, PlanError
-from .inputs import example_inputs_for
+from .inputs import capture_inputs
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
 from .plan import RoutingPlan, in_scope
@@ -122,7 +122,7 @@ def load(
     plan, tensors = read(directory)
     with Progress(progress, "load") as steps:
         target = base_model if inplace else copy.deepcopy(base_model)
-        inputs = example_inputs if example_inputs is not None else example_inputs_for(target)
+        inputs = capture_inputs(target, example_inputs)
         steps.stage(f"capturing {type(base_model).__name__}")
         traced_calls = check_plan_fits(plan, target, inputs)
         routed = apply_plan(target, plan, inputs, traced_calls, steps)

@@ -213,6 +213,15 @@ def test_example_inputs_are_not_guessed_for_a_main_input_other_than_tokens_or_im
         close_to_dense(modpass.transform(encoder, 1.0, layers="all", example_inputs=features)(**features).last_hidden_state, want)
 
 
+def test_given_example_inputs_capture_without_the_kv_cache_the_routed_model_runs_without():
+    """Hugging Face models return a cache object by default, which export cannot take: modpass adds use_cache=False."""
+    model = models.llama(layers=2)
+    ids = torch.randint(0, 97, (2, 12))
+    routed = modpass.transform(model, 1.0, layers="all", example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        close_to_dense(routed(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_transforming_twice_is_refused(llama_and_routed):
     with pytest.raises(modpass.ConfigError, match="already routed"):
         modpass.transform(llama_and_routed[1], 0.5)
