@@ -17,8 +17,10 @@ from .io import load, save
 from .losses import aux_loss
 from .passes.find_blocks import BlockInfo
 from .plan import BlockPlan, RoutingPlan
+from .selection import AttentionRanks, attention_rank
 
 __all__ = [
+    "AttentionRanks",
     "BlockInfo",
     "BlockPlan",
     "FlopReport",
@@ -31,6 +33,7 @@ __all__ = [
     "RoutingInputError",
     "RoutingPlan",
     "UnroutableBlockError",
+    "attention_rank",
     "aux_loss",
     "default_task",
     "dense",

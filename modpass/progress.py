@@ -8,18 +8,18 @@ from .errors import ConfigError
 
 
 class Progress:
-    """A tqdm bar on stderr counting routed blocks, with the current stage as its postfix.
+    """A tqdm bar on stderr counting routed blocks (or another ``unit``), with the current stage as its postfix.
 
     ``enabled``: ``None`` shows it where stderr is a terminal (tqdm's own
     test, so logs and CI stay quiet), ``True`` always, ``False`` never. Use
     it as a context manager: the bar closes when the verb returns or fails.
     """
 
-    def __init__(self, enabled: bool | None, verb: str, blocks: int | None = None) -> None:
+    def __init__(self, enabled: bool | None, verb: str, blocks: int | None = None, unit: str = "block") -> None:
         if enabled is not None and not isinstance(enabled, bool):
             raise ConfigError(f"{verb}: progress must be True, False or None (on a terminal only), got {enabled!r}.")
         self.enabled = enabled
-        self._bar = tqdm(total=blocks, desc=f"modpass.{verb}", unit="block", disable=None if enabled is None else not enabled,
+        self._bar = tqdm(total=blocks, desc=f"modpass.{verb}", unit=unit, disable=None if enabled is None else not enabled,
                          dynamic_ncols=True)
 
     def stage(self, what: str) -> None:

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NoBlocksError
+from ..errors import ConfigError, NoBlocksError
+from ..plan import in_scope
 from .token_mixing import ATTENTION
 
 _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
@@ -63,6 +64,17 @@ def block_stacks(blocks: list[BlockInfo]) -> str:
     """Where blocks lie, one entry per stack: ``"model.vision_model.encoder.layers (24 blocks), ..."``."""
     counts = Counter(block.stack or "<root>" for block in blocks)
     return ", ".join(f"{stack} ({n} block{'s' * (n != 1)})" for stack, n in counts.items())
+
+
+def blocks_within(blocks: list[BlockInfo], within: str) -> list[BlockInfo]:
+    """The blocks inside the module at ``within`` ("" = all); ``ConfigError`` naming the stacks when there are none."""
+    scoped = [block for block in blocks if in_scope(block.path, within)]
+    if not scoped:
+        raise ConfigError(
+            f"within={within!r} holds none of the model's blocks, which lie in {block_stacks(blocks)}; give one of those "
+            "module paths (or a module above one)."
+        )
+    return scoped
 
 
 def shape_key(node: torch.fx.Node) -> tuple[str, ...] | None:

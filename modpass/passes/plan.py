@@ -14,20 +14,13 @@ from __future__ import annotations
 import torch
 
 from ..config import RoutingConfig, resolve_ratios
-from ..errors import ConfigError
-from ..plan import BlockPlan, RoutingPlan, in_scope
+from ..plan import BlockPlan, RoutingPlan
 from ..versions import versions
-from .find_blocks import block_stacks
+from .find_blocks import blocks_within
 
 
 def plan(gm: torch.fx.GraphModule, config: RoutingConfig, model_class: str = "") -> torch.fx.GraphModule:
-    found = gm.meta["modpass_blocks"]
-    blocks = [b for b in found if in_scope(b.path, config.within)]
-    if not blocks:
-        raise ConfigError(
-            f"within={config.within!r} holds none of the model's blocks, which lie in "
-            f"{block_stacks(found)}; give one of those module paths (or a module above one)."
-        )
+    blocks = blocks_within(gm.meta["modpass_blocks"], config.within)
     ratios = resolve_ratios(config, len(blocks))
     gm.meta["modpass_plan"] = RoutingPlan(
         tasks=config.tasks,
