@@ -145,6 +145,17 @@ class RoutedBlock(nn.Module):
     def plan(self) -> BlockPlan:
         return self._plan
 
+    def __getattr__(self, name: str):
+        # Model code reads its layers' settings (ModernBERT picks each layer's mask by layer.attention_type):
+        # the block's public attributes answer for it. Private ones stay the routed block's own.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_block")
+            if block is None or name.startswith("_"):
+                raise
+            return getattr(block, name)
+
     def train(self, mode: bool = True):
         changed = mode != self.training
         if changed:

@@ -96,6 +96,13 @@ def test_blocks_called_with_the_hidden_state_by_name_route_as_by_position():
         torch.testing.assert_close(compiled(idx), reference(idx))
 
 
+def test_a_routed_block_answers_for_its_blocks_public_attributes():
+    routed = modpass.transform(models.NanoGPT(), 0.5)
+    assert (routed.h[1].heads, routed.h[1].causal) == (4, True)
+    with pytest.raises(AttributeError, match="_heads"):
+        routed.h[1]._heads  # noqa: B018 - private names stay the routed block's own
+
+
 def test_failed_inplace_transform_leaves_no_half_routed_model():
     model = MixedStack().eval()
     with pytest.raises(modpass.UnroutableBlockError):

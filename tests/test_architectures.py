@@ -177,6 +177,25 @@ def test_routed_bert_encoder_equals_dense_at_full_capacity():
     close_to_dense(got[mask.bool()], want[mask.bool()])
 
 
+def test_modernbert_picks_each_routed_layers_mask_by_the_layers_attention_type():
+    """ModernBERT's encoder reads layer.attention_type (sliding or full) to choose each layer's mask."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    dense = ModernBertModel(ModernBertConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                             num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,
+                                             pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=1,
+                                             eos_token_id=2)).eval()
+    ids = torch.randint(3, 97, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    with torch.no_grad():
+        want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        routed = modpass.transform(dense, 1.0, layers="all", example_inputs={"input_ids": ids, "attention_mask": mask})
+        got = routed(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert {b.attention_type for b in modpass.routed_blocks(routed).values()} == {"full_attention", "sliding_attention"}
+    close_to_dense(got[mask.bool()], want[mask.bool()])
+
+
 @pytest.mark.parametrize("shared_bias", [False, True], ids=["absolute positions", "shared relative bias"])
 def test_beit_routes_though_its_layers_take_the_image_size(shared_bias):
     """BEiT hands every layer ``resolution=pixel_values.shape[2:]``: symbolic sizes when captured, a constant per
