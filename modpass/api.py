@@ -20,6 +20,7 @@ from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
 from .hints import batch_wide_experts_hint
 from .inputs import capture_inputs
+from .output_recording import record_hidden_states
 from .passes.capture import capture
 from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
@@ -163,12 +164,16 @@ def apply_plan(
         raise UnroutableBlockError("no block could be routed; nothing to do.")
     for path, block in routed.items():
         parent, _, name = path.rpartition(".")
+        block.adopt_hooks()
         setattr(model.get_submodule(parent), name, block)
     # Routed blocks would write k-token keys/values into a shared cache; without one, Hugging Face's
-    # generate() reruns the whole sequence at each step.
-    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
-        if getattr(config, "use_cache", False):
-            config.use_cache = False
+    # generate() reruns the whole sequence at each step. Composite models keep the setting in their parts'
+    # configs (Llava's language model).
+    for part in model.modules():
+        for config in (getattr(part, "config", None), getattr(part, "generation_config", None)):
+            if getattr(config, "use_cache", False):
+                config.use_cache = False
+    record_hidden_states(model, routed)
     state.blocks = list(routed.values())
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})

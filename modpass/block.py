@@ -96,6 +96,11 @@ split_outside_the_graph = disable_compile(
 )
 
 
+# An nn.Module's per-call hooks (those this torch has), which a routed block takes over from its block.
+CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
 class RoutedBlock(nn.Module):
     def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState, examples: list | None = None,
                  score_gradients: bool = True):
@@ -144,6 +149,18 @@ class RoutedBlock(nn.Module):
     @property
     def plan(self) -> BlockPlan:
         return self._plan
+
+    def adopt_hooks(self) -> None:
+        """Take over the block's call hooks (the user's, or transformers' output recorder).
+
+        They run around the routed block from then on, with its inputs and
+        outputs; the block itself, which modpass captures (with fake tensors)
+        and runs for ``modpass.dense``, keeps none.
+        """
+        block, empty = self._block, vars(nn.Module())
+        for name in CALL_HOOKS:
+            if name in vars(block):
+                self.__dict__[name], block.__dict__[name] = vars(block)[name], empty[name]
 
     def __getattr__(self, name: str):
         # Model code reads its layers' settings (ModernBERT picks each layer's mask by layer.attention_type):

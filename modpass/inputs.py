@@ -84,6 +84,16 @@ def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | None) -> 
     fails on the cache object a Hugging Face model returns.
     """
     inputs = example_inputs_for(model) if example_inputs is None else example_inputs
-    if isinstance(inputs, Mapping) and "use_cache" not in inputs and "use_cache" in inspect.signature(model.forward).parameters:
+    if isinstance(inputs, Mapping) and "use_cache" not in inputs and takes_use_cache(model):
         inputs = {**inputs, "use_cache": False}
     return inputs
+
+
+def takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model`` takes ``use_cache=``: by name, or through ``**kwargs`` to a part whose config has one (Llava's
+    language model)."""
+    parameters = inspect.signature(model.forward).parameters
+    if "use_cache" in parameters:
+        return True
+    through_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return through_kwargs and any(hasattr(getattr(m, "config", None), "use_cache") for m in model.modules())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import warnings
 
@@ -101,6 +103,40 @@ def test_a_routed_block_answers_for_its_blocks_public_attributes():
     assert (routed.h[1].heads, routed.h[1].causal) == (4, True)
     with pytest.raises(AttributeError, match="_heads"):
         routed.h[1]._heads  # noqa: B018 - private names stay the routed block's own
+
+
+@pytest.mark.parametrize("hooked_before", [False, True], ids=["routed-then-asked", "asked-then-routed"])
+def test_output_hidden_states_records_the_routed_layers(hooked_before):
+    """transformers records hidden states with hooks on its layer class: on the routed blocks too, once each, whether
+    it hooked the model before routing (the hooks move) or hooks it after (modpass adds them)."""
+    model = models.llama(layers=3)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=hooked_before).hidden_states
+        routed = modpass.transform(model if hooked_before else copy.deepcopy(model), 1.0, layers=[0, 2])
+        want = want or model(input_ids=ids, output_hidden_states=True).hidden_states
+        for dense in (False, True):
+            with modpass.dense(routed) if dense else contextlib.nullcontext():
+                got = routed(input_ids=ids, output_hidden_states=True).hidden_states
+            assert len(got) == len(want) == 4
+            for g, w in zip(got, want):
+                close_to_dense(g, w)
+
+
+def test_hooks_on_a_block_move_to_its_routed_block():
+    model = models.NanoGPT()
+    seen = []
+    model.h[1].register_forward_hook(lambda module, args, output: seen.append((module, output)))
+    routed = modpass.transform(model, 0.5)
+    seen.clear()  # transform's captures may call it with fake tensors
+    idx = torch.randint(0, 61, (2, 12))
+    routed(idx)
+    with modpass.dense(routed):
+        routed(idx)
+    routed.train()  # prepares graphs for training: captures that must not call it
+    assert [module for module, _ in seen] == [routed.h[1]] * 2
+    assert all(type(output) is torch.Tensor and output.shape == (2, 12, 32) for _, output in seen)
+    assert not routed.h[1]._block._forward_hooks, "the block modpass captures keeps no hooks"
 
 
 def test_failed_inplace_transform_leaves_no_half_routed_model():

@@ -177,6 +177,31 @@ def test_routed_bert_encoder_equals_dense_at_full_capacity():
     close_to_dense(got[mask.bool()], want[mask.bool()])
 
 
+def test_llava_reads_a_routed_vision_layers_hidden_state_by_index():
+    """Llava takes the vision tower's hidden states at vision_feature_layer, which transformers records with hooks on
+    the layer class: a routed layer must be recorded too, or the index reads another layer (silently, before the fix)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                        num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32),
+                         text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+                         image_token_index=5, vision_feature_layer=2)
+    dense = LlavaForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.randint(10, 60, (2, 3)), torch.full((2, 16), 5), torch.randint(10, 60, (2, 4))], 1)
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+    with torch.no_grad():
+        want = dense(**inputs, output_hidden_states=True)  # transformers hooks the dense model's layers here
+        routed = modpass.transform(dense, 1.0, example_inputs=inputs)
+        assert any(".vision_tower." in path for path in modpass.routed_blocks(routed)), "the default layers route the vision tower"
+        got = routed(**inputs, output_hidden_states=True)
+        close_to_dense(got.logits, want.logits)
+        assert len(got.hidden_states) == len(want.hidden_states)
+        for g, w in zip(got.hidden_states, want.hidden_states):
+            close_to_dense(g, w)
+
+
 def test_modernbert_picks_each_routed_layers_mask_by_the_layers_attention_type():
     """ModernBERT's encoder reads layer.attention_type (sliding or full) to choose each layer's mask."""
     from transformers import ModernBertConfig, ModernBertModel

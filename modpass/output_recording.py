@@ -1,0 +1,77 @@
+"""Hidden states of routed layers for Hugging Face's output recorder (``output_hidden_states=True``).
+
+transformers 5 collects hidden states with forward hooks on the modules its
+models name by class (``_can_record_outputs = {"hidden_states": LlamaDecoderLayer}``).
+A routed block is a ``RoutedBlock``, so no hook would find it: the routed
+layers' states would go missing from ``output_hidden_states``, silently, and
+a model that picks a layer's states by index (Llava's ``vision_feature_layer``)
+would read another layer. :func:`record_hidden_states` gives each routed block
+the hook its original block would have had, built by transformers itself
+(where transformers had hooked the model before it was routed, the routed block
+took over its block's hook instead: ``RoutedBlock.adopt_hooks``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _capturing_hook(index: int, capture_initial: bool):
+    """transformers' own hook for a layer's hidden state at output ``index``."""
+    from transformers.utils.output_capturing import install_output_capuring_hook
+
+    holder = nn.Module()
+    install_output_capuring_hook(holder, "hidden_states", index, capture_initial)
+    (hook,) = holder._forward_hooks.values()
+    return hook
+
+
+class HiddenStateRecorder:
+    """A routed block's output-capturing hook; picklable (transformers' hook is a closure, rebuilt on unpickling)."""
+
+    def __init__(self, index: int, capture_initial: bool) -> None:
+        self.index, self.capture_initial = index, capture_initial
+        self.hook = _capturing_hook(index, capture_initial)
+
+    def __call__(self, module, args, output):
+        return self.hook(module, args, output)
+
+    def __getstate__(self) -> dict:
+        return {"index": self.index, "capture_initial": self.capture_initial}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def hidden_state_specs(owner: nn.Module) -> list[tuple[type | None, str | None, str | None, int, bool]]:
+    """``(class, class-name suffix, layer name, output index, capture the first input)`` for each hidden-state spec."""
+    specs = (getattr(type(owner), "_can_record_outputs", None) or {}).get("hidden_states")
+    result = []
+    for spec in specs if isinstance(specs, list) else [specs] if specs is not None else []:
+        if isinstance(spec, (type, str)):
+            result.append((spec if isinstance(spec, type) else None, spec if isinstance(spec, str) else None, None, 0, True))
+        else:  # an OutputRecorder
+            result.append((spec.target_class, spec.class_name, spec.layer_name, spec.index,
+                           getattr(spec, "capture_initial_hidden_state", True)))
+    return result
+
+
+def record_hidden_states(model: nn.Module, routed: dict[str, nn.Module]) -> None:
+    """Hook each routed block as transformers would hook its original block (nothing for other models)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import install_output_capuring_hook  # noqa: F401
+    except ImportError:  # no transformers, or one that collects hidden states in the model's own loop
+        return
+    for path, block in routed.items():
+        parts = path.split(".")
+        enclosing = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]  # the model, ..., the parent
+        owner = next((m for m in reversed(enclosing) if isinstance(m, PreTrainedModel)), None)
+        if owner is None or getattr(owner, "_output_capturing_hooks_installed", False):
+            continue  # where transformers hooked the model before routing, the block's own hook moved to the routed block
+        name = "." + path  # how transformers names a module when it matches specs: a dot, then the path
+        for target_class, class_name, layer_name, index, capture_initial in hidden_state_specs(owner):
+            matches = (target_class is not None and isinstance(block._block, target_class)) or (
+                class_name is not None and name.endswith(class_name))
+            if matches and (layer_name is None or f".{layer_name.strip('.')}." in name + "."):
+                block.register_forward_hook(HiddenStateRecorder(index, capture_initial))
