@@ -415,6 +415,22 @@ class NeighbourScoreBlock(nn.Module):
         return x + torch.cat([following, following[:, -1:]], 1).unsqueeze(-1)
 
 
+class SinkAttention(nn.Module):
+    """GPT-OSS's attention sinks: a learned logit per head appended to the scores as an extra key, dropped after the
+    softmax. ``extra="scores"`` appends the scores a second time instead: keys that are tokens, not extras."""
+
+    def __init__(self, extra: str = "sink"):
+        super().__init__()
+        self.extra = extra
+        self.sink = nn.Parameter(torch.randn(()))
+
+    def forward(self, x):
+        scores = x @ x.transpose(1, 2)
+        extra = self.sink.expand(*scores.shape[:2], 1) if self.extra == "sink" else scores
+        probs = torch.cat([scores, extra], dim=-1).softmax(-1)
+        return x + probs[..., : x.shape[1]] @ x
+
+
 @pytest.mark.parametrize(
     "block, reason",
     [(ConvBlock(), "convolves"), (CumsumBlock(), "cumsum"), (PoolBlock(), "reduces over the token axis"), (ShiftBlock(), "token"),
@@ -427,11 +443,12 @@ class NeighbourScoreBlock(nn.Module):
      (LengthFilledBlock(), r"full_like.default computes with the token count as a number \(fill_value="),
      (PoolingBlock(), "pools or resamples along the token axis"), (SlidingWindowBlock(), r"distance.*tril with offset -3"),
      (TokenFeatureTriangleBlock(), r"relates token indices to feature indices \(tril\)"),
-     (NeighbourScoreBlock(), r"distance.*diagonal with offset 1")],
+     (NeighbourScoreBlock(), r"distance.*diagonal with offset 1"),
+     (SinkAttention(extra="scores"), r"cat.default operates along the token axis")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
-         "off-diagonal-scores"],
+         "off-diagonal-scores", "scores-appended-twice"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -568,6 +585,11 @@ def test_token_mixing_accepts_a_causal_mask_from_positions_counted_inside_the_bl
             return x + (x @ x.transpose(1, 2)).masked_fill(~causal, float("-inf")).softmax(-1) @ x
 
     gm = token_axes(capture_block(InnerCausalMask(), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(gm) is gm
+
+
+def test_token_mixing_accepts_attention_sinks_appended_to_the_scores():
+    gm = token_axes(capture_block(SinkAttention(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm
 
 

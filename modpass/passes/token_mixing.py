@@ -178,10 +178,25 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if name == "slice":
         start, end, step = args.get("start"), args.get("end"), args.get("step", 1)
         end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end  # x[:, :T] ends at a size node
-        whole = size_expr(source.meta["val"].shape[args["dim"] % rank])
+        dim = args["dim"] % rank
+        whole = size_expr(source.meta["val"].shape[dim])
         keeps_all = start in (None, 0) and step == 1 and (end is None or end == _INT_MAX or size_expr(end) == whole)
-        return None if keeps_all else "slices the token axis (a token shift)"
+        # Scores with extra keys appended after the tokens (see appends_extra_keys), cut back to the tokens.
+        drops_extra_keys = len(dims) >= 2 and start in (None, 0) and step == 1 and size_expr(node.meta["val"].shape[dim]) == symbol
+        return None if keeps_all or drops_extra_keys else "slices the token axis (a token shift)"
+    if name == "cat" and appends_extra_keys(args, symbol):
+        return None
     return f"operates along the token axis ({name})"
+
+
+def appends_extra_keys(args: dict, symbol) -> bool:
+    """``cat([scores, sinks], -1)``: attention scores over the T keys, then columns that are no token's (GPT-OSS's
+    per-head sink logit), which a softmax sees and a slice drops again. Each token's row keeps its own keys."""
+    first, *extras = args["tensors"]
+    rank = first.meta["val"].dim()
+    dim = args.get("dim", 0) % rank
+    return (len(token_dims(first, symbol)) >= 2 and size_expr(first.meta["val"].shape[dim]) == symbol
+            and all(dim not in token_dims(extra, symbol) for extra in extras))
 
 
 def _is_pooling(name: str) -> bool:
