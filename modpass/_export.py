@@ -36,6 +36,29 @@ def first_calls(modules: Iterable[tuple[str, torch.nn.Module]]) -> Iterator[dict
             handle.remove()
 
 
+# An nn.Module's per-call hooks (those this torch has): a routed block takes over its block's, and a block capture
+# silences them all.
+CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+@contextlib.contextmanager
+def hooks_silenced(module: torch.nn.Module) -> Iterator[None]:
+    """While open, ``module`` and its submodules run none of their hooks.
+
+    A capture calls them with fake tensors, which hooks that record outputs
+    (transformers' ``output_attentions`` recorder, a user's) would keep.
+    """
+    saved = [(m, name, vars(m)[name]) for m in module.modules() for name in CALL_HOOKS if vars(m).get(name)]
+    for m, name, hooks in saved:
+        m.__dict__[name] = type(hooks)()
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            m.__dict__[name] = hooks
+
+
 def first_user_frame(exc: BaseException) -> str:
     """Where in model code an exception arose (the last frame outside torch)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]

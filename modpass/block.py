@@ -29,6 +29,7 @@ from torch import nn
 
 from . import _compat, _structure
 from ._compat import disable_compile
+from ._export import CALL_HOOKS
 from .errors import RoutingInputError, UnroutableBlockError
 from .passes.token_axes import user_inputs
 from .plan import BlockPlan
@@ -96,11 +97,6 @@ split_outside_the_graph = disable_compile(
 )
 
 
-# An nn.Module's per-call hooks (those this torch has), which a routed block takes over from its block.
-CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
-
-
 class RoutedBlock(nn.Module):
     def __init__(self, block: nn.Module, plan: BlockPlan, *, gate: str, state: RoutingState, examples: list | None = None,
                  score_gradients: bool = True):
@@ -158,7 +154,7 @@ class RoutedBlock(nn.Module):
         and runs for ``modpass.dense``, keeps none.
         """
         block, empty = self._block, vars(nn.Module())
-        for name in CALL_HOOKS:
+        for name in (*CALL_HOOKS, "_is_full_backward_hook"):
             if name in vars(block):
                 self.__dict__[name], block.__dict__[name] = vars(block)[name], empty[name]
 

@@ -150,6 +150,12 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     for key in list(kwargs):
         if key in ("task", "route_mask"):
             routing[key] = kwargs.pop(key)
+        elif key == "output_attentions" and kwargs[key] and not state.dense:
+            raise RoutingInputError(
+                "output_attentions=True: a routed block's attention runs inside its captured graph, over its selected "
+                "tokens, and no attention weights are recorded for it; the model would return fewer maps than it has "
+                "layers. Call without output_attentions (or inside modpass.dense(model) for the dense model's)."
+            )
     state.task = routing.get("task", state.default_task)
     state.route_mask = routing.get("route_mask")
     # groups() would notice the new task anyway; clearing here keeps the last

@@ -123,20 +123,36 @@ def test_output_hidden_states_records_the_routed_layers(hooked_before):
                 close_to_dense(g, w)
 
 
+def test_output_attentions_is_refused_rather_than_short():
+    model = models.llama(layers=2)
+    model.set_attn_implementation("eager")
+    routed = modpass.transform(model, 0.5, layers=[1])
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        with pytest.raises(modpass.RoutingInputError, match="output_attentions=True: a routed block's attention"):
+            routed(input_ids=ids, output_attentions=True)
+        with modpass.dense(routed):
+            assert len(routed(input_ids=ids, output_attentions=True).attentions) == 2
+
+
 def test_hooks_on_a_block_move_to_its_routed_block():
     model = models.NanoGPT()
     seen = []
     model.h[1].register_forward_hook(lambda module, args, output: seen.append((module, output)))
+    inside = []
+    model.h[1].mlp.register_forward_hook(lambda module, args, output: inside.append(output))
     routed = modpass.transform(model, 0.5)
-    seen.clear()  # transform's captures may call it with fake tensors
+    seen.clear()  # the whole model's capture calls them with fake tensors
+    inside.clear()
     idx = torch.randint(0, 61, (2, 12))
     routed(idx)
     with modpass.dense(routed):
         routed(idx)
-    routed.train()  # prepares graphs for training: captures that must not call it
+    modpass.prepare_autocast(routed, torch.bfloat16)  # captures the block again: that must call no hook
     assert [module for module, _ in seen] == [routed.h[1]] * 2
     assert all(type(output) is torch.Tensor and output.shape == (2, 12, 32) for _, output in seen)
     assert not routed.h[1]._block._forward_hooks, "the block modpass captures keeps no hooks"
+    assert all(type(output) is torch.Tensor for output in inside), "a capture runs no hook of the block's parts"
 
 
 def test_failed_inplace_transform_leaves_no_half_routed_model():

@@ -31,7 +31,7 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .._export import FlatCall, first_user_frame
+from .._export import FlatCall, first_user_frame, hooks_silenced
 from .._structure import Slot
 from ..errors import CaptureError
 from .token_axes import mentions
@@ -49,7 +49,8 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
                   dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.fx.GraphModule:
     wrapper, tensors = FlatCall.wrap(block, args, kwargs)
     try:
-        program = wrapper.export(tensors, dynamic_axes)
+        with hooks_silenced(block):
+            program = wrapper.export(tensors, dynamic_axes)
     except Exception as exc:  # torch raises many unrelated types here
         raise CaptureError(
             f"{where}: could not capture the block with symbolic sizes: {type(exc).__name__}: "
