@@ -30,9 +30,9 @@ from . import _structure
 from ._compat import outside_dynamo_tracing, size_hints
 from ._export import symbolic_axes
 from .config import RoutingConfig
-from .errors import ConfigError, PlanError, UnroutableBlockError
+from .errors import ConfigError, NoBlocksError, PlanError, UnroutableBlockError
 from .io import read
-from .passes.find_blocks import find_blocks
+from .passes.find_blocks import block_stacks, find_blocks
 from .passes.plan import plan as plan_stage
 from .pipeline import capture_block_graph, route_block_graph
 from .plan import RoutingPlan, in_scope
@@ -96,18 +96,29 @@ def rooted_at_graph(
     )
 
 
-def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, str, dict[str, torch.Tensor]]:
-    """The plan, the task to route and the router tensors, from backend options."""
+def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, str, dict[str, torch.Tensor]] | None:
+    """The plan, the task to route and the router tensors, from backend options.
+
+    None when the graph holds none of the blocks to route: where graph
+    breaks split a model, a part with only a vision tower's blocks (of
+    another class than the plan's, or outside ``within``) compiles unrouted.
+    """
+    found = gm.meta["modpass_blocks"]
     if "plan" in options:
         if any(k in options for k in ("ratios", "layers", "within", "gate")):
             raise ConfigError("give either options['plan'] or options['ratios'] (with 'layers', 'within', 'gate'), not both.")
         plan, routers = read(options["plan"])
-        plan, routers = rooted_at_graph(plan, routers, [b.path for b in gm.meta["modpass_blocks"]])
+        if scope_in_graph(found, plan.within) is None or not {b.block_class for b in plan.blocks} & {b.block_class for b in found}:
+            return None
+        plan, routers = rooted_at_graph(plan, routers, [b.path for b in found])
     else:
         if "ratios" not in options:
             raise ConfigError("backend routing needs options['ratios'] (or options['plan']).")
+        within = scope_in_graph(found, options.get("within", ""))
+        if within is None:
+            return None
         config = RoutingConfig.from_arguments(options["ratios"], layers=options.get("layers", "every_other"),
-                                              within=options.get("within", ""), gate=options.get("gate", "tanh"))
+                                              within=within, gate=options.get("gate", "tanh"))
         plan = plan_stage(gm, config).meta["modpass_plan"]
         routers = {}
         warnings.warn(
@@ -123,6 +134,29 @@ def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, s
     elif task not in plan.tasks:
         raise ConfigError(f"unknown task {task!r}; the plan routes {list(plan.tasks)}.")
     return plan, task, routers
+
+
+def scope_in_graph(found: list, within: str) -> str | None:
+    """``within`` (a path in the compiled model) as a path in a graph that may be rooted below it, or None when the
+    graph holds no block inside it. A graph break above the blocks roots the graph at a submodule: there
+    ``model.language_model`` is ``language_model``."""
+    if not within:
+        return ""
+    parts = within.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        if any(in_scope(b.path, candidate) for b in found):
+            return candidate
+    return None
+
+
+def unrouted(gm: torch.fx.GraphModule, why: str) -> torch.fx.GraphModule:
+    warnings.warn(
+        f"modpass backend: a part of the model between graph breaks ({len(gm.graph.nodes)} graph nodes) {why}; it "
+        "compiles unrouted.",
+        stacklevel=3,
+    )
+    return gm
 
 
 def region_of(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:
@@ -180,7 +214,10 @@ def scalar_attribute(node: torch.fx.Node) -> float | int | None:
     return example.item()
 
 
-def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> tuple[torch.fx.GraphModule, list[torch.fx.Node], list[torch.fx.Node]]:
+LEAVE_DENSE = "modpass.transform, which captures each block on its own, may route it; or leave it dense with options['layers']."
+
+
+def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], where: str) -> tuple[torch.fx.GraphModule, list[torch.fx.Node], list[torch.fx.Node]]:
     """A region as its own graph: ``(region module, outer input nodes, outer output nodes)``.
 
     The hidden state is the first input and the new hidden state the first
@@ -229,9 +266,11 @@ def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> tuple[torch
             continue
         value = node.meta.get("val")
         if not isinstance(value, torch.SymInt):
-            raise UnroutableBlockError(f"block input {node.name} is a {type(value).__name__}; only tensors and sizes can cross a routed block.")
+            raise UnroutableBlockError(f"{where}: block input {node.name} is a {type(value).__name__}; only tensors and sizes "
+                                       f"can cross a routed block. {LEAVE_DENSE}")
         if str(value) not in dims:
-            raise UnroutableBlockError(f"size {value} used by the block is not the size of any tensor it receives.")
+            raise UnroutableBlockError(f"{where}: size {value} used by the block is not the size of any tensor it receives "
+                                       f"(it is computed outside the block). {LEAVE_DENSE}")
         env[node] = read_size(node)
     for node in nodes:
         if node in derived:
@@ -294,7 +333,7 @@ def refuse_fixed_token_count(gm: torch.fx.GraphModule, hidden: torch.fx.Node, wh
     )
 
 
-def refuse_token_count_branches(hidden: torch.fx.Node, where: str) -> None:
+def refuse_token_count_branches(inputs: list[torch.fx.Node], where: str) -> None:
     """Refuse a graph whose code took a branch that holds for T tokens but not for fewer.
 
     Dynamo has already chosen the branches a block's code takes on the token
@@ -303,10 +342,15 @@ def refuse_token_count_branches(hidden: torch.fx.Node, where: str) -> None:
     of T tokens. So every guard and runtime assert on the token count must
     hold for each count from 2 (export's least) up to T: an upper bound
     (``T <= max_positions``) does, ``T > 8`` or ``T % 8 == 0`` does not. The
-    guards are the whole graph's, so one outside the blocks is refused too;
-    ``modpass.transform`` checks each block alone.
+    guards are the whole graph's, so one outside the blocks is refused too
+    (``modpass.transform`` checks each block alone), unless it relates T to a
+    size none of the block's inputs has: the block's code cannot have
+    branched on that (Llava's ``masked_scatter`` of image features ties its
+    mask's length to T outside the blocks).
     """
-    tokens = hidden.meta["val"].shape[1]
+    tokens = inputs[0].meta["val"].shape[1]
+    visible = {symbol for node in inputs if isinstance(node.meta.get("val"), torch.Tensor)
+               for size in node.meta["val"].shape if isinstance(size, torch.SymInt) for symbol in size.node.expr.free_symbols}
     shape_env = tokens.node.shape_env
     count = sympy.Symbol("T", integer=True, positive=True)  # printed in the message
     hints = size_hints(shape_env)
@@ -316,7 +360,8 @@ def refuse_token_count_branches(hidden: torch.fx.Node, where: str) -> None:
     conditions += [(check.expr, check.msg) for checks in shape_env.deferred_runtime_asserts.values() for check in checks]
     for condition, location in conditions:
         in_counts = condition.xreplace({tokens.node.expr: count}) if tokens.node.expr.is_Symbol else condition.subs(tokens.node.expr, count)
-        if count not in in_counts.free_symbols or not in_counts.free_symbols - {count} <= hints.keys():
+        others = in_counts.free_symbols - {count}
+        if count not in in_counts.free_symbols or not others <= hints.keys() or not others <= visible:
             continue
         failing = next((n for n in samples if not holds(in_counts.xreplace({**hints, count: sympy.Integer(n)}))), None)
         if failing is not None:
@@ -337,18 +382,26 @@ def holds(condition: sympy.Basic) -> bool:
 
 def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) -> torch.fx.GraphModule:
     normalise_dynamo_metadata(gm)
-    gm = find_blocks(gm)
-    plan, task, routers = choose_plan(gm, options)
+    try:
+        gm = find_blocks(gm)
+    except NoBlocksError:
+        return unrouted(gm, "holds no transformer blocks")
+    chosen = choose_plan(gm, options)
+    if chosen is None:
+        found = gm.meta["modpass_blocks"]
+        return unrouted(gm, f"holds none of the blocks to route (it holds {block_stacks(found)}, of "
+                            f"{sorted({b.block_class.rpartition('.')[2] for b in found})})")
+    plan, task, routers = chosen
     unshare_scalar_arithmetic(gm, [block.path for block in plan.blocks if block.ratios.get(task) is not None])
     for number, block in enumerate(plan.blocks):
         ratio = block.ratios.get(task)
         if ratio is None:
             continue
         nodes = region_of(gm, block.path)
-        region, inputs, outputs = extract(gm, nodes)
         where = f"block {block.index} ({block.path})"
+        region, inputs, outputs = extract(gm, nodes, where)
         refuse_fixed_token_count(gm, inputs[0], where)
-        refuse_token_count_branches(inputs[0], where)
+        refuse_token_count_branches(inputs, where)
         with outside_dynamo_tracing():
             values = [i.meta["val"] for i in inputs]
             analysed = capture_block_graph(region, tuple(_structure.realize(v) for v in values), {}, where=where,

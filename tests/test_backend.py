@@ -633,6 +633,42 @@ def test_options_route_the_blocks_within_one_stack_as_transform_does(tmp_path):
         assert not torch.allclose(fresh, model(**inputs), atol=1e-3), "routing changed the output"
 
 
+class GraphBreakingPrefixVisionGPT(models.PrefixVisionGPT):
+    """Breaks Dynamo's graph after its vision blocks and again before its language blocks, as Llava's image-token
+    checks do: three parts, one without blocks and one with blocks of the other stack."""
+
+    def forward(self, idx: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        image = self.patch_embed(patches)
+        for block in self.vision:
+            image = block(image)
+        torch._dynamo.graph_break()
+        x = torch.cat([image, self.embed(idx)], dim=1)
+        torch._dynamo.graph_break()
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_options_compile_the_parts_without_blocks_to_route_unrouted(tmp_path):
+    torch.manual_seed(0)
+    model = GraphBreakingPrefixVisionGPT().eval()
+    _, inputs = models.prefix_vision_gpt()
+    routed = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
+    unchanged = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
+    randomise_routers(routed)
+    modpass.save(routed, tmp_path)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})(**inputs)
+        torch._dynamo.reset()
+        fresh = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "within": "h"})(**inputs)
+        torch.testing.assert_close(served, routed(**inputs), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fresh, unchanged(**inputs), rtol=1e-5, atol=1e-5)
+    messages = {str(w.message).split("(")[0] + str(w.message).split(")")[1][:40] for w in caught if "unrouted" in str(w.message)}
+    assert any("holds no transformer blocks" in m for m in messages), messages
+    assert any("holds none of the blocks to route" in m for m in messages), messages
+
+
 def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
     """Task ids as a LongTensor split in the graph: one graph for every mix, absent tasks included.
 
