@@ -47,7 +47,9 @@ def example_inputs_for(model: nn.Module) -> dict:
     main = getattr(model, "main_input_name", None)
     inputs: dict = {}
     if config is not None and main == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+        # The table the ids index: a composite model's config.vocab_size may be another part's (PaliGemma's).
+        embeddings = model.get_input_embeddings()
+        vocab = embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else config.vocab_size
         inputs["input_ids"] = token_ids(vocab, max_positions(config), device)
     elif config is not None and main == "pixel_values":
         size = getattr(config, "image_size", 224)

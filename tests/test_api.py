@@ -281,6 +281,14 @@ def test_given_example_inputs_capture_without_the_kv_cache_the_routed_model_runs
         close_to_dense(routed(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_guessed_token_ids_index_the_input_embeddings_not_the_configs_vocabulary():
+    """A composite model's config.vocab_size can be another part's (PaliGemma's is 257152 over a smaller table)."""
+    model = models.llama(layers=2)
+    model.config.vocab_size = 10**6
+    routed = modpass.transform(model, 0.5)
+    assert set(modpass.routed_blocks(routed)) == {"model.layers.1"}
+
+
 def test_transforming_twice_is_refused(llama_and_routed):
     with pytest.raises(modpass.ConfigError, match="already routed"):
         modpass.transform(llama_and_routed[1], 0.5)
@@ -409,7 +417,8 @@ def test_within_at_full_capacity_equals_the_dense_model():
     [({"within": "vision_tower"}, r"within='vision_tower' holds none of the model's blocks, which lie in vision \(3 blocks\), h \(4 blocks\)"),
      ({"within": "h", "layers": [4]}, r"out of range: the model has 4 blocks in 'h'"),
      ({"within": "h", "ratios": {"a": [0.5] * 7}}, r"7 entries but the model has 4 blocks in 'h'"),
-     ({"within": 3}, "within must be a module path")],
+     ({"within": 3}, "within must be a module path"),
+     ({"within": "h.0"}, r"route none of the 1 block\(s\) inside 'h.0'.*'every_other' starts at block 1")],
 )
 def test_bad_within_is_refused(kwargs, match):
     model, inputs = models.prefix_vision_gpt()

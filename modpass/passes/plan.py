@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import RoutingConfig, resolve_ratios
+from ..errors import ConfigError
 from ..plan import BlockPlan, RoutingPlan
 from ..versions import versions
 from .find_blocks import blocks_within
@@ -22,6 +23,13 @@ from .find_blocks import blocks_within
 def plan(gm: torch.fx.GraphModule, config: RoutingConfig, model_class: str = "") -> torch.fx.GraphModule:
     blocks = blocks_within(gm.meta["modpass_blocks"], config.within)
     ratios = resolve_ratios(config, len(blocks))
+    if not ratios:
+        scope = f" inside {config.within!r}" if config.within else ""
+        raise ConfigError(
+            f"layers={config.layers!r} and the ratios route none of the {len(blocks)} block(s){scope}: every chosen block is "
+            "dense for every task (1.0 in a per-block list), or layers= chose none ('every_other' starts at block 1). "
+            "Choose blocks with layers=, or lower a ratio."
+        )
     gm.meta["modpass_plan"] = RoutingPlan(
         tasks=config.tasks,
         num_blocks=len(blocks),
