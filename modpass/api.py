@@ -206,7 +206,8 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     updated = []
     for block_plan in plan.blocks:
         ratios_here = {task: new_ratios.get(block_plan.index, {}).get(task) for task in plan.tasks}
-        gained = [t for t, r in ratios_here.items() if r is not None and block_plan.ratios.get(t) is None]
+        # A router made dense by an earlier set_ratios is still there: only a block dense from the start lacks one.
+        gained = [t for t, r in ratios_here.items() if r is not None and t not in blocks[block_plan.path].mod_routers]
         if gained:
             raise PlanError(
                 f"block {block_plan.index} ({block_plan.path}) has no router for task(s) {gained}: it was dense for "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._compat import uncompiled
-from .api import apply_plan, refuse_compiled, routing_plan_of
+from .api import apply_plan, refuse_compiled, routed_blocks, routing_plan_of
 from .errors import ConfigError, PlanError
 from .inputs import capture_inputs
 from .passes.capture import capture
@@ -51,6 +52,14 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("save() takes a model routed by modpass.transform or modpass.load.")
+    unsaved = sorted(f"{name}.mod_routers.{task}" for name, block in routed_blocks(model).items()
+                     for task in block.mod_routers if task not in plan.block(name).routed_tasks())
+    if unsaved:
+        warnings.warn(
+            f"modpass.save: {unsaved[:3]}{'...' if len(unsaved) > 3 else ''} route tasks that set_ratios made dense there; the "
+            "plan keeps dense blocks without routers, so these are not saved. Route them again before saving to keep them.",
+            stacklevel=2,
+        )
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

@@ -460,6 +460,20 @@ def test_set_ratios_survives_save_and_load(tmp_path):
     assert loaded.h[1].last_routing[0].index.shape == (2, 3)
 
 
+def test_a_task_set_ratios_made_dense_keeps_its_router_until_saved(tmp_path):
+    routed = randomised(modpass.transform(models.NanoGPT(layers=4), {"a": 0.5, "b": 0.5}, layers=[1, 3]))
+    router = routed.h[1].mod_routers["a"].weight.clone()
+    modpass.set_ratios(routed, {"a": [1.0, 1.0, 1.0, 0.5], "b": 0.5})
+    with pytest.warns(UserWarning, match=r"\['h.1.mod_routers.a'\] route tasks that set_ratios made dense there"):
+        modpass.save(routed, tmp_path)
+    modpass.set_ratios(routed, {"a": 0.25, "b": 0.5})  # routed again, with the router it had
+    assert torch.equal(routed.h[1].mod_routers["a"].weight, router)
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        routed(idx, task="a")
+    assert routed.h[1].last_routing[0].index.shape == (2, 3)
+
+
 def test_set_ratios_refusals():
     routed = modpass.transform(models.NanoGPT(layers=4), {"a": [1.0, 0.5, 1.0, 0.5], "b": 0.5}, layers="all")
     before = modpass.routing_plan_of(routed)
