@@ -1,4 +1,4 @@
-"""Route a Hugging Face Llama with task-aware MoD, inspect it, save it, serve it compiled.
+"""Choose blocks by attention rank, route a Hugging Face Llama with task-aware MoD, inspect it, save it, serve it compiled.
 
 Run: python examples/route_llama.py   (random weights from a config; no downloads)
 """
@@ -18,9 +18,15 @@ def main() -> None:
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = LlamaForCausalLM(config).eval()
+    # Where to route "text": UniMoD's rule, the half of the blocks with the lowest attention rank on its samples
+    # (random weights give every block nearly full rank, (T - 1) / T, so here the tie goes to the first blocks).
+    samples = [{"input_ids": torch.randint(0, 512, (4, 64))} for _ in range(2)]
+    ranks = modpass.attention_rank(model, {"text": samples})
+    print(ranks)
     routed = modpass.transform(
         model,
-        {"text": 0.5, "image": modpass.schedules.ShiftedCosine(dense_above=0.9, floor=0.2)},
+        {"text": ranks.ratios(fraction=0.5, ratio=0.5)["text"],
+         "image": modpass.schedules.ShiftedCosine(dense_above=0.9, floor=0.2)},
         layers="all",
     )
     print(modpass.routing_plan_of(routed).to_json()[:400], "...")
