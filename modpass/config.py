@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from .errors import ConfigError
+from .plan import scope_note
 from .routing import GATES
 
 DEFAULT_TASK = "default"
@@ -91,7 +92,7 @@ class RoutingConfig:
 
 def counted_blocks(num_blocks: int, within: str) -> str:
     """``"the model has 4 blocks"``, naming the module the count is limited to."""
-    return f"the model has {num_blocks} blocks" + (f" in {within!r}" if within else "")
+    return f"the model has {num_blocks} blocks{scope_note(within)}"
 
 
 def resolve_layers(layers: Layers, num_blocks: int, within: str = "") -> list[int]:

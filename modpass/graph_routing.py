@@ -35,7 +35,7 @@ from .io import read
 from .passes.find_blocks import block_stacks, find_blocks
 from .passes.plan import plan as plan_stage
 from .pipeline import capture_block_graph, route_block_graph
-from .plan import RoutingPlan, in_scope
+from .plan import RoutingPlan, in_scope, scope_note
 
 # The traced model is a local of the compiled frame: its ``self``, or, where the model's forward is
 # wrapped by a ``(*args, **kwargs)`` decorator (transformers >= 5.24 wraps
@@ -89,9 +89,8 @@ def rooted_at_graph(
         blocks = tuple(dataclasses.replace(b, path=b.path.removeprefix(prefix)) for b in plan.blocks)
         moved = {name.removeprefix(prefix): value for name, value in routers.items() if name.startswith(prefix)}
         return dataclasses.replace(plan, blocks=blocks, within=within), moved
-    where = f" in {plan.within!r}" if plan.within else ""
     raise PlanError(
-        f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks{where}; the graph has "
+        f"the plan routes {[b.path for b in plan.blocks]} of {plan.num_blocks} blocks{scope_note(plan.within)}; the graph has "
         f"{graph_paths}. Save the plan from a transform of this model class and depth."
     )
 

@@ -29,7 +29,7 @@ from .errors import ConfigError, PlanError
 from .inputs import capture_inputs
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
-from .plan import RoutingPlan, in_scope
+from .plan import RoutingPlan, in_scope, scope_note
 from .progress import Progress
 
 PLAN_FILE = "plan.json"
@@ -97,8 +97,7 @@ def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -
     gm = find_blocks(capture(model, example_inputs))
     blocks = [b for b in gm.meta["modpass_blocks"] if in_scope(b.path, plan.within)]
     if len(blocks) != plan.num_blocks:
-        where = f" in {plan.within!r}" if plan.within else ""
-        raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks{where}; this {type(model).__name__} has {len(blocks)}.")
+        raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks{scope_note(plan.within)}; this {type(model).__name__} has {len(blocks)}.")
     by_path = {b.path: b for b in blocks}
     for block in plan.blocks:
         found = by_path.get(block.path)

@@ -21,6 +21,11 @@ def in_scope(path: str, within: str) -> bool:
     return not within or path == within or path.startswith(within + ".")
 
 
+def scope_note(within: str) -> str:
+    """``" in 'model.language_model'"`` for messages that count blocks inside ``within``; "" for the whole model."""
+    return f" in {within!r}" if within else ""
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Routing of one block: its place in the model and a ratio per task (None = dense)."""

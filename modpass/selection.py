@@ -17,6 +17,7 @@ ranks into ``transform``'s per-block ratio lists.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -169,17 +170,18 @@ def attention_rank(
     modes = {module: module.training for module in model.modules()}
     recorder = _AttentionMaps()
 
-    def enter(path, module, args, kwargs):
-        hidden = args[0] if args else kwargs.get(first_parameter_name(module))
+    def enter(module, args, kwargs, path, hidden_name):
+        hidden = args[0] if args else kwargs.get(hidden_name)
         recorder.block, recorder.tokens = path, hidden.shape[1]
 
     def leave(module, args, output):
         recorder.block = None
 
-    handles = [hook for b in blocks for hook in (
-        model.get_submodule(b.path).register_forward_pre_hook(lambda m, a, k, path=b.path: enter(path, m, a, k), with_kwargs=True),
-        model.get_submodule(b.path).register_forward_hook(leave, always_call=True),
-    )]
+    handles = []
+    for path in (b.path for b in blocks):
+        block = model.get_submodule(path)
+        start = functools.partial(enter, path=path, hidden_name=first_parameter_name(block))
+        handles += [block.register_forward_pre_hook(start, with_kwargs=True), block.register_forward_hook(leave, always_call=True)]
     ranks, sequences = {}, {}
     model.eval()
     try:
