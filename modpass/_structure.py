@@ -51,9 +51,9 @@ def signature(tree, path: str = "") -> tuple:
         # graph: reading its value makes Dynamo guard on it, so another value is another structure.
         return ("constant", SYMBOLIC[type(tree)](tree))
     raise RoutingInputError(
-        f"argument {path or '<root>'} is a {type(tree).__name__}; routed blocks take tensors and plain flags only. "
-        "A KV cache cannot be shared by routed blocks yet: call the model with use_cache=False; generate() works "
-        "that way too (a routed model's default), rerunning the whole sequence at each step."
+        f"argument {path or '<root>'} is a {type(tree).__name__}; routed blocks take tensors, plain flags and a "
+        "transformers cache by its own name (cache=, past_key_values=) only. Call the model without it (for a "
+        "cache, use_cache=False, a routed model's default)."
     )
 
 

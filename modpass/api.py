@@ -166,9 +166,9 @@ def apply_plan(
         parent, _, name = path.rpartition(".")
         block.adopt_hooks()
         setattr(model.get_submodule(parent), name, block)
-    # Routed blocks would write k-token keys/values into a shared cache; without one, Hugging Face's
-    # generate() reruns the whole sequence at each step. Composite models keep the setting in their parts'
-    # configs (Llava's language model).
+    # Off by default: a cached generation decodes causally (generated tokens run every routed layer, see
+    # kv_cache.py), where the uncached one selects among all tokens at each step as training did; use_cache=True
+    # asks for it. Composite models keep the setting in their parts' configs (Llava's language model).
     for part in model.modules():
         for config in (getattr(part, "config", None), getattr(part, "generation_config", None)):
             if getattr(config, "use_cache", False):
@@ -255,14 +255,22 @@ def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
 
 
 @contextlib.contextmanager
-def default_task(model: nn.Module, task: str | Sequence[str] | torch.Tensor) -> Iterator[nn.Module]:
+def default_task(
+    model: nn.Module, task: str | Sequence[str] | torch.Tensor | None = None, *, route_mask: torch.Tensor | None = None
+) -> Iterator[nn.Module]:
     """Route the calls of ``model`` that give no ``task=`` as ``task`` inside the ``with`` block.
 
     For callers that cannot pass ``task=``: Hugging Face's ``generate()``
     refuses keyword arguments its model's signature does not name. ``task``
     takes the forms ``task=`` takes (a name, one name per sequence, or a
     LongTensor of task indices); it is checked on each call, against that
-    call's batch.
+    call's batch. None leaves calls without a default task, as outside.
+
+    ``route_mask`` (``(batch, tokens)`` bool) is the same for calls that give
+    no ``route_mask=``, with one difference: on a longer sequence it covers
+    the first tokens and the rest are outside it (always processed). So it
+    marks the prompt's routable tokens for ``generate()``, which appends the
+    generated tokens, with or without a KV cache: both give the same tokens.
     """
     state = getattr(uncompiled(model), "_modpass_state", None)
     if state is None:
@@ -272,13 +280,17 @@ def default_task(model: nn.Module, task: str | Sequence[str] | torch.Tensor) -> 
     elif isinstance(task, Sequence):
         for name in task:
             state.check(name)
-    elif not isinstance(task, torch.Tensor):  # task ids are checked per call, as task= ids are
+    elif task is not None and not isinstance(task, torch.Tensor):  # task ids are checked per call, as task= ids are
         raise RoutingInputError(f"default_task: task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
-    previous, state.default_task = state.default_task, task
+    if route_mask is not None and (not isinstance(route_mask, torch.Tensor) or route_mask.dtype != torch.bool or route_mask.dim() != 2):
+        got = f"dtype {route_mask.dtype}, shape {tuple(route_mask.shape)}" if isinstance(route_mask, torch.Tensor) else type(route_mask).__name__
+        raise RoutingInputError(f"default_task: route_mask must be a (batch, tokens) bool tensor, got {got}.")
+    previous = state.default_task, state.default_route_mask
+    state.default_task, state.default_route_mask = task, route_mask
     try:
         yield model
     finally:
-        state.default_task = previous
+        state.default_task, state.default_route_mask = previous
 
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)

@@ -27,7 +27,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from . import _compat, _structure
+from . import _compat, _structure, kv_cache
 from ._compat import disable_compile
 from ._export import CALL_HOOKS
 from .errors import RoutingInputError, UnroutableBlockError
@@ -204,12 +204,18 @@ class RoutedBlock(nn.Module):
         if state.dense:
             return self._block(*args, **kwargs)
         task = state.whole_batch_task()
+        cache = kv_cache.cache_argument(kwargs)
 
         def route(args, kwargs):
             # The records leave as an output, not by appending to last_routing: a checkpointed
             # function must not change state outside it (Dynamo refuses that under fullgraph).
             records = []
-            output = self.run_groups(args, kwargs, records) if task is None else self.run(TaskGroup(task, None), args, kwargs, records)
+            if cache is not None:
+                output = kv_cache.run(self, cache, args, kwargs, records)
+            elif task is None:
+                output = self.run_groups(args, kwargs, records)
+            else:
+                output = self.run(TaskGroup(task, None), args, kwargs, records)
             return output, tuple(records)
 
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
@@ -245,7 +251,7 @@ class RoutedBlock(nn.Module):
             k = capacity(args[0].shape[1], *self.ratio_terms(group.task))
         form = "per_row" if group.row_capacity is not None else "given" if k is not None else "ratio"
         route = self.route(form, group.task, args, kwargs)
-        mask = self.group_route_mask(group)
+        mask = self.group_route_mask(group, args[0].shape[1])
         inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k,
                                    route_mask=mask, row_capacity=group.row_capacity)
         *outputs, logits, index, padding, extra = route.graph(*inputs)
@@ -362,11 +368,11 @@ class RoutedBlock(nn.Module):
         which would break a compiled graph in every routed block, so under
         torch.compile a group stays whole where :meth:`share_one_call` can run it.
         """
-        mask = self._state.route_mask
-        if mask is None:
-            return groups
         hidden = args[0]
         batch, tokens = hidden.shape[:2]
+        mask = self._state.route_mask_over(tokens)
+        if mask is None:
+            return groups
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens):
             got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             other_sequence = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
@@ -457,8 +463,8 @@ class RoutedBlock(nn.Module):
         autocast = torch.is_autocast_enabled(device)
         return (self.training, autocast, torch.get_autocast_dtype(device) if autocast else None)
 
-    def group_route_mask(self, group: TaskGroup) -> torch.Tensor | None:
-        mask = self._state.route_mask
+    def group_route_mask(self, group: TaskGroup, tokens) -> torch.Tensor | None:
+        mask = self._state.route_mask_over(tokens)
         if mask is None or group.capacity is None:
             return None
         return group.rows_of(mask)

@@ -52,12 +52,16 @@ class RoutingState:
         self.blocks: list = []
         self.switching = ModeSwitchProgress(progress)
         self.route_mask: torch.Tensor | None = None
+        #: The route mask of calls that give none (see :func:`modpass.default_task` and :meth:`route_mask_over`).
+        self.default_route_mask: torch.Tensor | None = None
         self.dense = False
         #: True from the model's pre-hook to its forward hook: routed blocks then add to ``last_routing``,
         #: which the pre-hook cleared, so a block called more than once in a forward keeps every call's records.
         self.in_forward = False
         #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
+        #: Whether cached generation has said once that it decodes causally (see :mod:`modpass.kv_cache`).
+        self.warned_causal_decoding = False
 
     def whole_batch_task(self) -> str | None:
         """The task of the whole batch when one name covers it and no route mask applies, else None."""
@@ -68,6 +72,18 @@ class RoutingState:
         if isinstance(self.task, str):
             return self.check(self.task)
         return None
+
+    def route_mask_over(self, tokens) -> torch.Tensor | None:
+        """The route mask of a call over ``tokens`` tokens.
+
+        A default route mask shorter than that covers the first tokens, and
+        the rest (appended by ``generate()``) are outside it; a mask given
+        with the call is taken as it is.
+        """
+        mask = self.route_mask
+        if mask is None or mask is not self.default_route_mask or mask.shape[1] >= tokens:
+            return mask
+        return torch.cat([mask, mask.new_zeros(mask.shape[0], tokens - mask.shape[1])], dim=1)
 
     def groups(self, batch: int) -> list[TaskGroup]:
         """The batch split by task; computed once per forward and shared by every routed block."""
@@ -157,7 +173,7 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
                 "layers. Call without output_attentions (or inside modpass.dense(model) for the dense model's)."
             )
     state.task = routing.get("task", state.default_task)
-    state.route_mask = routing.get("route_mask")
+    state.route_mask = routing.get("route_mask", state.default_route_mask)
     # groups() would notice the new task anyway; clearing here keeps the last
     # call's groups out of what a compiled forward is traced (and guarded) on.
     state.cached_groups = None

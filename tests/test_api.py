@@ -311,14 +311,15 @@ def test_routed_model_exports_with_symbolic_batch_and_length(llama_and_routed):
                                        rtol=0, atol=1e-5)
 
 
-def test_kv_cache_calls_are_refused_clearly(llama_and_routed):
+def test_a_routed_model_caches_keys_and_values_only_when_asked(llama_and_routed):
+    """transform turns the cache off (a cached generation decodes causally, see test_kv_cache.py); use_cache=True turns it on."""
     _, routed = llama_and_routed
-    with pytest.raises(modpass.RoutingInputError, match="use_cache=False"):
-        routed(input_ids=torch.randint(0, 97, (1, 5)), use_cache=True)
-    with pytest.raises(modpass.RoutingInputError, match="use_cache=False"):
-        routed.generate(torch.randint(0, 97, (1, 5)), max_new_tokens=2, use_cache=True)
-    out = routed(input_ids=torch.randint(0, 97, (1, 5)))
-    assert out.past_key_values is None
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert routed(input_ids=ids).past_key_values is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once per model: see test_kv_cache.py
+            assert routed(input_ids=ids, use_cache=True).past_key_values is not None
 
 
 def test_generate_reruns_the_sequence_under_the_default_task():
@@ -345,6 +346,22 @@ def test_generate_reruns_the_sequence_under_the_default_task():
         with pytest.raises(modpass.RoutingInputError, match="unknown task 'x2y'"), modpass.default_task(routed, ["t2i", "x2y"]):
             pass
     assert routed.generation_config.use_cache is False and model.generation_config.use_cache is True
+
+
+def test_a_default_route_mask_covers_the_first_tokens_of_a_longer_sequence(llama_and_routed):
+    """generate() appends tokens to the prompt the default mask was given for: they are outside it."""
+    _, routed = llama_and_routed
+    ids = torch.randint(0, 97, (2, 12))
+    prompt_mask = torch.rand(2, 9) < 0.5
+    with torch.no_grad():
+        with modpass.default_task(routed, route_mask=prompt_mask):
+            got = routed(input_ids=ids).logits
+            given = routed(input_ids=ids, route_mask=torch.ones_like(ids, dtype=torch.bool)).logits  # a given mask wins
+        extended = torch.cat([prompt_mask, torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+        torch.testing.assert_close(got, routed(input_ids=ids, route_mask=extended).logits, rtol=0, atol=0)
+        torch.testing.assert_close(given, routed(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(modpass.RoutingInputError, match="bool tensor"), modpass.default_task(routed, route_mask=prompt_mask.long()):
+        pass
 
 
 def test_unknown_task_names_the_known_ones(llama_and_routed):

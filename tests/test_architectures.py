@@ -18,6 +18,7 @@ import modpass
 from tests import models
 from tests.test_backend import dynamo_compiles_transformers
 from tests.test_equivalence import close_to_dense
+from tests.test_kv_cache import decode_and_compare, with_random_routers
 
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 
@@ -147,6 +148,31 @@ def test_routed_causal_lm_equals_dense_at_full_capacity_and_on_the_selected_pref
         got = final_states(modpass.transform(dense, 0.5, layers="all"), ids)
     close_to_dense(got[:, :7], want[:, :7])
     assert not torch.allclose(got[:, 7:], want[:, 7:], atol=1e-3), "the other tokens skipped the blocks"
+
+
+# Cached generation refuses these with the default layers (every other one), each for its cache layout.
+CACHE_REFUSALS = {
+    "mistral-sliding-window": "DynamicSlidingWindowLayer",
+    "gemma3": "DynamicSlidingWindowLayer",
+    "gemma2-soft-capping": "first full-attention layer",  # its layer 1; routing layer 3 of four works (test_kv_cache.py)
+    "gpt-oss-sinks": "first full-attention layer",
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_routed_causal_lm_decodes_with_a_kv_cache_as_the_uncached_model(name):
+    torch.manual_seed(0)
+    routed = with_random_routers(modpass.transform(ALL_ARCHITECTURES[name](), 0.5))
+    prompt = torch.randint(3, 60, (2, 11))
+    padding = torch.ones_like(prompt)
+    padding[1, :3] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the cached generation's "not causal" note
+        if name in CACHE_REFUSALS:
+            with pytest.raises(modpass.RoutingInputError, match=CACHE_REFUSALS[name]):
+                routed(input_ids=prompt, use_cache=True)
+            return
+        decode_and_compare(routed, prompt, padding, steps=2)
 
 
 @pytest.mark.skipif(not os.environ.get("MODPASS_ARCHITECTURE_COMPILE"), reason="about 3 minutes on 2 cores: set MODPASS_ARCHITECTURE_COMPILE=1")

@@ -1,0 +1,361 @@
+"""Cached generation through routed blocks (Hugging Face ``DynamicCache``).
+
+A routed layer keeps keys and values only for the tokens it runs on, as
+p-MoD and UniMoD decode:
+
+- The first call that reaches a layer's empty cache (the prompt) is routed as
+  the uncached forward routes it: the same router, top-k and gate (the math of
+  ``passes/rewrite.py``, composed here around the block's own eager forward,
+  which writes the selected tokens' keys and values into the cache).
+- Every later call (the generated tokens) runs the block on all of its tokens,
+  gated by the router, as tokens outside a route mask are.
+
+So a routed model generating with ``use_cache=True`` computes exactly what the
+uncached routed model computes for the whole sequence under a route mask that
+makes the prompt's tokens routable (or the prompt's own route mask) and the
+generated ones not. Without such a mask the uncached model would re-select
+among all tokens at every step (MoD's top-k is not causal): the cached model is
+the causal reading of it, and warns once that it is.
+
+Each routed layer's cache then has its own length, so the model's attention
+mask, whose key axis spans every token so far, does not fit it. The layer's
+cache keeps the position of each cached key (:func:`routed_cache_layer`), and
+a routed block reads its mask columns at those positions. That holds while the
+model sizes its masks and positions by a dense layer (refused otherwise) and
+for ``DynamicCache`` layers over full attention (sliding-window, static and
+quantised layers are refused). Beam search, contrastive search and assisted
+decoding reorder, repeat, select and crop the positions with the keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import torch
+
+from . import _structure, routing
+from ._compat import disable_compile
+from .errors import RoutingInputError
+from .passes.rewrite import attention_mask_input, extra_slots_leak, mask_input
+
+#: The names Hugging Face layers take their cache by (``cache`` from transformers 5.25; ``layer_past`` in GPT-NeoX,
+#: Falcon and GPTBigCode).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def cache_argument(kwargs: dict) -> str | None:
+    """The name of the keyword argument that hands a block a cache object, or None."""
+    for name, value in kwargs.items():
+        if name in CACHE_ARGUMENTS and value is not None and not isinstance(value, (torch.Tensor, bool)):
+            return name
+    return None
+
+
+@disable_compile(
+    "modpass: a routed block with a KV cache runs eagerly: it writes its selected tokens' keys and values into "
+    "the cache through the block's own forward (cached generation is eager in Hugging Face's generate())."
+)
+def run(block, name: str, args: tuple, kwargs: dict, records: list):
+    """Route one cached call of ``block`` (a :class:`~modpass.block.RoutedBlock`); its record's fields go to ``records``."""
+    cache, hidden, where = kwargs[name], args[0], block.plan.path
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        raise RoutingInputError(
+            f"{where}: a routed block caches keys and values through a transformers Cache with per-layer storage "
+            f"(transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
+        )
+    task = single_task(block, hidden.shape[0])
+    index = layer_index(block)
+    layer = layers[index] if index < len(layers) else None
+    check_layer(layer, where, index)
+    routed = block.plan.ratios.get(task) is not None
+    if not routed and not isinstance(layer, RoutedCacheLayer):
+        return block._block(*args, **kwargs)  # a task dense here caches every token, as the dense model does
+    if layer is not None and layer.get_seq_length() > 0:
+        return extend(block, task if routed else None, name, args, kwargs, records)
+    check_positions_come_from_a_dense_layer(cache, index, where)
+    state = block._state
+    if state.route_mask is None and not state.warned_causal_decoding:
+        state.warned_causal_decoding = True
+        warnings.warn(
+            "modpass: cached generation routes the prompt and runs every generated token through each routed layer "
+            "(p-MoD's and UniMoD's decoding). The uncached model would select again among all tokens at each step "
+            "(MoD's top-k is not causal), so generate(use_cache=False) can give other tokens. A route mask over the "
+            "prompt makes the two the same: route_mask=, or for generate() modpass.default_task(model, route_mask=).",
+            stacklevel=1,
+        )
+    return prefill(block, task, name, args, kwargs, records)
+
+
+def single_task(block, batch: int) -> str:
+    groups = block._state.groups(batch)
+    if len(groups) != 1 or groups[0].rows is not None:
+        raise RoutingInputError(
+            f"{block.plan.path}: cached generation runs one task per batch, since every sequence's keys share the "
+            "layer's cache; this batch mixes tasks. Generate each task's sequences in a batch of their own, or with "
+            "use_cache=False."
+        )
+    return groups[0].task
+
+
+def layer_index(block) -> int:
+    """The cache slot the block's attention writes to: the ``layer_idx`` of its modules."""
+    found = {m.layer_idx for m in block._block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    if len(found) != 1:
+        raise RoutingInputError(
+            f"{block.plan.path}: modpass finds a block's cache slot by its attention's layer_idx; this block has "
+            f"{sorted(found) or 'none'}. Call the model with use_cache=False."
+        )
+    return found.pop()
+
+
+def check_layer(layer, where: str, index: int) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    if layer is not None and type(layer) is not DynamicLayer and not isinstance(layer, RoutedCacheLayer):
+        raise RoutingInputError(
+            f"{where}: its cache layer {index} is a {type(layer).__name__}; a routed block keeps its selected tokens "
+            "in a DynamicCache layer over full attention (a sliding window, static or quantised layer would drop or "
+            "place keys by the model's positions, not the block's). Generate with the default DynamicCache, route "
+            "only full-attention layers (layers=), or use use_cache=False."
+        )
+
+
+def check_positions_come_from_a_dense_layer(cache, index: int, where: str) -> None:
+    """Refuse routing the layer by whose cache length the model counts positions and sizes its masks."""
+    full = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
+    counted = {0, full[0] if full else 0}
+    if index in counted:
+        raise RoutingInputError(
+            f"{where}: this block's cache layer {index} is one Hugging Face models read the sequence length from "
+            "(layer 0 for the positions of new tokens, the first full-attention layer for the attention mask's size); "
+            "routed, it would hold fewer tokens than the sequence. Leave that layer dense (a layers= list without it) "
+            "or generate with use_cache=False."
+        )
+
+
+def prefill(block, task: str, name: str, args: tuple, kwargs: dict, records: list):
+    """The routed call of ``passes/rewrite.py``, with the block run eagerly on the selected tokens and the cache."""
+    cache, hidden, where = kwargs[name], args[0], block.plan.path
+    batch, tokens = hidden.shape[:2]
+    uncached = {key: value for key, value in kwargs.items() if key != name}
+    if "use_cache" in uncached:
+        uncached["use_cache"] = False  # the structure the uncached forward prepared
+    analysed, _ = block.analysis(args, uncached)
+    leaves = _structure.tensors((args, uncached))
+    leaf_of = dict(graph_inputs(analysed))
+    token_axes = {target: node.meta["modpass_token_axes"] for node, target in leaf_of.items()}
+    inputs = list(leaf_of)
+    mask_node = mask_input(inputs)
+    mask_leaf = leaf_of.get(mask_node)
+    mask = leaves[mask_leaf] if mask_node is not None else None
+    if mask is not None and mask.shape[-1] != tokens:
+        raise RoutingInputError(
+            f"{where}: its cache is empty but the attention mask spans {mask.shape[-1]} keys for {tokens} tokens; "
+            "start generation with an empty cache, or use use_cache=False."
+        )
+    router = block.mod_routers[task]
+    logits = routing.router_logits(hidden, router.weight, router.bias)
+    padding = None
+    if mask_node is not None:
+        read = routing.padding_from_attention_mask if mask_node is attention_mask_input(inputs) else routing.padding_from_key_mask
+        padding = read(mask, batch)
+    route_mask = block._state.route_mask_over(tokens)
+    if route_mask is not None and (not isinstance(route_mask, torch.Tensor) or route_mask.dtype != torch.bool
+                                   or tuple(route_mask.shape) != (batch, tokens)):
+        raise RoutingInputError(
+            f"{where}: on the prompt, route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}; "
+            "later calls of a cached generation ignore it (generated tokens run every routed layer)."
+        )
+    scores = routing.selection_scores(logits, padding, route_mask)
+    numerator, denominator = block.ratio_terms(task)
+    extra = None
+    if route_mask is None:
+        index = routing.select_tokens(scores, routing.capacity(tokens, numerator, denominator))
+    else:
+        row_capacity = routing.row_capacities(route_mask, numerator, denominator)
+        index, extra = routing.select_tokens_per_row(scores, int(row_capacity.max()), row_capacity)
+        if not extra.any():
+            extra = None
+        elif (leak := extra_slots_leak(analysed)) is not None:
+            raise RoutingInputError(
+                f"{where}: under this route mask the rows keep different numbers of tokens, and one cache holds them "
+                f"as one length only by hiding the extra slots from attention, which this block cannot: {leak}. "
+                "Generate rows of equal routable counts in a batch, or use use_cache=False."
+            )
+    gathered = [routing.gather_tokens(leaf, index, token_axes[i]) if token_axes.get(i) else leaf for i, leaf in enumerate(leaves)]
+    if extra is not None and mask is not None:
+        gathered[mask_leaf] = routing.hide_extra_slots(gathered[mask_leaf], extra, token_axes[mask_leaf])
+    call_args, call_kwargs = _structure.replace((args, kwargs), list(gathered))
+    output = block._block(*call_args, **call_kwargs)
+    selected = gathered[0]
+    weight = routing.gate_weights(routing.router_logits(selected, router.weight, router.bias), block._gate)
+    base, padding_values = hidden, None
+    if block._gate == "string":
+        base = routing.skip_scale(hidden, logits)
+        if padding is not None or extra is not None:
+            padding_values = routing.gather_tokens(base, index, (1,))
+    new_hidden = routing.scatter_update(base, index, selected, first_output(output), weight, padding, padding_values, extra)
+    records.append((task, logits, index, None, route_mask, padding, extra))
+    positions = index if extra is None else index.masked_fill(extra, -1)
+    routed_cache_layer(cache.layers[layer_index(block)], positions, tokens, where)
+    return with_first_output(output, new_hidden)
+
+
+def extend(block, task: str | None, name: str, args: tuple, kwargs: dict, records: list):
+    """A call after the prompt: every token runs the block over the layer's cached keys, gated for a routed ``task``."""
+    cache, hidden, where = kwargs[name], args[0], block.plan.path
+    batch, tokens = hidden.shape[:2]
+    layer = cache.layers[layer_index(block)]
+    if not isinstance(layer, RoutedCacheLayer):  # filled by a task that is dense here: every token is cached
+        routed_cache_layer(layer, torch.arange(layer.get_seq_length(), device=hidden.device).expand(batch, -1), layer.get_seq_length(), where)
+    seen = layer.tokens_seen
+    new = torch.arange(seen, seen + tokens, device=hidden.device).expand(batch, -1)
+    keys = torch.cat([layer.token_positions.expand(batch, -1), new], dim=1)
+    call = mask_argument(block, args, kwargs)
+    call.arguments["attention_mask"] = layer_mask(call.arguments.get("attention_mask"), keys, new, seen + tokens, hidden.dtype, where)
+    output = block._block(*call.args, **call.kwargs)
+    new_hidden = first_output(output)
+    if task is not None:
+        router = block.mod_routers[task]
+        logits = routing.router_logits(hidden, router.weight, router.bias)
+        every = torch.arange(tokens, device=hidden.device).expand(batch, -1)
+        new_hidden = routing.scatter_update(hidden, every, hidden, new_hidden, routing.gate_weights(logits, block._gate))
+        records.append((task, logits, every, None, None, None, None))
+    layer.token_positions, layer.tokens_seen = keys, seen + tokens
+    check_in_step(layer, where)
+    return with_first_output(output, new_hidden)
+
+
+def mask_argument(block, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """The call bound to the block's parameters, so that its ``attention_mask`` can be replaced however it was passed."""
+    signature = inspect.signature(block._block.forward)
+    if "attention_mask" not in signature.parameters:
+        raise RoutingInputError(
+            f"{block.plan.path}: a routed layer attends to its own cached keys through an attention_mask argument, "
+            "which this block does not take. Call the model with use_cache=False."
+        )
+    return signature.bind_partial(*args, **kwargs)
+
+
+def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, total: int, dtype: torch.dtype, where: str):
+    """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; -1 marks a slot never attended.
+
+    The model's ``(B | 1, H | 1, q, total)`` mask spans every token so far:
+    its ``total`` columns are read at the keys' positions. Without one (SDPA's causal
+    shortcut) the mask is causal over positions, additive so that any
+    attention implementation takes it.
+    """
+    valid = keys >= 0
+    if mask is None:
+        if queries.shape[1] == 1 and bool(valid.all()):
+            return None  # one new token sees every cached one
+        allowed = (keys.unsqueeze(1) <= queries.unsqueeze(2)) & valid.unsqueeze(1)
+        return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != total:
+        got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
+        raise RoutingInputError(
+            f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask over all {total} "
+            f"tokens so far, got {got}. Use an attention implementation with such masks (sdpa or eager), or "
+            "use_cache=False."
+        )
+    mask = mask.expand(keys.shape[0], *mask.shape[1:])
+    columns = keys.clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+    picked = torch.take_along_dim(mask, columns, dim=3)
+    hidden = ~valid[:, None, None, :]
+    if picked.dtype == torch.bool:
+        return picked & ~hidden
+    return picked.masked_fill(hidden, torch.finfo(picked.dtype).min)
+
+
+def graph_inputs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, int]]:
+    """The analysed graph's user-input placeholders and the call's tensor leaf each one reads."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [(node, target) for node, (role, target) in zip(placeholders, gm.meta["modpass_inputs"]) if role == "input"]
+
+
+def first_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_first_output(output, hidden: torch.Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+# -- the cache layer of a routed block ------------------------------------------------------------
+
+
+class RoutedCacheLayer:
+    """Marker base of the cache layers :func:`routed_cache_layer` makes (one class per transformers layer class)."""
+
+    #: ``(B, n)``: the sequence position of each cached key; -1 for a slot no query may attend.
+    token_positions: torch.Tensor
+    #: How many tokens of the sequence this layer has been called on (cached or not).
+    tokens_seen: int
+    #: How many of them its first call (the routed prompt) had.
+    prompt_length: int
+
+
+def routed_cache_layer(layer, positions: torch.Tensor, seen: int, where: str) -> None:
+    """Make ``layer`` (a ``DynamicLayer``) a routed block's: it keeps ``positions`` beside its keys and values."""
+    if not isinstance(layer, RoutedCacheLayer):
+        layer.__class__ = routed_layer_class(type(layer))
+    layer.token_positions, layer.tokens_seen, layer.prompt_length = positions, seen, seen
+    check_in_step(layer, where)
+
+
+def check_in_step(layer, where: str) -> None:
+    if tuple(layer.token_positions.shape) != (layer.keys.shape[0], layer.keys.shape[-2]):
+        raise RoutingInputError(
+            f"{where}: its cache layer holds {tuple(layer.keys.shape[::2])} (batch, keys), but modpass tracked "
+            f"{tuple(layer.token_positions.shape)}: something changed the layer outside its block and the cache's "
+            "own methods. Start from a fresh cache."
+        )
+
+
+@functools.cache
+def routed_layer_class(base: type) -> type:
+    """``base`` whose batch and length operations (beam search, assisted decoding) apply to the key positions too."""
+
+    class Routed(base, RoutedCacheLayer):
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            super().reorder_cache(beam_idx)
+            self.token_positions = self.token_positions.index_select(0, beam_idx.to(self.token_positions.device))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            self.token_positions = self.token_positions.repeat_interleave(repeats, dim=0)
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            super().batch_select_indices(indices)
+            self.token_positions = self.token_positions[indices]
+
+        def crop(self, tokens_to_remove: int) -> None:
+            # A negative count removes that many positions from the end; a positive one (transformers < 5.18)
+            # is the sequence length to keep. Either cuts the sequence at one position, past which a routed
+            # layer holds only the keys it cached.
+            cut = tokens_to_remove if tokens_to_remove > 0 else self.tokens_seen + tokens_to_remove
+            if cut >= self.tokens_seen:
+                return
+            if cut < self.prompt_length:
+                raise RoutingInputError(
+                    f"cropping the sequence to {cut} tokens would cut into the prompt ({self.prompt_length} tokens), "
+                    "of which a routed layer cached only the tokens it selected. Crop only generated tokens. Assisted "
+                    "decoding cannot work this way: it verifies its first candidates in one call with the prompt, which "
+                    "routes them as prompt tokens; generate without assistant_model, or with use_cache=False."
+                )
+            # Past the prompt a routed layer caches every token, one key per position, in order.
+            count = self.tokens_seen - cut
+            super().crop(-count)
+            self.token_positions = self.token_positions[:, :-count]
+            self.tokens_seen = cut
+
+        def reset(self) -> None:
+            super().reset()
+            self.__class__ = base
+            del self.token_positions, self.tokens_seen, self.prompt_length
+
+    Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"
+    return Routed

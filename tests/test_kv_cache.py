@@ -1,0 +1,204 @@
+"""Cached generation through routed blocks (``modpass/kv_cache.py``).
+
+The reference for every cached call is the uncached routed model on the whole
+sequence so far, under a route mask that leaves the generated tokens outside
+(they run every routed layer): the two compute the same thing.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import modpass
+from tests import models
+from tests.test_backend import dynamo_compiles_transformers, needs_hf_dynamo  # noqa: F401 (the marker reads it)
+
+pytest.importorskip("transformers")
+
+
+def cache_name() -> str:
+    """The keyword Hugging Face models take their cache by (``cache`` from transformers 5.25)."""
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+def with_random_routers(routed):
+    """``routed`` with random router weights, so that selection depends on the tokens (zero-initialised, it takes the first k)."""
+    for block in modpass.routed_blocks(routed).values():
+        for router in block.mod_routers.values():
+            torch.nn.init.normal_(router.weight, std=0.5)
+    return routed
+
+
+def routed_llama(ratios=0.5, **kwargs):
+    """A four-layer Llama with random routers."""
+    attn = kwargs.pop("attn_implementation", "sdpa")
+    return with_random_routers(modpass.transform(models.llama(attn_implementation=attn), ratios, **kwargs))
+
+
+def last_states(output) -> torch.Tensor:
+    """A causal LM's logits, or a base model's last hidden states."""
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def uncached_logits(routed, sequence, prompt_route_mask, attention_mask=None, **call):
+    """The routed model on the whole sequence, its prompt routable as given and the rest outside the route mask."""
+    generated = sequence.shape[1] - prompt_route_mask.shape[1]
+    route_mask = torch.cat([prompt_route_mask, prompt_route_mask.new_zeros(sequence.shape[0], generated)], dim=1)
+    return last_states(routed(input_ids=sequence, attention_mask=attention_mask, route_mask=route_mask, **call))
+
+
+def decode_and_compare(routed, prompt, attention_mask=None, route_mask=None, steps=3, chunk=1, **call):
+    """Prefill with a cache, then feed ``steps`` chunks of ``chunk`` tokens; each call's logits against the uncached model."""
+    prompt_route_mask = torch.ones_like(prompt, dtype=torch.bool) if route_mask is None else route_mask
+    given = {} if route_mask is None else {"route_mask": route_mask}
+    output = routed(input_ids=prompt, attention_mask=attention_mask, use_cache=True, **given, **call)
+    cache = cache_of(output)
+    torch.testing.assert_close(last_states(output), uncached_logits(routed, prompt, prompt_route_mask, attention_mask, **call), rtol=0, atol=1e-5)
+    sequence = prompt
+    for _ in range(steps):
+        new = torch.randint(1, 97, (prompt.shape[0], chunk))
+        sequence = torch.cat([sequence, new], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(new)], dim=1)
+        output = routed(input_ids=new, attention_mask=attention_mask, use_cache=True, **{cache_name(): cache}, **given, **call)
+        want = uncached_logits(routed, sequence, prompt_route_mask, attention_mask, **call)[:, -chunk:]
+        torch.testing.assert_close(last_states(output), want, rtol=0, atol=1e-5)
+    return cache
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("gate", ["tanh", "string"])
+def test_cached_decoding_equals_the_uncached_model_with_the_prompt_routed(attn_implementation, gate):
+    routed = routed_llama(gate=gate, attn_implementation=attn_implementation)
+    prompt = torch.randint(1, 97, (3, 11))
+    padding = torch.ones_like(prompt)
+    padding[1, :4] = 0
+    padding[2, :9] = 0  # fewer real tokens than the capacity: padding is selected, and must stay unseen
+    with torch.no_grad():
+        cache = decode_and_compare(routed, prompt, padding)
+        # Every routed layer cached its k prompt tokens and each generated one; dense layers cache every token.
+        assert [layer.get_seq_length() for layer in cache.layers] == [14, 9, 14, 9]
+        decode_and_compare(routed, prompt, padding, chunk=3)  # several new tokens at once: a causal mask over them
+        decode_and_compare(routed, prompt, chunk=2)  # no mask at all (SDPA's causal shortcut)
+
+
+def test_generate_with_a_cache_follows_the_uncached_greedy_loop():
+    routed = routed_llama()
+    prompt = torch.randint(1, 97, (2, 10))
+    with torch.no_grad(), pytest.warns(UserWarning, match="not causal"):
+        generated = routed.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            logits = uncached_logits(routed, sequence, torch.ones_like(prompt, dtype=torch.bool))
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    torch.testing.assert_close(generated, sequence, rtol=0, atol=0)
+
+
+def test_a_route_mask_on_the_prompt_routes_it_as_the_uncached_model_does():
+    """UniMoD and p-MoD route the prompt's image tokens only: rows then keep different numbers of tokens."""
+    routed = routed_llama({"t2i": 0.25, "mmu": 0.5})
+    prompt = torch.randint(1, 97, (2, 12))
+    is_image = torch.zeros_like(prompt, dtype=torch.bool)
+    is_image[0, 2:10] = True
+    is_image[1, 5:7] = True
+    with torch.no_grad():
+        cache = decode_and_compare(routed, prompt, route_mask=is_image, task="mmu")
+        assert (cache.layers[1].token_positions == -1).any()  # extra slots of the row with fewer routable tokens
+        # generate() takes the mask through default_task, which extends it over the generated tokens.
+        greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with modpass.default_task(routed, "mmu", route_mask=is_image):
+            cached = routed.generate(prompt, use_cache=True, **greedy)
+            uncached = routed.generate(prompt, use_cache=False, **greedy)
+        want = uncached_logits(routed, cached[:, :-1], is_image, task="mmu")[:, -3:].argmax(-1)
+    torch.testing.assert_close(cached[:, -3:], want, rtol=0, atol=0)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+def test_a_task_dense_at_every_block_generates_as_the_dense_model():
+    routed = routed_llama({"t2i": 0.25, "mmu": 1.0})
+    prompt = torch.randint(1, 97, (2, 9))
+    greedy = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        with modpass.default_task(routed, "mmu"):
+            routed_tokens = routed.generate(prompt, **greedy)
+        with modpass.dense(routed):
+            torch.testing.assert_close(routed_tokens, routed.generate(prompt, **greedy), rtol=0, atol=0)
+        decode_and_compare(routed, prompt, task="t2i")
+
+
+def test_beam_search_reorders_a_routed_layers_key_positions():
+    routed = routed_llama()
+    prompt = torch.randint(1, 97, (3, 11))
+    with torch.no_grad():
+        cache = cache_of(routed(input_ids=prompt, use_cache=True))
+        order = torch.tensor([2, 0, 0])
+        cache.reorder_cache(order)
+        new = torch.tensor([[5], [6], [7]])
+        got = routed(input_ids=new, use_cache=True, **{cache_name(): cache}).logits
+        want = uncached_logits(routed, torch.cat([prompt[order], new], dim=1), torch.ones_like(prompt, dtype=torch.bool))
+        torch.testing.assert_close(got[:, -1], want[:, -1], rtol=0, atol=1e-5)
+        beams = routed.generate(prompt, max_new_tokens=3, num_beams=2, do_sample=False, use_cache=True, pad_token_id=0)
+    assert beams.shape == (3, 14)
+
+
+def test_cropping_generated_tokens_keeps_the_positions_and_cropping_the_prompt_is_refused():
+    routed = routed_llama()
+    prompt = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        cache = decode_and_compare(routed, prompt, steps=3)
+        cache.crop(-2)
+        assert [layer.get_seq_length() for layer in cache.layers] == [12, 7, 12, 7]
+        got = routed(input_ids=torch.tensor([[3], [4]]), use_cache=True, **{cache_name(): cache}).logits
+        assert cache.layers[1].tokens_seen == 13
+        with pytest.raises(modpass.RoutingInputError, match="cut into the prompt"):
+            cache.crop(-5)
+    assert got.shape == (2, 1, 97)
+
+
+def test_cached_generation_refuses_what_it_cannot_route():
+    prompt = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        with pytest.raises(modpass.RoutingInputError, match="layer 0 for the positions"):
+            routed_llama(layers="all")(input_ids=prompt, use_cache=True)
+        with pytest.raises(modpass.RoutingInputError, match="mixes tasks"):
+            routed_llama({"t2i": 0.25, "mmu": 0.5})(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
+        routed = routed_llama()
+        with pytest.raises(modpass.RoutingInputError, match="Assisted decoding"):
+            routed.generate(prompt[:1], max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0,
+                            assistant_model=models.llama(layers=1))
+        from transformers import StaticCache
+
+        with pytest.raises(modpass.RoutingInputError, match="StaticLayer"):
+            routed(input_ids=prompt, use_cache=True, **{cache_name(): StaticCache(config=routed.config, max_cache_len=32)})
+        # Gemma 2 alternates sliding-window and full-attention layers; its masks are sized by the first full one.
+        with pytest.raises(modpass.RoutingInputError, match="first full-attention layer"):
+            modpass.transform(models.gemma2(), 0.5)(input_ids=prompt, use_cache=True)
+        with pytest.raises(modpass.RoutingInputError, match="DynamicSlidingWindowLayer"):
+            modpass.transform(models.gemma2(), 0.5, layers=[2])(input_ids=prompt, use_cache=True)
+        decode_and_compare(modpass.transform(models.gemma2(), 0.5, layers=[3]), prompt)
+
+
+@needs_hf_dynamo
+def test_compiled_model_generates_with_a_cache_as_eager():
+    """Under torch.compile a routed block with a cache runs eagerly, through a graph break that says why."""
+    routed = routed_llama()
+    prompt = torch.randint(1, 97, (2, 9))
+    greedy = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        eager = routed.generate(prompt, **greedy)
+        routed.compile()  # in place: generate() calls the module itself
+        torch._dynamo.reset()
+        torch.testing.assert_close(routed.generate(prompt, **greedy), eager, rtol=0, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:  # torch >= 2.7 reports it
+        assert any("with a KV cache runs eagerly" in reason for reason in torch._dynamo.utils.counters["graph_break"])
