@@ -117,6 +117,8 @@ def transformers_before(release: str) -> bool:
 ROUTES_FROM = {
     "gpt-j-parallel": ("5.25", "GPT-J's blocks return their attention weights in transformers 5.17 (checked 2026-12-05), "
                                "which modpass refuses, as it refuses MPT's"),
+    "codegen": ("5.25", "CodeGen's blocks return their attention weights in transformers 5.17 (checked 2026-12-05), "
+                        "as GPT-J's do"),
 }
 
 

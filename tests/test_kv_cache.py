@@ -189,6 +189,8 @@ def test_cached_generation_refuses_what_it_cannot_route():
 
 
 @needs_hf_dynamo
+@pytest.mark.skipif(torch.__version__.startswith("2.11"), reason="torch 2.11's Inductor cannot compile the dense model's cached "
+                    "generate() on CPU either (a C++ kernel reads an undeclared bounds-check variable; 2026-12-05)")
 def test_compiled_model_generates_with_a_cache_as_eager():
     """Under torch.compile a routed block with a cache runs eagerly, through a graph break that says why."""
     routed = routed_llama()
