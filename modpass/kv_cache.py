@@ -67,15 +67,15 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
             f"(transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
         )
     task = single_task(block, hidden.shape[0])
-    index = layer_index(block)
-    layer = layers[index] if index < len(layers) else None
-    check_layer(layer, where, index)
+    slot = cache_slot(block)
+    layer = layers[slot] if slot < len(layers) else None
+    check_layer(layer, where, slot)
     routed = block.plan.ratios.get(task) is not None
     if not routed and not isinstance(layer, RoutedCacheLayer):
         return block._block(*args, **kwargs)  # a task dense here caches every token, as the dense model does
     if layer is not None and layer.get_seq_length() > 0:
-        return extend(block, task if routed else None, name, args, kwargs, records)
-    check_positions_come_from_a_dense_layer(cache, index, where)
+        return extend(block, task if routed else None, name, slot, args, kwargs, records)
+    check_positions_come_from_a_dense_layer(cache, slot, where)
     state = block._state
     if state.route_mask is None and not state.warned_causal_decoding:
         state.warned_causal_decoding = True
@@ -86,7 +86,7 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
             "prompt makes the two the same: route_mask=, or for generate() modpass.default_task(model, route_mask=).",
             stacklevel=1,
         )
-    return prefill(block, task, name, args, kwargs, records)
+    return prefill(block, task, name, slot, args, kwargs, records)
 
 
 def single_task(block, batch: int) -> str:
@@ -100,7 +100,7 @@ def single_task(block, batch: int) -> str:
     return groups[0].task
 
 
-def layer_index(block) -> int:
+def cache_slot(block) -> int:
     """The cache slot the block's attention writes to: the ``layer_idx`` of its modules."""
     found = {m.layer_idx for m in block._block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
     if len(found) != 1:
@@ -111,32 +111,32 @@ def layer_index(block) -> int:
     return found.pop()
 
 
-def check_layer(layer, where: str, index: int) -> None:
+def check_layer(layer, where: str, slot: int) -> None:
     from transformers.cache_utils import DynamicLayer
 
     if layer is not None and type(layer) is not DynamicLayer and not isinstance(layer, RoutedCacheLayer):
         raise RoutingInputError(
-            f"{where}: its cache layer {index} is a {type(layer).__name__}; a routed block keeps its selected tokens "
+            f"{where}: its cache layer {slot} is a {type(layer).__name__}; a routed block keeps its selected tokens "
             "in a DynamicCache layer over full attention (a sliding window, static or quantised layer would drop or "
             "place keys by the model's positions, not the block's). Generate with the default DynamicCache, route "
             "only full-attention layers (layers=), or use use_cache=False."
         )
 
 
-def check_positions_come_from_a_dense_layer(cache, index: int, where: str) -> None:
+def check_positions_come_from_a_dense_layer(cache, slot: int, where: str) -> None:
     """Refuse routing the layer by whose cache length the model counts positions and sizes its masks."""
     full = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
     counted = {0, full[0] if full else 0}
-    if index in counted:
+    if slot in counted:
         raise RoutingInputError(
-            f"{where}: this block's cache layer {index} is one Hugging Face models read the sequence length from "
+            f"{where}: this block's cache layer {slot} is one Hugging Face models read the sequence length from "
             "(layer 0 for the positions of new tokens, the first full-attention layer for the attention mask's size); "
             "routed, it would hold fewer tokens than the sequence. Leave that layer dense (a layers= list without it) "
             "or generate with use_cache=False."
         )
 
 
-def prefill(block, task: str, name: str, args: tuple, kwargs: dict, records: list):
+def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, records: list):
     """The routed call of ``passes/rewrite.py``, with the block run eagerly on the selected tokens and the cache."""
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
@@ -200,15 +200,16 @@ def prefill(block, task: str, name: str, args: tuple, kwargs: dict, records: lis
     new_hidden = routing.scatter_update(base, index, selected, first_output(output), weight, padding, padding_values, extra)
     records.append((task, logits, index, None, route_mask, padding, extra))
     positions = index if extra is None else index.masked_fill(extra, -1)
-    routed_cache_layer(cache.layers[layer_index(block)], positions, tokens, where)
+    check_layer(cache.layers[slot], where, slot)  # a cache may create its layers on first use
+    routed_cache_layer(cache.layers[slot], positions, tokens, where)
     return with_first_output(output, new_hidden)
 
 
-def extend(block, task: str | None, name: str, args: tuple, kwargs: dict, records: list):
+def extend(block, task: str | None, name: str, slot: int, args: tuple, kwargs: dict, records: list):
     """A call after the prompt: every token runs the block over the layer's cached keys, gated for a routed ``task``."""
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
-    layer = cache.layers[layer_index(block)]
+    layer = cache.layers[slot]
     if not isinstance(layer, RoutedCacheLayer):  # filled by a task that is dense here: every token is cached
         routed_cache_layer(layer, torch.arange(layer.get_seq_length(), device=hidden.device).expand(batch, -1), layer.get_seq_length(), where)
     seen = layer.tokens_seen
@@ -333,9 +334,8 @@ def routed_layer_class(base: type) -> type:
             self.token_positions = self.token_positions[indices]
 
         def crop(self, tokens_to_remove: int) -> None:
-            # A negative count removes that many positions from the end; a positive one (transformers < 5.18)
-            # is the sequence length to keep. Either cuts the sequence at one position, past which a routed
-            # layer holds only the keys it cached.
+            # A negative count removes that many tokens from the end of the sequence; a positive one
+            # (transformers < 5.18) is the sequence length to keep.
             cut = tokens_to_remove if tokens_to_remove > 0 else self.tokens_seen + tokens_to_remove
             if cut >= self.tokens_seen:
                 return
