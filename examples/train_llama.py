@@ -2,8 +2,9 @@
 
 Run: python examples/train_llama.py [--steps 300] [--eager] [--no-autocast] [--device cuda]
 (random weights from a config and synthetic data, no downloads; about three minutes on a 2-core
-CPU, compiling included; on 2026-12-02 it ended at 99.8% of copy and 77.8% of sort answer
-tokens predicted exactly)
+CPU, compiling included; on 2026-12-05 it ended at 99.8% of copy and 79.4% of sort answer
+tokens predicted exactly, and generated with the KV cache 100% of copy and 3.3% of sort answers
+exactly right, with caches of 0.81 and 0.88 of the dense model's)
 
 Two synthetic tasks share one model. A sequence is ``prompt, task token, answer``: the answer
 of "copy" repeats the prompt, the answer of "sort" is the prompt sorted. Each task has its own
