@@ -208,20 +208,24 @@ def test_routed_bert_encoder_equals_dense_at_full_capacity():
     close_to_dense(got[mask.bool()], want[mask.bool()])
 
 
-def test_llava_reads_a_routed_vision_layers_hidden_state_by_index():
-    """Llava takes the vision tower's hidden states at vision_feature_layer, which transformers records with hooks on
-    the layer class: a routed layer must be recorded too, or the index reads another layer (silently, before the fix)."""
+def tiny_llava(text_layers: int = 2):
+    """A Llava with a 3-layer CLIP tower and a Llama, and inputs of one 16-patch image between text tokens (image token 5)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
     config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                                         num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32),
-                         text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
                          image_token_index=5, vision_feature_layer=2)
-    dense = LlavaForConditionalGeneration(config).eval()
     ids = torch.cat([torch.randint(10, 60, (2, 3)), torch.full((2, 16), 5), torch.randint(10, 60, (2, 4))], 1)
-    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+    return LlavaForConditionalGeneration(config).eval(), {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+def test_llava_reads_a_routed_vision_layers_hidden_state_by_index():
+    """Llava takes the vision tower's hidden states at vision_feature_layer, which transformers records with hooks on
+    the layer class: a routed layer must be recorded too, or the index reads another layer (silently, before the fix)."""
+    dense, inputs = tiny_llava()
     with torch.no_grad():
         want = dense(**inputs, output_hidden_states=True)  # transformers hooks the dense model's layers here
         routed = modpass.transform(dense, 1.0, example_inputs=inputs)
@@ -231,6 +235,21 @@ def test_llava_reads_a_routed_vision_layers_hidden_state_by_index():
         assert len(got.hidden_states) == len(want.hidden_states)
         for g, w in zip(got.hidden_states, want.hidden_states):
             close_to_dense(g, w)
+
+
+def test_llava_generates_with_a_cache_that_keeps_only_the_image_tokens_its_routed_layers_select():
+    """p-MoD's and UniMoD's setting: the language model's layers route the prompt's image tokens only."""
+    dense, inputs = tiny_llava(text_layers=4)
+    is_image = inputs["input_ids"] == 5
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        routed = with_random_routers(modpass.transform(dense, 0.25, within="model.language_model", example_inputs=inputs))
+        with modpass.default_task(routed, route_mask=is_image):
+            cached = routed.generate(**inputs, use_cache=True, return_dict_in_generate=True, **greedy)
+            torch.testing.assert_close(cached.sequences, routed.generate(**inputs, use_cache=False, **greedy), rtol=0, atol=0)
+    cache = getattr(cached, "cache", None) or cached.past_key_values
+    # 23 prompt tokens: a routed layer keeps 4 of the 16 image tokens and the 7 text tokens, then the 3 fed back.
+    assert [layer.get_seq_length() for layer in cache.layers] == [26, 14, 26, 14]
 
 
 def test_modernbert_picks_each_routed_layers_mask_by_the_layers_attention_type():
