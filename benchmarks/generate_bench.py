@@ -1,0 +1,135 @@
+"""Cached generation: a routed Llama's prompt pass and decode steps with a KV cache vs the same model dense.
+
+Usage (from the repository root)::
+
+    python benchmarks/generate_bench.py --quick
+    python benchmarks/generate_bench.py                 # the CPU model of model_bench.py, eager
+
+The model of ``model_bench.py`` (every other layer routed at c = 0.125),
+both with ``use_cache=True`` (``modpass/kv_cache.py``), eager: cached
+generation runs routed blocks eagerly. "prefill" is the forward over the
+B x T prompt that fills the cache; "decode" is ``--steps`` one-token calls
+after it, timed per token, from a copy of the prefilled cache. A routed
+layer caches only its selected prompt tokens, so each decode step attends to
+fewer keys there, but runs every layer on the new token. The FLOP ratios
+count the attention over the cached keys (FlopCounterMode, with CPU attention
+registered; the prompt's attention halved for causality); the cache ratio is
+the bytes of keys and values held after the prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402 (script directory on the path first)
+import model_bench  # noqa: E402
+
+import modpass  # noqa: E402
+
+
+def cache_of(output):
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def prefill_step(model: torch.nn.Module, ids: torch.Tensor) -> common.Step:
+    return common.forward_step(lambda: model(input_ids=ids, use_cache=True))
+
+
+def decode_case(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[common.Case, object]:
+    """``steps`` one-token calls from a fresh copy of the prompt's cache (copied outside the timing); per token."""
+    with torch.no_grad():
+        prompt_cache = cache_of(model(input_ids=ids, use_cache=True))
+    token = ids[:, -1:]
+    name_of_cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # before 5.25
+    state = {}
+
+    def prepare() -> None:
+        state["cache"] = copy.deepcopy(prompt_cache)
+
+    def step() -> None:
+        with torch.no_grad():
+            for _ in range(steps):
+                model(input_ids=token, use_cache=True, **{name_of_cache: state["cache"]})
+
+    return common.Case(name, step, prepare), prompt_cache
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--capacity", type=float, default=0.125)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed sample")
+    args = parser.parse_args()
+    device, dtype = common.setup(args)
+    size = model_bench.size_for(args, device)
+    print(f"== {size.describe()}, {dtype}, {device}; MoD c={args.capacity} on every other layer; {args.steps} decode steps")
+    torch.manual_seed(args.seed)
+    dense = model_bench.build_model(size, device, dtype)
+    routed = modpass.transform(dense, args.capacity, layers="every_other")
+    common.randomize_routers(routed, args.seed)
+    models = {"dense": dense, "mod": routed}
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, size.vocab, (size.batch, size.tokens), generator=generator).to(device)
+    rounds = args.rounds or (3 if args.quick else 9)
+
+    payload = common.header("generate", args, device)
+    payload["size"] = dataclasses.asdict(size)
+    payload["passes"] = {}
+    prefill = [common.Case(name, prefill_step(model, ids)) for name, model in models.items()]
+    decode, caches = zip(*(decode_case(name, model, ids, args.steps) for name, model in models.items()))
+    payload["cache_bytes"] = {name: cache_bytes(cache) for name, cache in zip(models, caches)}
+    for pass_name, cases in (("prefill", prefill), ("decode", decode)):
+        flops = {}
+        for case in cases:
+            if case.prepare:
+                case.prepare()
+            flops[case.name] = common.count_flops(case.step).to_json()
+        print(f"  {pass_name}: {rounds} rounds")
+        timings = common.run_interleaved(cases, baseline="dense", rounds=rounds, warmup=args.warmup, device=device,
+                                         seed=args.seed, calls=args.calls)
+        payload["passes"][pass_name] = {"flops": flops, "cases": {n: r.to_json(timings["dense"]) for n, r in timings.items()},
+                                        "ratio": timings["mod"].ratio}
+
+    text = markdown(payload, size, args.steps)
+    print("\n" + text)
+    stem = Path(args.out) if args.out else common.default_out(device, "generate", *(["quick"] if args.quick else []))
+    common.write_results(stem, payload, text)
+
+
+def markdown(payload: dict, size: model_bench.ModelSize, steps: int) -> str:
+    settings = payload["settings"]
+    parts = [common.markdown_preamble("modpass cached-generation benchmark: routed Llama vs dense, with a KV cache", payload)]
+    parts.append(f"Model: LlamaForCausalLM, {size.describe()}, {settings['dtype']}; MoD c={settings['capacity']} on every "
+                 f"other layer; eager, `use_cache=True`. decode: {steps} one-token calls after the prompt, per token.\n")
+    rows = []
+    for pass_name, entry in payload["passes"].items():
+        dense, mod = entry["flops"]["dense"], entry["flops"]["mod"]
+        adjusted = mod["causal_adjusted"] / dense["causal_adjusted"] if pass_name == "prefill" else mod["counter"] / dense["counter"]
+        cases = entry["cases"]
+        per = steps if pass_name == "decode" else 1
+        rows.append([pass_name, f"{adjusted:.3f}", f"{cases['dense']['median_s'] * 1e3 / per:.1f}",
+                     f"{cases['mod']['median_s'] * 1e3 / per:.1f}",
+                     f"{common.fmt_ratio(entry['ratio'])} ({cases['mod']['ratio_of_medians']:.3f})",
+                     common.fmt_overhead(entry["ratio"], adjusted)])
+    parts.append(common.markdown_table(["pass", "FLOP", "dense (ms)", "MoD (ms)", "MoD/dense", "ovh"], rows) + "\n")
+    cache = payload["cache_bytes"]
+    parts.append(f"KV cache after the prompt: dense {cache['dense'] / 2**20:.1f} MiB, MoD {cache['mod'] / 2**20:.1f} MiB "
+                 f"({cache['mod'] / cache['dense']:.3f} of dense).\n")
+    parts.append("MoD/dense is the median of per-round ratios (ratio of medians in brackets); ovh = MoD/dense / FLOP ratio "
+                 "(the prompt's attention halved for causality; a decode step's keys all precede it).\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
