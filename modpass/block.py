@@ -74,9 +74,10 @@ class RoutingRecord:
 
     @property
     def selected(self) -> torch.Tensor:
-        """``(B, T)`` bool: the tokens this call selected (extra slots are not selected)."""
+        """``(B, T)`` bool: the tokens this call ran the block on and updated (not extra slots, not padding)."""
         chosen = torch.zeros_like(self.logits, dtype=torch.bool)
-        return chosen.scatter(1, self.index, True if self.extra is None else ~self.extra)
+        chosen = chosen.scatter(1, self.index, True if self.extra is None else ~self.extra)
+        return chosen if self.padding is None else chosen & ~self.padding
 
 
 # What torch.compile(fullgraph=True) says when a routed block meets a call it has no graph for.

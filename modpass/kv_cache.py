@@ -224,7 +224,8 @@ def extend(block, task: str | None, name: str, slot: int, args: tuple, kwargs: d
         logits = routing.router_logits(hidden, router.weight, router.bias)
         every = torch.arange(tokens, device=hidden.device).expand(batch, -1)
         new_hidden = routing.scatter_update(hidden, every, hidden, new_hidden, routing.gate_weights(logits, block._gate))
-        records.append((task, logits, every, None, None, None, None))
+        # Recorded as outside a route mask, which they are: aux_loss leaves them out.
+        records.append((task, logits, every, None, torch.zeros_like(logits, dtype=torch.bool), None, None))
     layer.token_positions, layer.tokens_seen = keys, seen + tokens
     check_in_step(layer, where)
     return with_first_output(output, new_hidden)

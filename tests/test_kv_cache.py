@@ -136,6 +136,17 @@ def test_a_task_dense_at_every_block_generates_as_the_dense_model():
         decode_and_compare(routed, prompt, task="t2i")
 
 
+def test_generated_tokens_are_no_targets_of_the_auxiliary_loss():
+    """They run every routed layer as tokens outside a route mask do, and are recorded so."""
+    routed = routed_llama(aux_loss_weight=1.0)
+    prompt = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        cache = cache_of(routed(input_ids=prompt, use_cache=True))
+        assert modpass.aux_loss(routed) > 0
+        routed(input_ids=prompt[:, :1], use_cache=True, **{cache_name(): cache})
+        assert modpass.aux_loss(routed) == 0
+
+
 def test_beam_search_reorders_a_routed_layers_key_positions():
     routed = routed_llama()
     prompt = torch.randint(1, 97, (3, 11))
@@ -180,12 +191,17 @@ def test_cached_generation_refuses_what_it_cannot_route():
 
         with pytest.raises(modpass.RoutingInputError, match="StaticLayer"):
             routed(input_ids=prompt, use_cache=True, **{cache_name(): StaticCache(config=routed.config, max_cache_len=32)})
-        # Gemma 2 alternates sliding-window and full-attention layers; its masks are sized by the first full one.
+
+
+def test_cached_generation_routes_full_attention_layers_past_the_first_and_refuses_the_others():
+    """Gemma 2 alternates sliding-window and full-attention layers; its masks are sized by the first full one."""
+    prompt = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
         with pytest.raises(modpass.RoutingInputError, match="first full-attention layer"):
             modpass.transform(models.gemma2(), 0.5)(input_ids=prompt, use_cache=True)
         with pytest.raises(modpass.RoutingInputError, match="DynamicSlidingWindowLayer"):
             modpass.transform(models.gemma2(), 0.5, layers=[2])(input_ids=prompt, use_cache=True)
-        decode_and_compare(modpass.transform(models.gemma2(), 0.5, layers=[3]), prompt)
+        decode_and_compare(with_random_routers(modpass.transform(models.gemma2(), 0.5, layers=[3])), prompt)
 
 
 @needs_hf_dynamo

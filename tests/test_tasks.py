@@ -308,6 +308,7 @@ def test_aux_loss_leaves_out_padding_even_when_it_fills_top_k_slots():
     # k = 3 but row 0 has 2 real tokens: one padding token fills a slot and is no target at all.
     target = torch.zeros(2, 5).scatter(1, record.index, 1.0)
     assert target[0, 3:].tolist() == [1.0, 1.0] and target[0, :3].sum() == 1
+    assert torch.equal(record.selected, target.bool() & (mask == 1)), "the padding in a slot was not selected work"
     per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
     torch.testing.assert_close(modpass.aux_loss(routed), per_token[mask == 1].mean())
 
