@@ -17,14 +17,15 @@ generated ones not. Without such a mask the uncached model would re-select
 among all tokens at every step (MoD's top-k is not causal): the cached model is
 the causal reading of it, and warns once that it is.
 
-Each routed layer's cache then has its own length, so the model's attention
-mask, whose key axis spans every token so far, does not fit it. The layer's
-cache keeps the position of each cached key (:func:`routed_cache_layer`), and
-a routed block reads its mask columns at those positions. That holds while the
-model sizes its masks and positions by a dense layer (refused otherwise) and
-for ``DynamicCache`` layers over full attention (sliding-window, static and
-quantised layers are refused). Beam search, contrastive search and assisted
-decoding reorder, repeat, select and crop the positions with the keys.
+Each routed layer's cache then holds fewer keys than the sequence has tokens,
+so the model's attention mask, whose key axis spans every token so far, does
+not fit it. The layer keeps the position of each cached key
+(:func:`routed_cache_layer`), a routed block reads its mask columns at those
+positions, and the layer still reports the sequence's length, from which the
+model counts positions and sizes its masks. That holds for ``DynamicCache``
+layers over full attention (sliding-window, static and quantised layers are
+refused). Beam search's reordering, batch repetition and selection, and crops
+of generated tokens carry the positions with the keys.
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
         return block._block(*args, **kwargs)  # a task dense here caches every token, as the dense model does
     if layer is not None and layer.get_seq_length() > 0:
         return extend(block, task if routed else None, name, slot, args, kwargs, records)
-    check_positions_come_from_a_dense_layer(cache, slot, where)
     state = block._state
     if state.route_mask is None and not state.warned_causal_decoding:
         state.warned_causal_decoding = True
@@ -120,19 +120,6 @@ def check_layer(layer, where: str, slot: int) -> None:
             "in a DynamicCache layer over full attention (a sliding window, static or quantised layer would drop or "
             "place keys by the model's positions, not the block's). Generate with the default DynamicCache, route "
             "only full-attention layers (layers=), or use use_cache=False."
-        )
-
-
-def check_positions_come_from_a_dense_layer(cache, slot: int, where: str) -> None:
-    """Refuse routing the layer by whose cache length the model counts positions and sizes its masks."""
-    full = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
-    counted = {0, full[0] if full else 0}
-    if slot in counted:
-        raise RoutingInputError(
-            f"{where}: this block's cache layer {slot} is one Hugging Face models read the sequence length from "
-            "(layer 0 for the positions of new tokens, the first full-attention layer for the attention mask's size); "
-            "routed, it would hold fewer tokens than the sequence. Leave that layer dense (a layers= list without it) "
-            "or generate with use_cache=False."
         )
 
 
@@ -322,6 +309,11 @@ def routed_layer_class(base: type) -> type:
     """``base`` whose batch and length operations (beam search, assisted decoding) apply to the key positions too."""
 
     class Routed(base, RoutedCacheLayer):
+        def get_seq_length(self) -> int:
+            # The sequence's length, as a dense layer reports it: Hugging Face models count new tokens' positions
+            # (layer 0) and size the attention mask (the first full-attention layer) by it.
+            return self.tokens_seen
+
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             super().reorder_cache(beam_idx)
             self.token_positions = self.token_positions.index_select(0, beam_idx.to(self.token_positions.device))

@@ -86,7 +86,7 @@ def test_cached_decoding_equals_the_uncached_model_with_the_prompt_routed(attn_i
     with torch.no_grad():
         cache = decode_and_compare(routed, prompt, padding)
         # Every routed layer cached its k prompt tokens and each generated one; dense layers cache every token.
-        assert [layer.get_seq_length() for layer in cache.layers] == [14, 9, 14, 9]
+        assert [layer.keys.shape[-2] for layer in cache.layers] == [14, 9, 14, 9]
         decode_and_compare(routed, prompt, padding, chunk=3)  # several new tokens at once: a causal mask over them
         decode_and_compare(routed, prompt, chunk=2)  # no mask at all (SDPA's causal shortcut)
 
@@ -168,7 +168,7 @@ def test_cropping_generated_tokens_keeps_the_positions_and_cropping_the_prompt_i
     with torch.no_grad():
         cache = decode_and_compare(routed, prompt, steps=3)
         cache.crop(-2)
-        assert [layer.get_seq_length() for layer in cache.layers] == [12, 7, 12, 7]
+        assert [layer.keys.shape[-2] for layer in cache.layers] == [12, 7, 12, 7]
         got = routed(input_ids=torch.tensor([[3], [4]]), use_cache=True, **{cache_name(): cache}).logits
         assert cache.layers[1].tokens_seen == 13
         with pytest.raises(modpass.RoutingInputError, match="cut into the prompt"):
@@ -179,8 +179,6 @@ def test_cropping_generated_tokens_keeps_the_positions_and_cropping_the_prompt_i
 def test_cached_generation_refuses_what_it_cannot_route():
     prompt = torch.randint(1, 97, (2, 9))
     with torch.no_grad():
-        with pytest.raises(modpass.RoutingInputError, match="layer 0 for the positions"):
-            routed_llama(layers="all")(input_ids=prompt, use_cache=True)
         with pytest.raises(modpass.RoutingInputError, match="mixes tasks"):
             routed_llama({"t2i": 0.25, "mmu": 0.5})(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
         routed = routed_llama()
@@ -193,15 +191,24 @@ def test_cached_generation_refuses_what_it_cannot_route():
             routed(input_ids=prompt, use_cache=True, **{cache_name(): StaticCache(config=routed.config, max_cache_len=32)})
 
 
-def test_cached_generation_routes_full_attention_layers_past_the_first_and_refuses_the_others():
-    """Gemma 2 alternates sliding-window and full-attention layers; its masks are sized by the first full one."""
+def test_every_layer_routed_the_model_still_reads_the_sequence_length_from_its_cache():
+    """Hugging Face models count new tokens' positions by layer 0's cache and size masks by the first full-attention
+    layer's: a routed layer reports the sequence's length, not the number of keys it keeps."""
+    prompt = torch.randint(1, 97, (2, 9))
+    padding = torch.ones_like(prompt)
+    padding[0, :2] = 0
+    with torch.no_grad():
+        cache = decode_and_compare(routed_llama(layers="all"), prompt, padding)
+        assert cache.get_seq_length() == 12 and cache.layers[0].keys.shape[-2] == 5 + 3
+
+
+def test_cached_generation_routes_full_attention_layers_and_refuses_sliding_window_ones():
+    """Gemma 2 alternates sliding-window (even) and full-attention (odd) layers; its masks are sized by layer 1."""
     prompt = torch.randint(1, 97, (2, 9))
     with torch.no_grad():
-        with pytest.raises(modpass.RoutingInputError, match="first full-attention layer"):
-            modpass.transform(models.gemma2(), 0.5)(input_ids=prompt, use_cache=True)
+        decode_and_compare(with_random_routers(modpass.transform(models.gemma2(), 0.5)), prompt)
         with pytest.raises(modpass.RoutingInputError, match="DynamicSlidingWindowLayer"):
             modpass.transform(models.gemma2(), 0.5, layers=[2])(input_ids=prompt, use_cache=True)
-        decode_and_compare(with_random_routers(modpass.transform(models.gemma2(), 0.5, layers=[3])), prompt)
 
 
 @needs_hf_dynamo
