@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/generate_bench.py --quick
     python benchmarks/generate_bench.py                 # the CPU model of model_bench.py, eager
+    python benchmarks/generate_bench.py --decoding router --run-rate 0.125   # MoD's sampling, 1 in 8 tokens run a routed layer
 
 The model of ``model_bench.py`` (every other layer routed at c = 0.125),
 both with ``use_cache=True`` (``modpass/kv_cache.py``), eager: cached
@@ -15,6 +16,13 @@ fewer keys there, but runs every layer on the new token. The FLOP ratios
 count the attention over the cached keys (FlopCounterMode, with CPU attention
 registered; the prompt's attention halved for causality); the cache ratio is
 the bytes of keys and values held after the prompt.
+
+With ``--decoding router`` (``modpass.set_decoding``) a generated token runs a
+routed layer only when its router logit is positive. Random routers have no
+trained prediction, so each router's bias is set to make ``--run-rate`` of the
+prompt's tokens positive at its layer; the decode rows then report the rate
+the generated tokens actually ran at, and the time follows it (a layer skips
+its whole call only when every row of the batch skips).
 """
 
 from __future__ import annotations
@@ -66,14 +74,39 @@ def decode_case(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: int
     return common.Case(name, step, prepare), prompt_cache
 
 
+def calibrate_routers(model: torch.nn.Module, ids: torch.Tensor, run_rate: float) -> None:
+    """Set each router's bias so that ``run_rate`` of the prompt's tokens get a positive logit at its layer."""
+    blocks = modpass.routed_blocks(model)
+    inputs = {}
+    hooks = [block.register_forward_pre_hook(lambda module, args, path=path: inputs.setdefault(path, args[0]))
+             for path, block in blocks.items()]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        for path, block in blocks.items():
+            router = block.mod_routers.default
+            logits = router(inputs[path]).flatten().float()
+            router.bias -= torch.quantile(logits, 1 - run_rate).to(router.bias.dtype)
+
+
+def run_rate(model: torch.nn.Module) -> float:
+    """The share of the last forward's tokens that ran the routed layers (one-token calls: its decode step)."""
+    records = [record for block in modpass.routed_blocks(model).values() for record in block.last_routing]
+    return sum(int(record.selected.sum()) for record in records) / sum(record.selected.numel() for record in records)
+
+
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--capacity", type=float, default=0.125)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed sample")
+    parser.add_argument("--decoding", choices=sorted(modpass.kv_cache.DECODING), default="all", help="modpass.set_decoding")
+    parser.add_argument("--run-rate", type=float, default=0.125, help="with --decoding router: the routers' calibrated run rate")
     args = parser.parse_args()
     device, dtype = common.setup(args)
     size = model_bench.size_for(args, device)
-    print(f"== {size.describe()}, {dtype}, {device}; MoD c={args.capacity} on every other layer; {args.steps} decode steps")
+    print(f"== {size.describe()}, {dtype}, {device}; MoD c={args.capacity} on every other layer; {args.steps} decode steps; "
+          f"decoding {args.decoding}")
     torch.manual_seed(args.seed)
     dense = model_bench.build_model(size, device, dtype)
     routed = modpass.transform(dense, args.capacity, layers="every_other")
@@ -81,6 +114,9 @@ def main() -> None:
     models = {"dense": dense, "mod": routed}
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, size.vocab, (size.batch, size.tokens), generator=generator).to(device)
+    if args.decoding == "router":
+        calibrate_routers(routed, ids, args.run_rate)
+        modpass.set_decoding(routed, "router")
     rounds = args.rounds or (3 if args.quick else 9)
 
     payload = common.header("generate", args, device)
@@ -100,10 +136,12 @@ def main() -> None:
                                          seed=args.seed, calls=args.calls)
         payload["passes"][pass_name] = {"flops": flops, "cases": {n: r.to_json(timings["dense"]) for n, r in timings.items()},
                                         "ratio": timings["mod"].ratio}
+    payload["decode_run_rate"] = run_rate(routed)
 
     text = markdown(payload, size, args.steps)
     print("\n" + text)
-    stem = Path(args.out) if args.out else common.default_out(device, "generate", *(["quick"] if args.quick else []))
+    parts = (["quick"] if args.quick else []) + ([f"router{args.run_rate}"] if args.decoding == "router" else [])
+    stem = Path(args.out) if args.out else common.default_out(device, "generate", *parts)
     common.write_results(stem, payload, text)
 
 
@@ -111,7 +149,9 @@ def markdown(payload: dict, size: model_bench.ModelSize, steps: int) -> str:
     settings = payload["settings"]
     parts = [common.markdown_preamble("modpass cached-generation benchmark: routed Llama vs dense, with a KV cache", payload)]
     parts.append(f"Model: LlamaForCausalLM, {size.describe()}, {settings['dtype']}; MoD c={settings['capacity']} on every "
-                 f"other layer; eager, `use_cache=True`. decode: {steps} one-token calls after the prompt, per token.\n")
+                 f"other layer; eager, `use_cache=True`, decoding {settings['decoding']!r}. decode: {steps} one-token calls "
+                 f"after the prompt, per token; the last step ran {payload['decode_run_rate']:.3f} of the generated "
+                 "tokens through the routed layers.\n")
     rows = []
     for pass_name, entry in payload["passes"].items():
         dense, mod = entry["flops"]["dense"], entry["flops"]["mod"]

@@ -1,7 +1,16 @@
 """modpass: task-aware Mixture-of-Depths for any PyTorch transformer, by graph transformation."""
 
 from . import schedules
-from .api import default_task, list_blocks, prepare_autocast, routed_blocks, routing_plan_of, set_ratios, transform
+from .api import (
+    default_task,
+    list_blocks,
+    prepare_autocast,
+    routed_blocks,
+    routing_plan_of,
+    set_decoding,
+    set_ratios,
+    transform,
+)
 from .block import RoutedBlock
 from .errors import (
     CaptureError,
@@ -45,6 +54,7 @@ __all__ = [
     "routing_plan_of",
     "save",
     "schedules",
+    "set_decoding",
     "set_ratios",
     "transform",
 ]

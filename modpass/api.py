@@ -20,6 +20,7 @@ from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
 from .hints import batch_wide_experts_hint
 from .inputs import capture_inputs
+from .kv_cache import DECODING
 from .output_recording import record_hidden_states
 from .passes.capture import capture
 from .passes.find_blocks import BlockInfo, find_blocks
@@ -179,6 +180,26 @@ def apply_plan(
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
     model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)
     model.register_forward_hook(end_forward, always_call=True)
+    return model
+
+
+def set_decoding(model: nn.Module, decoding: str) -> nn.Module:
+    """How a cached generation (``use_cache=True``) runs the tokens after the prompt through routed layers.
+
+    ``"all"`` (the default): every generated token runs every routed layer, as
+    p-MoD and UniMoD decode. ``"router"``: a generated token runs a routed layer
+    only when its router predicts top-k membership, ``sigmoid(logit) > 0.5``
+    (MoD's causal sampling; train the routers with ``aux_loss_weight > 0`` for
+    that prediction to mean anything); it skips the layer otherwise, and the
+    layer skips its whole call when every token of the batch does. The prompt
+    is routed by top-k either way. Returns ``model``.
+    """
+    state = getattr(uncompiled(model), "_modpass_state", None)
+    if state is None:
+        raise ConfigError("set_decoding() takes a model routed by modpass.transform or modpass.load.")
+    if decoding not in DECODING:
+        raise ConfigError(f"decoding must be one of {list(DECODING)}, got {decoding!r}: " + "; ".join(f"{k}: {v}" for k, v in DECODING.items()))
+    state.decoding = decoding
     return model
 
 

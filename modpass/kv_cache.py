@@ -46,6 +46,14 @@ from .passes.rewrite import attention_mask_input, extra_slots_leak, mask_input
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
+#: How a cached generation runs the tokens after the prompt through a routed layer (:func:`modpass.set_decoding`).
+DECODING = {
+    "all": "every token runs every routed layer (p-MoD's and UniMoD's decoding; exact under a route mask over the prompt)",
+    "router": "a token runs a routed layer when sigmoid(its router logit) > 0.5, the top-k membership the auxiliary "
+              "loss trains the router to predict (MoD's causal sampling); the others skip it",
+}
+
+
 def cache_argument(kwargs: dict) -> str | None:
     """The name of the keyword argument that hands a block a cache object, or None."""
     for name, value in kwargs.items():
@@ -77,13 +85,14 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
     if layer is not None and layer.get_seq_length() > 0:
         return extend(block, task if routed else None, name, slot, args, kwargs, records)
     state = block._state
-    if state.route_mask is None and not state.warned_causal_decoding:
+    if state.route_mask is None and state.decoding == "all" and not state.warned_causal_decoding:
         state.warned_causal_decoding = True
         warnings.warn(
             "modpass: cached generation routes the prompt and runs every generated token through each routed layer "
             "(p-MoD's and UniMoD's decoding). The uncached model would select again among all tokens at each step "
             "(MoD's top-k is not causal), so generate(use_cache=False) can give other tokens. A route mask over the "
-            "prompt makes the two the same: route_mask=, or for generate() modpass.default_task(model, route_mask=).",
+            "prompt makes the two the same: route_mask=, or for generate() modpass.default_task(model, route_mask=). "
+            "modpass.set_decoding(model, 'router') skips layers by the router's prediction instead (MoD's sampling).",
             stacklevel=1,
         )
     return prefill(block, task, name, slot, args, kwargs, records)
@@ -189,30 +198,49 @@ def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, r
     positions = index if extra is None else index.masked_fill(extra, -1)
     check_layer(cache.layers[slot], where, slot)  # a cache may create its layers on first use
     routed_cache_layer(cache.layers[slot], positions, tokens, where)
+    cache.layers[slot].block_returns_tuple = isinstance(output, tuple)
     return with_first_output(output, new_hidden)
 
 
 def extend(block, task: str | None, name: str, slot: int, args: tuple, kwargs: dict, records: list):
-    """A call after the prompt: every token runs the block over the layer's cached keys, gated for a routed ``task``."""
+    """A call after the prompt: its tokens run the block over the layer's cached keys, gated for a routed ``task``.
+
+    Every token runs it, unless the model decodes by router (:data:`DECODING`):
+    then a token whose router logit is not positive skips the layer as a
+    skipped prompt token does, and its key, cached only because another token
+    of the call runs the block, is hidden from every later query. A call whose
+    tokens all skip does not run the block.
+    """
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
     layer = cache.layers[slot]
     if not isinstance(layer, RoutedCacheLayer):  # filled by a task that is dense here: every token is cached
         routed_cache_layer(layer, torch.arange(layer.get_seq_length(), device=hidden.device).expand(batch, -1), layer.get_seq_length(), where)
     seen = layer.tokens_seen
-    new = torch.arange(seen, seen + tokens, device=hidden.device).expand(batch, -1)
-    keys = torch.cat([layer.token_positions.expand(batch, -1), new], dim=1)
-    call = mask_argument(block, args, kwargs)
-    call.arguments["attention_mask"] = layer_mask(call.arguments.get("attention_mask"), keys, new, seen + tokens, hidden.dtype, where)
-    output = block._block(*call.args, **call.kwargs)
-    new_hidden = first_output(output)
+    logits = skipped = None
     if task is not None:
         router = block.mod_routers[task]
         logits = routing.router_logits(hidden, router.weight, router.bias)
-        every = torch.arange(tokens, device=hidden.device).expand(batch, -1)
-        new_hidden = routing.scatter_update(hidden, every, hidden, new_hidden, routing.gate_weights(logits, block._gate))
+        if block._state.decoding == "router":
+            skipped = logits <= 0
+    base = hidden if skipped is None or block._gate != "string" else routing.skip_scale(hidden, logits)
+    every = torch.arange(tokens, device=hidden.device).expand(batch, -1)
+    if skipped is not None and bool(skipped.all()) and not layer.block_returns_tuple:
+        records.append((task, logits, every, None, torch.zeros_like(skipped), None, skipped))
+        layer.tokens_seen = seen + tokens
+        return base
+    new = torch.arange(seen, seen + tokens, device=hidden.device).expand(batch, -1)
+    keys = torch.cat([layer.token_positions.expand(batch, -1), new if skipped is None else new.masked_fill(skipped, -1)], dim=1)
+    call = mask_argument(block, args, kwargs)
+    call.arguments["attention_mask"] = layer_mask(call.arguments.get("attention_mask"), keys, new, seen + tokens, hidden.dtype, where)
+    output = block._block(*call.args, **call.kwargs)
+    layer.block_returns_tuple = isinstance(output, tuple)
+    new_hidden = first_output(output)
+    if task is not None:
+        weight = routing.gate_weights(logits, block._gate)
+        new_hidden = routing.scatter_update(base, every, hidden, new_hidden, weight, None, None if skipped is None else base, skipped)
         # Recorded as outside a route mask, which they are: aux_loss leaves them out.
-        records.append((task, logits, every, None, torch.zeros_like(logits, dtype=torch.bool), None, None))
+        records.append((task, logits, every, None, torch.zeros_like(logits, dtype=torch.bool), None, skipped))
     layer.token_positions, layer.tokens_seen = keys, seen + tokens
     check_in_step(layer, where)
     return with_first_output(output, new_hidden)
@@ -285,6 +313,8 @@ class RoutedCacheLayer:
     tokens_seen: int
     #: How many of them its first call (the routed prompt) had.
     prompt_length: int
+    #: Whether the block returns a tuple (then it runs even when every token skips it, to give its other outputs).
+    block_returns_tuple: bool = True
 
 
 def routed_cache_layer(layer, positions: torch.Tensor, seen: int, where: str) -> None:
@@ -348,7 +378,8 @@ def routed_layer_class(base: type) -> type:
         def reset(self) -> None:
             super().reset()
             self.__class__ = base
-            del self.token_positions, self.tokens_seen, self.prompt_length
+            for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple"):
+                self.__dict__.pop(name, None)
 
     Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"
     return Routed

@@ -42,6 +42,14 @@ class TaskGroup:
 class RoutingState:
     """Per-call routing inputs shared by the routed blocks of one model."""
 
+    # Settings with class defaults, which states pickled before they existed read too.
+    #: The route mask of calls that give none (see :func:`modpass.default_task` and :meth:`route_mask_over`).
+    default_route_mask: torch.Tensor | None = None
+    #: How cached generation runs generated tokens through routed layers (:data:`modpass.kv_cache.DECODING`).
+    decoding = "all"
+    #: Whether cached generation has said once that it decodes causally (see :mod:`modpass.kv_cache`).
+    warned_causal_decoding = False
+
     def __init__(self, tasks: Sequence[str], progress: bool | None = None):
         self.tasks = tuple(tasks)
         self.task: object = None
@@ -52,16 +60,12 @@ class RoutingState:
         self.blocks: list = []
         self.switching = ModeSwitchProgress(progress)
         self.route_mask: torch.Tensor | None = None
-        #: The route mask of calls that give none (see :func:`modpass.default_task` and :meth:`route_mask_over`).
-        self.default_route_mask: torch.Tensor | None = None
         self.dense = False
         #: True from the model's pre-hook to its forward hook: routed blocks then add to ``last_routing``,
         #: which the pre-hook cleared, so a block called more than once in a forward keeps every call's records.
         self.in_forward = False
         #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
-        #: Whether cached generation has said once that it decodes causally (see :mod:`modpass.kv_cache`).
-        self.warned_causal_decoding = False
 
     def whole_batch_task(self) -> str | None:
         """The task of the whole batch when one name covers it and no route mask applies, else None."""

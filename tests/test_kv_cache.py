@@ -227,3 +227,59 @@ def test_compiled_model_generates_with_a_cache_as_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     if "reason" in inspect.signature(torch.compiler.disable).parameters:  # torch >= 2.7 reports it
         assert any("with a KV cache runs eagerly" in reason for reason in torch._dynamo.utils.counters["graph_break"])
+
+
+def routed_block_calls(routed) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each routed block's (input, output) hidden states of every call, recorded by forward hooks."""
+    calls = {path: [] for path in modpass.routed_blocks(routed)}
+    for path, block in modpass.routed_blocks(routed).items():
+        block.register_forward_hook(lambda module, args, output, path=path: calls[path].append((args[0], output)))
+    return calls
+
+
+def test_decoding_by_router_skips_a_layer_for_the_tokens_whose_router_says_so():
+    """MoD's causal sampling: a generated token runs a routed layer when sigmoid(logit) > 0.5."""
+    routed = modpass.set_decoding(routed_llama(), "router")
+    prompt = torch.randint(1, 97, (2, 9))
+    calls = routed_block_calls(routed)
+    with torch.no_grad():
+        cache = cache_of(routed(input_ids=prompt, use_cache=True))
+        for _ in range(6):
+            routed(input_ids=torch.randint(1, 97, (2, 1)), use_cache=True, **{cache_name(): cache})
+    decisions = []
+    for path, block in modpass.routed_blocks(routed).items():
+        columns = []
+        for step, (before, after) in enumerate(calls[path][1:]):
+            runs = (block.mod_routers.default(before) > 0)[:, 0, 0]
+            decisions.append(runs)
+            assert torch.equal(after[~runs], before[~runs]), "a token that skips leaves the layer unchanged"
+            assert not runs.any() or not torch.isclose(after[runs], before[runs]).all()
+            if runs.any():  # the block ran: every row's key is cached, a skipping row's hidden from later queries
+                columns.append(torch.where(runs, 9 + step, -1))
+        generated = cache.layers[int(path.rsplit(".", 1)[1])].token_positions[:, 5:]  # after the prompt's 5 kept keys
+        torch.testing.assert_close(generated, torch.stack(columns, 1) if columns else generated[:, :0], rtol=0, atol=0)
+    decisions = torch.stack(decisions)
+    assert decisions.any() and not decisions.all() and (~decisions).all(1).any(), "runs, skips, and a call all rows skip"
+
+
+def test_decoding_by_router_at_its_extremes():
+    prompt = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        # Every router says "run": the same as decoding every token.
+        routed = modpass.set_decoding(routed_llama(), "router")
+        for block in modpass.routed_blocks(routed).values():
+            torch.nn.init.constant_(block.mod_routers.default.bias, 20.0)
+        decode_and_compare(routed, prompt)
+        # Every router says "skip": generated tokens pass the routed layers unchanged and are never cached there.
+        for block in modpass.routed_blocks(routed).values():
+            torch.nn.init.constant_(block.mod_routers.default.bias, -20.0)
+        calls = routed_block_calls(routed)
+        cache = decode_and_compare(modpass.set_decoding(routed, "all"), prompt, steps=1)  # the prompt as before
+        modpass.set_decoding(routed, "router")
+        for _ in range(3):
+            routed(input_ids=torch.randint(1, 97, (2, 1)), use_cache=True, **{cache_name(): cache})
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [13, 6, 13, 6]
+    for path_calls in calls.values():
+        assert all(torch.equal(before, after) for before, after in path_calls[-3:])
+    with pytest.raises(modpass.ConfigError, match="'all', 'router'"):
+        modpass.set_decoding(routed, "threshold")
