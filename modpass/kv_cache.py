@@ -40,6 +40,7 @@ from . import _structure, routing
 from ._compat import disable_compile
 from .errors import RoutingInputError
 from .passes.rewrite import attention_mask_input, extra_slots_leak, mask_input
+from .tasks import TaskGroup
 
 #: The names Hugging Face layers take their cache by (``cache`` from transformers 5.25; ``layer_past`` in GPT-NeoX,
 #: Falcon and GPTBigCode).
@@ -75,15 +76,14 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
             f"{where}: a routed block caches keys and values through a transformers Cache with per-layer storage "
             f"(transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
         )
-    task = single_task(block, hidden.shape[0])
+    tasks = RowTasks(block, block._state.groups(hidden.shape[0]), hidden)
     slot = cache_slot(block)
     layer = layers[slot] if slot < len(layers) else None
     check_layer(layer, where, slot)
-    routed = block.plan.ratios.get(task) is not None
-    if not routed and not isinstance(layer, RoutedCacheLayer):
-        return block._block(*args, **kwargs)  # a task dense here caches every token, as the dense model does
+    if not tasks.routed and not isinstance(layer, RoutedCacheLayer):
+        return block._block(*args, **kwargs)  # tasks dense here cache every token, as the dense model does
     if layer is not None and layer.get_seq_length() > 0:
-        return extend(block, task if routed else None, name, slot, args, kwargs, records)
+        return extend(block, tasks, name, slot, args, kwargs, records)
     state = block._state
     if state.route_mask is None and state.decoding == "all" and not state.warned_causal_decoding:
         state.warned_causal_decoding = True
@@ -95,18 +95,66 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
             "modpass.set_decoding(model, 'router') skips layers by the router's prediction instead (MoD's sampling).",
             stacklevel=1,
         )
-    return prefill(block, task, name, slot, args, kwargs, records)
+    return prefill(block, tasks, name, slot, args, kwargs, records)
 
 
-def single_task(block, batch: int) -> str:
-    groups = block._state.groups(batch)
-    if len(groups) != 1 or groups[0].rows is not None:
-        raise RoutingInputError(
-            f"{block.plan.path}: cached generation runs one task per batch, since every sequence's keys share the "
-            "layer's cache; this batch mixes tasks. Generate each task's sequences in a batch of their own, or with "
-            "use_cache=False."
-        )
-    return groups[0].task
+class RowTasks:
+    """The tasks of a batch's rows at one routed block: a router per routed task, and the rows whose task is dense here.
+
+    ``logits`` ``(B, T)`` are each row's router logits for ``hidden``, 0 on a
+    dense row, whose gate is exactly 1 (:meth:`gate_weights`).
+    """
+
+    def __init__(self, block, groups: list[TaskGroup], hidden: torch.Tensor):
+        self.block = block
+        self.routed_groups = [group for group in groups if block.plan.ratios.get(group.task) is not None]
+        self.dense = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        self.logits = hidden.new_zeros(hidden.shape[:2])
+        for group in self.routed_groups:
+            self.dense = self.by_row(group, self.dense, torch.zeros_like(group.rows_of(self.dense)))
+            self.logits = self.by_row(group, self.logits, self.router_logits(group, group.rows_of(hidden)))
+        self.routed = bool(self.routed_groups)
+
+    @staticmethod
+    def by_row(group: TaskGroup, whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """``whole`` with the group's rows replaced by ``part``."""
+        return part if group.rows is None else whole.index_copy(0, group.rows.to(whole.device), part)
+
+    def router_logits(self, group: TaskGroup, hidden: torch.Tensor) -> torch.Tensor:
+        router = self.block.mod_routers[group.task]
+        return routing.router_logits(hidden, router.weight, router.bias)
+
+    def logits_of(self, selected: torch.Tensor) -> torch.Tensor:
+        """``(B, k)`` router logits of the ``selected`` hidden states, each row by its task's router (0 on dense rows)."""
+        logits = selected.new_zeros(selected.shape[:2])
+        for group in self.routed_groups:
+            logits = self.by_row(group, logits, self.router_logits(group, group.rows_of(selected)))
+        return logits
+
+    def gate_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, k, 1)`` gate of tokens with router ``logits``: exactly 1 on dense rows."""
+        weight = routing.gate_weights(logits, self.block._gate)
+        return torch.where(self.dense[:, None, None], torch.ones_like(weight), weight)
+
+    def capacities(self, tokens: int, route_mask: torch.Tensor | None) -> torch.Tensor:
+        """``(B,)`` each row's capacity: its task's ratio of its tokens (under ``route_mask``); every token on a dense row."""
+        capacity = torch.full(self.dense.shape, tokens, dtype=torch.long, device=self.dense.device)
+        for group in self.routed_groups:
+            terms = self.block.ratio_terms(group.task)
+            if route_mask is None:
+                part = torch.full_like(group.rows_of(capacity), routing.capacity(tokens, *terms))
+            else:
+                part = routing.row_capacities(group.rows_of(route_mask), *terms).to(capacity.device)
+            capacity = self.by_row(group, capacity, part)
+        return capacity
+
+    def record(self, records: list, index: torch.Tensor, route_mask=None, padding=None, extra=None) -> None:
+        """A routing record per routed task, of its rows (see :class:`~modpass.block.RoutingRecord`)."""
+        for group in self.routed_groups:
+            def rows(tensor, group=group):
+                return None if tensor is None else group.rows_of(tensor)
+
+            records.append((group.task, rows(self.logits), rows(index), group.rows, rows(route_mask), rows(padding), rows(extra)))
 
 
 def cache_slot(block) -> int:
@@ -132,7 +180,7 @@ def check_layer(layer, where: str, slot: int) -> None:
         )
 
 
-def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, records: list):
+def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: dict, records: list):
     """The routed call of ``passes/rewrite.py``, with the block run eagerly on the selected tokens and the cache."""
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
@@ -152,8 +200,6 @@ def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, r
             f"{where}: its cache is empty but the attention mask spans {mask.shape[-1]} keys for {tokens} tokens; "
             "start generation with an empty cache, or use use_cache=False."
         )
-    router = block.mod_routers[task]
-    logits = routing.router_logits(hidden, router.weight, router.bias)
     padding = None
     if mask_node is not None:
         read = routing.padding_from_attention_mask if mask_node is attention_mask_input(inputs) else routing.padding_from_key_mask
@@ -165,21 +211,19 @@ def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, r
             f"{where}: on the prompt, route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}; "
             "later calls of a cached generation ignore it (generated tokens run every routed layer)."
         )
-    scores = routing.selection_scores(logits, padding, route_mask)
-    numerator, denominator = block.ratio_terms(task)
-    extra = None
-    if route_mask is None:
-        index = routing.select_tokens(scores, routing.capacity(tokens, numerator, denominator))
+    scores = routing.selection_scores(tasks.logits, padding, route_mask)
+    row_capacity = tasks.capacities(tokens, route_mask)
+    k, extra = int(row_capacity.max()), None
+    if bool((row_capacity == k).all()):
+        index = routing.select_tokens(scores, k)
     else:
-        row_capacity = routing.row_capacities(route_mask, numerator, denominator)
-        index, extra = routing.select_tokens_per_row(scores, int(row_capacity.max()), row_capacity)
-        if not extra.any():
-            extra = None
-        elif (leak := extra_slots_leak(analysed)) is not None:
+        # Rows keep different numbers of tokens (their tasks or route masks differ): one cache holds them as k slots.
+        index, extra = routing.select_tokens_per_row(scores, k, row_capacity)
+        if (leak := extra_slots_leak(analysed)) is not None:
             raise RoutingInputError(
-                f"{where}: under this route mask the rows keep different numbers of tokens, and one cache holds them "
-                f"as one length only by hiding the extra slots from attention, which this block cannot: {leak}. "
-                "Generate rows of equal routable counts in a batch, or use use_cache=False."
+                f"{where}: this batch's rows keep different numbers of tokens (tasks or route masks differ), and one "
+                f"cache holds them as one length only by hiding the extra slots from attention, which this block "
+                f"cannot: {leak}. Generate rows of one task and equal routable counts in a batch, or use use_cache=False."
             )
     gathered = [routing.gather_tokens(leaf, index, token_axes[i]) if token_axes.get(i) else leaf for i, leaf in enumerate(leaves)]
     if extra is not None and mask is not None:
@@ -187,14 +231,16 @@ def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, r
     call_args, call_kwargs = _structure.replace((args, kwargs), list(gathered))
     output = block._block(*call_args, **call_kwargs)
     selected = gathered[0]
-    weight = routing.gate_weights(routing.router_logits(selected, router.weight, router.bias), block._gate)
+    weight = tasks.gate_weights(tasks.logits_of(selected))  # recomputed from the selected rows, as the routed graph does
+    # A dense row's padding is updated as the dense model updates it; a routed row's keeps its value.
+    kept_padding = None if padding is None else padding & ~tasks.dense[:, None]
     base, padding_values = hidden, None
     if block._gate == "string":
-        base = routing.skip_scale(hidden, logits)
+        base = routing.skip_scale(hidden, tasks.logits)  # a dense row's logits are 0: its weight is 1
         if padding is not None or extra is not None:
             padding_values = routing.gather_tokens(base, index, (1,))
-    new_hidden = routing.scatter_update(base, index, selected, first_output(output), weight, padding, padding_values, extra)
-    records.append((task, logits, index, None, route_mask, padding, extra))
+    new_hidden = routing.scatter_update(base, index, selected, first_output(output), weight, kept_padding, padding_values, extra)
+    tasks.record(records, index, route_mask, padding, extra)
     positions = index if extra is None else index.masked_fill(extra, -1)
     check_layer(cache.layers[slot], where, slot)  # a cache may create its layers on first use
     routed_cache_layer(cache.layers[slot], positions, tokens, where)
@@ -202,31 +248,30 @@ def prefill(block, task: str, name: str, slot: int, args: tuple, kwargs: dict, r
     return with_first_output(output, new_hidden)
 
 
-def extend(block, task: str | None, name: str, slot: int, args: tuple, kwargs: dict, records: list):
-    """A call after the prompt: its tokens run the block over the layer's cached keys, gated for a routed ``task``.
+def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: dict, records: list):
+    """A call after the prompt: its tokens run the block over the layer's cached keys, gated on routed rows.
 
     Every token runs it, unless the model decodes by router (:data:`DECODING`):
-    then a token whose router logit is not positive skips the layer as a
-    skipped prompt token does, and its key, cached only because another token
-    of the call runs the block, is hidden from every later query. A call whose
-    tokens all skip does not run the block.
+    then a token of a routed row whose router logit is not positive skips the
+    layer as a skipped prompt token does, and its key, cached only because
+    another token of the call runs the block, is hidden from every later
+    query. A call whose tokens all skip does not run the block.
     """
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
     layer = cache.layers[slot]
-    if not isinstance(layer, RoutedCacheLayer):  # filled by a task that is dense here: every token is cached
+    if not isinstance(layer, RoutedCacheLayer):  # filled by tasks that are dense here: every token is cached
         routed_cache_layer(layer, torch.arange(layer.get_seq_length(), device=hidden.device).expand(batch, -1), layer.get_seq_length(), where)
     seen = layer.tokens_seen
-    logits = skipped = None
-    if task is not None:
-        router = block.mod_routers[task]
-        logits = routing.router_logits(hidden, router.weight, router.bias)
-        if block._state.decoding == "router":
-            skipped = logits <= 0
-    base = hidden if skipped is None or block._gate != "string" else routing.skip_scale(hidden, logits)
+    skipped = None
+    if block._state.decoding == "router" and tasks.routed:
+        skipped = (tasks.logits <= 0) & ~tasks.dense[:, None]
+    base = hidden if skipped is None or block._gate != "string" else routing.skip_scale(hidden, tasks.logits)
     every = torch.arange(tokens, device=hidden.device).expand(batch, -1)
+    # Recorded as outside a route mask, which generated tokens are: aux_loss leaves them out.
+    outside = torch.zeros((batch, tokens), dtype=torch.bool, device=hidden.device)
     if skipped is not None and bool(skipped.all()) and not layer.block_returns_tuple:
-        records.append((task, logits, every, None, torch.zeros_like(skipped), None, skipped))
+        tasks.record(records, every, outside, None, skipped)
         layer.tokens_seen = seen + tokens
         return base
     new = torch.arange(seen, seen + tokens, device=hidden.device).expand(batch, -1)
@@ -236,11 +281,10 @@ def extend(block, task: str | None, name: str, slot: int, args: tuple, kwargs: d
     output = block._block(*call.args, **call.kwargs)
     layer.block_returns_tuple = isinstance(output, tuple)
     new_hidden = first_output(output)
-    if task is not None:
-        weight = routing.gate_weights(logits, block._gate)
-        new_hidden = routing.scatter_update(base, every, hidden, new_hidden, weight, None, None if skipped is None else base, skipped)
-        # Recorded as outside a route mask, which they are: aux_loss leaves them out.
-        records.append((task, logits, every, None, torch.zeros_like(logits, dtype=torch.bool), None, skipped))
+    if tasks.routed:
+        new_hidden = routing.scatter_update(base, every, hidden, new_hidden, tasks.gate_weights(tasks.logits), None,
+                                            None if skipped is None else base, skipped)
+        tasks.record(records, every, outside, None, skipped)
     layer.token_positions, layer.tokens_seen = keys, seen + tokens
     check_in_step(layer, where)
     return with_first_output(output, new_hidden)

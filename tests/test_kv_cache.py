@@ -124,6 +124,20 @@ def test_a_route_mask_on_the_prompt_routes_it_as_the_uncached_model_does():
     torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "string"])
+def test_a_mixed_task_batch_decodes_each_row_by_its_task(gate):
+    """UniMoD serves tasks side by side: each row's router and capacity, one cache of the largest capacity's length."""
+    routed = routed_llama({"t2i": 0.25, "mmu": [1.0, 1.0, 1.0, 0.5]}, gate=gate)  # mmu is dense at block 1
+    prompt = torch.randint(1, 97, (3, 11))
+    padding = torch.ones_like(prompt)
+    padding[2, :4] = 0
+    with torch.no_grad():
+        cache = decode_and_compare(routed, prompt, padding, task=["t2i", "mmu", "mmu"])
+        decode_and_compare(routed, prompt, padding, task=torch.tensor([1, 0, 1]), chunk=2)
+    # Block 1 keeps 3 of t2i's tokens and all 11 of mmu's: the t2i row's 8 extra slots are hidden.
+    assert (cache.layers[1].token_positions[0, :11] == -1).sum() == 8 and (cache.layers[1].token_positions[1:, :11] >= 0).all()
+
+
 def test_a_task_dense_at_every_block_generates_as_the_dense_model():
     routed = routed_llama({"t2i": 0.25, "mmu": 1.0})
     prompt = torch.randint(1, 97, (2, 9))
@@ -179,8 +193,6 @@ def test_cropping_generated_tokens_keeps_the_positions_and_cropping_the_prompt_i
 def test_cached_generation_refuses_what_it_cannot_route():
     prompt = torch.randint(1, 97, (2, 9))
     with torch.no_grad():
-        with pytest.raises(modpass.RoutingInputError, match="mixes tasks"):
-            routed_llama({"t2i": 0.25, "mmu": 0.5})(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
         routed = routed_llama()
         with pytest.raises(modpass.RoutingInputError, match="Assisted decoding"):
             routed.generate(prompt[:1], max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0,
