@@ -109,10 +109,9 @@ class RowTasks:
         self.block = block
         self.routed_groups = [group for group in groups if block.plan.ratios.get(group.task) is not None]
         self.dense = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        self.logits = hidden.new_zeros(hidden.shape[:2])
         for group in self.routed_groups:
             self.dense = self.by_row(group, self.dense, torch.zeros_like(group.rows_of(self.dense)))
-            self.logits = self.by_row(group, self.logits, self.router_logits(group, group.rows_of(hidden)))
+        self.logits = self.logits_of(hidden)
         self.routed = bool(self.routed_groups)
 
     @staticmethod
