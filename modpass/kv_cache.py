@@ -22,10 +22,11 @@ so the model's attention mask, whose key axis spans every token so far, does
 not fit it. The layer keeps the position of each cached key
 (:func:`routed_cache_layer`), a routed block reads its mask columns at those
 positions, and the layer still reports the sequence's length, from which the
-model counts positions and sizes its masks. That holds for ``DynamicCache``
-layers over full attention (sliding-window, static and quantised layers are
-refused). Beam search's reordering, batch repetition and selection, and crops
-of generated tokens carry the positions with the keys.
+model counts positions and sizes its masks. A sliding-window layer is replaced
+by one that keeps the keys of the window's positions (:func:`routed_storage`).
+Static and quantised cache layers are refused. Beam search's reordering, batch
+repetition and selection, and crops of generated tokens carry the positions
+with the keys.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
     check_layer(layer, where, slot)
     if not tasks.routed and not isinstance(layer, RoutedCacheLayer):
         return block._block(*args, **kwargs)  # tasks dense here cache every token, as the dense model does
+    layer = routed_storage(cache, slot, hidden.shape[0], hidden.device)
     if layer is not None and layer.get_seq_length() > 0:
         return extend(block, tasks, name, slot, args, kwargs, records)
     state = block._state
@@ -168,15 +170,43 @@ def cache_slot(block) -> int:
 
 
 def check_layer(layer, where: str, slot: int) -> None:
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    if layer is not None and type(layer) is not DynamicLayer and not isinstance(layer, RoutedCacheLayer):
+    if layer is not None and type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) and not isinstance(layer, RoutedCacheLayer):
         raise RoutingInputError(
             f"{where}: its cache layer {slot} is a {type(layer).__name__}; a routed block keeps its selected tokens "
-            "in a DynamicCache layer over full attention (a sliding window, static or quantised layer would drop or "
-            "place keys by the model's positions, not the block's). Generate with the default DynamicCache, route "
-            "only full-attention layers (layers=), or use use_cache=False."
+            "in a DynamicCache layer (a static or quantised layer places or stores keys by the model's positions, "
+            "not the block's). Generate with the default DynamicCache, or use use_cache=False."
         )
+
+
+def routed_storage(cache, slot: int, batch: int, device: torch.device):
+    """The cache layer at ``slot`` as a routed block's (keys it ran on, with their positions), made so if it is not.
+
+    A layer created on first use is left to the block's first call. A
+    sliding-window layer would keep the last keys the block cached, not the
+    keys of the window's positions: it becomes a layer that keeps every key
+    and hides those outside the window (see :func:`layer_mask`), dropping
+    them once no later query can see them. A layer a dense task filled holds
+    every token of the sequence (a sliding one, the last of them).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layer = cache.layers[slot] if slot < len(cache.layers) else None
+    if layer is None or isinstance(layer, RoutedCacheLayer):
+        return layer
+    window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+    if window is not None or layer.get_seq_length() > 0:
+        seen, kept = layer.get_seq_length(), (layer.keys.shape[-2] if layer.get_seq_length() else 0)
+        routed = routed_layer_class(DynamicLayer)()
+        if kept:
+            routed.lazy_initialization(layer.keys, layer.values)
+            routed.keys, routed.values = layer.keys, layer.values
+        routed.token_positions = torch.arange(seen - kept, seen, device=device).expand(batch, -1)
+        routed.tokens_seen = routed.prompt_length = seen
+        routed.sliding_window = window
+        cache.layers[slot] = layer = routed
+    return layer
 
 
 def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: dict, records: list):
@@ -241,9 +271,14 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     new_hidden = routing.scatter_update(base, index, selected, first_output(output), weight, kept_padding, padding_values, extra)
     tasks.record(records, index, route_mask, padding, extra)
     positions = index if extra is None else index.masked_fill(extra, -1)
-    check_layer(cache.layers[slot], where, slot)  # a cache may create its layers on first use
-    routed_cache_layer(cache.layers[slot], positions, tokens, where)
-    cache.layers[slot].block_returns_tuple = isinstance(output, tuple)
+    layer = cache.layers[slot]
+    if not isinstance(layer, RoutedCacheLayer) and getattr(layer, "is_sliding", False):  # created on first use
+        raise RoutingInputError(f"{where}: its cache created a sliding-window layer on first use, which keeps only the "
+                                "last keys; give the cache its layers ahead (DynamicCache(config=...)) or use_cache=False.")
+    check_layer(layer, where, slot)
+    routed_cache_layer(layer, positions, tokens, where)
+    layer.block_returns_tuple = isinstance(output, tuple)
+    layer.drop_keys_outside_the_window()
     return with_first_output(output, new_hidden)
 
 
@@ -259,8 +294,6 @@ def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: di
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
     layer = cache.layers[slot]
-    if not isinstance(layer, RoutedCacheLayer):  # filled by tasks that are dense here: every token is cached
-        routed_cache_layer(layer, torch.arange(layer.get_seq_length(), device=hidden.device).expand(batch, -1), layer.get_seq_length(), where)
     seen = layer.tokens_seen
     skipped = None
     if block._state.decoding == "router" and tasks.routed:
@@ -286,6 +319,7 @@ def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: di
         tasks.record(records, every, outside, None, skipped)
     layer.token_positions, layer.tokens_seen = keys, seen + tokens
     check_in_step(layer, where)
+    layer.drop_keys_outside_the_window()
     return with_first_output(output, new_hidden)
 
 
@@ -303,10 +337,11 @@ def mask_argument(block, args: tuple, kwargs: dict) -> inspect.BoundArguments:
 def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, total: int, dtype: torch.dtype, where: str):
     """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; -1 marks a slot never attended.
 
-    The model's ``(B | 1, H | 1, q, total)`` mask spans every token so far:
-    its ``total`` columns are read at the keys' positions. Without one (SDPA's causal
-    shortcut) the mask is causal over positions, additive so that any
-    attention implementation takes it.
+    The model's ``(B | 1, H | 1, q, n)`` mask spans the last ``n`` of the
+    ``total`` tokens so far (all of them, or a sliding window's): its columns
+    are read at the keys' positions, and older keys are hidden. Without one
+    (SDPA's causal shortcut, every key in reach) the mask is causal over
+    positions, additive so that any attention implementation takes it.
     """
     valid = keys >= 0
     if mask is None:
@@ -314,15 +349,17 @@ def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, total: int, dtyp
             return None  # one new token sees every cached one
         allowed = (keys.unsqueeze(1) <= queries.unsqueeze(2)) & valid.unsqueeze(1)
         return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != total:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] > total:
         got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
         raise RoutingInputError(
-            f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask over all {total} "
-            f"tokens so far, got {got}. Use an attention implementation with such masks (sdpa or eager), or "
+            f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask over the last of the "
+            f"{total} tokens so far, got {got}. Use an attention implementation with such masks (sdpa or eager), or "
             "use_cache=False."
         )
+    offset = total - mask.shape[-1]
+    valid = valid & (keys >= offset)
     mask = mask.expand(keys.shape[0], *mask.shape[1:])
-    columns = keys.clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+    columns = (keys - offset).clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
     picked = torch.take_along_dim(mask, columns, dim=3)
     hidden = ~valid[:, None, None, :]
     if picked.dtype == torch.bool:
@@ -358,6 +395,8 @@ class RoutedCacheLayer:
     prompt_length: int
     #: Whether the block returns a tuple (then it runs even when every token skips it, to give its other outputs).
     block_returns_tuple: bool = True
+    #: The block's attention window, for a layer that replaced a sliding-window one (see :func:`routed_storage`).
+    sliding_window: int | None = None
 
 
 def routed_cache_layer(layer, positions: torch.Tensor, seen: int, where: str) -> None:
@@ -386,6 +425,26 @@ def routed_layer_class(base: type) -> type:
             # The sequence's length, as a dense layer reports it: Hugging Face models count new tokens' positions
             # (layer 0) and size the attention mask (the first full-attention layer) by it.
             return self.tokens_seen
+
+        @property
+        def is_sliding(self) -> bool:
+            return self.sliding_window is not None
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            """The model's mask spans the window (a sliding-window layer's sizes, by the sequence's length) or every token."""
+            if self.sliding_window is None:
+                return self.tokens_seen + query_length, 0
+            return min(self.tokens_seen, self.sliding_window - 1) + query_length, max(self.tokens_seen - self.sliding_window + 1, 0)
+
+        def drop_keys_outside_the_window(self) -> None:
+            """Drop the leading keys that no later query's window reaches (in every row: the cache stays rectangular)."""
+            if self.sliding_window is None:
+                return
+            gone = self.token_positions < self.tokens_seen - self.sliding_window + 1  # -1 slots included
+            count = int(gone.long().cumprod(dim=1).sum(dim=1).min())
+            if count:
+                self.keys, self.values = self.keys[..., count:, :], self.values[..., count:, :]
+                self.token_positions = self.token_positions[:, count:]
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             super().reorder_cache(beam_idx)
@@ -421,7 +480,7 @@ def routed_layer_class(base: type) -> type:
         def reset(self) -> None:
             super().reset()
             self.__class__ = base
-            for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple"):
+            for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple", "sliding_window"):
                 self.__dict__.pop(name, None)
 
     Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"

@@ -214,13 +214,20 @@ def test_every_layer_routed_the_model_still_reads_the_sequence_length_from_its_c
         assert cache.get_seq_length() == 12 and cache.layers[0].keys.shape[-2] == 5 + 3
 
 
-def test_cached_generation_routes_full_attention_layers_and_refuses_sliding_window_ones():
-    """Gemma 2 alternates sliding-window (even) and full-attention (odd) layers; its masks are sized by layer 1."""
-    prompt = torch.randint(1, 97, (2, 9))
+def test_sliding_window_layers_keep_the_keys_of_their_window():
+    """Gemma 2 alternates sliding-window (even, window 8) and full-attention (odd) layers; with every layer routed,
+    layer 0 also sizes the model's sliding-window masks. A prompt longer than the window moves it past the prompt."""
+    routed = with_random_routers(modpass.transform(models.gemma2(), 0.5, layers="all"))
+    prompt = torch.randint(1, 97, (2, 13))
+    padding = torch.ones_like(prompt)
+    padding[1, :3] = 0
     with torch.no_grad():
-        decode_and_compare(with_random_routers(modpass.transform(models.gemma2(), 0.5)), prompt)
-        with pytest.raises(modpass.RoutingInputError, match="DynamicSlidingWindowLayer"):
-            modpass.transform(models.gemma2(), 0.5, layers=[2])(input_ids=prompt, use_cache=True)
+        cache = decode_and_compare(routed, prompt, padding, steps=6)
+        decode_and_compare(routed, prompt, chunk=3)
+    sliding, full = cache.layers[0], cache.layers[1]
+    assert sliding.is_sliding and not full.is_sliding and full.keys.shape[-2] == 7 + 6
+    # Keys no query can reach any more are dropped, in every row at once; a row may keep one the window has left.
+    assert sliding.keys.shape[-2] <= 8 and (sliding.token_positions[:, 1:] >= 19 - 8 + 1).all()
 
 
 @needs_hf_dynamo
