@@ -196,8 +196,9 @@ def routed_storage(cache, slot: int, batch: int, device: torch.device):
     if layer is None or isinstance(layer, RoutedCacheLayer):
         return layer
     window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-    if window is not None or layer.get_seq_length() > 0:
-        seen, kept = layer.get_seq_length(), (layer.keys.shape[-2] if layer.get_seq_length() else 0)
+    seen = layer.get_seq_length()
+    if window is not None or seen > 0:
+        kept = layer.keys.shape[-2] if seen else 0
         routed = routed_layer_class(DynamicLayer)()
         if kept:
             routed.lazy_initialization(layer.keys, layer.values)
