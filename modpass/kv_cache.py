@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 
 import torch
 
@@ -158,15 +159,22 @@ class RowTasks:
             records.append((group.task, rows(self.logits), rows(index), group.rows, rows(route_mask), rows(padding), rows(extra)))
 
 
+# Per routed block, read once: what a decode step would otherwise look up on every call of every routed layer.
+_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def cache_slot(block) -> int:
     """The cache slot the block's attention writes to: the ``layer_idx`` of its modules."""
-    found = {m.layer_idx for m in block._block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
-    if len(found) != 1:
-        raise RoutingInputError(
-            f"{block.plan.path}: modpass finds a block's cache slot by its attention's layer_idx; this block has "
-            f"{sorted(found) or 'none'}. Call the model with use_cache=False."
-        )
-    return found.pop()
+    if block not in _SLOTS:
+        found = {m.layer_idx for m in block._block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+        if len(found) != 1:
+            raise RoutingInputError(
+                f"{block.plan.path}: modpass finds a block's cache slot by its attention's layer_idx; this block has "
+                f"{sorted(found) or 'none'}. Call the model with use_cache=False."
+            )
+        _SLOTS[block] = found.pop()
+    return _SLOTS[block]
 
 
 def check_layer(layer, where: str, slot: int) -> None:
@@ -326,7 +334,9 @@ def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: di
 
 def mask_argument(block, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     """The call bound to the block's parameters, so that its ``attention_mask`` can be replaced however it was passed."""
-    signature = inspect.signature(block._block.forward)
+    if block not in _SIGNATURES:
+        _SIGNATURES[block] = inspect.signature(block._block.forward)
+    signature = _SIGNATURES[block]
     if "attention_mask" not in signature.parameters:
         raise RoutingInputError(
             f"{block.plan.path}: a routed layer attends to its own cached keys through an attention_mask argument, "

@@ -38,6 +38,21 @@ def test_mixed_tasks_and_training_on_cuda():
     assert routed.h[1].mod_routers.a.weight.grad.abs().sum() > 0
 
 
+def test_cached_generation_on_cuda_decodes_as_the_uncached_model():
+    """kv_cache's positions, masks and gathers on the GPU (the CPU tests are test_kv_cache.py): a mixed-task batch
+    (rows of different capacities) and Gemma 2's sliding-window layers past the window, each routed."""
+    from tests.test_kv_cache import decode_and_compare, with_random_routers
+
+    prompt = torch.randint(1, 97, (2, 13), device="cuda")
+    padding = torch.ones_like(prompt)
+    padding[1, :3] = 0
+    mixed = with_random_routers(modpass.transform(models.llama(), {"a": 0.5, "b": 0.25})).cuda()
+    sliding = with_random_routers(modpass.transform(models.gemma2(), 0.5, layers="all")).cuda()
+    with torch.no_grad():
+        decode_and_compare(mixed, prompt, padding, steps=4, task=["a", "b"])
+        decode_and_compare(sliding, prompt, padding, steps=4)
+
+
 def test_backend_emits_triton_kernels_for_routed_blocks():
     from torch._inductor.utils import run_and_get_code
 
