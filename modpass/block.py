@@ -174,7 +174,7 @@ class RoutedBlock(nn.Module):
         changed = mode != self.training
         if changed:
             others = sum(b.training != mode for b in self._state.blocks if b is not self)
-            self._state.switching.block_starts(mode, pending=others + 1)
+            self._state.switching.block_starts("train" if mode else "eval", pending=others + 1)
         self._block.training = mode
         super().train(mode)
         if changed:
@@ -597,11 +597,24 @@ class RoutedBlock(nn.Module):
         again, captured on first use), exact for the hidden state, and costs
         nothing when ``fn`` changes no structure.
         """
-        converted = [_structure.replace(call, [fn(t) for t in _structure.tensors(call)]) for call in self._examples]
-        if [_structure.signature(call) for call in converted] == [_structure.signature(call) for call in self._examples]:
+        if not self.converts_under(fn):
             return
-        self.__dict__["_examples"] = converted
-        self.prepare()
+        others = sum(block.converts_under(fn) for block in self._state.blocks if block is not self)
+        self.__dict__["_examples"] = [_structure.replace(call, [fn(t) for t in _structure.tensors(call)]) for call in self._examples]
+        self._state.switching.block_starts("to", pending=others + 1)
+        try:
+            self.prepare()
+        finally:
+            self._state.switching.block_done()
+
+    def converts_under(self, fn) -> bool:
+        """Whether ``fn`` (a ``.to()``/``.half()`` conversion) changes the dtype or device type of a known call's tensors (their structure)."""
+        for call in self._examples:
+            for tensor in _structure.tensors(call):
+                converted = fn(tensor.new_empty(0))
+                if converted.dtype != tensor.dtype or converted.device.type != tensor.device.type:
+                    return True
+        return False
 
 
 # Sizes 0 and 1 are always specialised by Dynamo; offsetting keeps a numerator of 1 symbolic.

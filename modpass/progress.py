@@ -44,11 +44,11 @@ class Progress:
 
 
 class ModeSwitchProgress:
-    """One bar over the routed blocks that prepare graphs when their model switches train/eval mode.
+    """One bar over the routed blocks that prepare graphs when their model switches mode or converts.
 
-    ``model.train()`` visits the blocks one by one; the first block that has
-    work opens the bar for the blocks still in the other mode, and the bar
-    closes when they have all prepared.
+    ``model.train()`` and ``model.to(...)`` visit the blocks one by one; the
+    first block that has work opens the bar for the blocks that have it too,
+    and the bar closes when they have all prepared.
     """
 
     def __init__(self, enabled: bool | None) -> None:
@@ -56,11 +56,12 @@ class ModeSwitchProgress:
         self._progress: Progress | None = None
         self._left = 0
 
-    def block_starts(self, mode: bool, pending: int) -> None:
-        """A block begins preparing; ``pending`` blocks (itself included) have yet to switch to ``mode``."""
+    def block_starts(self, verb: str, pending: int) -> None:
+        """A block begins preparing for ``verb`` (``train``, ``eval``, ``to``); ``pending`` blocks, itself included, have yet to."""
         if self._left == 0:
-            self._progress = Progress(self._enabled, "train" if mode else "eval", blocks=pending)
-            self._progress.stage("preparing the routed graphs for this mode")
+            self._progress = Progress(self._enabled, verb, blocks=pending)
+            self._progress.stage("preparing the routed graphs for this mode" if verb in ("train", "eval")
+                                 else "preparing the routed graphs for the converted calls")
             self._left = pending
 
     def block_done(self) -> None:

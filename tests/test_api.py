@@ -576,5 +576,10 @@ def test_progress_counts_the_routed_blocks_on_request_and_is_quiet_off_a_termina
     routed.eval()
     shown = capsys.readouterr().err
     assert shown.count("\n") == 1 and "2/2" in shown.splitlines()[-1], "one bar, closed"
+    routed.to(torch.float64)  # converted calls are prepared again: one bar over the blocks
+    shown = capsys.readouterr().err
+    assert "modpass.to" in shown and "2/2" in shown and shown.count("\n") == 1
+    routed.to(torch.float64)
+    assert capsys.readouterr().err == "", "nothing to convert, nothing to prepare"
     with pytest.raises(modpass.ConfigError, match="progress must be True, False or None"):
         modpass.transform(model, 0.5, progress="yes")
