@@ -279,7 +279,7 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
             padding_values = routing.gather_tokens(base, index, (1,))
     new_hidden = routing.scatter_update(base, index, selected, first_output(output), weight, kept_padding, padding_values, extra)
     tasks.record(records, index, route_mask, padding, extra)
-    positions = index if extra is None else index.masked_fill(extra, -1)
+    positions = index if extra is None else hide(index, extra)
     layer = cache.layers[slot]
     if not isinstance(layer, RoutedCacheLayer) and getattr(layer, "is_sliding", False):  # created on first use
         raise RoutingInputError(f"{where}: its cache created a sliding-window layer on first use, which keeps only the "
@@ -316,7 +316,7 @@ def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: di
         layer.tokens_seen = seen + tokens
         return base
     new = torch.arange(seen, seen + tokens, device=hidden.device).expand(batch, -1)
-    keys = torch.cat([layer.token_positions.expand(batch, -1), new if skipped is None else new.masked_fill(skipped, -1)], dim=1)
+    keys = torch.cat([layer.token_positions.expand(batch, -1), new if skipped is None else hide(new, skipped)], dim=1)
     call = mask_argument(block, args, kwargs)
     call.arguments["attention_mask"] = layer_mask(call.arguments.get("attention_mask"), keys, new, seen + tokens, hidden.dtype, where)
     output = block._block(*call.args, **call.kwargs)
@@ -345,8 +345,20 @@ def mask_argument(block, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return signature.bind_partial(*args, **kwargs)
 
 
+def hide(positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``positions`` with those where ``hidden`` marked as slots no query attends: ``-1 - position``, negative and
+    still telling the position (a crop counts generated keys by it)."""
+    return torch.where(hidden, -1 - positions, positions)
+
+
+def sequence_positions(positions: torch.Tensor) -> torch.Tensor:
+    """The sequence position of every cached key, hidden (see :func:`hide`) or not."""
+    return torch.where(positions >= 0, positions, -1 - positions)
+
+
 def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, total: int, dtype: torch.dtype, where: str):
-    """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; -1 marks a slot never attended.
+    """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; a negative one
+    marks a slot never attended (:func:`hide`).
 
     The model's ``(B | 1, H | 1, q, n)`` mask spans the last ``n`` of the
     ``total`` tokens so far (all of them, or a sliding window's): its columns
@@ -398,7 +410,7 @@ def with_first_output(output, hidden: torch.Tensor):
 class RoutedCacheLayer:
     """Marker base of the cache layers :func:`routed_cache_layer` makes (one class per transformers layer class)."""
 
-    #: ``(B, n)``: the sequence position of each cached key; -1 for a slot no query may attend.
+    #: ``(B, n)``: the sequence position of each cached key; ``-1 - position`` for a slot no query may attend (:func:`hide`).
     token_positions: torch.Tensor
     #: How many tokens of the sequence this layer has been called on (cached or not).
     tokens_seen: int
@@ -451,7 +463,7 @@ def routed_layer_class(base: type) -> type:
             """Drop the leading keys that no later query's window reaches (in every row: the cache stays rectangular)."""
             if self.sliding_window is None:
                 return
-            gone = self.token_positions < self.tokens_seen - self.sliding_window + 1  # -1 slots included
+            gone = self.token_positions < self.tokens_seen - self.sliding_window + 1  # hidden slots included
             count = int(gone.long().cumprod(dim=1).sum(dim=1).min())
             if count:
                 self.keys, self.values = self.keys[..., count:, :], self.values[..., count:, :]
@@ -482,10 +494,12 @@ def routed_layer_class(base: type) -> type:
                     "decoding cannot work this way: it verifies its first candidates in one call with the prompt, which "
                     "routes them as prompt tokens; generate without assistant_model, or with use_cache=False."
                 )
-            # Past the prompt a routed layer caches every token, one key per position, in order.
-            count = self.tokens_seen - cut
-            super().crop(-count)
-            self.token_positions = self.token_positions[:, :-count]
+            # Past the prompt a routed layer caches the tokens of each call that ran it, one key per position and
+            # row, in order (a call whose tokens all skipped it, decoding by router, cached none).
+            count = int((sequence_positions(self.token_positions[0]) >= cut).sum())
+            if count:
+                super().crop(-count)
+                self.token_positions = self.token_positions[:, :-count]
             self.tokens_seen = cut
 
         def reset(self) -> None:

@@ -113,7 +113,8 @@ def test_a_route_mask_on_the_prompt_routes_it_as_the_uncached_model_does():
     is_image[1, 5:7] = True
     with torch.no_grad():
         cache = decode_and_compare(routed, prompt, route_mask=is_image, task="mmu")
-        assert (cache.layers[1].token_positions == -1).any()  # extra slots of the row with fewer routable tokens
+        hidden = cache.layers[1].token_positions < 0  # extra slots of the row with fewer routable tokens, at -1 - position
+        assert hidden.any() and (-1 - cache.layers[1].token_positions[hidden] < 12).all()
         # generate() takes the mask through default_task, which extends it over the generated tokens.
         greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
         with modpass.default_task(routed, "mmu", route_mask=is_image):
@@ -135,7 +136,7 @@ def test_a_mixed_task_batch_decodes_each_row_by_its_task(gate):
         cache = decode_and_compare(routed, prompt, padding, task=["t2i", "mmu", "mmu"])
         decode_and_compare(routed, prompt, padding, task=torch.tensor([1, 0, 1]), chunk=2)
     # Block 1 keeps 3 of t2i's tokens and all 11 of mmu's: the t2i row's 8 extra slots are hidden.
-    assert (cache.layers[1].token_positions[0, :11] == -1).sum() == 8 and (cache.layers[1].token_positions[1:, :11] >= 0).all()
+    assert (cache.layers[1].token_positions[0, :11] < 0).sum() == 8 and (cache.layers[1].token_positions[1:, :11] >= 0).all()
 
 
 def test_a_task_dense_at_every_block_generates_as_the_dense_model():
@@ -278,7 +279,7 @@ def test_decoding_by_router_skips_a_layer_for_the_tokens_whose_router_says_so():
             assert torch.equal(after[~runs], before[~runs]), "a token that skips leaves the layer unchanged"
             assert not runs.any() or not torch.isclose(after[runs], before[runs]).all()
             if runs.any():  # the block ran: every row's key is cached, a skipping row's hidden from later queries
-                columns.append(torch.where(runs, 9 + step, -1))
+                columns.append(torch.where(runs, 9 + step, -1 - (9 + step)))
         generated = cache.layers[int(path.rsplit(".", 1)[1])].token_positions[:, 5:]  # after the prompt's 5 kept keys
         torch.testing.assert_close(generated, torch.stack(columns, 1) if columns else generated[:, :0], rtol=0, atol=0)
     decisions = torch.stack(decisions)
@@ -304,5 +305,10 @@ def test_decoding_by_router_at_its_extremes():
     assert [layer.keys.shape[-2] for layer in cache.layers] == [13, 6, 13, 6]
     for path_calls in calls.values():
         assert all(torch.equal(before, after) for before, after in path_calls[-3:])
+    # Cropping generated tokens that cached nothing there leaves the routed layers' keys as they are.
+    positions = [layer.token_positions.clone() for layer in cache.layers[1::2]]
+    cache.crop(-2)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [11, 6, 11, 6] and cache.get_seq_length() == 11
+    assert all(torch.equal(layer.token_positions, kept) for layer, kept in zip(cache.layers[1::2], positions))
     with pytest.raises(modpass.ConfigError, match="'all', 'router'"):
         modpass.set_decoding(routed, "threshold")
