@@ -183,6 +183,14 @@ def apply_plan(
     return model
 
 
+def routing_state(model: nn.Module, verb: str) -> RoutingState:
+    """The routing state of a model routed by modpass (or of its torch.compile wrapper); ``verb`` names the caller."""
+    state = getattr(uncompiled(model), "_modpass_state", None)
+    if state is None:
+        raise ConfigError(f"{verb}() takes a model routed by modpass.transform or modpass.load.")
+    return state
+
+
 def set_decoding(model: nn.Module, decoding: str) -> nn.Module:
     """How a cached generation (``use_cache=True``) runs the tokens after the prompt through routed layers.
 
@@ -194,9 +202,7 @@ def set_decoding(model: nn.Module, decoding: str) -> nn.Module:
     layer skips its whole call when every token of the batch does. The prompt
     is routed by top-k either way. Returns ``model``.
     """
-    state = getattr(uncompiled(model), "_modpass_state", None)
-    if state is None:
-        raise ConfigError("set_decoding() takes a model routed by modpass.transform or modpass.load.")
+    state = routing_state(model, "set_decoding")
     if decoding not in DECODING:
         raise ConfigError(f"decoding must be one of {list(DECODING)}, got {decoding!r}: " + "; ".join(f"{k}: {v}" for k, v in DECODING.items()))
     state.decoding = decoding
@@ -293,9 +299,7 @@ def default_task(
     marks the prompt's routable tokens for ``generate()``, which appends the
     generated tokens, with or without a KV cache: both give the same tokens.
     """
-    state = getattr(uncompiled(model), "_modpass_state", None)
-    if state is None:
-        raise ConfigError("default_task() takes a model routed by modpass.transform or modpass.load.")
+    state = routing_state(model, "default_task")
     if isinstance(task, str):
         state.check(task)
     elif isinstance(task, Sequence):

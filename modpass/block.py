@@ -369,20 +369,10 @@ class RoutedBlock(nn.Module):
         which would break a compiled graph in every routed block, so under
         torch.compile a group stays whole where :meth:`share_one_call` can run it.
         """
-        hidden = args[0]
-        batch, tokens = hidden.shape[:2]
-        mask = self._state.route_mask_over(tokens)
+        batch, tokens = args[0].shape[:2]
+        mask = self._state.checked_route_mask(batch, tokens, self._plan.path)
         if mask is None:
             return groups
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens):
-            got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            other_sequence = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
-            raise RoutingInputError(
-                f"{self._plan.path}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
-                + (f" If this block runs over another sequence than the mask's {mask.shape[1]} tokens (a vision "
-                   "encoder's patches beside a language model's tokens), route only the blocks of the mask's sequence: "
-                   "transform(..., within=<the module holding them>), or layers=." if other_sequence and isinstance(tokens, int) and mask.shape[1] != tokens else "")
-            )
         if torch.compiler.is_compiling():
             groups = [self.share_one_call(group, mask, args, kwargs) for group in groups]
         if all(self.stays_whole(group) for group in groups):
@@ -485,9 +475,7 @@ class RoutedBlock(nn.Module):
 
         self._block.training = self.training
         gm = capture_block_graph(self._block, args, kwargs, where=f"block {self._plan.index} ({self._plan.path})")
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        roles = gm.meta["modpass_inputs"]
-        batch = tuple(p.meta["modpass_batch_axis"] == 0 for p, (role, _) in zip(placeholders, roles) if role == "input")
+        batch = tuple(node.meta["modpass_batch_axis"] == 0 for node in user_inputs(gm))
         found = self._analyses[key] = (gm, batch)
         return found
 

@@ -41,7 +41,8 @@ import torch
 from . import _structure, routing
 from ._compat import disable_compile
 from .errors import RoutingInputError
-from .passes.rewrite import attention_mask_input, extra_slots_leak, mask_input
+from .passes.rewrite import extra_slots_leak, mask_input, padding_reader
+from .passes.token_axes import user_input_leaves
 from .tasks import TaskGroup
 
 #: The names Hugging Face layers take their cache by (``cache`` from transformers 5.25; ``layer_past`` in GPT-NeoX,
@@ -227,7 +228,7 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
         uncached["use_cache"] = False  # the structure the uncached forward prepared
     analysed, _ = block.analysis(args, uncached)
     leaves = _structure.tensors((args, uncached))
-    leaf_of = dict(graph_inputs(analysed))
+    leaf_of = dict(user_input_leaves(analysed))
     token_axes = {target: node.meta["modpass_token_axes"] for node, target in leaf_of.items()}
     inputs = list(leaf_of)
     mask_node = mask_input(inputs)
@@ -238,17 +239,8 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
             f"{where}: its cache is empty but the attention mask spans {mask.shape[-1]} keys for {tokens} tokens; "
             "start generation with an empty cache, or use use_cache=False."
         )
-    padding = None
-    if mask_node is not None:
-        read = routing.padding_from_attention_mask if mask_node is attention_mask_input(inputs) else routing.padding_from_key_mask
-        padding = read(mask, batch)
-    route_mask = block._state.route_mask_over(tokens)
-    if route_mask is not None and (not isinstance(route_mask, torch.Tensor) or route_mask.dtype != torch.bool
-                                   or tuple(route_mask.shape) != (batch, tokens)):
-        raise RoutingInputError(
-            f"{where}: on the prompt, route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}; "
-            "later calls of a cached generation ignore it (generated tokens run every routed layer)."
-        )
+    padding = None if mask_node is None else padding_reader(mask_node, inputs)(mask, batch)
+    route_mask = block._state.checked_route_mask(batch, tokens, where)  # the prompt's; later calls ignore it
     scores = routing.selection_scores(tasks.logits, padding, route_mask)
     row_capacity = tasks.capacities(tokens, route_mask)
     k, extra = int(row_capacity.max()), None
@@ -388,12 +380,6 @@ def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, total: int, dtyp
     if picked.dtype == torch.bool:
         return picked & ~hidden
     return picked.masked_fill(hidden, torch.finfo(picked.dtype).min)
-
-
-def graph_inputs(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, int]]:
-    """The analysed graph's user-input placeholders and the call's tensor leaf each one reads."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [(node, target) for node, (role, target) in zip(placeholders, gm.meta["modpass_inputs"]) if role == "input"]
 
 
 def first_output(output) -> torch.Tensor:

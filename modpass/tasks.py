@@ -89,6 +89,20 @@ class RoutingState:
             return mask
         return torch.cat([mask, mask.new_zeros(mask.shape[0], tokens - mask.shape[1])], dim=1)
 
+    def checked_route_mask(self, batch: int, tokens, where: str) -> torch.Tensor | None:
+        """:meth:`route_mask_over` for a block's call of ``(batch, tokens)``, refused unless it is a bool mask of that shape."""
+        mask = self.route_mask_over(tokens)
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens)):
+            got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            other_sequence = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
+            raise RoutingInputError(
+                f"{where}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
+                + (f" If this block runs over another sequence than the mask's {mask.shape[1]} tokens (a vision "
+                   "encoder's patches beside a language model's tokens), route only the blocks of the mask's sequence: "
+                   "transform(..., within=<the module holding them>), or layers=." if other_sequence and isinstance(tokens, int) and mask.shape[1] != tokens else "")
+            )
+        return mask
+
     def groups(self, batch: int) -> list[TaskGroup]:
         """The batch split by task; computed once per forward and shared by every routed block."""
         cached = self.cached_groups

@@ -90,6 +90,11 @@ def mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
     return mask if mask is not None else key_mask_input(inputs)
 
 
+def padding_reader(mask: torch.fx.Node, inputs: list[torch.fx.Node]):
+    """The routing function that reads padding flags from ``mask``, the block's :func:`mask_input`."""
+    return routing.padding_from_attention_mask if mask is attention_mask_input(inputs) else routing.padding_from_key_mask
+
+
 def relates_tokens(node: torch.fx.Node, symbol) -> bool:
     """Whether a contraction pairs tokens: ``q @ k.T`` (a token x token result), ``scores @ v`` (a token x token
     operand) or ``k.T @ v`` (summed over tokens). Where two operands carry the token axis only as a batch axis of
@@ -182,9 +187,8 @@ def rewrite(
         logits = call(scoring, hidden, router_weight, router_bias, role="router")
         padding = None
         if (mask := mask_input(inputs)) is not None:
-            read_padding = routing.padding_from_attention_mask if mask is attention_mask_input(inputs) else routing.padding_from_key_mask
             batch = call(torch.ops.aten.sym_size.int, hidden, 0, role="padding")
-            padding = call(read_padding, mask, batch, role="padding")
+            padding = call(padding_reader(mask, inputs), mask, batch, role="padding")
         scores = call(routing.selection_scores, logits, padding, route_mask, role="select")
         extra = None
         if row_capacity is None:

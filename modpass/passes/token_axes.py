@@ -56,8 +56,13 @@ def mentions(size, symbol) -> bool:
 
 
 def user_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [node for node, _ in user_input_leaves(gm)]
+
+
+def user_input_leaves(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, int]]:
+    """The user-input placeholders, each with the index of the call's tensor leaf it reads."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [p for p, (role, _) in zip(placeholders, gm.meta["modpass_inputs"]) if role == "input"]
+    return [(node, target) for node, (role, target) in zip(placeholders, gm.meta["modpass_inputs"]) if role == "input"]
 
 
 def flat_outputs(gm: torch.fx.GraphModule) -> list:
