@@ -24,13 +24,21 @@ not fit it. The layer keeps the position of each cached key
 positions, and the layer still reports the sequence's length, from which the
 model counts positions and sizes its masks. A sliding-window layer is replaced
 by one that keeps the keys of the window's positions (:func:`routed_storage`).
-Static and quantised cache layers are refused. Beam search's reordering, batch
-repetition and selection, and crops of generated tokens carry the positions
-with the keys.
+Beam search's reordering, batch repetition and selection, and crops of
+generated tokens carry the positions with the keys.
+
+A ``StaticCache`` layer (full attention) becomes a routed layer of fixed size:
+the prompt's kept tokens plus room for the generated ones, fewer slots than
+the dense layer's. Its decoding steps are plain tensor code with no
+data-dependent Python, so ``torch.compile`` traces them into the model's graph
+(``fullgraph=True`` holds, as Hugging Face's compiled static-cache decoding
+needs); the prompt, as in Hugging Face's ``generate()``, runs eagerly.
+Quantised and static sliding-window layers are refused.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import inspect
 import warnings
@@ -66,28 +74,34 @@ def cache_argument(kwargs: dict) -> str | None:
     return None
 
 
-@disable_compile(
-    "modpass: a routed block with a KV cache runs eagerly: it writes its selected tokens' keys and values into "
-    "the cache through the block's own forward (cached generation is eager in Hugging Face's generate())."
-)
 def run(block, name: str, args: tuple, kwargs: dict, records: list):
-    """Route one cached call of ``block`` (a :class:`~modpass.block.RoutedBlock`); its record's fields go to ``records``."""
+    """Route one cached call of ``block`` (a :class:`~modpass.block.RoutedBlock`); its record's fields go to ``records``.
+
+    A decoding step into a routed static layer is traced by ``torch.compile``;
+    every other call runs eagerly (:func:`run_eagerly`).
+    """
+    layer = cache_layer(block, kwargs[name])
+    if isinstance(layer, StaticSlots):
+        return extend(block, RowTasks(block, block._state.groups(args[0].shape[0]), args[0]), layer, args, kwargs, records)
+    return run_eagerly(block, name, args, kwargs, records)
+
+
+@disable_compile(
+    "modpass: a routed block with a KV cache runs eagerly on the prompt and with a DynamicCache: it writes its "
+    "selected tokens' keys and values into the cache through the block's own forward (with a StaticCache, the "
+    "decoding steps compile: Hugging Face's compiled decoding)."
+)
+def run_eagerly(block, name: str, args: tuple, kwargs: dict, records: list):
     cache, hidden, where = kwargs[name], args[0], block.plan.path
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        raise RoutingInputError(
-            f"{where}: a routed block caches keys and values through a transformers Cache with per-layer storage "
-            f"(transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
-        )
     tasks = RowTasks(block, block._state.groups(hidden.shape[0]), hidden)
     slot = cache_slot(block)
-    layer = layers[slot] if slot < len(layers) else None
+    layer = cache.layers[slot] if slot < len(cache.layers) else None
     check_layer(layer, where, slot)
     if not tasks.routed and not isinstance(layer, RoutedCacheLayer):
         return block._block(*args, **kwargs)  # tasks dense here cache every token, as the dense model does
-    layer = routed_storage(cache, slot, hidden.shape[0], hidden.device)
-    if layer is not None and layer.get_seq_length() > 0:
-        return extend(block, tasks, name, slot, args, kwargs, records)
+    layer = routed_storage(cache, slot, hidden.shape[0], hidden.device, where)
+    if isinstance(layer, RoutedCacheLayer) and layer.get_seq_length() > 0:
+        return extend(block, tasks, layer, args, kwargs, records)
     state = block._state
     if state.route_mask is None and state.decoding == "all" and not state.warned_causal_decoding:
         state.warned_causal_decoding = True
@@ -100,6 +114,18 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
             stacklevel=1,
         )
     return prefill(block, tasks, name, slot, args, kwargs, records)
+
+
+def cache_layer(block, cache):
+    """The cache layer of ``block`` (None while a ``DynamicCache`` has not created it)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        raise RoutingInputError(
+            f"{block.plan.path}: a routed block caches keys and values through a transformers Cache with per-layer "
+            f"storage (transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
+        )
+    slot = cache_slot(block)
+    return layers[slot] if slot < len(layers) else None
 
 
 class RowTasks:
@@ -162,7 +188,7 @@ class RowTasks:
 
 # Per routed block, read once: what a decode step would otherwise look up on every call of every routed layer.
 _SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MASK_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cache_slot(block) -> int:
@@ -179,33 +205,43 @@ def cache_slot(block) -> int:
 
 
 def check_layer(layer, where: str, slot: int) -> None:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
-    if layer is not None and type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) and not isinstance(layer, RoutedCacheLayer):
+    if layer is not None and type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer) and not isinstance(layer, RoutedCacheLayer):
         raise RoutingInputError(
             f"{where}: its cache layer {slot} is a {type(layer).__name__}; a routed block keeps its selected tokens "
-            "in a DynamicCache layer (a static or quantised layer places or stores keys by the model's positions, "
-            "not the block's). Generate with the default DynamicCache, or use use_cache=False."
+            "in a DynamicCache layer or a StaticCache's full-attention layer (a quantised or static sliding-window "
+            "layer places or stores keys by the model's positions, not the block's). Generate with DynamicCache or "
+            "StaticCache, or use use_cache=False."
         )
 
 
-def routed_storage(cache, slot: int, batch: int, device: torch.device):
+def routed_storage(cache, slot: int, batch: int, device: torch.device, where: str):
     """The cache layer at ``slot`` as a routed block's (keys it ran on, with their positions), made so if it is not.
 
-    A layer created on first use is left to the block's first call. A
-    sliding-window layer would keep the last keys the block cached, not the
-    keys of the window's positions: it becomes a layer that keeps every key
-    and hides those outside the window (see :func:`layer_mask`), dropping
-    them once no later query can see them. A layer a dense task filled holds
-    every token of the sequence (a sliding one, the last of them).
+    A layer created on first use, or an empty one, is left to the block's
+    first call. A sliding-window layer would keep the last keys the block
+    cached, not the keys of the window's positions: it becomes a layer that
+    keeps every key and hides those outside the window (see
+    :func:`layer_mask`), dropping them once no later query can see them. A
+    layer a dense task filled holds every token of the sequence (a sliding
+    one, the last of them).
     """
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, StaticLayer
 
     layer = cache.layers[slot] if slot < len(cache.layers) else None
     if layer is None or isinstance(layer, RoutedCacheLayer):
         return layer
+    seen = int(layer.get_seq_length())
+    if isinstance(layer, StaticLayer):
+        if seen:
+            raise RoutingInputError(
+                f"{where}: its static cache layer {slot} holds {seen} tokens of a task dense at this block; a routed "
+                "task's tokens cannot follow them there (the routed layer's slots are sized by its prompt). Generate "
+                "each task from its own prompt, or use a DynamicCache."
+            )
+        return layer
     window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-    seen = layer.get_seq_length()
     if window is not None or seen > 0:
         kept = layer.keys.shape[-2] if seen else 0
         routed = routed_layer_class(DynamicLayer)()
@@ -223,6 +259,10 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     """The routed call of ``passes/rewrite.py``, with the block run eagerly on the selected tokens and the cache."""
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
+    layer = cache.layers[slot] if slot < len(cache.layers) else None
+    if is_static(type(layer)):
+        # The model's mask spans the static cache's length from position 0: the prompt's keys are its first columns.
+        args, kwargs = with_mask(block, args, kwargs, lambda mask: mask[..., :tokens] if isinstance(mask, torch.Tensor) else mask)
     uncached = {key: value for key, value in kwargs.items() if key != name}
     if "use_cache" in uncached:
         uncached["use_cache"] = False  # the structure the uncached forward prepared
@@ -259,6 +299,9 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     if extra is not None and mask is not None:
         gathered[mask_leaf] = routing.hide_extra_slots(gathered[mask_leaf], extra, token_axes[mask_leaf])
     call_args, call_kwargs = _structure.replace((args, kwargs), list(gathered))
+    if is_static(type(layer)):
+        reserve_slots(layer, k, tokens, where)  # before the block's first write allocates them
+        call_args, call_kwargs = with_mask(block, call_args, call_kwargs, lambda mask: over_slots(mask, k, layer.slots, hidden.device))
     output = block._block(*call_args, **call_kwargs)
     selected = gathered[0]
     weight = tasks.gate_weights(tasks.logits_of(selected))  # recomputed from the selected rows, as the routed graph does
@@ -283,19 +326,19 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     return with_first_output(output, new_hidden)
 
 
-def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: dict, records: list):
+def extend(block, tasks: RowTasks, layer, args: tuple, kwargs: dict, records: list):
     """A call after the prompt: its tokens run the block over the layer's cached keys, gated on routed rows.
 
     Every token runs it, unless the model decodes by router (:data:`DECODING`):
     then a token of a routed row whose router logit is not positive skips the
     layer as a skipped prompt token does, and its key, cached only because
     another token of the call runs the block, is hidden from every later
-    query. A call whose tokens all skip does not run the block.
+    query. A call whose tokens all skip does not run the block (in eager mode:
+    compiled, that would be a branch on data, and the block runs with every
+    key of the call hidden).
     """
-    cache, hidden, where = kwargs[name], args[0], block.plan.path
+    hidden, where = args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
-    layer = cache.layers[slot]
-    seen = layer.tokens_seen
     skipped = None
     if block._state.decoding == "router" and tasks.routed:
         skipped = (tasks.logits <= 0) & ~tasks.dense[:, None]
@@ -303,38 +346,48 @@ def extend(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: di
     every = torch.arange(tokens, device=hidden.device).expand(batch, -1)
     # Recorded as outside a route mask, which generated tokens are: aux_loss leaves them out.
     outside = torch.zeros((batch, tokens), dtype=torch.bool, device=hidden.device)
-    if skipped is not None and bool(skipped.all()) and not layer.block_returns_tuple:
+    if (skipped is not None and not layer.block_returns_tuple and not torch.compiler.is_compiling()
+            and bool(skipped.all())):
         tasks.record(records, every, outside, None, skipped)
-        layer.tokens_seen = seen + tokens
+        layer.advance(tokens)
         return base
-    new = torch.arange(seen, seen + tokens, device=hidden.device).expand(batch, -1)
-    keys = torch.cat([layer.token_positions.expand(batch, -1), new if skipped is None else hide(new, skipped)], dim=1)
-    call = mask_argument(block, args, kwargs)
-    call.arguments["attention_mask"] = layer_mask(call.arguments.get("attention_mask"), keys, new, seen + tokens, hidden.dtype, where)
-    output = block._block(*call.args, **call.kwargs)
+    new = (layer.tokens_seen + torch.arange(tokens, device=hidden.device)).expand(batch, -1)
+    keys = layer.add_positions(new if skipped is None else hide(new, skipped))
+
+    def routed_layer_mask(mask):
+        first = layer.first_mask_position(tokens, mask.shape[-1]) if isinstance(mask, torch.Tensor) else 0
+        return layer_mask(mask, keys, new, first, hidden.dtype, where)
+
+    call_args, call_kwargs = with_mask(block, args, kwargs, routed_layer_mask)
+    output = block._block(*call_args, **call_kwargs)
     layer.block_returns_tuple = isinstance(output, tuple)
     new_hidden = first_output(output)
     if tasks.routed:
-        new_hidden = routing.scatter_update(base, every, hidden, new_hidden, tasks.gate_weights(tasks.logits), None,
-                                            None if skipped is None else base, skipped)
+        # Every token of the call ran the block: the routed scatter over all of them is this update in place.
+        new_hidden = routing.gated_update(hidden, new_hidden, tasks.gate_weights(tasks.logits)).to(hidden.dtype)
+        if skipped is not None:
+            new_hidden = torch.where(skipped.unsqueeze(-1), base, new_hidden)
         tasks.record(records, every, outside, None, skipped)
-    layer.token_positions, layer.tokens_seen = keys, seen + tokens
-    check_in_step(layer, where)
+    layer.advance(tokens)
+    layer.check_in_step(where)
     layer.drop_keys_outside_the_window()
     return with_first_output(output, new_hidden)
 
 
-def mask_argument(block, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """The call bound to the block's parameters, so that its ``attention_mask`` can be replaced however it was passed."""
-    if block not in _SIGNATURES:
-        _SIGNATURES[block] = inspect.signature(block._block.forward)
-    signature = _SIGNATURES[block]
-    if "attention_mask" not in signature.parameters:
-        raise RoutingInputError(
-            f"{block.plan.path}: a routed layer attends to its own cached keys through an attention_mask argument, "
-            "which this block does not take. Call the model with use_cache=False."
-        )
-    return signature.bind_partial(*args, **kwargs)
+def with_mask(block, args: tuple, kwargs: dict, change) -> tuple[tuple, dict]:
+    """The block's call with its ``attention_mask`` (None where not given) replaced by ``change(mask)``."""
+    if block not in _MASK_POSITIONS:
+        parameters = list(inspect.signature(block._block.forward).parameters)
+        if "attention_mask" not in parameters:
+            raise RoutingInputError(
+                f"{block.plan.path}: a routed layer attends to its own cached keys through an attention_mask argument, "
+                "which this block does not take. Call the model with use_cache=False."
+            )
+        _MASK_POSITIONS[block] = parameters.index("attention_mask")
+    at = _MASK_POSITIONS[block]
+    if at < len(args):
+        return (*args[:at], change(args[at]), *args[at + 1:]), kwargs
+    return args, {**kwargs, "attention_mask": change(kwargs.get("attention_mask"))}
 
 
 def hide(positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -348,33 +401,33 @@ def sequence_positions(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(positions >= 0, positions, -1 - positions)
 
 
-def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, total: int, dtype: torch.dtype, where: str):
+def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int | torch.Tensor, dtype: torch.dtype, where: str):
     """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; a negative one
     marks a slot never attended (:func:`hide`).
 
-    The model's ``(B | 1, H | 1, q, n)`` mask spans the last ``n`` of the
-    ``total`` tokens so far (all of them, or a sliding window's): its columns
-    are read at the keys' positions, and older keys are hidden. Without one
-    (SDPA's causal shortcut, every key in reach) the mask is causal over
-    positions, additive so that any attention implementation takes it.
+    The model's ``(B | 1, H | 1, q, m)`` mask spans ``m`` positions from
+    ``first`` (the last of the tokens so far, all of them or a sliding
+    window's; a static cache's from 0): its columns are read at the keys'
+    positions, and older keys are hidden. Without one (SDPA's causal shortcut,
+    every key in reach) the mask is causal over positions, additive so that
+    any attention implementation takes it.
     """
     valid = keys >= 0
     if mask is None:
-        if queries.shape[1] == 1 and bool(valid.all()):
+        if queries.shape[1] == 1 and not torch.compiler.is_compiling() and bool(valid.all()):
             return None  # one new token sees every cached one
         allowed = (keys.unsqueeze(1) <= queries.unsqueeze(2)) & valid.unsqueeze(1)
         return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] > total:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or (isinstance(first, int) and first < 0):
         got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
         raise RoutingInputError(
             f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask over the last of the "
-            f"{total} tokens so far, got {got}. Use an attention implementation with such masks (sdpa or eager), or "
+            f"tokens so far, got {got}. Use an attention implementation with such masks (sdpa or eager), or "
             "use_cache=False."
         )
-    offset = total - mask.shape[-1]
-    valid = valid & (keys >= offset)
+    valid = valid & (keys >= first)
     mask = mask.expand(keys.shape[0], *mask.shape[1:])
-    columns = (keys - offset).clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+    columns = (keys - first).clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
     picked = torch.take_along_dim(mask, columns, dim=3)
     hidden = ~valid[:, None, None, :]
     if picked.dtype == torch.bool:
@@ -393,106 +446,234 @@ def with_first_output(output, hidden: torch.Tensor):
 # -- the cache layer of a routed block ------------------------------------------------------------
 
 
-class RoutedCacheLayer:
-    """Marker base of the cache layers :func:`routed_cache_layer` makes (one class per transformers layer class)."""
+class RoutedCacheLayer(abc.ABC):
+    """Base of a routed block's cache layers: a transformers layer class with keys only for the tokens the block ran on.
+
+    :func:`routed_layer_class` mixes :class:`GrowingKeys` into a
+    ``DynamicLayer`` and :class:`StaticSlots` into a ``StaticLayer``; what
+    follows is common to both.
+    """
+
+    # An ABC, as transformers' layers are: only then does a layer object take the routed class's layout (__class__).
 
     #: ``(B, n)``: the sequence position of each cached key; ``-1 - position`` for a slot no query may attend (:func:`hide`).
     token_positions: torch.Tensor
     #: How many tokens of the sequence this layer has been called on (cached or not).
-    tokens_seen: int
+    tokens_seen: int | torch.Tensor
     #: How many of them its first call (the routed prompt) had.
     prompt_length: int
     #: Whether the block returns a tuple (then it runs even when every token skips it, to give its other outputs).
     block_returns_tuple: bool = True
     #: The block's attention window, for a layer that replaced a sliding-window one (see :func:`routed_storage`).
     sliding_window: int | None = None
+    #: The transformers layer class this one extends (a reset makes the layer one of those again).
+    made_from: type
+
+    def get_seq_length(self):
+        # The sequence's length, as a dense layer reports it: Hugging Face models count new tokens' positions
+        # (layer 0) and size the attention mask (the first full-attention layer) by it.
+        return self.tokens_seen
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.sliding_window is not None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.token_positions = self.token_positions.index_select(0, beam_idx.to(self.token_positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.token_positions = self.token_positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.token_positions = self.token_positions[indices]
+
+    def length_after_crop(self, tokens_to_remove: int) -> int | None:
+        """The sequence length a crop keeps (None: nothing to remove); a crop into the prompt is refused."""
+        # A negative count removes that many tokens from the end of the sequence; a positive one
+        # (transformers < 5.18) is the sequence length to keep.
+        seen = int(self.tokens_seen)
+        cut = tokens_to_remove if tokens_to_remove > 0 else seen + tokens_to_remove
+        if cut >= seen:
+            return None
+        if cut < self.prompt_length:
+            raise RoutingInputError(
+                f"cropping the sequence to {cut} tokens would cut into the prompt ({self.prompt_length} tokens), "
+                "of which a routed layer cached only the tokens it selected. Crop only generated tokens. Assisted "
+                "decoding cannot work this way: it verifies its first candidates in one call with the prompt, which "
+                "routes them as prompt tokens; generate without assistant_model, or with use_cache=False."
+            )
+        return cut
+
+    def reset(self) -> None:
+        super().reset()
+        self.__class__ = self.made_from
+        for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple", "sliding_window"):
+            self.__dict__.pop(name, None)
+
+    def check_in_step(self, where: str) -> None:
+        if tuple(self.token_positions.shape) != (self.keys.shape[0], self.keys.shape[-2]):
+            raise RoutingInputError(
+                f"{where}: its cache layer holds {tuple(self.keys.shape[::2])} (batch, keys), but modpass tracked "
+                f"{tuple(self.token_positions.shape)}: something changed the layer outside its block and the cache's "
+                "own methods. Start from a fresh cache."
+            )
+
+
+class GrowingKeys(RoutedCacheLayer):
+    """A routed ``DynamicLayer``: each call appends the keys of the tokens that ran the block."""
+
+    tokens_seen: int
+
+    def start(self, positions: torch.Tensor, seen: int) -> None:
+        self.token_positions, self.tokens_seen = positions, seen
+
+    def add_positions(self, new: torch.Tensor) -> torch.Tensor:
+        """The positions of every key once the block has cached ``new`` ``(B, q)``."""
+        self.token_positions = torch.cat([self.token_positions.expand(new.shape[0], -1), new], dim=1)
+        return self.token_positions
+
+    def advance(self, tokens: int) -> None:
+        self.tokens_seen += tokens
+
+    def first_mask_position(self, tokens: int, columns: int) -> int:
+        """The sequence position of the first of the model's ``columns`` mask columns, in a call of ``tokens``."""
+        return self.tokens_seen + tokens - columns
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The model's mask spans the window (a sliding-window layer's sizes, by the sequence's length) or every token."""
+        if self.sliding_window is None:
+            return self.tokens_seen + query_length, 0
+        return min(self.tokens_seen, self.sliding_window - 1) + query_length, max(self.tokens_seen - self.sliding_window + 1, 0)
+
+    def drop_keys_outside_the_window(self) -> None:
+        if self.sliding_window is None:
+            return
+        gone = self.token_positions < self.tokens_seen - self.sliding_window + 1  # hidden slots included
+        count = int(gone.long().cumprod(dim=1).sum(dim=1).min())  # in every row at once: the cache stays rectangular
+        if count:
+            self.keys, self.values = self.keys[..., count:, :], self.values[..., count:, :]
+            self.token_positions = self.token_positions[:, count:]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        cut = self.length_after_crop(tokens_to_remove)
+        if cut is None:
+            return
+        # Past the prompt a routed layer caches the tokens of each call that ran it, one key per position and
+        # row, in order (a call whose tokens all skipped it, decoding by router, cached none).
+        count = int((sequence_positions(self.token_positions[0]) >= cut).sum())
+        if count:
+            super().crop(-count)
+            self.token_positions = self.token_positions[:, :-count]
+        self.tokens_seen = cut
+
+
+class StaticSlots(RoutedCacheLayer):
+    """A routed ``StaticLayer``: fixed slots, the prompt's kept tokens first, then one per generated token.
+
+    Every attribute that changes while decoding is a tensor updated in place
+    (``tokens_seen``, ``token_positions``, and the layer's own
+    ``cumulative_length``, the slots filled), so a compiled decoding step
+    neither guards on nor recompiles for the step's number, and CUDA graphs
+    keep their addresses. ``max_cache_len`` stays the dense layer's: the
+    model's mask spans that many positions, from 0.
+    """
+
+    tokens_seen: torch.Tensor
+    #: How many keys the layer holds room for (:func:`reserve_slots`).
+    slots: int
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        full, self.max_cache_len = self.max_cache_len, self.slots  # transformers allocates max_cache_len keys
+        try:
+            super().lazy_initialization(key_states, value_states)
+        finally:
+            self.max_cache_len = full
+
+    def start(self, positions: torch.Tensor, seen: int) -> None:
+        unfilled = torch.full((positions.shape[0], self.slots), -1 - self.max_cache_len, device=positions.device)
+        self.token_positions = unfilled.index_copy(1, torch.arange(positions.shape[1], device=positions.device), positions)
+        self.tokens_seen = torch.tensor(seen, device=positions.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.token_positions)
+            torch._dynamo.mark_static_address(self.tokens_seen)
+
+    def add_positions(self, new: torch.Tensor) -> torch.Tensor:
+        """The positions of every slot once the block has cached ``new`` ``(B, q)`` in the next free slots."""
+        filled = self.cumulative_length + torch.arange(new.shape[1], device=new.device)
+        self.token_positions.index_copy_(1, filled, new)
+        return self.token_positions
+
+    def advance(self, tokens: int) -> None:
+        self.tokens_seen.add_(tokens)
+
+    def first_mask_position(self, tokens: int, columns: int) -> int:
+        return 0
+
+    def drop_keys_outside_the_window(self) -> None:
+        """Nothing to drop: static sliding-window layers are refused (:func:`check_layer`)."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        cut = self.length_after_crop(tokens_to_remove)
+        if cut is None:
+            return
+        filled = int(self.cumulative_length)
+        count = int((sequence_positions(self.token_positions[0, :filled]) >= cut).sum())
+        self.token_positions[:, filled - count:filled] = -1 - self.max_cache_len
+        self.cumulative_length.sub_(count)  # the next keys overwrite the cropped ones
+        self.tokens_seen.fill_(cut)
+
+    def reset(self) -> None:
+        # Back to a dense layer of the model's size, allocated again on first use.
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.__dict__.pop("slots", None)
+        super().reset()
+
+
+def reserve_slots(layer, kept: int, tokens: int, where: str) -> None:
+    """Make an empty ``StaticLayer`` a routed one with room for ``kept`` prompt tokens and the rest of its length."""
+    if layer.is_initialized:  # early_initialization allocated the dense size
+        layer.keys = layer.values = None
+        layer.is_initialized = False
+    layer.__class__ = routed_layer_class(type(layer))
+    layer.slots = kept + layer.max_cache_len - tokens
+    if layer.slots <= kept:
+        raise RoutingInputError(
+            f"{where}: the static cache holds {layer.max_cache_len} tokens, and the prompt has {tokens}: no room for a "
+            "generated one. Give StaticCache a larger max_cache_len."
+        )
+
+
+def over_slots(mask, kept: int, slots: int, device: torch.device) -> torch.Tensor:
+    """The prompt's ``(B | 1, H | 1, k, k)`` mask over its kept tokens (None: causal) extended over a static layer's
+    ``slots``, the unfilled ones hidden (its keys, the block's attention reads all of them)."""
+    if mask is None:
+        mask = torch.ones(kept, kept, dtype=torch.bool, device=device).tril()[None, None]
+    hidden = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return torch.cat([mask, mask.new_full((*mask.shape[:-1], slots - kept), hidden)], dim=-1)
 
 
 def routed_cache_layer(layer, positions: torch.Tensor, seen: int, where: str) -> None:
-    """Make ``layer`` (a ``DynamicLayer``) a routed block's: it keeps ``positions`` beside its keys and values."""
+    """Make ``layer`` a routed block's: it keeps ``positions`` beside its keys and values."""
     if not isinstance(layer, RoutedCacheLayer):
         layer.__class__ = routed_layer_class(type(layer))
-    layer.token_positions, layer.tokens_seen, layer.prompt_length = positions, seen, seen
-    check_in_step(layer, where)
-
-
-def check_in_step(layer, where: str) -> None:
-    if tuple(layer.token_positions.shape) != (layer.keys.shape[0], layer.keys.shape[-2]):
-        raise RoutingInputError(
-            f"{where}: its cache layer holds {tuple(layer.keys.shape[::2])} (batch, keys), but modpass tracked "
-            f"{tuple(layer.token_positions.shape)}: something changed the layer outside its block and the cache's "
-            "own methods. Start from a fresh cache."
-        )
+    layer.start(positions, seen)
+    layer.prompt_length = seen
+    layer.check_in_step(where)
 
 
 @functools.cache
 def routed_layer_class(base: type) -> type:
-    """``base`` whose batch and length operations (beam search, assisted decoding) apply to the key positions too."""
+    """``base`` (a transformers cache layer class) keeping the positions of its keys, through every batch and length
+    operation (beam search, crops)."""
+    mixin = StaticSlots if is_static(base) else GrowingKeys
+    return type(f"Routed{base.__name__}", (mixin, base), {"__module__": __name__, "made_from": base})
 
-    class Routed(base, RoutedCacheLayer):
-        def get_seq_length(self) -> int:
-            # The sequence's length, as a dense layer reports it: Hugging Face models count new tokens' positions
-            # (layer 0) and size the attention mask (the first full-attention layer) by it.
-            return self.tokens_seen
 
-        @property
-        def is_sliding(self) -> bool:
-            return self.sliding_window is not None
+def is_static(layer_class: type) -> bool:
+    from transformers.cache_utils import StaticLayer
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            """The model's mask spans the window (a sliding-window layer's sizes, by the sequence's length) or every token."""
-            if self.sliding_window is None:
-                return self.tokens_seen + query_length, 0
-            return min(self.tokens_seen, self.sliding_window - 1) + query_length, max(self.tokens_seen - self.sliding_window + 1, 0)
-
-        def drop_keys_outside_the_window(self) -> None:
-            """Drop the leading keys that no later query's window reaches (in every row: the cache stays rectangular)."""
-            if self.sliding_window is None:
-                return
-            gone = self.token_positions < self.tokens_seen - self.sliding_window + 1  # hidden slots included
-            count = int(gone.long().cumprod(dim=1).sum(dim=1).min())
-            if count:
-                self.keys, self.values = self.keys[..., count:, :], self.values[..., count:, :]
-                self.token_positions = self.token_positions[:, count:]
-
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            super().reorder_cache(beam_idx)
-            self.token_positions = self.token_positions.index_select(0, beam_idx.to(self.token_positions.device))
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            super().batch_repeat_interleave(repeats)
-            self.token_positions = self.token_positions.repeat_interleave(repeats, dim=0)
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            super().batch_select_indices(indices)
-            self.token_positions = self.token_positions[indices]
-
-        def crop(self, tokens_to_remove: int) -> None:
-            # A negative count removes that many tokens from the end of the sequence; a positive one
-            # (transformers < 5.18) is the sequence length to keep.
-            cut = tokens_to_remove if tokens_to_remove > 0 else self.tokens_seen + tokens_to_remove
-            if cut >= self.tokens_seen:
-                return
-            if cut < self.prompt_length:
-                raise RoutingInputError(
-                    f"cropping the sequence to {cut} tokens would cut into the prompt ({self.prompt_length} tokens), "
-                    "of which a routed layer cached only the tokens it selected. Crop only generated tokens. Assisted "
-                    "decoding cannot work this way: it verifies its first candidates in one call with the prompt, which "
-                    "routes them as prompt tokens; generate without assistant_model, or with use_cache=False."
-                )
-            # Past the prompt a routed layer caches the tokens of each call that ran it, one key per position and
-            # row, in order (a call whose tokens all skipped it, decoding by router, cached none).
-            count = int((sequence_positions(self.token_positions[0]) >= cut).sum())
-            if count:
-                super().crop(-count)
-                self.token_positions = self.token_positions[:, :-count]
-            self.tokens_seen = cut
-
-        def reset(self) -> None:
-            super().reset()
-            self.__class__ = base
-            for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple", "sliding_window"):
-                self.__dict__.pop(name, None)
-
-    Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"
-    return Routed
+    return issubclass(layer_class, StaticLayer)

@@ -271,6 +271,11 @@ def gate_weights(logits_selected: torch.Tensor, gate: str) -> torch.Tensor:
     return w.unsqueeze(-1)
 
 
+def gated_update(hidden: torch.Tensor, block_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x + w * (block(x) - x)``: the block's update of tokens it ran on, weighted by their gate ``w``."""
+    return hidden + weight.to(hidden.dtype) * (block_output - hidden)
+
+
 def scatter_update(
     hidden: torch.Tensor,
     index: torch.Tensor,
@@ -302,8 +307,7 @@ def scatter_update(
     ``hidden_selected`` unless ``hidden`` was reweighted after the gather
     (STRing), so only then does the caller gather it.
     """
-    update = hidden_selected + weight.to(hidden_selected.dtype) * (block_output - hidden_selected)
-    update = update.to(hidden.dtype)
+    update = gated_update(hidden_selected, block_output, weight).to(hidden.dtype)
     rows = batch_rows(index)
     kept_slots = padding[rows, index] if padding is not None else None
     if extra is not None:

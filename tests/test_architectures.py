@@ -7,6 +7,7 @@ the dense model (sliding windows, soft-capping, parallel attention and MLP, spar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -152,16 +153,25 @@ def test_routed_causal_lm_equals_dense_at_full_capacity_and_on_the_selected_pref
     assert not torch.allclose(got[:, 7:], want[:, 7:], atol=1e-3), "the other tokens skipped the blocks"
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("name", CASES)
-def test_routed_causal_lm_decodes_with_a_kv_cache_as_the_uncached_model(name):
+def test_routed_causal_lm_decodes_with_a_kv_cache_as_the_uncached_model(name, cache):
     torch.manual_seed(0)
     routed = with_random_routers(modpass.transform(ALL_ARCHITECTURES[name](), 0.5))
     prompt = torch.randint(3, 60, (2, 11))  # longer than the sliding windows (8) of Mistral, Gemma 2 and 3, GPT-OSS
     padding = torch.ones_like(prompt)
     padding[1, :3] = 0
-    with torch.no_grad(), warnings.catch_warnings():
+    refusal = None
+    if cache == "static":
+        from transformers import StaticCache
+
+        cache = StaticCache(config=routed.config, max_cache_len=16)
+        routed_slots = [modpass.kv_cache.cache_slot(block) for block in modpass.routed_blocks(routed).values()]
+        sliding = [type(cache.layers[slot]).__name__ for slot in routed_slots if "Sliding" in type(cache.layers[slot]).__name__]
+        refusal = pytest.raises(modpass.RoutingInputError, match=sliding[0]) if sliding else None
+    with torch.no_grad(), warnings.catch_warnings(), refusal or contextlib.nullcontext():
         warnings.simplefilter("ignore", UserWarning)  # the cached generation's "not causal" note
-        decode_and_compare(routed, prompt, padding, steps=2)
+        decode_and_compare(routed, prompt, padding, steps=2, cache=None if cache == "dynamic" else cache)
 
 
 @pytest.mark.skipif(not os.environ.get("MODPASS_ARCHITECTURE_COMPILE"), reason="about 3 minutes on 2 cores: set MODPASS_ARCHITECTURE_COMPILE=1")

@@ -53,6 +53,26 @@ def test_cached_generation_on_cuda_decodes_as_the_uncached_model():
         decode_and_compare(sliding, prompt, padding, steps=4)
 
 
+@pytest.mark.filterwarnings("ignore:modpass. cached generation")
+def test_static_cache_decoding_compiles_with_cuda_graphs_on_cuda():
+    """Hugging Face's compiled decoding as it runs on a GPU by default: a StaticCache, the decode call compiled with
+    mode="reduce-overhead" (CUDA graphs), which needs a routed layer's in-place updates at fixed addresses."""
+    from tests.test_kv_cache import cache_name, decode_and_compare, static_cache, with_random_routers
+
+    routed = with_random_routers(modpass.transform(models.llama(), 0.5)).cuda()
+    prompt = torch.randint(1, 97, (2, 13), device="cuda")
+    padding = torch.ones_like(prompt)
+    padding[1, :3] = 0
+    greedy = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0, attention_mask=padding)
+    with torch.no_grad():
+        decode_and_compare(routed, prompt, padding, steps=4, cache=static_cache(routed, 24))
+        eager = routed.generate(prompt, **greedy)
+        torch._dynamo.reset()
+        for _ in range(2):  # the second generation replays the recorded graphs
+            compiled = routed.generate(prompt, **{cache_name(): static_cache(routed, 24)}, **greedy)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_backend_emits_triton_kernels_for_routed_blocks():
     from torch._inductor.utils import run_and_get_code
 

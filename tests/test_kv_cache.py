@@ -14,7 +14,7 @@ import torch
 
 import modpass
 from tests import models
-from tests.test_backend import dynamo_compiles_transformers, needs_hf_dynamo  # noqa: F401 (the marker reads it)
+from tests.test_backend import compiled_graphs, dynamo_compiles_transformers, needs_hf_dynamo  # noqa: F401 (the marker reads it)
 
 pytest.importorskip("transformers")
 
@@ -56,13 +56,19 @@ def uncached_logits(routed, sequence, prompt_route_mask, attention_mask=None, **
     return last_states(routed(input_ids=sequence, attention_mask=attention_mask, route_mask=route_mask, **call))
 
 
-def decode_and_compare(routed, prompt, attention_mask=None, route_mask=None, steps=3, chunk=1, **call):
-    """Prefill with a cache, then feed ``steps`` chunks of ``chunk`` tokens; each call's logits against the uncached model."""
+def decode_and_compare(routed, prompt, attention_mask=None, route_mask=None, steps=3, chunk=1, cache=None, **call):
+    """Prefill with a cache (``cache``, or the model's DynamicCache), then feed ``steps`` chunks of ``chunk`` tokens;
+    each call's logits against the uncached model."""
     prompt_route_mask = torch.ones_like(prompt, dtype=torch.bool) if route_mask is None else route_mask
     given = {} if route_mask is None else {"route_mask": route_mask}
+    if cache is not None:
+        call[cache_name()] = cache
     output = routed(input_ids=prompt, attention_mask=attention_mask, use_cache=True, **given, **call)
-    cache = cache_of(output)
-    torch.testing.assert_close(last_states(output), uncached_logits(routed, prompt, prompt_route_mask, attention_mask, **call), rtol=0, atol=1e-5)
+    cache = call.pop(cache_name(), None) or cache_of(output)
+    want = uncached_logits(routed, prompt, prompt_route_mask, attention_mask, **call)
+    # Not at padding: a padding query sees no key, and what attention makes of that depends on the cache's length.
+    real = slice(None) if attention_mask is None else attention_mask.bool()
+    torch.testing.assert_close(last_states(output)[real], want[real], rtol=0, atol=1e-5)
     sequence = prompt
     for _ in range(steps):
         new = torch.randint(1, 97, (prompt.shape[0], chunk), device=prompt.device)
@@ -202,10 +208,11 @@ def test_cached_generation_refuses_what_it_cannot_route():
         gemma = modpass.transform(models.gemma2(), {"t2i": 0.25, "mmu": 0.5})
         with pytest.raises(modpass.RoutingInputError, match="keep different numbers of tokens"):
             gemma(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
-        from transformers import StaticCache
-
-        with pytest.raises(modpass.RoutingInputError, match="StaticLayer"):
-            routed(input_ids=prompt, use_cache=True, **{cache_name(): StaticCache(config=routed.config, max_cache_len=32)})
+        with pytest.raises(modpass.RoutingInputError, match="StaticSlidingWindowLayer"):
+            gemma_all = modpass.transform(models.gemma2(), 0.5, layers="all")
+            gemma_all(input_ids=prompt, use_cache=True, **{cache_name(): static_cache(gemma_all, 16)})
+        with pytest.raises(modpass.RoutingInputError, match="no room for a generated one"):
+            routed(input_ids=prompt, use_cache=True, **{cache_name(): static_cache(routed, 9)})
 
 
 def test_every_layer_routed_the_model_still_reads_the_sequence_length_from_its_cache():
@@ -233,6 +240,95 @@ def test_sliding_window_layers_keep_the_keys_of_their_window():
     assert sliding.is_sliding and not full.is_sliding and full.keys.shape[-2] == 7 + 6
     # Keys no query can reach any more are dropped, in every row at once; a row may keep one the window has left.
     assert sliding.keys.shape[-2] <= 8 and (sliding.token_positions[:, 1:] >= 19 - 8 + 1).all()
+
+
+def static_cache(model, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_static_cache_decodes_as_the_dynamic_one_in_fewer_slots(attn_implementation):
+    """A StaticCache's routed layer holds the prompt's kept tokens, then room for as many tokens as the dense layer's."""
+    routed = routed_llama({"t2i": 0.25, "mmu": [1.0, 1.0, 1.0, 0.5]}, attn_implementation=attn_implementation)
+    prompt = torch.randint(1, 97, (3, 11))
+    padding = torch.ones_like(prompt)
+    padding[2, :4] = 0
+    with torch.no_grad():
+        t2i = decode_and_compare(routed, prompt, padding, chunk=2, cache=static_cache(routed, 24), task="t2i")
+    # Dense layers keep 24 keys, routed ones 3 of the prompt's 11 and room for the 13 tokens that may follow.
+    assert [layer.keys.shape[-2] for layer in t2i.layers] == [24, 3 + 13, 24, 3 + 13]
+    positions = t2i.layers[3].token_positions
+    assert (positions[:, 3:9] == torch.arange(11, 17)).all() and (positions[:, 9:] < 0).all(), "then 6 generated, then free"
+    assert int(t2i.get_seq_length()) == 17
+    if attn_implementation == "eager":
+        return  # attention written out by hand cannot hide the spare slots of rows that keep fewer tokens
+    is_image = torch.zeros_like(prompt, dtype=torch.bool)
+    is_image[:, 3:9] = True
+    is_image[1, 3:6] = False
+    with torch.no_grad():
+        mixed = decode_and_compare(routed, prompt, padding, cache=static_cache(routed, 24), task=["t2i", "mmu", "mmu"])
+        decode_and_compare(routed, prompt, route_mask=is_image, cache=static_cache(routed, 24), task="mmu")
+    # Block 1 keeps all 11 of mmu's tokens (dense there), block 3 up to 6 per row.
+    assert [layer.keys.shape[-2] for layer in mixed.layers] == [24, 11 + 13, 24, 6 + 13]
+
+
+@pytest.mark.skipif(not hasattr(__import__("transformers.cache_utils").cache_utils.StaticLayer, "crop"),
+                    reason="transformers before 5.18 cannot crop a StaticCache")
+def test_a_static_layer_crops_generated_tokens_and_a_reset_makes_it_dense_again():
+    from transformers.cache_utils import StaticLayer
+
+    routed = routed_llama()
+    prompt, generated = torch.randint(1, 97, (2, 9)), torch.randint(1, 97, (2, 4))
+    cache = static_cache(routed, 16)
+    with torch.no_grad():
+        routed(input_ids=prompt, use_cache=True, **{cache_name(): cache})
+        for step in range(3):
+            routed(input_ids=generated[:, step:step + 1], use_cache=True, **{cache_name(): cache})
+        cache.crop(-2)
+        assert int(cache.get_seq_length()) == 10 and int(cache.layers[1].cumulative_length) == 5 + 1
+        output = routed(input_ids=generated[:, 3:], use_cache=True, **{cache_name(): cache})
+        sequence = torch.cat([prompt, generated[:, :1], generated[:, 3:]], dim=1)
+        want = uncached_logits(routed, sequence, torch.ones_like(prompt, dtype=torch.bool))[:, -1:]
+        torch.testing.assert_close(output.logits, want, rtol=0, atol=1e-5)
+        with pytest.raises(modpass.RoutingInputError, match="into the prompt"):
+            cache.crop(-3)
+        cache.reset()
+        assert type(cache.layers[1]) is StaticLayer and not cache.layers[1].is_initialized
+        decode_and_compare(routed, prompt[:, :7], cache=cache)  # a new, shorter prompt in the same cache
+
+
+@needs_hf_dynamo
+@pytest.mark.filterwarnings("ignore:modpass. cached generation")
+@pytest.mark.parametrize("decoding", ["all", "router"])
+def test_static_cache_decoding_compiles_to_one_graph_and_matches_eager(decoding):
+    """Hugging Face's compiled decoding (a StaticCache, fullgraph=True): the routed layers trace into the model's graph.
+
+    Decoding by router, eager mode skips a call that every row skips; compiled, it runs the block with their keys hidden.
+    """
+    from transformers import CompileConfig
+
+    routed = modpass.set_decoding(routed_llama(), decoding)
+    prompt = torch.randint(1, 97, (2, 10))
+    padding = torch.ones_like(prompt)
+    padding[1, :3] = 0
+    greedy = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0, attention_mask=padding)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles decoding by default on accelerators only
+    cache = static_cache(routed, 16)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # transform's traced runs count too
+    with torch.no_grad():
+        eager = routed.generate(prompt, **greedy)
+        compiled = routed.generate(prompt, **{cache_name(): cache}, compile_config=compile_config, **greedy)
+        again = routed.generate(prompt, **{cache_name(): static_cache(routed, 16)}, compile_config=compile_config, **greedy)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    assert compiled_graphs() == 1 and not torch._dynamo.utils.counters["graph_break"]
+    if decoding == "router":  # every step cached a key, hidden where the token skipped: both happened
+        generated = torch.cat([layer.token_positions[:, 5:10] for layer in cache.layers[1::2]])
+        assert (generated >= 0).any() and (generated < 0).any()
 
 
 @needs_hf_dynamo
