@@ -401,7 +401,7 @@ def sequence_positions(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(positions >= 0, positions, -1 - positions)
 
 
-def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int | torch.Tensor, dtype: torch.dtype, where: str):
+def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int, dtype: torch.dtype, where: str):
     """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; a negative one
     marks a slot never attended (:func:`hide`).
 
@@ -418,12 +418,12 @@ def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int | tor
             return None  # one new token sees every cached one
         allowed = (keys.unsqueeze(1) <= queries.unsqueeze(2)) & valid.unsqueeze(1)
         return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or (isinstance(first, int) and first < 0):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or first < 0:
         got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
         raise RoutingInputError(
-            f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask over the last of the "
-            f"tokens so far, got {got}. Use an attention implementation with such masks (sdpa or eager), or "
-            "use_cache=False."
+            f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask, whose key axis spans "
+            f"the tokens so far (or the last of them), got {got}. Use an attention implementation with such masks "
+            "(sdpa or eager), or use_cache=False."
         )
     valid = valid & (keys >= first)
     mask = mask.expand(keys.shape[0], *mask.shape[1:])

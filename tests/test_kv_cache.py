@@ -272,6 +272,10 @@ def test_a_static_cache_decodes_as_the_dynamic_one_in_fewer_slots(attn_implement
         decode_and_compare(routed, prompt, route_mask=is_image, cache=static_cache(routed, 24), task="mmu")
     # Block 1 keeps all 11 of mmu's tokens (dense there), block 3 up to 6 per row.
     assert [layer.keys.shape[-2] for layer in mixed.layers] == [24, 11 + 13, 24, 6 + 13]
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=3, use_cache=True, pad_token_id=0)
+    with torch.no_grad(), modpass.default_task(routed, "t2i"):  # beam search reorders the static layers' positions
+        torch.testing.assert_close(routed.generate(prompt, **{cache_name(): static_cache(routed, 16)}, **beams),
+                                   routed.generate(prompt, **beams), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not hasattr(__import__("transformers.cache_utils").cache_utils.StaticLayer, "crop"),
