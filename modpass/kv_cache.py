@@ -142,7 +142,7 @@ class RowTasks:
         for group in self.routed_groups:
             self.dense = self.by_row(group, self.dense, torch.zeros_like(group.rows_of(self.dense)))
         self.logits = self.logits_of(hidden)
-        self.routed = bool(self.routed_groups)
+        self.routed = len(self.routed_groups) > 0  # not bool(list): torch 2.11 Dynamo cannot trace it
 
     @staticmethod
     def by_row(group: TaskGroup, whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:

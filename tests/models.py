@@ -194,11 +194,13 @@ def vit(layers: int = 4):
 
 
 def gemma2(layers: int = 4):
-    """Eager attention (soft-capped scores, which SDPA cannot do) and sliding windows on every other layer."""
+    """Eager attention (soft-capped scores, which SDPA cannot do; transformers 5.17 picks SDPA unless told) and sliding
+    windows on every other layer."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=12, max_position_embeddings=128, sliding_window=8)
+                          num_key_value_heads=2, head_dim=12, max_position_embeddings=128, sliding_window=8,
+                          attn_implementation="eager")
     return Gemma2ForCausalLM(config).eval()
 
 
