@@ -42,7 +42,6 @@ import abc
 import functools
 import inspect
 import warnings
-import weakref
 
 import torch
 
@@ -186,22 +185,29 @@ class RowTasks:
             records.append((group.task, rows(self.logits), rows(index), group.rows, rows(route_mask), rows(padding), rows(extra)))
 
 
-# Per routed block, read once: what a decode step would otherwise look up on every call of every routed layer.
-_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MASK_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def read_once(block, name: str, read):
+    """``read(block)``, kept on the block as ``name``: what a decode step would otherwise look up on every call of
+    every routed layer. On the block, not in a module-level dictionary: compiled decoding guards on what it reads,
+    and a dictionary that loses the entries of collected blocks would recompile it."""
+    value = block.__dict__.get(name)
+    if value is None:
+        value = block.__dict__[name] = read(block)
+    return value
 
 
 def cache_slot(block) -> int:
     """The cache slot the block's attention writes to: the ``layer_idx`` of its modules."""
-    if block not in _SLOTS:
-        found = {m.layer_idx for m in block._block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
-        if len(found) != 1:
-            raise RoutingInputError(
-                f"{block.plan.path}: modpass finds a block's cache slot by its attention's layer_idx; this block has "
-                f"{sorted(found) or 'none'}. Call the model with use_cache=False."
-            )
-        _SLOTS[block] = found.pop()
-    return _SLOTS[block]
+    return read_once(block, "_kv_cache_slot", layer_index)
+
+
+def layer_index(block) -> int:
+    found = {m.layer_idx for m in block._block.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+    if len(found) != 1:
+        raise RoutingInputError(
+            f"{block.plan.path}: modpass finds a block's cache slot by its attention's layer_idx; this block has "
+            f"{sorted(found) or 'none'}. Call the model with use_cache=False."
+        )
+    return found.pop()
 
 
 def check_layer(layer, where: str, slot: int) -> None:
@@ -376,18 +382,20 @@ def extend(block, tasks: RowTasks, layer, args: tuple, kwargs: dict, records: li
 
 def with_mask(block, args: tuple, kwargs: dict, change) -> tuple[tuple, dict]:
     """The block's call with its ``attention_mask`` (None where not given) replaced by ``change(mask)``."""
-    if block not in _MASK_POSITIONS:
-        parameters = list(inspect.signature(block._block.forward).parameters)
-        if "attention_mask" not in parameters:
-            raise RoutingInputError(
-                f"{block.plan.path}: a routed layer attends to its own cached keys through an attention_mask argument, "
-                "which this block does not take. Call the model with use_cache=False."
-            )
-        _MASK_POSITIONS[block] = parameters.index("attention_mask")
-    at = _MASK_POSITIONS[block]
+    at = read_once(block, "_kv_cache_mask_position", mask_position)
     if at < len(args):
         return (*args[:at], change(args[at]), *args[at + 1:]), kwargs
     return args, {**kwargs, "attention_mask": change(kwargs.get("attention_mask"))}
+
+
+def mask_position(block) -> int:
+    parameters = list(inspect.signature(block._block.forward).parameters)
+    if "attention_mask" not in parameters:
+        raise RoutingInputError(
+            f"{block.plan.path}: a routed layer attends to its own cached keys through an attention_mask argument, "
+            "which this block does not take. Call the model with use_cache=False."
+        )
+    return parameters.index("attention_mask")
 
 
 def hide(positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
