@@ -5,10 +5,11 @@ Usage (from the repository root)::
     python benchmarks/generate_bench.py --quick
     python benchmarks/generate_bench.py                 # the CPU model of model_bench.py, eager
     python benchmarks/generate_bench.py --decoding router --run-rate 0.125   # MoD's sampling, 1 in 8 tokens run a routed layer
+    python benchmarks/generate_bench.py --cache static --compile   # Hugging Face's compiled decoding
 
 The model of ``model_bench.py`` (every other layer routed at c = 0.125),
-both with ``use_cache=True`` (``modpass/kv_cache.py``), eager: cached
-generation runs routed blocks eagerly. "prefill" is the forward over the
+both with ``use_cache=True`` (``modpass/kv_cache.py``), eager by default (with
+a ``DynamicCache`` a routed block runs eagerly). "prefill" is the forward over the
 B x T prompt that fills the cache; "decode" is ``--steps`` one-token calls
 after it, timed per token, from a copy of the prefilled cache. A routed
 layer caches only its selected prompt tokens, so each decode step attends to
@@ -16,6 +17,12 @@ fewer keys there, but runs every layer on the new token. The FLOP ratios
 count the attention over the cached keys (FlopCounterMode, with CPU attention
 registered; the prompt's attention halved for causality); the cache ratio is
 the bytes of keys and values held after the prompt.
+
+With ``--cache static`` both models decode into a ``StaticCache`` sized for
+the prompt and the steps (a routed layer's holds its kept prompt tokens and
+room for the steps); ``--compile`` then compiles each model's decode call with
+``fullgraph=True``, as ``generate()`` does on an accelerator, and leaves the
+prompt pass eager, as ``generate()`` does. The FLOPs are counted eagerly.
 
 With ``--decoding router`` (``modpass.set_decoding``) a generated token runs a
 routed layer only when its router logit is positive. Random routers have no
@@ -55,23 +62,34 @@ def prefill_step(model: torch.nn.Module, ids: torch.Tensor) -> common.Step:
     return common.forward_step(lambda: model(input_ids=ids, use_cache=True))
 
 
-def decode_case(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[common.Case, object]:
-    """``steps`` one-token calls from a fresh copy of the prompt's cache (copied outside the timing); per token."""
-    with torch.no_grad():
-        prompt_cache = cache_of(model(input_ids=ids, use_cache=True))
-    token = ids[:, -1:]
+def decode_cases(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: int, static: bool,
+                 compiled: bool) -> tuple[common.Case, common.Case, object]:
+    """``steps`` one-token calls from a fresh copy of the prompt's cache (copied outside the timing), timed per token
+    (compiled where asked), and the same calls eager, whose FLOPs are counted; with the prompt's cache."""
     name_of_cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # before 5.25
+    given = {}
+    if static:
+        from transformers import StaticCache
+
+        given[name_of_cache] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
+    with torch.no_grad():
+        prompt_cache = cache_of(model(input_ids=ids, use_cache=True, **given))
+    token = ids[:, -1:]
+    forward = torch.compile(model.forward, fullgraph=True) if compiled else model.forward
     state = {}
 
     def prepare() -> None:
         state["cache"] = copy.deepcopy(prompt_cache)
 
-    def step() -> None:
-        with torch.no_grad():
-            for _ in range(steps):
-                model(input_ids=token, use_cache=True, **{name_of_cache: state["cache"]})
+    def steps_of(call):
+        def step() -> None:
+            with torch.no_grad():
+                for _ in range(steps):
+                    call(input_ids=token, use_cache=True, **{name_of_cache: state["cache"]})
 
-    return common.Case(name, step, prepare), prompt_cache
+        return step
+
+    return common.Case(name, steps_of(forward), prepare), common.Case(name, steps_of(model.forward), prepare), prompt_cache
 
 
 def calibrate_routers(model: torch.nn.Module, ids: torch.Tensor, run_rate: float) -> None:
@@ -102,11 +120,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed sample")
     parser.add_argument("--decoding", choices=sorted(modpass.kv_cache.DECODING), default="all", help="modpass.set_decoding")
     parser.add_argument("--run-rate", type=float, default=0.125, help="with --decoding router: the routers' calibrated run rate")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="the cache the models decode into")
+    parser.add_argument("--compile", action="store_true", help="with --cache static: compile the decode calls (fullgraph)")
     args = parser.parse_args()
+    if args.compile and args.cache != "static":
+        parser.error("--compile needs --cache static: with a DynamicCache a routed layer runs eagerly")
     device, dtype = common.setup(args)
     size = model_bench.size_for(args, device)
     print(f"== {size.describe()}, {dtype}, {device}; MoD c={args.capacity} on every other layer; {args.steps} decode steps; "
-          f"decoding {args.decoding}")
+          f"decoding {args.decoding}; {args.cache} cache{', decode compiled' if args.compile else ''}")
     torch.manual_seed(args.seed)
     dense = model_bench.build_model(size, device, dtype)
     routed = modpass.transform(dense, args.capacity, layers="every_other")
@@ -123,11 +145,12 @@ def main() -> None:
     payload["size"] = dataclasses.asdict(size)
     payload["passes"] = {}
     prefill = [common.Case(name, prefill_step(model, ids)) for name, model in models.items()]
-    decode, caches = zip(*(decode_case(name, model, ids, args.steps) for name, model in models.items()))
+    decode, eager_decode, caches = zip(*(decode_cases(name, model, ids, args.steps, args.cache == "static", args.compile)
+                                         for name, model in models.items()))
     payload["cache_bytes"] = {name: cache_bytes(cache) for name, cache in zip(models, caches)}
-    for pass_name, cases in (("prefill", prefill), ("decode", decode)):
+    for pass_name, cases, counted in (("prefill", prefill, prefill), ("decode", decode, eager_decode)):
         flops = {}
-        for case in cases:
+        for case in counted:
             if case.prepare:
                 case.prepare()
             flops[case.name] = common.count_flops(case.step).to_json()
@@ -141,6 +164,7 @@ def main() -> None:
     text = markdown(payload, size, args.steps)
     print("\n" + text)
     parts = (["quick"] if args.quick else []) + ([f"router{args.run_rate}"] if args.decoding == "router" else [])
+    parts += ([args.cache] if args.cache != "dynamic" else []) + (["compiled"] if args.compile else [])
     stem = Path(args.out) if args.out else common.default_out(device, "generate", *parts)
     common.write_results(stem, payload, text)
 
@@ -149,7 +173,9 @@ def markdown(payload: dict, size: model_bench.ModelSize, steps: int) -> str:
     settings = payload["settings"]
     parts = [common.markdown_preamble("modpass cached-generation benchmark: routed Llama vs dense, with a KV cache", payload)]
     parts.append(f"Model: LlamaForCausalLM, {size.describe()}, {settings['dtype']}; MoD c={settings['capacity']} on every "
-                 f"other layer; eager, `use_cache=True`, decoding {settings['decoding']!r}. decode: {steps} one-token calls "
+                 f"other layer; `use_cache=True` with a {settings['cache']} cache, prompt eager, decode "
+                 f"{'compiled (fullgraph)' if settings['compile'] else 'eager'}, decoding {settings['decoding']!r}. "
+                 f"decode: {steps} one-token calls "
                  f"after the prompt, per token; the last step ran {payload['decode_run_rate']:.3f} of the generated "
                  "tokens through the routed layers.\n")
     rows = []
