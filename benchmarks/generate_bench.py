@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import sys
 from pathlib import Path
 
@@ -48,10 +47,6 @@ import common  # noqa: E402 (script directory on the path first)
 import model_bench  # noqa: E402
 
 import modpass  # noqa: E402
-
-
-def cache_of(output):
-    return getattr(output, "cache", None) or output.past_key_values
 
 
 def cache_bytes(cache) -> int:
@@ -66,14 +61,14 @@ def decode_cases(name: str, model: torch.nn.Module, ids: torch.Tensor, steps: in
                  compiled: bool) -> tuple[common.Case, common.Case, object]:
     """``steps`` one-token calls from a fresh copy of the prompt's cache (copied outside the timing), timed per token
     (compiled where asked), and the same calls eager, whose FLOPs are counted; with the prompt's cache."""
-    name_of_cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # before 5.25
+    name_of_cache = modpass.kv_cache.cache_keyword(model)
     given = {}
     if static:
         from transformers import StaticCache
 
         given[name_of_cache] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
     with torch.no_grad():
-        prompt_cache = cache_of(model(input_ids=ids, use_cache=True, **given))
+        prompt_cache = modpass.kv_cache.cache_of(model(input_ids=ids, use_cache=True, **given))
     token = ids[:, -1:]
     forward = torch.compile(model.forward, fullgraph=True) if compiled else model.forward
     state = {}

@@ -77,7 +77,7 @@ def generate_answers(model: torch.nn.Module, generator: torch.Generator, device:
         with modpass.default_task(model, name, route_mask=route_mask[rows, : PROMPT + 1]):
             cached = model.generate(prompt, use_cache=True, return_dict_in_generate=True, **greedy)
             uncached = model.generate(prompt, use_cache=False, **greedy)
-        cache = getattr(cached, "cache", None) or cached.past_key_values
+        cache = modpass.kv_cache.cache_of(cached)
         kept = sum(layer.keys.shape[-2] for layer in cache.layers)
         results[name] = {
             "exact": (cached.sequences[:, PROMPT + 1 :] == answer).all(dim=1).float().mean().item(),

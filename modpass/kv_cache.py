@@ -65,6 +65,16 @@ DECODING = {
 }
 
 
+def cache_of(output):
+    """The cache a Hugging Face model's output carries (``cache`` from transformers 5.25, ``past_key_values`` before)."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
+def cache_keyword(model) -> str:
+    """The keyword a Hugging Face model (or model class) takes its cache by (``cache`` from transformers 5.25)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def cache_argument(kwargs: dict) -> str | None:
     """The name of the keyword argument that hands a block a cache object, or None."""
     for name, value in kwargs.items():

@@ -19,7 +19,7 @@ import modpass
 from tests import models
 from tests.test_backend import dynamo_compiles_transformers
 from tests.test_equivalence import close_to_dense
-from tests.test_kv_cache import decode_and_compare, with_random_routers
+from tests.test_kv_cache import cache_of, decode_and_compare, with_random_routers
 
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 
@@ -244,7 +244,7 @@ def test_llava_generates_with_a_cache_that_keeps_only_the_image_tokens_its_route
         with modpass.default_task(routed, route_mask=is_image):
             cached = routed.generate(**inputs, use_cache=True, return_dict_in_generate=True, **greedy)
             torch.testing.assert_close(cached.sequences, routed.generate(**inputs, use_cache=False, **greedy), rtol=0, atol=0)
-    cache = getattr(cached, "cache", None) or cached.past_key_values
+    cache = cache_of(cached)
     # 23 prompt tokens: a routed layer keeps 4 of the 16 image tokens and the 7 text tokens, then the 3 fed back.
     assert [layer.keys.shape[-2] for layer in cache.layers] == [26, 14, 26, 14]
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import modpass
+from modpass.kv_cache import cache_keyword, cache_of
 from tests import models
 from tests.test_backend import compiled_graphs, dynamo_compiles_transformers, needs_hf_dynamo  # noqa: F401 (the marker reads it)
 
@@ -21,14 +22,9 @@ pytest.importorskip("transformers")
 
 
 def cache_name() -> str:
-    """The keyword Hugging Face models take their cache by (``cache`` from transformers 5.25)."""
     from transformers import LlamaModel
 
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-def cache_of(output):
-    return getattr(output, "cache", None) or output.past_key_values
+    return cache_keyword(LlamaModel)
 
 
 def with_random_routers(routed):
