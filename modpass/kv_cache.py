@@ -27,13 +27,14 @@ by one that keeps the keys of the window's positions (:func:`routed_storage`).
 Beam search's reordering, batch repetition and selection, and crops of
 generated tokens carry the positions with the keys.
 
-A ``StaticCache`` layer (full attention) becomes a routed layer of fixed size:
-the prompt's kept tokens plus room for the generated ones, fewer slots than
-the dense layer's. Its decoding steps are plain tensor code with no
-data-dependent Python, so ``torch.compile`` traces them into the model's graph
+A ``StaticCache`` layer becomes a routed layer of fixed size (:class:`StaticSlots`):
+the prompt's kept tokens plus room for the generated ones (a sliding window's
+worth, used as a ring, in a sliding-window layer), fewer slots than the dense
+layer's. Its decoding steps are plain tensor code with no data-dependent
+Python, so ``torch.compile`` traces them into the model's graph
 (``fullgraph=True`` holds, as Hugging Face's compiled static-cache decoding
 needs); the prompt, as in Hugging Face's ``generate()``, runs eagerly.
-Quantised and static sliding-window layers are refused.
+Quantised cache layers are refused.
 """
 
 from __future__ import annotations
@@ -221,14 +222,15 @@ def layer_index(block) -> int:
 
 
 def check_layer(layer, where: str, slot: int) -> None:
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
-    if layer is not None and type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer) and not isinstance(layer, RoutedCacheLayer):
+    known = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
+    if layer is not None and type(layer) not in known and not isinstance(layer, RoutedCacheLayer):
         raise RoutingInputError(
             f"{where}: its cache layer {slot} is a {type(layer).__name__}; a routed block keeps its selected tokens "
-            "in a DynamicCache layer or a StaticCache's full-attention layer (a quantised or static sliding-window "
-            "layer places or stores keys by the model's positions, not the block's). Generate with DynamicCache or "
-            "StaticCache, or use use_cache=False."
+            "in a DynamicCache's or StaticCache's attention layers (a quantised or offloaded layer stores keys in its "
+            "own way, by the model's positions, not the block's). Generate with DynamicCache or StaticCache, or use "
+            "use_cache=False."
         )
 
 
@@ -419,13 +421,13 @@ def sequence_positions(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(positions >= 0, positions, -1 - positions)
 
 
-def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int, dtype: torch.dtype, where: str):
+def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int | torch.Tensor, dtype: torch.dtype, where: str):
     """The attention mask over a routed layer's cached keys, whose positions are ``keys`` ``(B, n)``; a negative one
     marks a slot never attended (:func:`hide`).
 
     The model's ``(B | 1, H | 1, q, m)`` mask spans ``m`` positions from
     ``first`` (the last of the tokens so far, all of them or a sliding
-    window's; a static cache's from 0): its columns are read at the keys'
+    window's; a static full-attention layer's from 0): its columns are read at the keys'
     positions, and older keys are hidden. Without one (SDPA's causal shortcut,
     every key in reach) the mask is causal over positions, additive so that
     any attention implementation takes it.
@@ -436,7 +438,7 @@ def layer_mask(mask, keys: torch.Tensor, queries: torch.Tensor, first: int, dtyp
             return None  # one new token sees every cached one
         allowed = (keys.unsqueeze(1) <= queries.unsqueeze(2)) & valid.unsqueeze(1)
         return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or first < 0:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or (isinstance(first, int) and first < 0):
         got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
         raise RoutingInputError(
             f"{where}: a routed layer reads its keys' columns from the model's 4-D attention mask, whose key axis spans "
@@ -593,10 +595,19 @@ class StaticSlots(RoutedCacheLayer):
 
     Every attribute that changes while decoding is a tensor updated in place
     (``tokens_seen``, ``token_positions``, and the layer's own
-    ``cumulative_length``, the slots filled), so a compiled decoding step
+    ``cumulative_length``, the keys written), so a compiled decoding step
     neither guards on nor recompiles for the step's number, and CUDA graphs
-    keep their addresses. ``max_cache_len`` stays the dense layer's: the
-    model's mask spans that many positions, from 0.
+    keep their addresses. ``max_cache_len`` stays the dense layer's, and so do
+    its mask sizes: a full-attention layer's mask spans that many positions
+    from 0, a sliding-window layer's (``max_cache_len`` is its window) the
+    window's positions before the call and the call's own.
+
+    The slots are a ring: a key goes to the slot after the last one written,
+    modulo their number. A full-attention layer has room for the whole
+    sequence, so it never wraps; a sliding-window layer's ``window`` slots
+    after the prompt's kept ones are enough, since a key is overwritten only
+    after as many later tokens as there are slots, when no query's window
+    reaches it any more.
     """
 
     tokens_seen: torch.Tensor
@@ -610,38 +621,63 @@ class StaticSlots(RoutedCacheLayer):
         finally:
             self.max_cache_len = full
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self.next_slots(key_states.shape[-2])
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        self.cumulative_length.add_(key_states.shape[-2])
+        return self.keys, self.values
+
+    def next_slots(self, count: int) -> torch.Tensor:
+        """The slots the next ``count`` keys go to."""
+        return (self.cumulative_length + torch.arange(count, device=self.cumulative_length.device)) % self.slots
+
     def start(self, positions: torch.Tensor, seen: int) -> None:
-        unfilled = torch.full((positions.shape[0], self.slots), -1 - self.max_cache_len, device=positions.device)
+        unfilled = torch.full((positions.shape[0], self.slots), UNFILLED, device=positions.device)
         self.token_positions = unfilled.index_copy(1, torch.arange(positions.shape[1], device=positions.device), positions)
         self.tokens_seen = torch.tensor(seen, device=positions.device)
+        if self.sliding_window is not None:
+            self.cumulative_length_int = seen  # the Python count a sliding layer's mask sizes come from
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.token_positions)
             torch._dynamo.mark_static_address(self.tokens_seen)
 
     def add_positions(self, new: torch.Tensor) -> torch.Tensor:
-        """The positions of every slot once the block has cached ``new`` ``(B, q)`` in the next free slots."""
-        filled = self.cumulative_length + torch.arange(new.shape[1], device=new.device)
-        self.token_positions.index_copy_(1, filled, new)
+        """The positions of every slot once the block has cached ``new`` ``(B, q)`` in the next slots."""
+        self.token_positions.index_copy_(1, self.next_slots(new.shape[1]), new)
         return self.token_positions
 
     def advance(self, tokens: int) -> None:
         self.tokens_seen.add_(tokens)
+        if self.sliding_window is not None:
+            self.cumulative_length_int += tokens
 
-    def first_mask_position(self, tokens: int, columns: int) -> int:
-        return 0
+    def first_mask_position(self, tokens: int, columns: int) -> int | torch.Tensor:
+        if self.sliding_window is None:
+            return 0
+        return (self.tokens_seen - self.sliding_window + 1).clamp(min=0)
 
     def drop_keys_outside_the_window(self) -> None:
-        """Nothing to drop: static sliding-window layers are refused (:func:`check_layer`)."""
+        """Nothing to drop: a sliding-window layer's ring overwrites them."""
 
     def crop(self, tokens_to_remove: int) -> None:
         cut = self.length_after_crop(tokens_to_remove)
         if cut is None:
             return
-        filled = int(self.cumulative_length)
-        count = int((sequence_positions(self.token_positions[0, :filled]) >= cut).sum())
-        self.token_positions[:, filled - count:filled] = -1 - self.max_cache_len
+        written = int(self.cumulative_length)
+        if written > self.slots:
+            raise RoutingInputError(
+                f"cropping the sequence to {cut} tokens needs keys that this sliding-window layer has overwritten "
+                "(its window has moved past them). Crop before the window moves, or use a DynamicCache."
+            )
+        count = int((sequence_positions(self.token_positions[0, :written]) >= cut).sum())
+        self.token_positions[:, written - count:written] = UNFILLED
         self.cumulative_length.sub_(count)  # the next keys overwrite the cropped ones
         self.tokens_seen.fill_(cut)
+        if self.sliding_window is not None:
+            self.cumulative_length_int = cut
 
     def reset(self) -> None:
         # Back to a dense layer of the model's size, allocated again on first use.
@@ -651,13 +687,20 @@ class StaticSlots(RoutedCacheLayer):
         super().reset()
 
 
+#: The position of a static slot not written yet: hidden (negative, :func:`hide`) and past any cropping point.
+UNFILLED = -(2**62)
+
+
 def reserve_slots(layer, kept: int, tokens: int, where: str) -> None:
-    """Make an empty ``StaticLayer`` a routed one with room for ``kept`` prompt tokens and the rest of its length."""
+    """Make an empty ``StaticLayer`` a routed one with room for ``kept`` prompt tokens and what follows them: the rest
+    of a full-attention layer's length, a sliding-window layer's window (see :class:`StaticSlots`)."""
+    window = layer.max_cache_len if layer.is_sliding else None  # transformers' class attribute, before the change
     if layer.is_initialized:  # early_initialization allocated the dense size
         layer.keys = layer.values = None
         layer.is_initialized = False
     layer.__class__ = routed_layer_class(type(layer))
-    layer.slots = kept + layer.max_cache_len - tokens
+    layer.sliding_window = window
+    layer.slots = kept + (window if window is not None else layer.max_cache_len - tokens)
     if layer.slots <= kept:
         raise RoutingInputError(
             f"{where}: the static cache holds {layer.max_cache_len} tokens, and the prompt has {tokens}: no room for a "

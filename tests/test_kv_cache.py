@@ -205,9 +205,6 @@ def test_cached_generation_refuses_what_it_cannot_route():
         gemma = modpass.transform(models.gemma2(), {"t2i": 0.25, "mmu": 0.5})
         with pytest.raises(modpass.RoutingInputError, match="keep different numbers of tokens"):
             gemma(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
-        with pytest.raises(modpass.RoutingInputError, match="StaticSlidingWindowLayer"):
-            gemma_all = modpass.transform(models.gemma2(), 0.5, layers="all")
-            gemma_all(input_ids=prompt, use_cache=True, **{cache_name(): static_cache(gemma_all, 16)})
         with pytest.raises(modpass.RoutingInputError, match="no room for a generated one"):
             routed(input_ids=prompt, use_cache=True, **{cache_name(): static_cache(routed, 9)})
 
@@ -298,6 +295,51 @@ def test_a_static_layer_crops_generated_tokens_and_a_reset_makes_it_dense_again(
         cache.reset()
         assert type(cache.layers[1]) is StaticLayer and not cache.layers[1].is_initialized
         decode_and_compare(routed, prompt[:, :7], cache=cache)  # a new, shorter prompt in the same cache
+
+
+def test_static_sliding_window_layers_keep_a_ring_of_their_window():
+    """Gemma 2 with every layer routed: a static sliding-window layer keeps the prompt's kept tokens and a window's
+    worth of slots after them, overwritten oldest first; layer 0 also sizes the model's sliding-window masks."""
+    routed = with_random_routers(modpass.transform(models.gemma2(), 0.5, layers="all"))
+    prompt = torch.randint(1, 97, (2, 13))
+    padding = torch.ones_like(prompt)
+    padding[1, :3] = 0
+    with torch.no_grad():
+        cache = decode_and_compare(routed, prompt, padding, steps=12, cache=static_cache(routed, 40))
+        decode_and_compare(routed, prompt, chunk=3, steps=4, cache=static_cache(routed, 40))
+    sliding, full = cache.layers[0], cache.layers[1]
+    assert sliding.is_sliding and not full.is_sliding
+    assert sliding.keys.shape[-2] == 7 + 8 and full.keys.shape[-2] == 7 + 40 - 13
+    # 19 keys written into 15 slots: the 4 oldest of the prompt's were overwritten by positions 21 to 24.
+    assert sorted(sliding.token_positions[0, :4].tolist()) == [21, 22, 23, 24]
+    with pytest.raises(modpass.RoutingInputError, match="overwritten"):
+        cache.crop(-2)
+
+
+@needs_hf_dynamo
+@pytest.mark.filterwarnings("ignore:modpass. cached generation")
+def test_static_sliding_window_decoding_compiles_no_more_graphs_than_the_dense_model():
+    """Transformers' static sliding-window layer counts tokens in Python, for its mask sizes and the branches of its
+    update: compiled decoding recompiles as the window fills, for the dense model (3 graphs on transformers 5.25) and
+    the routed one (whose layer 0 sizes those masks; its own update has no branches: 2)."""
+    from transformers import CompileConfig
+
+    dense = models.gemma2()
+    routed = with_random_routers(modpass.transform(dense, 0.5, layers="all"))
+    prompt = torch.randint(1, 97, (2, 6))  # the window (8) is passed while decoding
+    greedy = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    graphs = {}
+    with torch.no_grad():
+        for name, model in (("dense", dense), ("routed", routed)):
+            eager = model.generate(prompt, **greedy)
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            compiled = model.generate(prompt, **{cache_name(): static_cache(model, 16)}, compile_config=compile_config, **greedy)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+            graphs[name] = compiled_graphs()
+    assert graphs["routed"] <= graphs["dense"] and not torch._dynamo.utils.counters["graph_break"]
 
 
 @needs_hf_dynamo
