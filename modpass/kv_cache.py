@@ -624,11 +624,25 @@ class StaticSlots(RoutedCacheLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.check_room(key_states.shape[-2])
         slots = self.next_slots(key_states.shape[-2])
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
         self.cumulative_length.add_(key_states.shape[-2])
         return self.keys, self.values
+
+    def check_room(self, count: int) -> None:
+        """A full-attention layer's ring must not wrap: that would overwrite keys still attended (in eager mode; a
+        compiled step cannot read the count, as transformers' dense static layer cannot)."""
+        if self.sliding_window is None and not torch.compiler.is_compiling():
+            written = int(self.cumulative_length)
+            if written + count > self.slots:
+                raise RoutingInputError(
+                    f"the static cache is full: a routed layer holds {self.slots} keys ({written} written), and this "
+                    f"call brings {count} more. Give StaticCache a larger max_cache_len (the prompt's length plus the "
+                    "tokens to generate), and generate with use_cache=True (without it the model passes the whole "
+                    "sequence again at each step)."
+                )
 
     def next_slots(self, count: int) -> torch.Tensor:
         """The slots the next ``count`` keys go to."""

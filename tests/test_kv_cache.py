@@ -207,6 +207,10 @@ def test_cached_generation_refuses_what_it_cannot_route():
             gemma(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
         with pytest.raises(modpass.RoutingInputError, match="no room for a generated one"):
             routed(input_ids=prompt, use_cache=True, **{cache_name(): static_cache(routed, 9)})
+        every_layer = routed_llama(layers="all")  # a dense static layer fails first, with an IndexError of its own
+        with pytest.raises(modpass.RoutingInputError, match="the static cache is full"):
+            every_layer.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False,
+                                 **{cache_name(): static_cache(every_layer, 16)})  # reruns the whole sequence into it
 
 
 def test_every_layer_routed_the_model_still_reads_the_sequence_length_from_its_cache():
