@@ -602,12 +602,11 @@ class StaticSlots(RoutedCacheLayer):
     from 0, a sliding-window layer's (``max_cache_len`` is its window) the
     window's positions before the call and the call's own.
 
-    The slots are a ring: a key goes to the slot after the last one written,
-    modulo their number. A full-attention layer has room for the whole
-    sequence, so it never wraps; a sliding-window layer's ``window`` slots
-    after the prompt's kept ones are enough, since a key is overwritten only
-    after as many later tokens as there are slots, when no query's window
-    reaches it any more.
+    A key goes to the slot after the last one written. A full-attention layer
+    has room for the whole sequence; a sliding-window layer's slots are a ring,
+    the prompt's kept ones and a window's worth after them, which is enough:
+    a key is overwritten only after as many later tokens as there are slots,
+    when no query's window reaches it any more.
     """
 
     tokens_seen: torch.Tensor
@@ -632,8 +631,8 @@ class StaticSlots(RoutedCacheLayer):
         return self.keys, self.values
 
     def check_room(self, count: int) -> None:
-        """A full-attention layer's ring must not wrap: that would overwrite keys still attended (in eager mode; a
-        compiled step cannot read the count, as transformers' dense static layer cannot)."""
+        """A full-attention layer that is full says so (in eager mode; compiled, the write's index is out of bounds,
+        as in transformers' dense static layer)."""
         if self.sliding_window is None and not torch.compiler.is_compiling():
             written = int(self.cumulative_length)
             if written + count > self.slots:
@@ -645,8 +644,10 @@ class StaticSlots(RoutedCacheLayer):
                 )
 
     def next_slots(self, count: int) -> torch.Tensor:
-        """The slots the next ``count`` keys go to."""
-        return (self.cumulative_length + torch.arange(count, device=self.cumulative_length.device)) % self.slots
+        """The slots the next ``count`` keys go to: round the ring in a sliding-window layer; past the last slot in a
+        full one that is full, where the write then fails as a dense static layer's does."""
+        slots = self.cumulative_length + torch.arange(count, device=self.cumulative_length.device)
+        return slots if self.sliding_window is None else slots % self.slots
 
     def start(self, positions: torch.Tensor, seen: int) -> None:
         unfilled = torch.full((positions.shape[0], self.slots), UNFILLED, device=positions.device)
