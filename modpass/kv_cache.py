@@ -623,7 +623,6 @@ class StaticSlots(RoutedCacheLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.check_room(key_states.shape[-2])
         slots = self.next_slots(key_states.shape[-2])
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
@@ -633,7 +632,7 @@ class StaticSlots(RoutedCacheLayer):
     def check_room(self, count: int) -> None:
         """A full-attention layer that is full says so (in eager mode; compiled, the write's index is out of bounds,
         as in transformers' dense static layer)."""
-        if self.sliding_window is None and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             written = int(self.cumulative_length)
             if written + count > self.slots:
                 raise RoutingInputError(
@@ -647,7 +646,10 @@ class StaticSlots(RoutedCacheLayer):
         """The slots the next ``count`` keys go to: round the ring in a sliding-window layer; past the last slot in a
         full one that is full, where the write then fails as a dense static layer's does."""
         slots = self.cumulative_length + torch.arange(count, device=self.cumulative_length.device)
-        return slots if self.sliding_window is None else slots % self.slots
+        if self.sliding_window is not None:
+            return slots % self.slots
+        self.check_room(count)
+        return slots
 
     def start(self, positions: torch.Tensor, seen: int) -> None:
         unfilled = torch.full((positions.shape[0], self.slots), UNFILLED, device=positions.device)
