@@ -4,7 +4,8 @@ Run: python examples/train_llama.py [--steps 300] [--eager] [--no-autocast] [--d
 (random weights from a config and synthetic data, no downloads; about three minutes on a 2-core
 CPU, compiling included; on 2026-12-05 it ended at 99.8% of copy and 79.4% of sort answer
 tokens predicted exactly, and generated with the KV cache 100% of copy and 3.3% of sort answers
-exactly right, with caches of 0.81 and 0.88 of the dense model's)
+exactly right, with caches of 0.81 and 0.88 of the dense model's; a later run 99.9%/77.9% and
+100%/0.0%, the compiled StaticCache decoding giving the same tokens)
 
 Two synthetic tasks share one model. A sequence is ``prompt, task token, answer``: the answer
 of "copy" repeats the prompt, the answer of "sort" is the prompt sorted. Each task has its own
@@ -18,7 +19,9 @@ At the end the model generates the answers with a KV cache, as p-MoD and UniMoD 
 prompt is routed and a routed layer caches only the prompt tokens it kept, the answer tokens run
 every layer. That is what the model trained on (answers outside the route mask), so generation
 with and without the cache gives the same tokens; the example checks it and prints the cache's
-size against the dense model's.
+size against the dense model's. It generates them once more into a ``StaticCache`` with the
+decoding steps compiled (unless ``--eager``), as ``generate()`` serves on a GPU, and checks
+those tokens too.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import modpass
 
@@ -64,8 +67,12 @@ def evaluate(model: torch.nn.Module, generator: torch.Generator, device: str) ->
 
 
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, generator: torch.Generator, device: str) -> dict[str, dict[str, float]]:
-    """Per task: answers generated with a KV cache, exactly right; equal to uncached ones; cache size against dense."""
+def generate_answers(model: torch.nn.Module, generator: torch.Generator, device: str, compile_decoding: bool) -> dict[str, dict[str, float]]:
+    """Per task: answers generated with a KV cache, exactly right; equal to uncached ones and to those generated into a
+    StaticCache (its decoding steps compiled where asked, as generate() compiles them on a GPU); cache size against dense."""
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # generate() compiles decoding by default on accelerators only
+    serving = dict(compile_config=compile_config) if compile_decoding else dict(disable_compile=True)
     model.eval()
     results = {}
     for index, name in enumerate(TASKS):
@@ -77,11 +84,14 @@ def generate_answers(model: torch.nn.Module, generator: torch.Generator, device:
         with modpass.default_task(model, name, route_mask=route_mask[rows, : PROMPT + 1]):
             cached = model.generate(prompt, use_cache=True, return_dict_in_generate=True, **greedy)
             uncached = model.generate(prompt, use_cache=False, **greedy)
+            static_cache = StaticCache(config=model.config, max_cache_len=2 * PROMPT + 1)
+            static = model.generate(prompt, use_cache=True, **{modpass.kv_cache.cache_keyword(model): static_cache}, **serving, **greedy)
         cache = modpass.kv_cache.cache_of(cached)
         kept = sum(layer.keys.shape[-2] for layer in cache.layers)
         results[name] = {
             "exact": (cached.sequences[:, PROMPT + 1 :] == answer).all(dim=1).float().mean().item(),
             "same_as_uncached": float(torch.equal(cached.sequences, uncached)),
+            "same_with_static_cache": float(torch.equal(static, uncached)),
             "cache_vs_dense": kept / (len(cache.layers) * (cached.sequences.shape[1] - 1)),
         }
     model.train()
@@ -133,14 +143,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
 
-    accuracy = evaluate(routed, torch.Generator().manual_seed(2), args.device)
-    print("answer tokens predicted exactly:", {task: f"{value:.1%}" for task, value in accuracy.items()})
-    generated = generate_answers(routed, torch.Generator().manual_seed(3), args.device)
-    for task, result in generated.items():
-        print(f"{task}: generated with a KV cache, {result['exact']:.1%} of answers exactly right, the same tokens as "
-              f"without the cache: {bool(result['same_as_uncached'])}, cache {result['cache_vs_dense']:.2f} of the dense model's")
     if not args.eager:
         print("graphs compiled:", torch._dynamo.utils.counters["stats"]["unique_graphs"], "(one, then one for the new capacity)")
+    accuracy = evaluate(routed, torch.Generator().manual_seed(2), args.device)
+    print("answer tokens predicted exactly:", {task: f"{value:.1%}" for task, value in accuracy.items()})
+    generated = generate_answers(routed, torch.Generator().manual_seed(3), args.device, compile_decoding=not args.eager)
+    for task, result in generated.items():
+        print(f"{task}: generated with a KV cache, {result['exact']:.1%} of answers exactly right, the same tokens as "
+              f"without the cache: {bool(result['same_as_uncached'])}, and with a StaticCache"
+              f"{', decoding compiled' if not args.eager else ''}: {bool(result['same_with_static_cache'])}; "
+              f"cache {result['cache_vs_dense']:.2f} of the dense model's")
     with contextlib.ExitStack() as stack:
         out = args.out or stack.enter_context(tempfile.TemporaryDirectory())
         print("routers saved to", modpass.save(step_model, out))
