@@ -318,6 +318,10 @@ def test_static_sliding_window_layers_keep_a_ring_of_their_window():
     assert sorted(sliding.token_positions[0, :4].tolist()) == [21, 22, 23, 24]
     with pytest.raises(modpass.RoutingInputError, match="overwritten"):
         cache.crop(-2)
+    cache.reset()  # dense layers again, for a new prompt
+    assert [type(layer).__name__ for layer in cache.layers[:2]] == ["StaticSlidingWindowLayer", "StaticLayer"]
+    with torch.no_grad():
+        decode_and_compare(routed, prompt[:, :10], steps=10, cache=cache)
 
 
 @needs_hf_dynamo
