@@ -92,7 +92,7 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
     """
     layer = cache_layer(block, kwargs[name])
     if isinstance(layer, StaticSlots):
-        return extend(block, RowTasks(block, block._state.groups(args[0].shape[0]), args[0]), layer, args, kwargs, records)
+        return extend(block, RowTasks(block, args[0]), layer, args, kwargs, records)
     return run_eagerly(block, name, args, kwargs, records)
 
 
@@ -103,9 +103,9 @@ def run(block, name: str, args: tuple, kwargs: dict, records: list):
 )
 def run_eagerly(block, name: str, args: tuple, kwargs: dict, records: list):
     cache, hidden, where = kwargs[name], args[0], block.plan.path
-    tasks = RowTasks(block, block._state.groups(hidden.shape[0]), hidden)
+    tasks = RowTasks(block, hidden)
     slot = cache_slot(block)
-    layer = cache.layers[slot] if slot < len(cache.layers) else None
+    layer = layer_at(cache, slot)
     check_layer(layer, where, slot)
     if not tasks.routed and not isinstance(layer, RoutedCacheLayer):
         return block._block(*args, **kwargs)  # tasks dense here cache every token, as the dense model does
@@ -134,8 +134,12 @@ def cache_layer(block, cache):
             f"{block.plan.path}: a routed block caches keys and values through a transformers Cache with per-layer "
             f"storage (transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
         )
-    slot = cache_slot(block)
-    return layers[slot] if slot < len(layers) else None
+    return layer_at(cache, cache_slot(block))
+
+
+def layer_at(cache, slot: int):
+    """The cache's layer ``slot``, or None where a ``DynamicCache`` has not created it yet."""
+    return cache.layers[slot] if slot < len(cache.layers) else None
 
 
 class RowTasks:
@@ -145,8 +149,9 @@ class RowTasks:
     dense row, whose gate is exactly 1 (:meth:`gate_weights`).
     """
 
-    def __init__(self, block, groups: list[TaskGroup], hidden: torch.Tensor):
+    def __init__(self, block, hidden: torch.Tensor):
         self.block = block
+        groups = block._state.groups(hidden.shape[0])
         self.routed_groups = [group for group in groups if block.plan.ratios.get(group.task) is not None]
         self.dense = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         for group in self.routed_groups:
@@ -228,8 +233,8 @@ def check_layer(layer, where: str, slot: int) -> None:
     if layer is not None and type(layer) not in known and not isinstance(layer, RoutedCacheLayer):
         raise RoutingInputError(
             f"{where}: its cache layer {slot} is a {type(layer).__name__}; a routed block keeps its selected tokens "
-            "in a DynamicCache's or StaticCache's attention layers (a quantised or offloaded layer stores keys in its "
-            "own way, by the model's positions, not the block's). Generate with DynamicCache or StaticCache, or use "
+            "in a DynamicCache's or StaticCache's attention layers (a quantised layer, say, stores keys in its own "
+            "way, by the model's positions, not the block's). Generate with DynamicCache or StaticCache, or use "
             "use_cache=False."
         )
 
@@ -247,7 +252,7 @@ def routed_storage(cache, slot: int, batch: int, device: torch.device, where: st
     """
     from transformers.cache_utils import DynamicLayer, StaticLayer
 
-    layer = cache.layers[slot] if slot < len(cache.layers) else None
+    layer = layer_at(cache, slot)
     if layer is None or isinstance(layer, RoutedCacheLayer):
         return layer
     seen = int(layer.get_seq_length())
@@ -277,8 +282,9 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     """The routed call of ``passes/rewrite.py``, with the block run eagerly on the selected tokens and the cache."""
     cache, hidden, where = kwargs[name], args[0], block.plan.path
     batch, tokens = hidden.shape[:2]
-    layer = cache.layers[slot] if slot < len(cache.layers) else None
-    if is_static(type(layer)):
+    layer = layer_at(cache, slot)
+    static = is_static(type(layer))
+    if static:
         # The model's mask spans the static cache's length from position 0: the prompt's keys are its first columns.
         args, kwargs = with_mask(block, args, kwargs, lambda mask: mask[..., :tokens] if isinstance(mask, torch.Tensor) else mask)
     uncached = {key: value for key, value in kwargs.items() if key != name}
@@ -317,7 +323,7 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     if extra is not None and mask is not None:
         gathered[mask_leaf] = routing.hide_extra_slots(gathered[mask_leaf], extra, token_axes[mask_leaf])
     call_args, call_kwargs = _structure.replace((args, kwargs), list(gathered))
-    if is_static(type(layer)):
+    if static:
         reserve_slots(layer, k, tokens, where)  # before the block's first write allocates them
         call_args, call_kwargs = with_mask(block, call_args, call_kwargs, lambda mask: over_slots(mask, k, layer.slots, hidden.device))
     output = block._block(*call_args, **call_kwargs)
