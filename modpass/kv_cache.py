@@ -625,6 +625,8 @@ class StaticSlots(RoutedCacheLayer):
             super().lazy_initialization(key_states, value_states)
         finally:
             self.max_cache_len = full
+        for slots_axis in (self.keys, self.values):
+            torch._dynamo.maybe_mark_dynamic(slots_axis, 2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -653,7 +655,7 @@ class StaticSlots(RoutedCacheLayer):
         full one that is full, where the write then fails as a dense static layer's does."""
         slots = self.cumulative_length + torch.arange(count, device=self.cumulative_length.device)
         if self.sliding_window is not None:
-            return slots % self.slots
+            return slots % self.keys.shape[-2]  # a size, not the Python count, which Dynamo would guard on
         self.check_room(count)
         return slots
 
@@ -666,6 +668,7 @@ class StaticSlots(RoutedCacheLayer):
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.token_positions)
             torch._dynamo.mark_static_address(self.tokens_seen)
+            torch._dynamo.maybe_mark_dynamic(self.token_positions, 1)
 
     def add_positions(self, new: torch.Tensor) -> torch.Tensor:
         """The positions of every slot once the block has cached ``new`` ``(B, q)`` in the next slots."""

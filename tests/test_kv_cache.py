@@ -387,6 +387,30 @@ def test_static_cache_decoding_compiles_to_one_graph_and_matches_eager(decoding)
 
 
 @needs_hf_dynamo
+@pytest.mark.filterwarnings("ignore:modpass. cached generation")
+def test_compiled_decoding_is_one_graph_for_every_prompt_length_and_mix_of_task_ids():
+    """A routed static layer's slots depend on the prompt (its kept tokens, then the room left), so that axis is
+    dynamic: prompts of any length, and task ids as a LongTensor, decode through one graph, even where Dynamo would
+    otherwise specialise every size (``dynamic=False``), as the dense model's fixed-size cache does."""
+    from transformers import CompileConfig
+
+    routed = routed_llama({"t2i": 0.25, "mmu": [1.0, 1.0, 1.0, 0.5]})
+    greedy = dict(max_new_tokens=3, do_sample=False, use_cache=True, pad_token_id=0)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        for length, tasks in ((11, [1, 0, 1]), (9, [0, 0, 0]), (14, [1, 1, 0])):
+            prompt = torch.randint(1, 97, (3, length))
+            with modpass.default_task(routed, torch.tensor(tasks)):
+                eager = routed.generate(prompt, **greedy)
+                compiled = routed.generate(prompt, **{cache_name(): static_cache(routed, 20)}, compile_config=compile_config, **greedy)
+            torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert compiled_graphs() == 1 and not torch._dynamo.utils.counters["graph_break"]
+
+
+@needs_hf_dynamo
 @pytest.mark.skipif(torch.__version__.startswith("2.11"), reason="torch 2.11's Inductor cannot compile the dense model's cached "
                     "generate() on CPU either (a C++ kernel reads an undeclared bounds-check variable; 2026-12-05)")
 def test_compiled_model_generates_with_a_cache_as_eager():
