@@ -310,6 +310,9 @@ def default_task(
     if route_mask is not None and (not isinstance(route_mask, torch.Tensor) or route_mask.dtype != torch.bool or route_mask.dim() != 2):
         got = f"dtype {route_mask.dtype}, shape {tuple(route_mask.shape)}" if isinstance(route_mask, torch.Tensor) else type(route_mask).__name__
         raise RoutingInputError(f"default_task: route_mask must be a (batch, tokens) bool tensor, got {got}.")
+    if route_mask is not None:
+        # Compiled decoding passes it on from call to call without reading it: one graph for every prompt length.
+        torch._dynamo.maybe_mark_dynamic(route_mask, 1)
     previous = state.default_task, state.default_route_mask
     state.default_task, state.default_route_mask = task, route_mask
     try:

@@ -204,8 +204,9 @@ class RoutedBlock(nn.Module):
         state = self._state
         if state.dense:
             return self._block(*args, **kwargs)
-        task = state.whole_batch_task()
         cache = kv_cache.cache_argument(kwargs)
+        # Not read for a cached call: its route mask is the prompt's, which a compiled decoding step must not guard on.
+        task = None if cache is not None else state.whole_batch_task()
 
         def route(args, kwargs):
             # The records leave as an output, not by appending to last_routing: a checkpointed

@@ -64,7 +64,7 @@ class RoutingState:
         #: True from the model's pre-hook to its forward hook: routed blocks then add to ``last_routing``,
         #: which the pre-hook cleared, so a block called more than once in a forward keeps every call's records.
         self.in_forward = False
-        #: ``(task, route_mask, batch, groups)`` of the current forward (see :meth:`groups`).
+        #: ``(task, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
 
     def whole_batch_task(self) -> str | None:
@@ -106,9 +106,9 @@ class RoutingState:
     def groups(self, batch: int) -> list[TaskGroup]:
         """The batch split by task; computed once per forward and shared by every routed block."""
         cached = self.cached_groups
-        if cached is None or cached[0] is not self.task or cached[1] is not self.route_mask or cached[2] != batch:
-            cached = self.cached_groups = (self.task, self.route_mask, batch, self.split(batch))
-        return cached[3]
+        if cached is None or cached[0] is not self.task or cached[1] != batch:
+            cached = self.cached_groups = (self.task, batch, self.split(batch))
+        return cached[2]
 
     def split(self, batch: int) -> list[TaskGroup]:
         task = self.task

@@ -390,8 +390,9 @@ def test_static_cache_decoding_compiles_to_one_graph_and_matches_eager(decoding)
 @pytest.mark.filterwarnings("ignore:modpass. cached generation")
 def test_compiled_decoding_is_one_graph_for_every_prompt_length_and_mix_of_task_ids():
     """A routed static layer's slots depend on the prompt (its kept tokens, then the room left), so that axis is
-    dynamic: prompts of any length, and task ids as a LongTensor, decode through one graph, even where Dynamo would
-    otherwise specialise every size (``dynamic=False``), as the dense model's fixed-size cache does."""
+    dynamic: prompts of any length, task ids as a LongTensor, and the prompt's route mask (which decoding steps do not
+    read) decode through one graph, even where Dynamo would otherwise specialise every size (``dynamic=False``), as
+    the dense model's fixed-size cache does."""
     from transformers import CompileConfig
 
     routed = routed_llama({"t2i": 0.25, "mmu": [1.0, 1.0, 1.0, 0.5]})
@@ -401,9 +402,10 @@ def test_compiled_decoding_is_one_graph_for_every_prompt_length_and_mix_of_task_
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        for length, tasks in ((11, [1, 0, 1]), (9, [0, 0, 0]), (14, [1, 1, 0])):
+        for length, tasks, masked in ((11, [1, 0, 1], False), (9, [0, 0, 0], True), (14, [1, 1, 0], True)):
             prompt = torch.randint(1, 97, (3, length))
-            with modpass.default_task(routed, torch.tensor(tasks)):
+            route_mask = (torch.arange(length) >= 2).repeat(3, 1) if masked else None
+            with modpass.default_task(routed, torch.tensor(tasks), route_mask=route_mask):
                 eager = routed.generate(prompt, **greedy)
                 compiled = routed.generate(prompt, **{cache_name(): static_cache(routed, 20)}, compile_config=compile_config, **greedy)
             torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
