@@ -21,7 +21,7 @@ from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingI
 from .hints import batch_wide_experts_hint
 from .inputs import capture_inputs
 from .kv_cache import DECODING
-from .output_recording import record_hidden_states
+from .output_recording import part_recorded_outputs, record_hidden_states
 from .passes.capture import capture
 from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
@@ -175,6 +175,7 @@ def apply_plan(
             if getattr(config, "use_cache", False):
                 config.use_cache = False
     record_hidden_states(model, routed)
+    state.part_recorded_outputs = part_recorded_outputs(model, routed)
     state.blocks = list(routed.values())
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})

@@ -9,6 +9,12 @@ would read another layer. :func:`record_hidden_states` gives each routed block
 the hook its original block would have had, built by transformers itself
 (where transformers had hooked the model before it was routed, the routed block
 took over its block's hook instead: ``RoutedBlock.adopt_hooks``).
+
+Outputs that transformers records from a block's parts (``attentions`` from its
+attention module, a sparse-MoE router's ``router_logits``) have no such fix: a
+routed call runs the block's captured graph, which runs no hook on a part.
+:func:`part_recorded_outputs` names them, so that a call asking for one is refused
+(``tasks.take_routing_arguments``) rather than answered without the routed layers.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ class HiddenStateRecorder:
         self.__init__(**state)
 
 
-def hidden_state_specs(owner: nn.Module) -> list[tuple[type | None, str | None, str | None, int, bool]]:
-    """``(class, class-name suffix, layer name, output index, capture the first input)`` for each hidden-state spec."""
-    specs = (getattr(type(owner), "_can_record_outputs", None) or {}).get("hidden_states")
+def recorded_specs(owner: nn.Module, key: str) -> list[tuple[type | None, str | None, str | None, int, bool]]:
+    """``(class, class-name suffix, layer name, output index, capture the first input)`` for each spec by which
+    transformers records output ``key`` of ``owner``'s modules."""
+    specs = (getattr(type(owner), "_can_record_outputs", None) or {}).get(key)
     result = []
     for spec in specs if isinstance(specs, list) else [specs] if specs is not None else []:
         if isinstance(spec, (type, str)):
@@ -56,22 +63,54 @@ def hidden_state_specs(owner: nn.Module) -> list[tuple[type | None, str | None, 
     return result
 
 
-def record_hidden_states(model: nn.Module, routed: dict[str, nn.Module]) -> None:
-    """Hook each routed block as transformers would hook its original block (nothing for other models)."""
+def owners(model: nn.Module, routed: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The innermost Hugging Face model holding each routed block, whose ``_can_record_outputs`` apply to it (none
+    without transformers, or with one that collects outputs in the model's own loop)."""
     try:
         from transformers import PreTrainedModel
         from transformers.utils.output_capturing import install_output_capuring_hook  # noqa: F401
-    except ImportError:  # no transformers, or one that collects hidden states in the model's own loop
-        return
-    for path, block in routed.items():
+    except ImportError:
+        return {}
+    found = {}
+    for path in routed:
         parts = path.split(".")
         enclosing = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts))]  # the model, ..., the parent
         owner = next((m for m in reversed(enclosing) if isinstance(m, PreTrainedModel)), None)
-        if owner is None or getattr(owner, "_output_capturing_hooks_installed", False):
+        if owner is not None:
+            found[path] = owner
+    return found
+
+
+def matches(spec: tuple, module: nn.Module, path: str) -> bool:
+    """Whether transformers' recording ``spec`` (see :func:`recorded_specs`) hooks ``module`` at ``path``."""
+    target_class, class_name, layer_name = spec[:3]
+    name = "." + path  # how transformers names a module when it matches specs: a dot, then the path
+    found = (target_class is not None and isinstance(module, target_class)) or (class_name is not None and name.endswith(class_name))
+    return found and (layer_name is None or f".{layer_name.strip('.')}." in name + ".")
+
+
+def record_hidden_states(model: nn.Module, routed: dict[str, nn.Module]) -> None:
+    """Hook each routed block as transformers would hook its original block (nothing for other models)."""
+    for path, owner in owners(model, routed).items():
+        if getattr(owner, "_output_capturing_hooks_installed", False):
             continue  # where transformers hooked the model before routing, the block's own hook moved to the routed block
-        name = "." + path  # how transformers names a module when it matches specs: a dot, then the path
-        for target_class, class_name, layer_name, index, capture_initial in hidden_state_specs(owner):
-            matches = (target_class is not None and isinstance(block._block, target_class)) or (
-                class_name is not None and name.endswith(class_name))
-            if matches and (layer_name is None or f".{layer_name.strip('.')}." in name + "."):
-                block.register_forward_hook(HiddenStateRecorder(index, capture_initial))
+        block = routed[path]
+        for spec in recorded_specs(owner, "hidden_states"):
+            if matches(spec, block._block, path):
+                block.register_forward_hook(HiddenStateRecorder(*spec[3:]))
+
+
+def part_recorded_outputs(model: nn.Module, routed: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """Each output that transformers records from a part of a routed block: ``{key: (block path, part class)}``, the
+    first such part (``attentions``: its attention module; ``router_logits``: its sparse-MoE router)."""
+    found = {}
+    for path, owner in owners(model, routed).items():
+        for key in getattr(type(owner), "_can_record_outputs", None) or {}:
+            if key == "hidden_states" or key in found:
+                continue  # the blocks' own states: see record_hidden_states
+            specs = recorded_specs(owner, key)
+            for name, part in routed[path]._block.named_modules():
+                if name and any(matches(spec, part, f"{path}.{name}") for spec in specs):
+                    found[key] = (path, type(part).__name__)
+                    break
+    return found

@@ -49,6 +49,9 @@ class RoutingState:
     decoding = "all"
     #: Whether cached generation has said once that it decodes causally (see :mod:`modpass.kv_cache`).
     warned_causal_decoding = False
+    #: Outputs transformers records from parts of routed blocks, which routed calls leave out:
+    #: ``{key: (block path, part class)}`` (see :func:`modpass.output_recording.part_recorded_outputs`).
+    part_recorded_outputs: dict[str, tuple[str, str]] | None = None
 
     def __init__(self, tasks: Sequence[str], progress: bool | None = None):
         self.tasks = tuple(tasks)
@@ -180,16 +183,14 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     # Read by iterating over the keys: Dynamo then guards on the whole key set. For `pop(key, default)`
     # or `key in kwargs` it guards only on keys that are there (torch 2.7.1 to 2.13), so a forward compiled
     # without a route mask would have dropped one given later, silently.
-    routing = {}
+    routing, flags = {}, {}
     for key in list(kwargs):
         if key in ("task", "route_mask"):
             routing[key] = kwargs.pop(key)
-        elif key == "output_attentions" and kwargs[key] and not state.dense:
-            raise RoutingInputError(
-                "output_attentions=True: a routed block's attention runs inside its captured graph, over its selected "
-                "tokens, and no attention weights are recorded for it; the model would return fewer maps than it has "
-                "layers. Call without output_attentions (or inside modpass.dense(model) for the dense model's)."
-            )
+        elif key.startswith("output_"):
+            flags[key] = kwargs[key]
+    if not state.dense:
+        refuse_unrecorded_outputs(module, state, flags)
     state.task = routing.get("task", state.default_task)
     state.route_mask = routing.get("route_mask", state.default_route_mask)
     # groups() would notice the new task anyway; clearing here keeps the last
@@ -199,6 +200,31 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     for block in state.blocks:
         block.last_routing = []
     return args, kwargs
+
+
+def refuse_unrecorded_outputs(module: torch.nn.Module, state: RoutingState, flags: dict) -> None:
+    """Refuse a call that asks (by ``output_<key>=True``, or the model config's) for an output that transformers
+    records from a part of a routed block: a routed call runs the block's captured graph, which runs no hook on a part,
+    so the output would leave the routed layers out."""
+    config = getattr(module, "config", None)
+    for key in ("attentions", *(state.part_recorded_outputs or {})):
+        flag = f"output_{key}"
+        if not (flags[flag] if flag in flags else getattr(config, flag, False)):
+            continue
+        if key == "attentions":  # whatever records them: a routed block's attention runs on its selected tokens alone
+            raise RoutingInputError(
+                "output_attentions=True: a routed block's attention runs inside its captured graph, over its selected "
+                "tokens, and no attention weights are recorded for it; the model would return fewer maps than it has "
+                "layers. Call without output_attentions (or inside modpass.dense(model) for the dense model's)."
+            )
+        path, part = state.part_recorded_outputs[key]
+        raise RoutingInputError(
+            f"{flag}=True: transformers records {key} with a hook on a part of each layer ({part}; routed block "
+            f"{path} holds one), and a routed call runs the block's captured graph, which runs no such hook; the "
+            f"model's {key} (and what it computes from them, such as a sparse-MoE load-balancing loss) would leave the "
+            f"routed layers out. Call with {flag}=False (and the config's {flag} off), route only layers without "
+            f"{part} (layers=), or call inside modpass.dense(model) for the dense model's."
+        )
 
 
 def end_forward(module: torch.nn.Module, args: tuple, output) -> None:

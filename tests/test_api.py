@@ -135,6 +135,30 @@ def test_output_attentions_is_refused_rather_than_short():
             assert len(routed(input_ids=ids, output_attentions=True).attentions) == 2
 
 
+def test_sparse_moe_router_logits_are_refused_rather_than_short():
+    """transformers records a sparse-MoE router's logits with a hook on the router, a part of the block: a routed
+    call would leave its layer out of router_logits and of the load-balancing loss, so asking for them is refused,
+    by argument or by the config, compiled too; the dense model still gives them."""
+    model = models.mixtral(layers=2)
+    routed = modpass.transform(model, 0.5, layers=[1])
+    ids = torch.randint(0, 97, (2, 9))
+    refusal = "output_router_logits=True: transformers records router_logits with a hook on a part of each layer"
+    with torch.no_grad():
+        compiled = torch.compile(routed, backend="eager", fullgraph=True)
+        compiled(input_ids=ids)  # compiled without the flag: a call with it is refused all the same
+        for call in (routed, compiled):  # compiled with fullgraph=True, Dynamo reports the refusal as unsupported
+            with pytest.raises((modpass.RoutingInputError, torch._dynamo.exc.Unsupported), match=refusal):
+                call(input_ids=ids, output_router_logits=True)
+        routed.config.output_router_logits = True
+        with pytest.raises(modpass.RoutingInputError, match=refusal):
+            routed(input_ids=ids)
+        assert routed(input_ids=ids, output_router_logits=False).router_logits is None
+        with modpass.dense(routed):
+            assert len(routed(input_ids=ids).router_logits) == 2
+    assert modpass.transform(model, 0.5, layers=[1])._modpass_state.part_recorded_outputs["router_logits"] == (
+        "model.layers.1", type(model.model.layers[1].mlp.gate).__name__)
+
+
 def test_hooks_on_a_block_move_to_its_routed_block():
     model = models.NanoGPT()
     seen = []
