@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 from torch import nn
 
-from . import _compat, _structure, kv_cache
+from . import _compat, _structure, kv_cache, part_changes
 from ._compat import disable_compile
 from ._export import CALL_HOOKS
 from .errors import RoutingInputError, UnroutableBlockError
@@ -35,6 +36,11 @@ from .passes.token_axes import user_inputs
 from .plan import BlockPlan
 from .routing import capacity, row_capacities
 from .tasks import RoutingState, TaskGroup
+
+#: Where transformers' output-recording hooks come from (see :mod:`modpass.output_recording`).
+OUTPUT_RECORDER_MODULE = "transformers.utils.output_capturing"
+#: The per-module dicts of hook functions (the others of CALL_HOOKS hold flags about them).
+HOOK_FUNCTIONS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 #: Under torch.compile, the rows of a route-masked group share one call with a slot count rounded up
 #: to a multiple of this (at most the sequence length; see :meth:`RoutedBlock.share_one_call`).
@@ -89,6 +95,12 @@ capture_outside_the_graph = disable_compile(
     "and compiled without fullgraph (Dynamo passes blocks other arguments than eager mode does)."
 )
 
+recapture_outside_the_graph = disable_compile(
+    "modpass: a part of a routed block was replaced or added (an adapter such as PEFT's LoRA, a swapped module), so "
+    "its graphs are captured again, here, outside the compiled graph. Call the model once eagerly after changing it, "
+    "then compile."
+)
+
 # Reading each row's capacity in Python breaks the graph; said once here, where it happens.
 split_outside_the_graph = disable_compile(
     "modpass: under a route mask, rows of one task with different capacities run one call per "
@@ -141,6 +153,7 @@ class RoutedBlock(nn.Module):
         self.__dict__["_examples"] = [self.hidden_first(*call) for call in examples or []]
         # Autocast dtypes to prepare those calls under as well (modpass.prepare_autocast).
         self.__dict__["_autocast_dtypes"] = []
+        self.note_parts()
 
     # -- module plumbing ---------------------------------------------------------------------------
     @property
@@ -159,6 +172,24 @@ class RoutedBlock(nn.Module):
             if name in vars(block):
                 self.__dict__[name], block.__dict__[name] = vars(block)[name], empty[name]
 
+    def warn_of_hooks_on_parts(self) -> None:
+        """Say once, in eager mode, which of the block's parts (its attention, its MLP) carry hooks: an uncached routed
+        call runs the block's captured graph, which runs none of them (transformers' own output recorders aside,
+        whose outputs :func:`~modpass.tasks.refuse_unrecorded_outputs` refuses to leave short)."""
+        if self.__dict__.get("_warned_of_hooks_on_parts"):
+            return
+        hooked = [name for name, part in self._block.named_modules() if name and any(
+            getattr(hook, "__module__", None) != OUTPUT_RECORDER_MODULE
+            for hooks in HOOK_FUNCTIONS for hook in getattr(part, hooks).values())]
+        if hooked:
+            self.__dict__["_warned_of_hooks_on_parts"] = True
+            warnings.warn(
+                f"modpass: {self._plan.path}: hooks on {', '.join(hooked)} do not run in its routed calls, which run the "
+                "block's captured graph over its selected tokens; hooks on the block itself do (with its inputs and "
+                "outputs). Hook the block, or run the dense model (modpass.dense(model)) where the hooks must run.",
+                stacklevel=3,
+            )
+
     def __getattr__(self, name: str):
         # Model code reads its layers' settings (ModernBERT picks each layer's mask by layer.attention_type):
         # the block's public attributes answer for it. Private ones stay the routed block's own.
@@ -174,7 +205,8 @@ class RoutedBlock(nn.Module):
         changed = mode != self.training
         if changed:
             others = sum(b.training != mode for b in self._state.blocks if b is not self)
-            self._state.switching.block_starts("train" if mode else "eval", pending=others + 1)
+            self._state.switching.block_starts("train" if mode else "eval", pending=others + 1,
+                                               stage="preparing the routed graphs for this mode")
         self._block.training = mode
         super().train(mode)
         if changed:
@@ -188,6 +220,45 @@ class RoutedBlock(nn.Module):
         state = dict(self.__dict__)
         state["_analyses"], state["_routes"], state["_row_of"], state["last_routing"] = {}, {}, {}, []
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.note_parts()
+
+    def note_parts(self) -> None:
+        """Watch the block's parts for replacements (:mod:`modpass.part_changes`) and note its adapter layers' state."""
+        part_changes.watch(self)
+        self.__dict__["_adapter_layers"] = [m for m in self._block.modules() if hasattr(m, "_disable_adapters")]
+        self.__dict__["_adapter_state"] = self.adapter_state()
+
+    def adapter_state(self) -> tuple:
+        """What the block's adapter layers (PEFT's, by their attributes) compute with, which a capture bakes in:
+        whether adapters are disabled, which are active, which merged."""
+        return tuple((m._disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters)) for m in self._adapter_layers)
+
+    def parts_changed(self) -> bool:
+        return bool(self.__dict__.get("_parts_changed")) or self.adapter_state() != self._adapter_state
+
+    @recapture_outside_the_graph
+    def recapture(self) -> None:
+        """Capture the block's graphs again: a part of it was replaced or added, or its adapters' state changed."""
+        others = sum(b.parts_changed() for b in self._state.blocks if b is not self)
+        if self.adapter_state() != self._adapter_state:
+            warnings.warn(
+                "modpass: the adapters of routed blocks changed state (PEFT's disable_adapter(), set_adapter() or a "
+                "merge): their graphs, which bake it in, are captured again, about a second per block. Switching "
+                "adapters at every step pays that every time.",
+                stacklevel=4,
+            )
+        self.__dict__["_parts_changed"] = False
+        for cache in (self._analyses, self._routes, self._row_of):
+            cache.clear()
+        self.note_parts()  # the new parts too
+        self._state.switching.block_starts("recapture", pending=others + 1, stage="capturing the blocks whose parts changed")
+        try:
+            self.prepare()
+        finally:
+            self._state.switching.block_done()
 
     def extra_repr(self) -> str:
         ratios = {t: (None if r is None else float(r)) for t, r in self._plan.ratios.items()}
@@ -204,9 +275,13 @@ class RoutedBlock(nn.Module):
         state = self._state
         if state.dense:
             return self._block(*args, **kwargs)
+        if self.parts_changed():
+            self.recapture()
         cache = kv_cache.cache_argument(kwargs)
         # Not read for a cached call: its route mask is the prompt's, which a compiled decoding step must not guard on.
         task = None if cache is not None else state.whole_batch_task()
+        if cache is None and not torch.compiler.is_compiling():
+            self.warn_of_hooks_on_parts()
 
         def route(args, kwargs):
             # The records leave as an output, not by appending to last_routing: a checkpointed
@@ -590,7 +665,7 @@ class RoutedBlock(nn.Module):
             return
         others = sum(block.converts_under(fn) for block in self._state.blocks if block is not self)
         self.__dict__["_examples"] = [_structure.replace(call, [fn(t) for t in _structure.tensors(call)]) for call in self._examples]
-        self._state.switching.block_starts("to", pending=others + 1)
+        self._state.switching.block_starts("to", pending=others + 1, stage="preparing the routed graphs for the converted calls")
         try:
             self.prepare()
         finally:

@@ -56,12 +56,12 @@ class ModeSwitchProgress:
         self._progress: Progress | None = None
         self._left = 0
 
-    def block_starts(self, verb: str, pending: int) -> None:
-        """A block begins preparing for ``verb`` (``train``, ``eval``, ``to``); ``pending`` blocks, itself included, have yet to."""
+    def block_starts(self, verb: str, pending: int, stage: str) -> None:
+        """A block begins preparing for ``verb`` (``train``, ``eval``, ``to``, ``recapture``), shown as ``stage``;
+        ``pending`` blocks, itself included, have yet to."""
         if self._left == 0:
             self._progress = Progress(self._enabled, verb, blocks=pending)
-            self._progress.stage("preparing the routed graphs for this mode" if verb in ("train", "eval")
-                                 else "preparing the routed graphs for the converted calls")
+            self._progress.stage(stage)
             self._left = pending
 
     def block_done(self) -> None:

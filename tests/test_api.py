@@ -159,7 +159,7 @@ def test_sparse_moe_router_logits_are_refused_rather_than_short():
         "model.layers.1", type(model.model.layers[1].mlp.gate).__name__)
 
 
-def test_hooks_on_a_block_move_to_its_routed_block():
+def test_hooks_on_a_block_move_to_its_routed_block_and_hooks_on_its_parts_are_said_not_to_run():
     model = models.NanoGPT()
     seen = []
     model.h[1].register_forward_hook(lambda module, args, output: seen.append((module, output)))
@@ -169,14 +169,72 @@ def test_hooks_on_a_block_move_to_its_routed_block():
     seen.clear()  # the whole model's capture calls them with fake tensors
     inside.clear()
     idx = torch.randint(0, 61, (2, 12))
-    routed(idx)
+    with pytest.warns(UserWarning, match="h.1: hooks on mlp do not run in its routed calls") as said:
+        routed(idx)
+        routed(idx)
+    assert len([w for w in said if "hooks on" in str(w.message)]) == 1 and not inside, "said once; the hook did not run"
     with modpass.dense(routed):
         routed(idx)
+    assert len(inside) == 1
     modpass.prepare_autocast(routed, torch.bfloat16)  # captures the block again: that must call no hook
-    assert [module for module, _ in seen] == [routed.h[1]] * 2
+    assert [module for module, _ in seen] == [routed.h[1]] * 3
     assert all(type(output) is torch.Tensor and output.shape == (2, 12, 32) for _, output in seen)
     assert not routed.h[1]._block._forward_hooks, "the block modpass captures keeps no hooks"
     assert all(type(output) is torch.Tensor for output in inside), "a capture runs no hook of the block's parts"
+
+
+class LowRankAdapter(nn.Module):
+    """A LoRA layer as PEFT writes one: the wrapped layer plus a low-rank update, answering for the wrapped layer's
+    ``weight`` (so code that reads it by name still finds it, and a graph captured before would run on unchanged),
+    and PEFT's adapter state (``disable_adapter()`` sets ``_disable_adapters`` on every such layer)."""
+
+    _disable_adapters = False
+    active_adapters = ("default",)
+    merged_adapters = ()
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) if self._disable_adapters else self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_parts_replaced_after_routing_run_in_routed_calls():
+    """An adapter wrapped around a projection inside a routed block, and a module that replaces a child of the routed
+    block, run in its next routed call (its graphs are captured again), in its block too, and compiled after that;
+    so does switching the adapter off and on."""
+    routed = modpass.transform(models.llama(layers=2), 1.0, layers=[1])
+    layer = routed.model.layers[1]
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = routed(input_ids=ids).logits
+        layer.self_attn.q_proj = LowRankAdapter(layer.self_attn.q_proj)
+        layer.mlp = nn.Sequential(layer.mlp, nn.Tanh())
+        assert layer._block.mlp is layer.mlp, "the routed block's children are its block's"
+        after = routed(input_ids=ids).logits
+        with modpass.dense(routed):
+            dense = routed(input_ids=ids).logits
+        close_to_dense(after, dense)
+        assert not torch.allclose(after, before, atol=1e-3)
+        assert not layer.__dict__.get("_parts_changed"), "captured again once, not at every call"
+        compiled = torch.compile(routed, backend="eager", fullgraph=True)
+        close_to_dense(compiled(input_ids=ids).logits, dense)
+        layer.self_attn.q_proj._disable_adapters = True
+        with pytest.warns(UserWarning, match="adapters of routed blocks changed state"):
+            adapter_off = routed(input_ids=ids).logits
+        with modpass.dense(routed):
+            close_to_dense(adapter_off, routed(input_ids=ids).logits)
+        layer.self_attn.q_proj._disable_adapters = False
+        with pytest.warns(UserWarning, match="adapters of routed blocks changed state"):
+            close_to_dense(routed(input_ids=ids).logits, dense)
 
 
 def test_failed_inplace_transform_leaves_no_half_routed_model():

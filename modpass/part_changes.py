@@ -1,0 +1,55 @@
+"""Routed blocks notice when a part of theirs is replaced or added after routing.
+
+A routed call runs a graph captured from the block: a module put into the
+block later (PEFT's LoRA layers wrap its projections, bitsandbytes swaps its
+``Linear`` layers, a user replaces its MLP) would never run, and where the new
+module still answers for the old one's ``weight`` (PEFT's layers do), the
+graph would go on with the old computation, silently. torch calls a global hook
+whenever any module registers a submodule (:func:`torch.nn.modules.module.register_module_module_registration_hook`);
+modpass's hook marks the routed block that holds the changed module, and the
+block captures its graphs again on its next call (``RoutedBlock.recapture``).
+
+A module replaced as a direct child of the routed block goes to the block it
+routes as well, which modpass captures and runs for ``modpass.dense``: the two
+share their children.
+
+PEFT's adapter layers also carry Python state that their forward reads and a
+capture bakes in (``disable_adapter()``, ``set_adapter``, merges): a routed block
+compares it at each call (``RoutedBlock.adapter_state``). Other Python state a
+part reads (a flag set on a module) is not seen.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+#: Each module inside a routed block -> that routed block (both weakly).
+_routed_block_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_routed_blocks: weakref.WeakSet = weakref.WeakSet()
+_hook: torch.utils.hooks.RemovableHandle | None = None
+
+
+def watch(routed_block: nn.Module) -> None:
+    """Mark ``routed_block`` (a ``RoutedBlock``) changed when any module inside the block it routes registers a
+    submodule."""
+    global _hook
+    if _hook is None:
+        _hook = torch.nn.modules.module.register_module_module_registration_hook(_on_registration)
+    _routed_blocks.add(routed_block)
+    owner = weakref.ref(routed_block)
+    for part in routed_block._block.modules():
+        _routed_block_of[part] = owner
+
+
+def _on_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    if module in _routed_blocks:  # a routed block's own child (not its routers): its block's as well
+        if name in module._block._modules:
+            setattr(module._block, name, submodule)  # which comes back here, as a change of the block
+        return
+    owner = _routed_block_of.get(module)
+    routed_block = owner() if owner is not None else None
+    if routed_block is not None:
+        routed_block.__dict__["_parts_changed"] = True
