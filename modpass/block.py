@@ -250,7 +250,7 @@ class RoutedBlock(nn.Module):
                 "adapters at every step pays that every time.",
                 stacklevel=4,
             )
-        self.__dict__["_parts_changed"] = False
+        self.__dict__.pop("_parts_changed", None)  # absent, as before any change: what a compiled call guards on
         for cache in (self._analyses, self._routes, self._row_of):
             cache.clear()
         self.note_parts()  # the new parts too

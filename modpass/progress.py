@@ -44,9 +44,10 @@ class Progress:
 
 
 class ModeSwitchProgress:
-    """One bar over the routed blocks that prepare graphs when their model switches mode or converts.
+    """One bar over the routed blocks that prepare graphs when their model switches mode or converts, or their parts
+    change.
 
-    ``model.train()`` and ``model.to(...)`` visit the blocks one by one; the
+    ``model.train()`` and ``model.to(...)`` (and a forward, after parts changed) visit the blocks one by one; the
     first block that has work opens the bar for the blocks that have it too,
     and the bar closes when they have all prepared.
     """
