@@ -178,7 +178,7 @@ class RoutedBlock(nn.Module):
         whose outputs :func:`~modpass.tasks.refuse_unrecorded_outputs` refuses to leave short)."""
         if self.__dict__.get("_warned_of_hooks_on_parts"):
             return
-        hooked = [name for name, part in self._block.named_modules() if name and any(
+        hooked = [name for name, part in self._parts if any(
             getattr(hook, "__module__", None) != OUTPUT_RECORDER_MODULE
             for hooks in HOOK_FUNCTIONS for hook in getattr(part, hooks).values())]
         if hooked:
@@ -226,9 +226,10 @@ class RoutedBlock(nn.Module):
         self.note_parts()
 
     def note_parts(self) -> None:
-        """Watch the block's parts for replacements (:mod:`modpass.part_changes`) and note its adapter layers' state."""
+        """Watch the block's parts for replacements (:mod:`modpass.part_changes`); note them and their adapters' state."""
         part_changes.watch(self)
-        self.__dict__["_adapter_layers"] = [m for m in self._block.modules() if hasattr(m, "_disable_adapters")]
+        self.__dict__["_parts"] = [(name, part) for name, part in self._block.named_modules() if name]
+        self.__dict__["_adapter_layers"] = [part for _, part in self._parts if hasattr(part, "_disable_adapters")]
         self.__dict__["_adapter_state"] = self.adapter_state()
 
     def adapter_state(self) -> tuple:
