@@ -133,7 +133,8 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 f"{where}: output {j} (shape {tuple(val.shape)}) is indexed by token and computed by the block (attention "
                 "weights, cache entries, or a tensor that later layers read); a routed block returns a new hidden state "
                 "per token and its other inputs as they came, nothing else indexed by token. Turn such outputs off "
-                "where the model can (output_attentions=False, use_cache=False), or leave this block dense with layers=."
+                "where the model can (output_attentions=False, output_router_logits=False, use_cache=False), or leave "
+                "this block dense with layers=."
             )
     gm.meta["modpass_token_symbol"] = token
     gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
