@@ -292,13 +292,17 @@ def default_task(
     refuses keyword arguments its model's signature does not name. ``task``
     takes the forms ``task=`` takes (a name, one name per sequence, or a
     LongTensor of task indices); it is checked on each call, against that
-    call's batch. None leaves calls without a default task, as outside.
+    call's batch, and a list or tensor of one task per prompt covers each
+    prompt's repeats in a batch that is a multiple of it (``generate()``'s
+    beams and ``num_return_sequences``). None leaves calls without a default
+    task, as outside.
 
     ``route_mask`` (``(batch, tokens)`` bool) is the same for calls that give
-    no ``route_mask=``, with one difference: on a longer sequence it covers
-    the first tokens and the rest are outside it (always processed). So it
-    marks the prompt's routable tokens for ``generate()``, which appends the
-    generated tokens, with or without a KV cache: both give the same tokens.
+    no ``route_mask=``, with two differences: on a longer sequence it covers
+    the first tokens and the rest are outside it (always processed), and a
+    row per prompt covers its repeats, as a task list does. So it marks the
+    prompt's routable tokens for ``generate()``, which appends the generated
+    tokens, with or without a KV cache: both give the same tokens.
     """
     state = routing_state(model, "default_task")
     if isinstance(task, str):

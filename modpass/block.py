@@ -329,7 +329,7 @@ class RoutedBlock(nn.Module):
             k = capacity(args[0].shape[1], *self.ratio_terms(group.task))
         form = "per_row" if group.row_capacity is not None else "given" if k is not None else "ratio"
         route = self.route(form, group.task, args, kwargs)
-        mask = self.group_route_mask(group, args[0].shape[1])
+        mask = self.group_route_mask(group, *args[0].shape[:2])
         inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k,
                                    route_mask=mask, row_capacity=group.row_capacity)
         *outputs, logits, index, padding, extra = route.graph(*inputs)
@@ -531,8 +531,9 @@ class RoutedBlock(nn.Module):
         autocast = torch.is_autocast_enabled(device)
         return (self.training, autocast, torch.get_autocast_dtype(device) if autocast else None)
 
-    def group_route_mask(self, group: TaskGroup, tokens) -> torch.Tensor | None:
-        mask = self._state.route_mask_over(tokens)
+    def group_route_mask(self, group: TaskGroup, rows: int, tokens) -> torch.Tensor | None:
+        """The route mask of ``group``'s ``rows`` sequences (of the forward's batch, for a group of some of its rows)."""
+        mask = self._state.route_mask_over(rows if group.rows is None else self._state.batch, tokens)
         if mask is None or group.capacity is None:
             return None
         return group.rows_of(mask)

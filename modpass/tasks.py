@@ -80,21 +80,26 @@ class RoutingState:
             return self.check(self.task)
         return None
 
-    def route_mask_over(self, tokens) -> torch.Tensor | None:
-        """The route mask of a call over ``tokens`` tokens.
+    def route_mask_over(self, batch: int, tokens) -> torch.Tensor | None:
+        """The route mask of a call of ``batch`` sequences over ``tokens`` tokens.
 
         A default route mask shorter than that covers the first tokens, and
-        the rest (appended by ``generate()``) are outside it; a mask given
+        the rest (appended by ``generate()``) are outside it; one with fewer
+        rows covers each prompt's repeats (:func:`per_prompt`). A mask given
         with the call is taken as it is.
         """
         mask = self.route_mask
-        if mask is None or mask is not self.default_route_mask or mask.shape[1] >= tokens:
+        if mask is None or mask is not self.default_route_mask:
+            return mask
+        if mask.shape[0] != batch and batch % mask.shape[0] == 0:
+            mask = per_prompt(mask, batch)
+        if mask.shape[1] >= tokens:
             return mask
         return torch.cat([mask, mask.new_zeros(mask.shape[0], tokens - mask.shape[1])], dim=1)
 
     def checked_route_mask(self, batch: int, tokens, where: str) -> torch.Tensor | None:
         """:meth:`route_mask_over` for a block's call of ``(batch, tokens)``, refused unless it is a bool mask of that shape."""
-        mask = self.route_mask_over(tokens)
+        mask = self.route_mask_over(batch, tokens)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens)):
             got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             other_sequence = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
@@ -113,6 +118,11 @@ class RoutingState:
             cached = self.cached_groups = (self.task, batch, self.split(batch))
         return cached[2]
 
+    @property
+    def batch(self) -> int:
+        """The number of sequences of the forward that :meth:`groups` split."""
+        return self.cached_groups[1]
+
     def split(self, batch: int) -> list[TaskGroup]:
         task = self.task
         if task is None:
@@ -126,6 +136,8 @@ class RoutingState:
                 raise RoutingInputError(f"task tensor must be a 1-D integer tensor of task indices, got dtype {task.dtype} and shape {tuple(task.shape)}.")
         elif not isinstance(task, Sequence):
             raise RoutingInputError(f"task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
+        if len(task) != batch and task is self.default_task and batch % len(task) == 0:
+            task = per_prompt(task, batch)
         if len(task) != batch:
             raise RoutingInputError(f"task lists {len(task)} entries but the batch has {batch} sequences; give one task per sequence.")
         if not isinstance(task, torch.Tensor):
@@ -175,6 +187,15 @@ class RoutingState:
         if name not in self.tasks:
             raise RoutingInputError(f"unknown task {name!r}; this model routes tasks {list(self.tasks)}.")
         return name  # type: ignore[return-value]
+
+
+def per_prompt(rows, batch: int):
+    """``rows`` (a default task list or route mask, a row per prompt) for a call of ``batch`` sequences that repeats
+    each prompt ``batch // len(rows)`` times in a row, as ``generate()`` does for beams and ``num_return_sequences``."""
+    repeats = batch // len(rows)
+    if isinstance(rows, torch.Tensor):
+        return rows.repeat_interleave(repeats, dim=0)
+    return [row for row in rows for _ in range(repeats)]
 
 
 def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):

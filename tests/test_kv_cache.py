@@ -180,6 +180,30 @@ def test_beam_search_reorders_a_routed_layers_key_positions():
     assert beams.shape == (3, 14)
 
 
+def test_a_default_task_and_route_mask_per_prompt_cover_its_beams_and_returned_sequences():
+    """generate() repeats each prompt for its beams and returned sequences: a default task list, task ids or route mask
+    with a row per prompt covers its repeats, and each prompt generates as it would alone; only the defaults repeat."""
+    routed = routed_llama({"t2i": 0.25, "mmu": [1.0, 1.0, 1.0, 0.5]})
+    prompt = torch.randint(1, 97, (2, 9))
+    route_mask = torch.ones_like(prompt, dtype=torch.bool)
+    route_mask[0, :3] = False
+    route_mask[1, 5:] = False
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        alone = []
+        for row, task in enumerate(["t2i", "mmu"]):
+            with modpass.default_task(routed, task, route_mask=route_mask[row:row + 1]):
+                alone.append(routed.generate(prompt[row:row + 1], **beams))
+        for tasks in (["t2i", "mmu"], torch.tensor([0, 1])):
+            with modpass.default_task(routed, tasks, route_mask=route_mask):
+                torch.testing.assert_close(routed.generate(prompt, **beams), torch.cat(alone), rtol=0, atol=0)
+        with pytest.raises(modpass.RoutingInputError, match="task lists 2 entries but the batch has 4"):
+            routed(input_ids=prompt.repeat(2, 1), task=["t2i", "mmu"])
+        with pytest.raises(modpass.RoutingInputError, match="task lists 2 entries but the batch has 3"), \
+                modpass.default_task(routed, ["t2i", "mmu"]):
+            routed(input_ids=prompt[:1].repeat(3, 1))
+
+
 def test_cropping_generated_tokens_keeps_the_positions_and_cropping_the_prompt_is_refused():
     routed = routed_llama()
     prompt = torch.randint(1, 97, (2, 11))
