@@ -228,7 +228,7 @@ def refuse_unrecorded_outputs(module: torch.nn.Module, state: RoutingState, flag
     records from a part of a routed block: a routed call runs the block's captured graph, which runs no hook on a part,
     so the output would leave the routed layers out."""
     config = getattr(module, "config", None)
-    for key in ("attentions", *(state.part_recorded_outputs or {})):
+    for key in dict.fromkeys(("attentions", *(state.part_recorded_outputs or {}))):
         flag = f"output_{key}"
         if not (flags[flag] if flag in flags else getattr(config, flag, False)):
             continue
