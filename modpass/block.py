@@ -531,9 +531,10 @@ class RoutedBlock(nn.Module):
         autocast = torch.is_autocast_enabled(device)
         return (self.training, autocast, torch.get_autocast_dtype(device) if autocast else None)
 
-    def group_route_mask(self, group: TaskGroup, rows: int, tokens) -> torch.Tensor | None:
-        """The route mask of ``group``'s ``rows`` sequences (of the forward's batch, for a group of some of its rows)."""
-        mask = self._state.route_mask_over(rows if group.rows is None else self._state.batch, tokens)
+    def group_route_mask(self, group: TaskGroup, sequences: int, tokens) -> torch.Tensor | None:
+        """The route mask of the call of ``group``, ``sequences`` long (the forward's batch, for a group of some of
+        its rows)."""
+        mask = self._state.route_mask_over(sequences if group.rows is None else self._state.batch, tokens)
         if mask is None or group.capacity is None:
             return None
         return group.rows_of(mask)
