@@ -18,6 +18,7 @@ from .errors import (
     ModpassError,
     NoBlocksError,
     PlanError,
+    RouterError,
     RoutingInputError,
     UnroutableBlockError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "NoBlocksError",
     "PlanError",
     "RoutedBlock",
+    "RouterError",
     "RoutingInputError",
     "RoutingPlan",
     "UnroutableBlockError",

@@ -31,7 +31,7 @@ from torch import nn
 from . import _compat, _structure, kv_cache, part_changes
 from ._compat import disable_compile
 from ._export import CALL_HOOKS
-from .errors import RoutingInputError, UnroutableBlockError
+from .errors import RouterError, RoutingInputError, UnroutableBlockError
 from .passes.token_axes import user_inputs
 from .plan import BlockPlan
 from .routing import capacity, row_capacities
@@ -41,6 +41,12 @@ from .tasks import RoutingState, TaskGroup
 OUTPUT_RECORDER_MODULE = "transformers.utils.output_capturing"
 #: The per-module dicts of hook functions (the others of CALL_HOOKS hold flags about them).
 HOOK_FUNCTIONS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+#: How to train routers beside a PEFT adapter, which :meth:`RoutedBlock.router` reads through.
+PEFT_ROUTERS_HINT = (
+    " With PEFT: LoraConfig(..., exclude_modules=['mod_routers.{task}'], modules_to_save=['mod_routers.{task}']) "
+    "(one entry per task), which trains a copy of each router that modpass reads."
+)
 
 #: Under torch.compile, the rows of a route-masked group share one call with a slot count rounded up
 #: to a multiple of this (at most the sequence length; see :meth:`RoutedBlock.share_one_call`).
@@ -229,13 +235,26 @@ class RoutedBlock(nn.Module):
         """Watch the block's parts for replacements (:mod:`modpass.part_changes`); note them and their adapters' state."""
         part_changes.watch(self)
         self.__dict__["_parts"] = [(name, part) for name, part in self._block.named_modules() if name]
-        self.__dict__["_adapter_layers"] = [part for _, part in self._parts if hasattr(part, "_disable_adapters")]
+        self.__dict__["_adapter_layers"] = {name: part for name, part in self._parts if hasattr(part, "_disable_adapters")}
         self.__dict__["_adapter_state"] = self.adapter_state()
 
     def adapter_state(self) -> tuple:
         """What the block's adapter layers (PEFT's, by their attributes) compute with, which a capture bakes in:
         whether adapters are disabled, which are active, which merged."""
-        return tuple((m._disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters)) for m in self._adapter_layers)
+        return tuple((m._disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters)) for m in self._adapter_layers.values())
+
+    def refuse_mixed_adapters(self) -> None:
+        """PEFT runs a batch that mixes adapters (``adapter_names=``) by hooking its adapter layers for that call; a
+        routed call runs a graph captured with one adapter state, so every row would get the active adapter."""
+        hooked = [name for name, layer in self._adapter_layers.items() if layer._forward_pre_hooks]
+        if hooked:
+            raise RoutingInputError(
+                f"{self._plan.path}: its adapter layers ({', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''}) "
+                "carry forward pre-hooks, as PEFT sets them for a batch that mixes adapters (adapter_names=). A routed "
+                "call runs the block's graph captured with one adapter state, so every row would get the active "
+                "adapter. Run each adapter's rows as a batch of their own after set_adapter(), or run the dense model "
+                "(modpass.dense(model))."
+            )
 
     def parts_changed(self) -> bool:
         return bool(self.__dict__.get("_parts_changed")) or self.adapter_state() != self._adapter_state
@@ -278,6 +297,7 @@ class RoutedBlock(nn.Module):
             return self._block(*args, **kwargs)
         if self.parts_changed():
             self.recapture()
+        self.refuse_mixed_adapters()
         cache = kv_cache.cache_argument(kwargs)
         # Not read for a cached call: its route mask is the prompt's, which a compiled decoding step must not guard on.
         task = None if cache is not None else state.whole_batch_task()
@@ -330,11 +350,39 @@ class RoutedBlock(nn.Module):
         form = "per_row" if group.row_capacity is not None else "given" if k is not None else "ratio"
         route = self.route(form, group.task, args, kwargs)
         mask = self.group_route_mask(group, *args[0].shape[:2])
-        inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.mod_routers[group.task], capacity=k,
+        inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.router(group.task), capacity=k,
                                    route_mask=mask, row_capacity=group.row_capacity)
         *outputs, logits, index, padding, extra = route.graph(*inputs)
         records.append((group.task, logits, index, group.rows, mask, padding, extra))
         return _structure.fill(route.outputs, outputs)
+
+    def router(self, task: str) -> nn.Linear:
+        """The ``Linear`` that scores ``task``'s tokens here, whose weight and bias routed calls read: a router is never
+        called as a module. PEFT's ``modules_to_save`` wrapper stands for the copy it runs. Any other wrapper (PEFT's
+        LoRA layer, which answers for its base layer's ``weight``) or a hook on a router would be left out, and is
+        refused rather than ignored."""
+        module = self.mod_routers[task]
+        while True:
+            where = f"{self._plan.path}: the router of task {task!r} (mod_routers.{task})"
+            if any(getattr(module, hooks) for hooks in HOOK_FUNCTIONS):
+                raise RouterError(
+                    f"{where} has hooks, which would never run: routed calls read a router's weight and bias and do not "
+                    "call it. Read its scores from the block's routing records (block.last_routing) instead; PEFT hooks "
+                    "its layers for a batch that mixes adapters (adapter_names=), which a routed model cannot run."
+                )
+            if type(module).forward is nn.Linear.forward:
+                return module
+            if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+                # PEFT's wrapper runs, and answers attribute reads for, its active adapter's copy (or the original).
+                adapters = module.active_adapters
+                module = module.original_module if module.disable_adapters or not adapters else module.modules_to_save[adapters[0]]
+                continue
+            raise RouterError(
+                f"{where} is a {type(module).__module__}.{type(module).__qualname__}, not a torch.nn.Linear: routed calls read a "
+                "router's weight and bias and do not call it, so what the wrapper adds (a LoRA adapter's update) would "
+                "be left out, and its parameters would not train. Leave the routers out of adapters and train them as "
+                "they are." + PEFT_ROUTERS_HINT.format(task=task)
+            )
 
     def route(self, form: str, task: str, args: tuple, kwargs: dict) -> Route | None:
         """The routed graph of this call structure for ``task``, built on first use.

@@ -34,3 +34,7 @@ class RoutingInputError(ModpassError, ValueError):
 
 class PlanError(ModpassError):
     """A saved routing plan does not fit the model it is applied to."""
+
+
+class RouterError(ModpassError):
+    """A routed block's router was wrapped or hooked in a way that routed calls, which read its weight and bias, would leave out."""

@@ -165,7 +165,7 @@ class RowTasks:
         return part if group.rows is None else whole.index_copy(0, group.rows.to(whole.device), part)
 
     def router_logits(self, group: TaskGroup, hidden: torch.Tensor) -> torch.Tensor:
-        router = self.block.mod_routers[group.task]
+        router = self.block.router(group.task)
         return routing.router_logits(hidden, router.weight, router.bias)
 
     def logits_of(self, selected: torch.Tensor) -> torch.Tensor:

@@ -240,6 +240,20 @@ def test_parts_replaced_after_routing_run_in_routed_calls():
             close_to_dense(routed(input_ids=ids).logits, dense)
 
 
+def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_routed):
+    """Routed calls read a router's weight and bias: a hook on it, or a module that wraps it, would be left out."""
+    routed = copy.deepcopy(llama_and_routed[1])
+    routers = routed.model.layers[1].mod_routers
+    ids = torch.randint(0, 97, (2, 10))
+    handle = routers.default.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(modpass.RouterError, match=r"model.layers.1: the router of task 'default' .* has hooks"):
+        routed(input_ids=ids)
+    handle.remove()
+    routers.default = LowRankAdapter(routers.default)
+    with pytest.raises(modpass.RouterError, match=r"is a tests.test_api.LowRankAdapter, not a torch.nn.Linear"):
+        routed(input_ids=ids)
+
+
 def test_failed_inplace_transform_leaves_no_half_routed_model():
     model = MixedStack().eval()
     with pytest.raises(modpass.UnroutableBlockError):
