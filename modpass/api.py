@@ -185,8 +185,8 @@ def apply_plan(
 
 
 def routing_state(model: nn.Module, verb: str) -> RoutingState:
-    """The routing state of a model routed by modpass (or of its torch.compile wrapper); ``verb`` names the caller."""
-    state = getattr(uncompiled(model), "_modpass_state", None)
+    """The routing state of a model routed by modpass (or of a wrapper of it); ``verb`` names the caller."""
+    state = getattr(routed_model(model), "_modpass_state", None)
     if state is None:
         raise ConfigError(f"{verb}() takes a model routed by modpass.transform or modpass.load.")
     return state
@@ -222,7 +222,7 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     changes reuse that graph. Each block builds its graphs for the new
     capacities (seconds per block); ``progress`` is as for ``transform``.
     """
-    given, model = model, uncompiled(model)
+    given, model = model, routed_model(model)
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("set_ratios() takes a model routed by modpass.transform or modpass.load.")
@@ -272,14 +272,22 @@ def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> di
     return calls
 
 
+def routed_model(model: nn.Module) -> nn.Module:
+    """The module that ``transform`` routed, whose plan it carries: ``model``, or the one inside a wrapper of it
+    (torch.compile's, PEFT's). The plan's block paths are relative to it. ``model`` itself where nothing is routed."""
+    model = uncompiled(model)
+    return next((m for m in model.modules() if "_modpass_plan" in vars(m)), model)
+
+
 def routing_plan_of(model: nn.Module) -> RoutingPlan | None:
-    """The routing plan of a routed model (or of its torch.compile wrapper), or None for a model modpass has not routed."""
-    return getattr(uncompiled(model), "_modpass_plan", None)
+    """The routing plan of a routed model (or of a wrapper of it), or None for a model modpass has not routed."""
+    return vars(routed_model(model)).get("_modpass_plan")
 
 
 def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
-    """A routed model's ``RoutedBlock`` modules by their paths in the model (the plan's paths, also through a torch.compile wrapper)."""
-    return {name: m for name, m in uncompiled(model).named_modules() if isinstance(m, RoutedBlock)}
+    """A routed model's ``RoutedBlock`` modules by their paths in the routed model (the plan's paths, also through a
+    wrapper of it)."""
+    return {name: m for name, m in routed_model(model).named_modules() if isinstance(m, RoutedBlock)}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import flop_counter
 
-from .api import routed_blocks, routing_plan_of
+from .api import routed_blocks, routed_model, routing_plan_of
 from .errors import ConfigError
 
 _aten = torch.ops.aten
@@ -105,6 +105,7 @@ def flops(model: torch.nn.Module, inputs: Mapping | tuple, task: str | None = No
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("flops() takes a model routed by modpass.transform or modpass.load.")
+    model = routed_model(model)  # counted eagerly, under the plan's paths
     tasks = [task] if task is not None else list(plan.tasks)
     report = FlopReport()
     paths = list(routed_blocks(model))

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._compat import uncompiled
 from .api import apply_plan, refuse_compiled, routed_blocks, routing_plan_of
 from .errors import ConfigError, PlanError
 from .inputs import capture_inputs
@@ -48,11 +47,11 @@ def router_names(plan: RoutingPlan) -> dict[str, tuple[int, ...]]:
 
 def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model``'s routing plan and router weights to ``directory``; returns the path."""
-    model = uncompiled(model)
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("save() takes a model routed by modpass.transform or modpass.load.")
-    unsaved = sorted(f"{name}.mod_routers.{task}" for name, block in routed_blocks(model).items()
+    blocks = routed_blocks(model)
+    unsaved = sorted(f"{name}.mod_routers.{task}" for name, block in blocks.items()
                      for task in block.mod_routers if task not in plan.block(name).routed_tasks())
     if unsaved:
         warnings.warn(
@@ -62,8 +61,9 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
         )
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    tensors = {name: state[name].detach().cpu().contiguous() for name in router_names(plan)}
+    # Read from the routers routed calls read (behind a PEFT wrapper, the trained copy), under the plan's names.
+    tensors = {f"{block.path}.mod_routers.{task}.{name}": getattr(blocks[block.path].router(task), name).detach().cpu().contiguous()
+               for block in plan.blocks for task in block.routed_tasks() for name in ("weight", "bias")}
     save_file(tensors, str(path / ROUTER_FILE), metadata={"format": "modpass-routers"})
     (path / PLAN_FILE).write_text(plan.to_json())
     return path
