@@ -261,24 +261,28 @@ class RoutedBlock(nn.Module):
 
     @recapture_outside_the_graph
     def recapture(self) -> None:
-        """Capture the block's graphs again: a part of it was replaced or added, or its adapters' state changed."""
-        others = sum(b.parts_changed() for b in self._state.blocks if b is not self)
-        if self.adapter_state() != self._adapter_state:
+        """Capture the graphs of every routed block of the model whose parts were replaced or added, or whose adapters
+        changed state, this one first. All at once: a forward need not call them all (a text batch skips the vision
+        tower), and the progress bar counts them."""
+        changed = [self, *(b for b in self._state.blocks if b is not self and b.parts_changed())]
+        if any(b.adapter_state() != b._adapter_state for b in changed):
             warnings.warn(
                 "modpass: the adapters of routed blocks changed state (PEFT's disable_adapter(), set_adapter() or a "
                 "merge): their graphs, which bake it in, are captured again, about a second per block. Switching "
                 "adapters at every step pays that every time.",
                 stacklevel=4,
             )
-        self.__dict__.pop("_parts_changed", None)  # absent, as before any change: what a compiled call guards on
-        for cache in (self._analyses, self._routes, self._row_of):
-            cache.clear()
-        self.note_parts()  # the new parts too
-        self._state.switching.block_starts("recapture", pending=others + 1, stage="capturing the blocks whose parts changed")
-        try:
-            self.prepare()
-        finally:
-            self._state.switching.block_done()
+        switching = self._state.switching
+        for block in changed:
+            block.__dict__.pop("_parts_changed", None)  # absent, as before any change: what a compiled call guards on
+            for cache in (block._analyses, block._routes, block._row_of):
+                cache.clear()
+            block.note_parts()  # the new parts too
+            switching.block_starts("recapture", pending=len(changed), stage="capturing the blocks whose parts changed")
+            try:
+                block.prepare()
+            finally:
+                switching.block_done()
 
     def extra_repr(self) -> str:
         ratios = {t: (None if r is None else float(r)) for t, r in self._plan.ratios.items()}

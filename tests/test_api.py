@@ -680,5 +680,11 @@ def test_progress_counts_the_routed_blocks_on_request_and_is_quiet_off_a_termina
     assert "modpass.to" in shown and "2/2" in shown and shown.count("\n") == 1
     routed.to(torch.float64)
     assert capsys.readouterr().err == "", "nothing to convert, nothing to prepare"
+    for block in (routed.h[1], routed.h[3]):
+        block.mlp.append(nn.Identity())
+    routed.h[3](torch.randn(2, 8, routed.h[3].ln_1.normalized_shape[0], dtype=torch.float64))  # a call of one block
+    shown = capsys.readouterr().err
+    assert "modpass.recapture" in shown and "2/2" in shown and shown.count("\n") == 1, "one bar over both, closed"
+    assert not any(b.parts_changed() for b in (routed.h[1], routed.h[3]))
     with pytest.raises(modpass.ConfigError, match="progress must be True, False or None"):
         modpass.transform(model, 0.5, progress="yes")
