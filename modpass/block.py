@@ -102,9 +102,9 @@ capture_outside_the_graph = disable_compile(
 )
 
 recapture_outside_the_graph = disable_compile(
-    "modpass: a part of a routed block was replaced or added (an adapter such as PEFT's LoRA, a swapped module), so "
-    "its graphs are captured again, here, outside the compiled graph. Call the model once eagerly after changing it, "
-    "then compile."
+    "modpass: a part of a routed block was replaced or added (an adapter such as PEFT's LoRA, a swapped module), or "
+    "its adapters' state or attention implementation changed, so its graphs are captured again, here, outside the "
+    "compiled graph. Call the model once eagerly after changing it, then compile."
 )
 
 # Reading each row's capacity in Python breaks the graph; said once here, where it happens.
@@ -237,6 +237,14 @@ class RoutedBlock(nn.Module):
         self.__dict__["_parts"] = [(name, part) for name, part in self._block.named_modules() if name]
         self.__dict__["_adapter_layers"] = {name: part for name, part in self._parts if hasattr(part, "_disable_adapters")}
         self.__dict__["_adapter_state"] = self.adapter_state()
+        configs = (getattr(module, "config", None) for module in (self._block, *(part for _, part in self._parts)))
+        self.__dict__["_configs"] = list({id(c): c for c in configs if hasattr(c, "_attn_implementation")}.values())
+        self.__dict__["_attention_implementations"] = self.attention_implementations()
+
+    def attention_implementations(self) -> tuple:
+        """The attention implementation that the block's transformers configs name, which its attention reads in its
+        forward and a capture bakes in (``model.set_attn_implementation()`` changes it)."""
+        return tuple(config._attn_implementation for config in self._configs)
 
     def adapter_state(self) -> tuple:
         """What the block's adapter layers (PEFT's, by their attributes) compute with, which a capture bakes in:
@@ -257,12 +265,13 @@ class RoutedBlock(nn.Module):
             )
 
     def parts_changed(self) -> bool:
-        return bool(self.__dict__.get("_parts_changed")) or self.adapter_state() != self._adapter_state
+        return (bool(self.__dict__.get("_parts_changed")) or self.adapter_state() != self._adapter_state
+                or self.attention_implementations() != self._attention_implementations)
 
     @recapture_outside_the_graph
     def recapture(self) -> None:
         """Capture the graphs of every routed block of the model whose parts were replaced or added, or whose adapters
-        changed state, this one first. All at once: a forward need not call them all (a text batch skips the vision
+        or attention implementation changed, this one first. All at once: a forward need not call them all (a text batch skips the vision
         tower), and the progress bar counts them."""
         changed = [self, *(b for b in self._state.blocks if b is not self and b.parts_changed())]
         if any(b.adapter_state() != b._adapter_state for b in changed):

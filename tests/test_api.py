@@ -240,6 +240,26 @@ def test_parts_replaced_after_routing_run_in_routed_calls():
             close_to_dense(routed(input_ids=ids).logits, dense)
 
 
+def test_an_attention_implementation_set_after_routing_runs_in_routed_calls():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def halved(*args, **kwargs):
+        output, weights = sdpa_attention_forward(*args, **kwargs)
+        return output / 2, weights
+
+    AttentionInterface.register("modpass_test_halved", halved)
+    routed = modpass.transform(models.llama(layers=2), 1.0, layers=[1])
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = routed(input_ids=ids).logits
+        routed.set_attn_implementation("modpass_test_halved")
+        after = routed(input_ids=ids).logits
+        with modpass.dense(routed):
+            close_to_dense(after, routed(input_ids=ids).logits)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
 def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_routed):
     """Routed calls read a router's weight and bias: a hook on it, or a module that wraps it, would be left out."""
     routed = copy.deepcopy(llama_and_routed[1])
@@ -574,6 +594,22 @@ def test_set_ratios_survives_save_and_load(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), routed(idx), rtol=0, atol=0)
     assert loaded.h[1].last_routing[0].index.shape == (2, 3)
+
+
+def test_a_fine_tuned_model_saved_by_transformers_and_modpass_in_one_directory_loads_back(tmp_path):
+    """save_pretrained writes every weight (routers too, which from_pretrained of the dense class sets aside), and
+    modpass.save the plan beside them: from_pretrained and modpass.load give the routed model back."""
+    from transformers import AutoModelForCausalLM
+
+    routed = randomised(modpass.transform(models.llama(layers=2), 0.5, layers=[1]))
+    with torch.no_grad():
+        routed.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # fine-tuned weights outside the routers
+    routed.save_pretrained(tmp_path)
+    modpass.save(routed, tmp_path)
+    loaded = modpass.load(AutoModelForCausalLM.from_pretrained(tmp_path), tmp_path)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_a_task_set_ratios_made_dense_keeps_its_router_until_saved(tmp_path):
