@@ -46,3 +46,16 @@ def _quick_compile_settings(request):
         return
     with torch._inductor.config.patch({"cpp.simdlen": 1}), torch._dynamo.config.patch(FLOAT_SPECIALISATION):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_after_graph_breaks():
+    """Reset Dynamo after a test whose compile broke a graph. After a graph break Dynamo may run a frame's code eagerly
+    from then on, and transformers' models share the code of their forward wrappers: a later test's ``fullgraph=True``
+    compile of another model then starts tracing below them and fails (BEiT after a routed cached ``generate()``,
+    2026-12-06, depending on which worker ran which tests)."""
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    yield
+    if sum(counters["graph_break"].values()) != breaks:
+        torch._dynamo.reset()
