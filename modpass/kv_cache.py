@@ -109,6 +109,8 @@ def run_eagerly(block, name: str, args: tuple, kwargs: dict, records: list):
     check_layer(layer, where, slot)
     if not tasks.routed and not isinstance(layer, RoutedCacheLayer):
         return block._block(*args, **kwargs)  # tasks dense here cache every token, as the dense model does
+    if layer is not None and not isinstance(layer, RoutedCacheLayer) and layer.get_seq_length() > 0:
+        after_unrouted_keys(block, int(layer.get_seq_length()), hidden.shape[1])
     layer = routed_storage(cache, slot, hidden.shape[0], hidden.device, where)
     if isinstance(layer, RoutedCacheLayer) and layer.get_seq_length() > 0:
         return extend(block, tasks, layer, args, kwargs, records)
@@ -124,6 +126,28 @@ def run_eagerly(block, name: str, args: tuple, kwargs: dict, records: list):
             stacklevel=1,
         )
     return prefill(block, tasks, name, slot, args, kwargs, records)
+
+
+def after_unrouted_keys(block, keys: int, tokens: int) -> None:
+    """A routed call whose cache layer already holds keys that modpass did not route: PEFT's prefix tuning passes its
+    virtual tokens so, at every call; so does a task dense at this block before a routed one. The call's tokens run the
+    block as generated tokens do, every one of them: refused in training, where the layer would train unrouted; said
+    once otherwise."""
+    where, state = block.plan.path, block._state
+    situation = (
+        f"{where}: its cache layer already holds {keys} keys that modpass did not route (PEFT's prefix tuning passes "
+        "its virtual tokens that way; a task dense at this block leaves them too), so the call's tokens run the block "
+        "as generated tokens do, all of them"
+    )
+    if block.training and torch.is_grad_enabled():
+        raise RoutingInputError(
+            f"{situation}: its {tokens} tokens would train this routed layer without routing. Only a call into an "
+            "empty cache layer is routed, as a prompt. Train without a cache: with virtual tokens as inputs (PEFT's "
+            "prompt tuning) or adapters (LoRA) instead of prefix tuning."
+        )
+    if not state.warned_unrouted_keys:
+        state.warned_unrouted_keys = True
+        warnings.warn(f"modpass: {situation}; only a call into an empty cache layer is routed, as a prompt.", stacklevel=1)
 
 
 def cache_layer(block, cache):

@@ -79,3 +79,21 @@ def test_a_batch_mixing_peft_adapters_is_refused_and_runs_dense(routed):
         model.set_adapter("second")
         second = model(input_ids=ids).logits
     close_to_dense(mixed[1], second[1])
+
+
+def test_prefix_tuning_is_refused_in_training_and_runs_every_token_otherwise(routed):
+    """PEFT's prefix tuning hands every call a cache holding its virtual tokens: the call's tokens run the routed layers
+    as generated tokens do (only a call into an empty cache layer is routed), so training is refused."""
+    from peft import PrefixTuningConfig, TaskType
+
+    model = get_peft_model(copy.deepcopy(routed), PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    ids = torch.randint(0, 97, (2, 12))
+    model.train()
+    with pytest.raises(modpass.RoutingInputError, match="holds 4 keys that modpass did not route.*prefix tuning"):
+        model(input_ids=ids, labels=ids)
+    model.eval()
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="holds 4 keys that modpass did not route"):
+            prefixed = model(input_ids=ids).logits
+        with modpass.dense(model):
+            close_to_dense(prefixed, model(input_ids=ids).logits)
