@@ -45,7 +45,9 @@ HOOK_FUNCTIONS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
 #: How to train routers beside a PEFT adapter, which :meth:`RoutedBlock.router` reads through.
 PEFT_ROUTERS_HINT = (
     " With PEFT: LoraConfig(..., exclude_modules=['mod_routers.{task}'], modules_to_save=['mod_routers.{task}']) "
-    "(one entry per task), which trains a copy of each router that modpass reads."
+    "(one entry per task), which trains a copy of each router that modpass reads, and an adapter named otherwise "
+    "than every task (get_peft_model(..., adapter_name='lora')): PEFT's save_pretrained cuts the adapter's name out "
+    "of the names it saves, a task's too."
 )
 
 #: Under torch.compile, the rows of a route-masked group share one call with a slot count rounded up

@@ -28,3 +28,10 @@ def test_train_llama_runs_a_few_steps_and_saves_the_routers(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["plan.json", "routers.safetensors"]
     plan, _ = read(tmp_path)
     assert [dict(block.ratios) for block in plan.blocks] == [{"copy": 0.25, "sort": 0.5}] * 2, "the capacity changed halfway"
+
+
+def test_lora_llama_fine_tunes_with_peft_and_loads_back(tmp_path):
+    result = load_example("lora_llama").main(["--steps", "3", "--batch", "4", "--out", str(tmp_path)])
+    assert result["loaded_difference"] == 0.0, "modpass.load and PEFT's loading give back the trained model"
+    assert (tmp_path / "adapter" / "copying" / "adapter_model.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "routing").iterdir()) == ["plan.json", "routers.safetensors"]

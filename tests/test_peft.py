@@ -32,7 +32,7 @@ def test_lora_and_routers_trained_with_peft_run_in_routed_calls(routed, tmp_path
     model equals its merge, ``disable_adapter()`` gives the model before PEFT, and save, flops and set_ratios reach
     through PEFT's wrapper."""
     before = copy.deepcopy(routed)
-    model = get_peft_model(copy.deepcopy(routed), lora(exclude_modules=ROUTERS, modules_to_save=ROUTERS))
+    model = get_peft_model(copy.deepcopy(routed), lora(exclude_modules=ROUTERS, modules_to_save=ROUTERS), adapter_name="lora")
     ids = torch.randint(0, 97, (2, 12))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
@@ -42,7 +42,7 @@ def test_lora_and_routers_trained_with_peft_run_in_routed_calls(routed, tmp_path
         optimizer.step()
     model.eval()
     wrapper = model.base_model.model.model.layers[1].mod_routers.default
-    trained, original = wrapper.modules_to_save.default, wrapper.original_module
+    trained, original = wrapper.modules_to_save.lora, wrapper.original_module
     assert trained.weight.abs().sum() > 0, "the router copy trained"
     assert original.weight.abs().sum() == 0
 
@@ -64,7 +64,7 @@ def test_lora_and_routers_trained_with_peft_run_in_routed_calls(routed, tmp_path
 
 def test_lora_on_routers_is_refused_with_the_settings_that_train_them(routed):
     model = get_peft_model(copy.deepcopy(routed), lora())
-    with pytest.raises(modpass.RouterError, match=r"LoRA.*exclude_modules=\['mod_routers.default'\], modules_to_save"):
+    with pytest.raises(modpass.RouterError, match=r"LoRA.*exclude_modules=\['mod_routers.default'\], modules_to_save.*adapter_name="):
         model(input_ids=torch.randint(0, 97, (2, 12)))
 
 
