@@ -390,6 +390,7 @@ class RoutedBlock(nn.Module):
             if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
                 # PEFT's wrapper runs, and answers attribute reads for, its active adapter's copy (or the original).
                 adapters = module.active_adapters
+                self.warn_of_adapters_named_as_tasks(module.modules_to_save)
                 module = module.original_module if module.disable_adapters or not adapters else module.modules_to_save[adapters[0]]
                 continue
             raise RouterError(
@@ -397,6 +398,21 @@ class RoutedBlock(nn.Module):
                 "router's weight and bias and do not call it, so what the wrapper adds (a LoRA adapter's update) would "
                 "be left out, and its parameters would not train. Leave the routers out of adapters and train them as "
                 "they are." + PEFT_ROUTERS_HINT.format(task=task)
+            )
+
+    def warn_of_adapters_named_as_tasks(self, adapters) -> None:
+        """Say once, before training, what would fail only at loading: PEFT's ``save_pretrained`` cuts an adapter's
+        name out of the names it saves, so a router copy of an adapter named as a task is saved under another name."""
+        state = self._state
+        clash = sorted(set(adapters) & set(state.tasks))
+        if clash and not state.warned_adapters_named_as_tasks and not torch.compiler.is_compiling():
+            state.warned_adapters_named_as_tasks = True
+            warnings.warn(
+                f"modpass: PEFT adapter {clash[0]!r} has the name of a task of this model: PEFT's save_pretrained cuts "
+                f"the adapter's name out of the names it saves, so it would save the router copies of task "
+                f"{clash[0]!r} under other names, and loading them would fail. Name the adapter otherwise "
+                "(get_peft_model(..., adapter_name='lora')).",
+                stacklevel=5,
             )
 
     def route(self, form: str, task: str, args: tuple, kwargs: dict) -> Route | None:

@@ -51,6 +51,8 @@ class RoutingState:
     warned_causal_decoding = False
     #: Whether a cached call has said once that it follows keys modpass did not route (see :func:`modpass.kv_cache.after_unrouted_keys`).
     warned_unrouted_keys = False
+    #: Whether a PEFT adapter named as a task has been warned of (see :meth:`modpass.block.RoutedBlock.router`).
+    warned_adapters_named_as_tasks = False
     #: Outputs transformers records from parts of routed blocks, which routed calls leave out:
     #: ``{key: (block path, part class)}`` (see :func:`modpass.output_recording.part_recorded_outputs`).
     part_recorded_outputs: dict[str, tuple[str, str]] | None = None

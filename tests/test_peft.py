@@ -62,6 +62,15 @@ def test_lora_and_routers_trained_with_peft_run_in_routed_calls(routed, tmp_path
     assert modpass.routing_plan_of(merged).block("model.layers.1").ratios == {"default": 0.25}
 
 
+def test_an_adapter_named_as_a_task_is_warned_of_before_its_router_copies_are_saved_under_other_names(routed, tmp_path):
+    model = get_peft_model(copy.deepcopy(routed), lora(exclude_modules=ROUTERS, modules_to_save=ROUTERS))  # "default"
+    with pytest.warns(UserWarning, match="PEFT adapter 'default' has the name of a task"):
+        model(input_ids=torch.randint(0, 97, (2, 12)))
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.1.mod_routers.weight" in saved, "what the warning says PEFT does"
+
+
 def test_lora_on_routers_is_refused_with_the_settings_that_train_them(routed):
     model = get_peft_model(copy.deepcopy(routed), lora())
     with pytest.raises(modpass.RouterError, match=r"LoRA.*exclude_modules=\['mod_routers.default'\], modules_to_save.*adapter_name="):
