@@ -45,9 +45,9 @@ HOOK_FUNCTIONS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
 #: How to train routers beside a PEFT adapter, which :meth:`RoutedBlock.router` reads through.
 PEFT_ROUTERS_HINT = (
     " With PEFT: LoraConfig(..., exclude_modules=['mod_routers.{task}'], modules_to_save=['mod_routers.{task}']) "
-    "(one entry per task), which trains a copy of each router that modpass reads, and an adapter named otherwise "
-    "than every task (get_peft_model(..., adapter_name='lora')): PEFT's save_pretrained cuts the adapter's name out "
-    "of the names it saves, a task's too."
+    "(one entry per task), which trains a copy of each router that modpass reads, and an adapter name that no task "
+    "has (get_peft_model(..., adapter_name='lora')): PEFT's save_pretrained cuts the adapter's name out of the names "
+    "it saves, a task's included."
 )
 
 #: Under torch.compile, the rows of a route-masked group share one call with a slot count rounded up
@@ -273,8 +273,8 @@ class RoutedBlock(nn.Module):
     @recapture_outside_the_graph
     def recapture(self) -> None:
         """Capture the graphs of every routed block of the model whose parts were replaced or added, or whose adapters
-        or attention implementation changed, this one first. All at once: a forward need not call them all (a text batch skips the vision
-        tower), and the progress bar counts them."""
+        or attention implementation changed, this one first. All at once: a forward need not call them all (a text
+        batch skips the vision tower), and the progress bar counts them."""
         changed = [self, *(b for b in self._state.blocks if b is not self and b.parts_changed())]
         if any(b.adapter_state() != b._adapter_state for b in changed):
             warnings.warn(

@@ -15,9 +15,9 @@ share their children.
 
 PEFT's adapter layers also carry Python state that their forward reads and a
 capture bakes in (``disable_adapter()``, ``set_adapter``, merges): a routed block
-compares it at each call (``RoutedBlock.adapter_state``), and so is the attention
-implementation its transformers configs name (``set_attn_implementation()``).
-Other Python state a part reads (a flag set on a module) is not seen.
+compares it at each call (``RoutedBlock.adapter_state``), and the attention
+implementation its transformers configs name (``set_attn_implementation()``)
+too. Other Python state a part reads (a flag set on a module) is not seen.
 """
 
 from __future__ import annotations
