@@ -335,6 +335,8 @@ class RoutedBlock(nn.Module):
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
             if checkpoint is None:
                 output, records = torch.utils.checkpoint.checkpoint(route, args, kwargs, use_reentrant=False)
+            elif getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
+                output, records = checkpoint_reentrant(checkpoint, route, args, kwargs)
             else:
                 output, records = checkpoint(route, args, kwargs)
         else:
@@ -765,6 +767,21 @@ class RoutedBlock(nn.Module):
 
 # Sizes 0 and 1 are always specialised by Dynamo; offsetting keeps a numerator of 1 symbolic.
 CARRIER_OFFSET = 2
+
+
+def checkpoint_reentrant(checkpoint, route, args: tuple, kwargs: dict):
+    """``route(args, kwargs)`` through a reentrant checkpoint (``use_reentrant=True``, or a checkpoint function that
+    does not say), which is an ``autograd.Function``: it tracks only tensors among its own arguments and results, not
+    inside a tuple. So the positional arguments go in one by one (the hidden state first; tensors given by name get no
+    gradient, as in transformers' own checkpointed layers), and the outputs and records come back as one flat tuple
+    behind their structure."""
+
+    def flat_route(*positional):
+        leaves, structure = torch.utils._pytree.tree_flatten(route(positional, kwargs))
+        return (structure, *leaves)
+
+    structure, *leaves = checkpoint(flat_route, *args)
+    return torch.utils._pytree.tree_unflatten(leaves, structure)
 
 
 def capacity_carriers(ratio: Fraction, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

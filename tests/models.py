@@ -173,10 +173,11 @@ def llama(layers: int = 4, **overrides):
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
-def enable_checkpointing(model) -> None:
-    """Hugging Face's activation checkpointing, by its transformers >= 5.25 name where it has it (the old one is deprecated)."""
+def enable_checkpointing(model, **checkpoint_settings) -> None:
+    """Hugging Face's activation checkpointing, by its transformers >= 5.25 name where it has it (the old one is
+    deprecated); ``checkpoint_settings`` go to ``torch.utils.checkpoint.checkpoint`` (``use_reentrant=``)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable(checkpoint_settings or None)
 
 
 def gpt2(layers: int = 4):

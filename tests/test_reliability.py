@@ -51,9 +51,13 @@ def test_autocast_and_train_eval_switches():
         routed(idx)
 
 
-def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients():
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(reentrant):
+    """Every parameter's gradient, the routers' through the auxiliary loss too. A reentrant checkpoint tracks only
+    tensors among its own arguments and results: until 2026-12-06 a routed block handed it tuples, and every layer
+    up to the last routed one got no gradient, silently."""
     torch.manual_seed(0)
-    routed = modpass.transform(models.llama(), 0.5).train()
+    routed = modpass.transform(models.llama(), 0.5, aux_loss_weight=0.1).train()
     with torch.no_grad():
         for block in modpass.routed_blocks(routed).values():
             block.mod_routers.default.weight.normal_()
@@ -61,11 +65,11 @@ def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(
 
     def gradients():
         routed.zero_grad()
-        routed(input_ids=ids, labels=ids).loss.backward()
+        (routed(input_ids=ids, labels=ids).loss + modpass.aux_loss(routed)).backward()
         return {n: p.grad.clone() for n, p in routed.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    models.enable_checkpointing(routed)
+    models.enable_checkpointing(routed, use_reentrant=reentrant)
     assert routed.model.layers[1].gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
