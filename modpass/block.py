@@ -20,6 +20,7 @@ such inputs to avoid it).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -94,8 +95,29 @@ class RoutingRecord:
         return chosen if self.padding is None else chosen & ~self.padding
 
 
+def capturing(reason: str):
+    """Decorate a method that captures a block's graphs: it runs outside Dynamo's graph (``reason`` is what the graph
+    break says) and outside the saved-tensor hooks of a checkpoint around the call. Tracing saves tensors too, and a
+    non-reentrant checkpoint counts what its forward saved against what its recomputation saves, which finds the
+    graphs built (torch's CheckpointError on the first call of a new structure)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def unhooked(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(_as_it_is, _as_it_is):
+                return method(*args, **kwargs)
+
+        return disable_compile(reason)(unhooked)
+
+    return decorate
+
+
+def _as_it_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 # What torch.compile(fullgraph=True) says when a routed block meets a call it has no graph for.
-capture_outside_the_graph = disable_compile(
+capture_outside_the_graph = capturing(
     "modpass: a routed block met a call structure it has no graph for (train/eval mode, autocast, "
     "dtypes, devices, size-1 axes, which arguments are given) and captures it here, outside the "
     "compiled graph. Prepare it before compiling: under torch.autocast call "
@@ -103,7 +125,7 @@ capture_outside_the_graph = disable_compile(
     "and compiled without fullgraph (Dynamo passes blocks other arguments than eager mode does)."
 )
 
-recapture_outside_the_graph = disable_compile(
+recapture_outside_the_graph = capturing(
     "modpass: a part of a routed block was replaced or added (an adapter such as PEFT's LoRA, a swapped module), or "
     "its adapters' state or attention implementation changed, so its graphs are captured again, here, outside the "
     "compiled graph. Call the model once eagerly after changing it, then compile."

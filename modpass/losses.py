@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,7 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
         for block in routed_blocks(model).values():
             sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for record in block.last_routing:
+                warn_of_scores_without_gradient(block, record)
                 target = record.selected.to(record.logits.dtype)
                 per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
                 counted = record.route_mask
@@ -49,3 +52,22 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
         reference = next(model.parameters())
         return torch.zeros((), device=reference.device, dtype=reference.dtype)
     return total * plan.aux_loss_weight
+
+
+def warn_of_scores_without_gradient(block, record) -> None:
+    """Say once when a block's router trains but the scores of its last call carry no gradient, so that the loss
+    cannot train it: the block ran without autograd, as inside a reentrant checkpoint around it, whose forward does
+    (torch's ``checkpoint_wrapper`` with ``CheckpointImpl.REENTRANT``)."""
+    state = block._state
+    if (state.warned_scores_without_gradient or record.logits.requires_grad or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or not any(p.requires_grad for p in block.mod_routers.parameters())):
+        return
+    state.warned_scores_without_gradient = True
+    warnings.warn(
+        f"modpass.aux_loss: {block.plan.path}: the router scores of its last call carry no gradient, though its router "
+        "trains, so this loss does not train it. The block ran without autograd: under torch.no_grad(), or inside a "
+        "reentrant checkpoint around it (torch's checkpoint_wrapper with CheckpointImpl.REENTRANT), whose forward "
+        "runs so and keeps only the block's outputs. Checkpoint routed blocks without reentrance "
+        "(CheckpointImpl.NO_REENTRANT), or with Hugging Face's activation checkpointing, either kind.",
+        stacklevel=3,
+    )

@@ -50,6 +50,8 @@ def _on_registration(module: nn.Module, name: str, submodule: nn.Module | None) 
         # Model code registers modules while compiled (transformers slices its ModuleList of layers, which builds a
         # new one); those are no changes, and reading the registries here would make Dynamo guard on them.
         return
+    if module._modules.get(name) is submodule:  # registered again where it is (module walks re-set every child)
+        return
     if module in _routed_blocks:  # a routed block's own child (not its routers): its block's as well
         if name in module._block._modules:
             setattr(module._block, name, submodule)  # which comes back here, as a change of the block

@@ -53,6 +53,8 @@ class RoutingState:
     warned_unrouted_keys = False
     #: Whether a PEFT adapter named as a task has been warned of (see :meth:`modpass.block.RoutedBlock.router`).
     warned_adapters_named_as_tasks = False
+    #: Whether aux_loss has said that router scores came without gradient (see :func:`modpass.losses.aux_loss`).
+    warned_scores_without_gradient = False
     #: Outputs transformers records from parts of routed blocks, which routed calls leave out:
     #: ``{key: (block path, part class)}`` (see :func:`modpass.output_recording.part_recorded_outputs`).
     part_recorded_outputs: dict[str, tuple[str, str]] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
@@ -75,6 +77,43 @@ def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_checkpoint_wrappers_around_routed_blocks_give_the_same_gradients_or_say_why_not():
+    """torch's checkpoint_wrapper around routed blocks. Non-reentrant: the same gradients, also when the block first
+    captures its graphs inside the checkpoint (a deep copy keeps none), which until 2026-12-06 failed torch's count of
+    saved tensors. Reentrant: its forward runs without autograd, so the auxiliary loss cannot train the routers: said."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(), 0.5, aux_loss_weight=0.1).train()
+    with torch.no_grad():
+        for block in modpass.routed_blocks(routed).values():
+            block.mod_routers.default.weight.normal_()
+    ids = torch.randint(0, 97, (2, 12))
+
+    def gradients(model):
+        (model(input_ids=ids, labels=ids).loss + modpass.aux_loss(model)).backward()
+        return {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    def wrapped(impl):
+        model = copy.deepcopy(routed)
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
+                                       check_fn=lambda module: isinstance(module, modpass.RoutedBlock))
+        assert not any(block.parts_changed() for block in modpass.routed_blocks(model).values()), "children set again as they were"
+        return model
+
+    plain = gradients(copy.deepcopy(routed))
+    checkpointed = gradients(wrapped(CheckpointImpl.NO_REENTRANT))
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match="router scores of its last call carry no gradient.*REENTRANT"):
+        gradients(wrapped(CheckpointImpl.REENTRANT))
 
 
 @pytest.fixture(scope="module")
