@@ -255,6 +255,17 @@ class RoutedBlock(nn.Module):
         super().__setstate__(state)
         self.note_parts()
 
+    def __deepcopy__(self, memo):
+        # A deep copy shares the graphs built so far, in dicts of its own: they take the block's tensors as inputs
+        # and never change once built. So the copy runs, and compiles with fullgraph=True, without capturing them
+        # again; a pickled block, which cannot carry them, captures them on first use.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        for cache in ("_analyses", "_routes", "_row_of"):
+            copied.__dict__[cache] = dict(self.__dict__[cache])
+        return copied
+
     def note_parts(self) -> None:
         """Watch the block's parts for replacements (:mod:`modpass.part_changes`); note them and their adapters' state."""
         part_changes.watch(self)

@@ -274,6 +274,26 @@ def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_
         routed(input_ids=ids)
 
 
+def test_a_deep_copy_runs_and_compiles_fullgraph_on_the_graphs_built_so_far(llama_and_routed):
+    """An EMA or reference model made by copy.deepcopy: it shares the original's graphs (until 2026-12-06 it captured
+    every block again on first use, and a fullgraph compile of it failed) but nothing else."""
+    routed = llama_and_routed[1]
+    twin = copy.deepcopy(routed)
+    assert twin.model.layers[1]._routes and twin.model.layers[1]._routes is not routed.model.layers[1]._routes
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        want = routed(input_ids=ids).logits
+        if dynamo_compiles_transformers():
+            torch.testing.assert_close(torch.compile(twin, backend="eager", fullgraph=True)(input_ids=ids).logits, want)
+        twin.model.layers[1].mod_routers.default.weight.normal_()
+        torch.testing.assert_close(routed(input_ids=ids).logits, want, rtol=0, atol=0)
+    modpass.set_ratios(twin, 0.25)
+    assert modpass.routing_plan_of(routed).blocks[0].ratios == {"default": 0.5}
+    with torch.no_grad():
+        routed(input_ids=ids)
+    assert routed.model.layers[1].last_routing[0].index.shape == (2, 5)
+
+
 def test_failed_inplace_transform_leaves_no_half_routed_model():
     model = MixedStack().eval()
     with pytest.raises(modpass.UnroutableBlockError):

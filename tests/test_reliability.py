@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import pickle
 
 import pytest
 import torch
@@ -81,8 +82,9 @@ def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(
 
 def test_torch_checkpoint_wrappers_around_routed_blocks_give_the_same_gradients_or_say_why_not():
     """torch's checkpoint_wrapper around routed blocks. Non-reentrant: the same gradients, also when the block first
-    captures its graphs inside the checkpoint (a deep copy keeps none), which until 2026-12-06 failed torch's count of
-    saved tensors. Reentrant: its forward runs without autograd, so the auxiliary loss cannot train the routers: said."""
+    captures its graphs inside the checkpoint (a pickled model carries none), which until 2026-12-06 failed torch's
+    count of saved tensors. Reentrant: its forward runs without autograd, so the auxiliary loss cannot train the
+    routers: said."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
@@ -101,7 +103,7 @@ def test_torch_checkpoint_wrappers_around_routed_blocks_give_the_same_gradients_
         return {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     def wrapped(impl):
-        model = copy.deepcopy(routed)
+        model = pickle.loads(pickle.dumps(routed))
         apply_activation_checkpointing(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
                                        check_fn=lambda module: isinstance(module, modpass.RoutedBlock))
         assert not any(block.parts_changed() for block in modpass.routed_blocks(model).values()), "children set again as they were"
