@@ -197,7 +197,8 @@ def routing_only_block(block: nn.Module) -> nn.Module | None:
     """
     if not hasattr(block, "build_route"):
         return None
-    stripped = copy.deepcopy(block)  # RoutedBlock.__getstate__ drops cached graphs
+    stripped = copy.deepcopy(block)
+    stripped._routes.clear()  # a deep copy shares the routed graphs built so far: the stripped ones are built anew
     build = stripped.build_route
 
     @torch._dynamo.disable
