@@ -59,25 +59,33 @@ def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(
     """Every parameter's gradient, the routers' through the auxiliary loss too. A reentrant checkpoint tracks only
     tensors among its own arguments and results: until 2026-12-06 a routed block handed it tuples, and every layer
     up to the last routed one got no gradient, silently."""
+    routed, ids = llama_for_training()
+    plain = gradients(copy.deepcopy(routed), ids)
+    models.enable_checkpointing(routed, use_reentrant=reentrant)
+    assert routed.model.layers[1].gradient_checkpointing
+    assert_same_gradients(gradients(routed, ids), plain)
+
+
+def llama_for_training() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A routed Llama in training mode, its routers random and trained by an auxiliary loss too; and its input ids."""
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(), 0.5, aux_loss_weight=0.1).train()
     with torch.no_grad():
         for block in modpass.routed_blocks(routed).values():
             block.mod_routers.default.weight.normal_()
-    ids = torch.randint(0, 97, (2, 12))
+    return routed, torch.randint(0, 97, (2, 12))
 
-    def gradients():
-        routed.zero_grad()
-        (routed(input_ids=ids, labels=ids).loss + modpass.aux_loss(routed)).backward()
-        return {n: p.grad.clone() for n, p in routed.named_parameters() if p.grad is not None}
 
-    plain = gradients()
-    models.enable_checkpointing(routed, use_reentrant=reentrant)
-    assert routed.model.layers[1].gradient_checkpointing
-    checkpointed = gradients()
-    assert plain.keys() == checkpointed.keys()
-    for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+def gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of the loss and the auxiliary loss, by its name in the routed model."""
+    (model(input_ids=ids, labels=ids).loss + modpass.aux_loss(model)).backward()
+    return {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_checkpoint_wrappers_around_routed_blocks_give_the_same_gradients_or_say_why_not():
@@ -91,16 +99,7 @@ def test_torch_checkpoint_wrappers_around_routed_blocks_give_the_same_gradients_
         checkpoint_wrapper,
     )
 
-    torch.manual_seed(0)
-    routed = modpass.transform(models.llama(), 0.5, aux_loss_weight=0.1).train()
-    with torch.no_grad():
-        for block in modpass.routed_blocks(routed).values():
-            block.mod_routers.default.weight.normal_()
-    ids = torch.randint(0, 97, (2, 12))
-
-    def gradients(model):
-        (model(input_ids=ids, labels=ids).loss + modpass.aux_loss(model)).backward()
-        return {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    routed, ids = llama_for_training()
 
     def wrapped(impl):
         model = pickle.loads(pickle.dumps(routed))
@@ -109,13 +108,9 @@ def test_torch_checkpoint_wrappers_around_routed_blocks_give_the_same_gradients_
         assert not any(block.parts_changed() for block in modpass.routed_blocks(model).values()), "children set again as they were"
         return model
 
-    plain = gradients(copy.deepcopy(routed))
-    checkpointed = gradients(wrapped(CheckpointImpl.NO_REENTRANT))
-    assert plain.keys() == checkpointed.keys()
-    for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+    assert_same_gradients(gradients(wrapped(CheckpointImpl.NO_REENTRANT), ids), gradients(copy.deepcopy(routed), ids))
     with pytest.warns(UserWarning, match="router scores of its last call carry no gradient.*REENTRANT"):
-        gradients(wrapped(CheckpointImpl.REENTRANT))
+        gradients(wrapped(CheckpointImpl.REENTRANT), ids)
 
 
 @pytest.fixture(scope="module")
