@@ -51,6 +51,9 @@ PEFT_ROUTERS_HINT = (
     "it saves, a task's included."
 )
 
+#: A routed block's graphs by call structure: dropped by pickling, shared by a deep copy, emptied by a recapture.
+GRAPH_CACHES = ("_analyses", "_routes", "_row_of")
+
 #: Under torch.compile, the rows of a route-masked group share one call with a slot count rounded up
 #: to a multiple of this (at most the sequence length; see :meth:`RoutedBlock.share_one_call`).
 SLOT_MULTIPLE = 8
@@ -248,7 +251,7 @@ class RoutedBlock(nn.Module):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_analyses"], state["_routes"], state["_row_of"], state["last_routing"] = {}, {}, {}, []
+        state.update({cache: {} for cache in GRAPH_CACHES}, last_routing=[])
         return state
 
     def __setstate__(self, state):
@@ -262,7 +265,7 @@ class RoutedBlock(nn.Module):
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        for cache in ("_analyses", "_routes", "_row_of"):
+        for cache in GRAPH_CACHES:
             copied.__dict__[cache] = dict(self.__dict__[cache])
         return copied
 
@@ -319,8 +322,8 @@ class RoutedBlock(nn.Module):
         switching = self._state.switching
         for block in changed:
             block.__dict__.pop("_parts_changed", None)  # absent, as before any change: what a compiled call guards on
-            for cache in (block._analyses, block._routes, block._row_of):
-                cache.clear()
+            for cache in GRAPH_CACHES:
+                block.__dict__[cache].clear()
             block.note_parts()  # the new parts too
             switching.block_starts("recapture", pending=len(changed), stage="capturing the blocks whose parts changed")
             try:
