@@ -416,10 +416,9 @@ class RoutedBlock(nn.Module):
         refused rather than ignored."""
         module = self.mod_routers[task]
         while True:
-            where = f"{self._plan.path}: the router of task {task!r} (mod_routers.{task})"
             if any(getattr(module, hooks) for hooks in HOOK_FUNCTIONS):
                 raise RouterError(
-                    f"{where} has hooks, which would never run: routed calls read a router's weight and bias and do not "
+                    f"{self.router_place(task)} has hooks, which would never run: routed calls read a router's weight and bias and do not "
                     "call it. Read its scores from the block's routing records (block.last_routing) instead; PEFT hooks "
                     "its layers for a batch that mixes adapters (adapter_names=), which a routed model cannot run."
                 )
@@ -432,11 +431,15 @@ class RoutedBlock(nn.Module):
                 module = module.original_module if module.disable_adapters or not adapters else module.modules_to_save[adapters[0]]
                 continue
             raise RouterError(
-                f"{where} is a {type(module).__module__}.{type(module).__qualname__}, not a torch.nn.Linear: routed calls read a "
+                f"{self.router_place(task)} is a {type(module).__module__}.{type(module).__qualname__}, not a torch.nn.Linear: routed calls read a "
                 "router's weight and bias and do not call it, so what the wrapper adds (a LoRA adapter's update) would "
                 "be left out, and its parameters would not train. Leave the routers out of adapters and train them as "
                 "they are." + PEFT_ROUTERS_HINT.format(task=task)
             )
+
+    def router_place(self, task: str) -> str:
+        """Where ``task``'s router is, for messages (built only for them: routers are read at every call)."""
+        return f"{self._plan.path}: the router of task {task!r} (mod_routers.{task})"
 
     def warn_of_adapters_named_as_tasks(self, adapters) -> None:
         """Say once, before training, what would fail only at loading: PEFT's ``save_pretrained`` cuts an adapter's
