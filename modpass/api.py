@@ -21,7 +21,7 @@ from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingI
 from .hints import batch_wide_experts_hint
 from .inputs import capture_inputs
 from .kv_cache import DECODING
-from .output_recording import part_recorded_outputs, record_hidden_states
+from .output_recording import owners, part_recorded_outputs, record_hidden_states
 from .passes.capture import capture
 from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
@@ -174,8 +174,9 @@ def apply_plan(
         for config in (getattr(part, "config", None), getattr(part, "generation_config", None)):
             if getattr(config, "use_cache", False):
                 config.use_cache = False
-    record_hidden_states(model, routed)
-    state.part_recorded_outputs = part_recorded_outputs(model, routed)
+    owned = owners(model, routed)
+    record_hidden_states(owned, routed)
+    state.part_recorded_outputs = part_recorded_outputs(owned, routed)
     state.blocks = list(routed.values())
     model._modpass_state = state
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})

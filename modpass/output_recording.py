@@ -89,9 +89,10 @@ def matches(spec: tuple, module: nn.Module, path: str) -> bool:
     return found and (layer_name is None or f".{layer_name.strip('.')}." in name + ".")
 
 
-def record_hidden_states(model: nn.Module, routed: dict[str, nn.Module]) -> None:
-    """Hook each routed block as transformers would hook its original block (nothing for other models)."""
-    for path, owner in owners(model, routed).items():
+def record_hidden_states(owned: dict[str, nn.Module], routed: dict[str, nn.Module]) -> None:
+    """Hook each routed block as transformers would hook its original block; ``owned`` is :func:`owners` of them
+    (nothing for other models)."""
+    for path, owner in owned.items():
         if getattr(owner, "_output_capturing_hooks_installed", False):
             continue  # where transformers hooked the model before routing, the block's own hook moved to the routed block
         block = routed[path]
@@ -100,11 +101,12 @@ def record_hidden_states(model: nn.Module, routed: dict[str, nn.Module]) -> None
                 block.register_forward_hook(HiddenStateRecorder(*spec[3:]))
 
 
-def part_recorded_outputs(model: nn.Module, routed: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+def part_recorded_outputs(owned: dict[str, nn.Module], routed: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
     """Each output that transformers records from a part of a routed block: ``{key: (block path, part class)}``, the
-    first such part (``attentions``: its attention module; ``router_logits``: its sparse-MoE router)."""
+    first such part (``attentions``: its attention module; ``router_logits``: its sparse-MoE router); ``owned`` is
+    :func:`owners` of the blocks."""
     found = {}
-    for path, owner in owners(model, routed).items():
+    for path, owner in owned.items():
         for key in getattr(type(owner), "_can_record_outputs", None) or {}:
             if key == "hidden_states" or key in found:
                 continue  # the blocks' own states: see record_hidden_states
