@@ -78,17 +78,39 @@ def example_inputs_for(model: nn.Module) -> dict:
     return inputs
 
 
-def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | None) -> Mapping | tuple:
-    """The inputs to capture ``model`` with: ``example_inputs``, or a guess, with ``use_cache=False`` added.
+def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | list | torch.Tensor | None) -> Mapping | tuple:
+    """The inputs to capture ``model`` with, as keyword or positional ones: ``example_inputs`` (a lone tensor being
+    the first positional input), or a guess, with ``use_cache=False`` added where the model takes it.
 
     A routed model runs without a KV cache (``transform`` turns it off), so
     its blocks are captured as they will be called; with one, export also
     fails on the cache object a Hugging Face model returns.
     """
     inputs = example_inputs_for(model) if example_inputs is None else example_inputs
-    if isinstance(inputs, Mapping) and "use_cache" not in inputs and takes_use_cache(model):
+    if not isinstance(inputs, Mapping):
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not takes_use_cache(model):
+        return inputs
+    if isinstance(inputs, tuple):
+        inputs = by_name(model, inputs)
+    if isinstance(inputs, Mapping) and "use_cache" not in inputs:
         inputs = {**inputs, "use_cache": False}
     return inputs
+
+
+def by_name(model: nn.Module, positional: tuple) -> Mapping | tuple:
+    """``positional`` as keyword inputs, so that ``use_cache=False`` can join them; unchanged behind ``*args``."""
+    signature = inspect.signature(model.forward)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+        return positional
+    try:
+        return dict(signature.bind_partial(*positional).arguments)
+    except TypeError as exc:
+        raise ConfigError(
+            f"example_inputs has {len(positional)} positional inputs, which {type(model).__name__}.forward does not "
+            f"take ({exc}); pass a tuple in the order of its parameters {list(signature.parameters)} or a dict of "
+            "keyword inputs."
+        ) from None
 
 
 def takes_use_cache(model: nn.Module) -> bool:

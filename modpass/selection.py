@@ -192,7 +192,7 @@ def attention_rank(
                 sequences[task] = 0
                 steps.stage(task)
                 for call in inputs:
-                    run(model, capture_inputs(model, call) if isinstance(call, Mapping) else call)
+                    run(model, capture_inputs(model, call))
                     sequences[task] += batch_size(call)
                     steps.block_done()
                 unseen = [b.path for b in blocks if not recorder.map_counts[b.path]]
@@ -210,14 +210,12 @@ def attention_rank(
     return AttentionRanks(paths=tuple(b.path for b in blocks), within=within, ranks=ranks, sequences=sequences)
 
 
-def run(model: nn.Module, call: Any) -> None:
-    """Call ``model`` as ``call`` says: keyword arguments, positional ones, or a single input."""
+def run(model: nn.Module, call: Mapping | tuple) -> None:
+    """Call ``model`` with keyword arguments or positional ones."""
     if isinstance(call, Mapping):
         model(**call)
-    elif isinstance(call, tuple):
-        model(*call)
     else:
-        model(call)
+        model(*call)
 
 
 def batch_size(call: Any) -> int:

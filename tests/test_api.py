@@ -420,6 +420,25 @@ def test_given_example_inputs_capture_without_the_kv_cache_the_routed_model_runs
         close_to_dense(routed(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("form", ["tuple", "list", "tensor"])
+def test_positional_example_inputs_of_a_hugging_face_model_capture_without_the_kv_cache(form):
+    """Until the second session of 2026-12-06 only a dict got use_cache=False: positional token ids failed to capture."""
+    model = models.llama(layers=2)
+    ids = torch.randint(0, 97, (2, 12))
+    given = {"tuple": (ids,), "list": [ids], "tensor": ids}[form]
+    assert [b.path for b in modpass.list_blocks(model, example_inputs=given)] == ["model.layers.0", "model.layers.1"]
+    routed = modpass.transform(model, 1.0, layers="all", example_inputs=given)
+    with torch.no_grad():
+        close_to_dense(routed(ids).logits, model(ids).logits)
+
+
+def test_positional_example_inputs_the_forward_does_not_take_are_refused_with_its_parameters():
+    model = models.llama(layers=2)
+    too_many = tuple(torch.ones(2, 12, dtype=torch.long) for _ in range(40))
+    with pytest.raises(modpass.ConfigError, match=r"40 positional inputs.*\['input_ids', 'attention_mask'"):
+        modpass.transform(model, 1.0, example_inputs=too_many)
+
+
 def test_guessed_token_ids_index_the_input_embeddings_not_the_configs_vocabulary():
     """A composite model's config.vocab_size can be another part's (PaliGemma's is 257152 over a smaller table)."""
     model = models.llama(layers=2)
