@@ -24,12 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .api import apply_plan, refuse_compiled, routed_blocks, routing_plan_of
-from .errors import ConfigError, PlanError
+from .errors import ConfigError, PlanError, RouterError
 from .inputs import capture_inputs
 from .passes.capture import capture
 from .passes.find_blocks import find_blocks
 from .plan import RoutingPlan, in_scope, scope_note
 from .progress import Progress
+from .routing import is_tensor_subclass
 
 PLAN_FILE = "plan.json"
 ROUTER_FILE = "routers.safetensors"
@@ -64,6 +65,14 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     # Read from the routers routed calls read (behind a PEFT wrapper, the trained copy), under the plan's names.
     tensors = {f"{block.path}.mod_routers.{task}.{name}": getattr(blocks[block.path].router(task), name).detach().cpu().contiguous()
                for block in plan.blocks for task in block.routed_tasks() for name in ("weight", "bias")}
+    subclassed = [name for name, tensor in tensors.items() if is_tensor_subclass(tensor)]
+    if subclassed:
+        raise RouterError(
+            f"modpass.save: {subclassed[0]} is a {type(tensors[subclassed[0]]).__name__}, not a plain tensor (a quantized "
+            "router?), which safetensors cannot write. Save before quantizing, or quantize without the routers: "
+            "torchao's quantize_(model, config, filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) "
+            "and 'mod_routers' not in name)."
+        )
     save_file(tensors, str(path / ROUTER_FILE), metadata={"format": "modpass-routers"})
     (path / PLAN_FILE).write_text(plan.to_json())
     return path

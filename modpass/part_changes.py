@@ -8,6 +8,11 @@ graph would go on with the old computation, silently. torch calls a global hook
 whenever any module registers a submodule (:func:`torch.nn.modules.module.register_module_module_registration_hook`);
 modpass's hook marks the routed block that holds the changed module, and the
 block captures its graphs again on its next call (``RoutedBlock.recapture``).
+A parameter set anew is a change where the graphs could not take it as they
+took the old one: another tensor class (torchao's ``quantize_`` swaps weights
+for quantized tensor subclasses, whose operations a capture traces), dtype,
+shape or device. One like the old (``load_state_dict(assign=True)``) is none:
+the graphs take the block's parameters as inputs at every call.
 
 A module replaced as a direct child of the routed block goes to the block it
 routes as well, which modpass captures and runs for ``modpass.dense``: the two
@@ -30,15 +35,15 @@ from torch import nn
 #: Each module inside a routed block -> that routed block (both weakly).
 _routed_block_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _routed_blocks: weakref.WeakSet = weakref.WeakSet()
-_hook: torch.utils.hooks.RemovableHandle | None = None
+_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
 
 def watch(routed_block: nn.Module) -> None:
     """Mark ``routed_block`` (a ``RoutedBlock``) changed when any module inside the block it routes registers a
-    submodule."""
-    global _hook
-    if _hook is None:
-        _hook = torch.nn.modules.module.register_module_module_registration_hook(_on_registration)
+    submodule, or a parameter its graphs could not take."""
+    if not _hooks:
+        _hooks.append(torch.nn.modules.module.register_module_module_registration_hook(_on_registration))
+        _hooks.append(torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter))
     _routed_blocks.add(routed_block)
     owner = weakref.ref(routed_block)
     for part in routed_block._block.modules():
@@ -56,7 +61,19 @@ def _on_registration(module: nn.Module, name: str, submodule: nn.Module | None) 
         if name in module._block._modules:
             setattr(module._block, name, submodule)  # which comes back here, as a change of the block
         return
-    owner = _routed_block_of.get(module)
+    _mark_changed(module)
+
+
+def _on_parameter(module: nn.Module, name: str, parameter: nn.Parameter) -> None:
+    if torch.compiler.is_compiling():
+        return
+    old = module._parameters.get(name)  # the hook runs before the assignment
+    if old is None or any(getattr(old, a) != getattr(parameter, a) for a in ("__class__", "dtype", "shape", "device")):
+        _mark_changed(module)
+
+
+def _mark_changed(part: nn.Module) -> None:
+    owner = _routed_block_of.get(part)
     routed_block = owner() if owner is not None else None
     if routed_block is not None:
         routed_block.__dict__["_parts_changed"] = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from modpass.kernels import selection
 
@@ -68,12 +69,22 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     bandwidth-bound kernel for it where a ``Linear`` with one output column
     is a latency-bound library GEMV, and the gate's logits of the k gathered
     tokens fuse into the gather-and-normalise kernel that reads those rows
-    anyway.
+    anyway. A weight that is a tensor subclass (torchao's quantized tensors)
+    keeps the ``Linear``: it implements that, not the reduction's ops.
     """
-    if COMPILED_FORMS and torch.compiler.is_compiling():
+    if COMPILED_FORMS and torch.compiler.is_compiling() and not is_tensor_subclass(weight):
         logits = (hidden.float() * weight.squeeze(0).float()).sum(-1) + bias.float()
         return logits.to(hidden.dtype)
     return torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
+
+
+def is_tensor_subclass(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a tensor subclass such as torchao's quantized tensors (not a ``Parameter``, nor the fake
+    tensors of an export)."""
+    if torch.compiler.is_dynamo_compiling():
+        # Dynamo answers is_traceable_wrapper_subclass False for torchao's subclasses, and shows the type as it is.
+        return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+    return is_traceable_wrapper_subclass(weight)
 
 
 def router_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

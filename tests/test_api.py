@@ -240,6 +240,26 @@ def test_parts_replaced_after_routing_run_in_routed_calls():
             close_to_dense(routed(input_ids=ids).logits, dense)
 
 
+class MarkedTensor(torch.Tensor):
+    """A tensor subclass, as torchao's quantized weights are (``tests/test_torchao.py`` runs those)."""
+
+
+def test_parameters_set_anew_capture_again_only_where_the_graphs_could_not_take_them():
+    """The graphs take a block's parameters as inputs: loading with ``assign=True`` needs no capture, a weight swapped
+    for a tensor subclass (torchao's ``quantize_``) does."""
+    routed = modpass.transform(models.llama(layers=2), 1.0, layers=[1])
+    layer = routed.model.layers[1]
+    routed.load_state_dict(copy.deepcopy(routed.state_dict()), assign=True)
+    assert not layer.parts_changed()
+    projection = layer.mlp.up_proj
+    projection.weight = nn.Parameter(projection.weight.detach().as_subclass(MarkedTensor))
+    assert layer.parts_changed()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        routed(input_ids=ids)
+    assert not layer.parts_changed()
+
+
 def test_an_attention_implementation_set_after_routing_runs_in_routed_calls():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
