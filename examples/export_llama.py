@@ -1,11 +1,13 @@
-"""Serve a routed Llama without Python model code: torch.export, then AOTInductor.
+"""Serve a routed Llama without Python model code: torch.export then AOTInductor, and ONNX for ONNX Runtime.
 
-Run: python examples/export_llama.py   (random weights from a config; no downloads;
-the AOTInductor compile takes about a minute on a 2-core CPU)
+Run: python examples/export_llama.py [--skip-aoti]   (random weights from a config; no downloads;
+the AOTInductor compile takes about a minute on a 2-core CPU; the ONNX step needs onnxscript and
+onnxruntime, and torch >= 2.8)
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -15,41 +17,91 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import modpass
 
+VOCAB = 512
+#: Batch and length symbolic. Dim.AUTO, not Dim("T"): the capacity ceil(ratio * T) brings guards (k <= T, ...)
+#: that hold for the lengths the export records but that a named Dim would have to prove for every length.
+AUTO = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+#: Batches and lengths the served programs are checked at, none of them the export's.
+CHECKS = ((1, 37), (4, 200))
+
 
 class ServeTask(torch.nn.Module):
-    """The routed model with its task fixed: ``torch.export`` takes tensors, so one program per task."""
+    """The routed model with its task fixed: an exported program takes tensors, so one program per task."""
 
     def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.model, self.task = model, task
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, task=self.task, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, task=self.task, use_cache=False).logits
 
 
-def main() -> None:
+def padded_batch(batch: int, tokens: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an attention mask whose first row is left-padded by three tokens."""
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[0, :3] = 0
+    return torch.randint(0, vocab, (batch, tokens)), mask
+
+
+def largest_difference(served, routed: torch.nn.Module, task: str) -> float:
+    """The largest difference, over :data:`CHECKS`, between ``served(ids, mask)`` and the eager routed model's logits
+    at the tokens the mask keeps (a padded query attends to nothing, and each runtime fills it its own way)."""
+    differences = []
+    for batch, tokens in CHECKS:
+        ids, mask = padded_batch(batch, tokens)
+        with torch.no_grad():
+            want = routed(input_ids=ids, attention_mask=mask, task=task).logits
+        differences.append((torch.as_tensor(served(ids, mask)) - want)[mask.bool()].abs().max().item())
+    return max(differences)
+
+
+def export_onnx(routed: torch.nn.Module, task: str, path: Path) -> Path:
+    """Write ``task``'s program as an ONNX model; modpass routes with ONNX's TopK while exporting (ONNX has no stable
+    sort). Needs torch >= 2.8, whose exporter tells models it is exporting."""
+    example_inputs = padded_batch(2, 64, routed.config.vocab_size)
+    program = torch.onnx.export(ServeTask(routed, task), example_inputs, dynamo=True, dynamic_shapes=(AUTO, AUTO),
+                                input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    program.save(str(path))
+    return path
+
+
+def onnx_runtime(path: Path):
+    """``path``'s model in an ONNX Runtime session, called as the exported module is."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path))
+    return lambda ids, mask: session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-aoti", action="store_true", help="skip the AOTInductor package (about a minute)")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     routed = modpass.transform(LlamaForCausalLM(config).eval(), {"t2i": 0.5, "mmu": 0.25}, layers="every_other")
-
-    # Dim.AUTO for batch and length: the capacity ceil(ratio * T) brings guards (k <= T, ...) that hold
-    # for the lengths the export records but that a named Dim("T") would have to prove for every length.
-    auto = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
-    exported = torch.export.export(ServeTask(routed, "mmu"), (torch.randint(0, 512, (2, 64)),), dynamic_shapes=(auto,),
-                                   strict=False)
-    print("exported the mmu program; lengths and batches it takes:", exported.range_constraints)
-
+    for name, parameter in routed.named_parameters():  # as if trained: zero routers would keep the first tokens
+        if "mod_routers" in name:
+            parameter.data.normal_()
+    differences = {}
     with tempfile.TemporaryDirectory() as directory:
-        start = time.perf_counter()
-        package = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(directory) / "mmu.pt2"))
-        print(f"AOTInductor package in {time.perf_counter() - start:.0f} s")
-        served = torch._inductor.aoti_load_package(package)
-        for batch, tokens in ((1, 37), (4, 200)):
-            ids = torch.randint(0, 512, (batch, tokens))
-            with torch.no_grad():
-                difference = (served(ids) - routed(input_ids=ids, task="mmu").logits).abs().max().item()
-            print(f"B={batch} T={tokens}: packaged vs eager routed logits, max diff {difference:.2e}")
+        if not args.skip_aoti:
+            exported = torch.export.export(ServeTask(routed, "mmu"), padded_batch(2, 64), dynamic_shapes=(AUTO, AUTO),
+                                           strict=False)
+            print("exported the mmu program; lengths and batches it takes:", exported.range_constraints)
+            start = time.perf_counter()
+            package = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(directory) / "mmu.pt2"))
+            print(f"AOTInductor package in {time.perf_counter() - start:.0f} s")
+            differences["aoti"] = largest_difference(torch._inductor.aoti_load_package(package), routed, "mmu")
+        for task in ("t2i", "mmu"):
+            start = time.perf_counter()
+            path = export_onnx(routed, task, Path(directory) / f"{task}.onnx")
+            print(f"ONNX model of {task} in {time.perf_counter() - start:.0f} s")
+            differences[f"onnx_{task}"] = largest_difference(onnx_runtime(path), routed, task)
+    for served, difference in differences.items():
+        print(f"{served}: served vs eager routed logits at {CHECKS} (batch, length), max diff {difference:.2e}")
+    return differences
 
 
 if __name__ == "__main__":

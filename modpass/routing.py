@@ -156,6 +156,10 @@ def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
     """Token positions ``(B, T)`` from best to worst score, ties in position order."""
     # -0.0 and 0.0 compare equal, but a radix sort of the bit patterns would not keep them tied.
     scores = torch.where(scores == 0, 0.0, scores)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no stable sort, and its TopK keeps equal values in index order (torch's topk promises no order).
+        # Seen from torch 2.8; before, the dynamo exporter does not say it is exporting, and fails on the sort.
+        return torch.topk(scores, scores.shape[1], dim=1).indices
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 

@@ -63,8 +63,10 @@ AVAILABLE = (
 
 
 def supported(scores: torch.Tensor) -> bool:
-    """Whether :func:`select_tokens` runs the Triton kernel for ``scores`` (B, T)."""
-    return AVAILABLE and scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_TOKENS
+    """Whether :func:`select_tokens` runs the Triton kernel for ``scores`` (B, T): not in an ONNX export, which has no
+    such operator."""
+    return (AVAILABLE and scores.is_cuda and scores.dim() == 2 and scores.shape[1] <= MAX_TOKENS
+            and not torch.onnx.is_in_onnx_export())
 
 
 def launch(scores: torch.Tensor, k: int, wrap=lambda kernel: kernel, kernel=None, chunk: int = CHUNK,
