@@ -26,41 +26,47 @@ CHECKS = ((1, 37), (4, 200))
 
 
 class ServeTask(torch.nn.Module):
-    """The routed model with its task fixed: an exported program takes tensors, so one program per task."""
+    """The routed model with its task fixed: an exported program takes tensors, so one program per task. With
+    ``route_mask``, the program takes one too (the tokens that may skip routed layers, UniMoD's image tokens)."""
 
     def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.model, self.task = model, task
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, task=self.task, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, route_mask: torch.Tensor | None = None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, route_mask=route_mask, task=self.task,
+                          use_cache=False).logits
 
 
-def padded_batch(batch: int, tokens: int, vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and an attention mask whose first row is left-padded by three tokens."""
+def padded_batch(batch: int, tokens: int, vocab: int = VOCAB, *, route_mask: bool = False) -> tuple[torch.Tensor, ...]:
+    """Token ids and an attention mask whose first row is left-padded by three tokens, and with ``route_mask`` a route
+    mask marking about 60% of the tokens routable, a different number per row."""
     mask = torch.ones(batch, tokens, dtype=torch.long)
     mask[0, :3] = 0
-    return torch.randint(0, vocab, (batch, tokens)), mask
+    ids = torch.randint(0, vocab, (batch, tokens))
+    return (ids, mask, torch.rand(batch, tokens) < 0.6) if route_mask else (ids, mask)
 
 
-def largest_difference(served, routed: torch.nn.Module, task: str) -> float:
-    """The largest difference, over :data:`CHECKS`, between ``served(ids, mask)`` and the eager routed model's logits
-    at the tokens the mask keeps (a padded query attends to nothing, and each runtime fills it its own way)."""
+def largest_difference(served, routed: torch.nn.Module, task: str, *, route_mask: bool = False) -> float:
+    """The largest difference, over :data:`CHECKS`, between ``served(ids, mask[, route_mask])`` and the eager routed
+    model's logits at the tokens the mask keeps (a padded query attends to nothing, and each runtime fills it its own
+    way)."""
     differences = []
     for batch, tokens in CHECKS:
-        ids, mask = padded_batch(batch, tokens)
+        inputs = padded_batch(batch, tokens, routed.config.vocab_size, route_mask=route_mask)
         with torch.no_grad():
-            want = routed(input_ids=ids, attention_mask=mask, task=task).logits
-        differences.append((torch.as_tensor(served(ids, mask)) - want)[mask.bool()].abs().max().item())
+            want = ServeTask(routed, task)(*inputs)
+        differences.append((torch.as_tensor(served(*inputs)) - want)[inputs[1].bool()].abs().max().item())
     return max(differences)
 
 
-def export_onnx(routed: torch.nn.Module, task: str, path: Path) -> Path:
+def export_onnx(routed: torch.nn.Module, task: str, path: Path, *, route_mask: bool = False) -> Path:
     """Write ``task``'s program as an ONNX model; modpass routes with ONNX's TopK while exporting (ONNX has no stable
     sort). Needs torch >= 2.8, whose exporter tells models it is exporting."""
-    example_inputs = padded_batch(2, 64, routed.config.vocab_size)
-    program = torch.onnx.export(ServeTask(routed, task), example_inputs, dynamo=True, dynamic_shapes=(AUTO, AUTO),
-                                input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    example_inputs = padded_batch(2, 64, routed.config.vocab_size, route_mask=route_mask)
+    names = ["input_ids", "attention_mask", "route_mask"][: len(example_inputs)]
+    program = torch.onnx.export(ServeTask(routed, task), example_inputs, dynamo=True,
+                                dynamic_shapes=(AUTO,) * len(example_inputs), input_names=names, output_names=["logits"])
     program.save(str(path))
     return path
 
@@ -70,7 +76,8 @@ def onnx_runtime(path: Path):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path))
-    return lambda ids, mask: session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    names = [given.name for given in session.get_inputs()]
+    return lambda *inputs: session.run(None, {name: given.numpy() for name, given in zip(names, inputs)})[0]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -94,11 +101,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             package = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(directory) / "mmu.pt2"))
             print(f"AOTInductor package in {time.perf_counter() - start:.0f} s")
             differences["aoti"] = largest_difference(torch._inductor.aoti_load_package(package), routed, "mmu")
-        for task in ("t2i", "mmu"):
+        for task, route_mask in (("t2i", False), ("mmu", True)):
             start = time.perf_counter()
-            path = export_onnx(routed, task, Path(directory) / f"{task}.onnx")
-            print(f"ONNX model of {task} in {time.perf_counter() - start:.0f} s")
-            differences[f"onnx_{task}"] = largest_difference(onnx_runtime(path), routed, task)
+            path = export_onnx(routed, task, Path(directory) / f"{task}.onnx", route_mask=route_mask)
+            print(f"ONNX model of {task}{' with a route mask' if route_mask else ''} in {time.perf_counter() - start:.0f} s")
+            differences[f"onnx_{task}"] = largest_difference(onnx_runtime(path), routed, task, route_mask=route_mask)
     for served, difference in differences.items():
         print(f"{served}: served vs eager routed logits at {CHECKS} (batch, length), max diff {difference:.2e}")
     return differences

@@ -191,9 +191,9 @@ def select_tokens_per_row(scores: torch.Tensor, k, row_capacity: torch.Tensor) -
     chosen = rank_tokens(scores).narrow(1, 0, k)
     extra = torch.arange(chosen.shape[1], device=chosen.device) >= row_capacity.unsqueeze(1)
     tokens = scores.shape[1]
-    ordered = torch.sort(chosen + tokens * extra, dim=1).values
+    ordered = torch.sort(torch.where(extra, chosen + tokens, chosen), dim=1).values
     extra = ordered >= tokens
-    return ordered - tokens * extra, extra
+    return torch.where(extra, ordered - tokens, ordered), extra
 
 
 def hide_extra_slots(mask: torch.Tensor, extra: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
