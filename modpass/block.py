@@ -628,7 +628,7 @@ class RoutedBlock(nn.Module):
         # contiguous one ("attn_bias is not correctly aligned (strideH)", torch 2.11, H200).
         k = torch.clamp((largest + SLOT_MULTIPLE - 1) // SLOT_MULTIPLE * SLOT_MULTIPLE, max=tokens).item()
         torch._check(k >= least)
-        torch._check(k >= 1)
+        torch._check(k >= 1)  # what least says where sizes are size-oblivious (the ONNX exporter's torch.export)
         torch._check(k <= tokens)
         return TaskGroup(group.task, group.rows, k, row_capacity)
 
