@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _compat
-from .errors import RoutingInputError
+from .errors import ConfigError, RoutingInputError
 from .progress import ModeSwitchProgress
 
 
@@ -175,6 +175,12 @@ class RoutingState:
         breaks the graph here, once per forward, and its message names that
         setting.
         """
+        if _compat.ONNX_EXPORT_FIXES_TASK_ID_BATCH and torch.onnx.is_in_onnx_export():
+            raise ConfigError(
+                f"exporting a mixed-task batch (task ids as an input) to ONNX needs torch >= 2.10: torch "
+                f"{torch.__version__}'s export keeps the example's batch size, and ONNX Runtime fails at any other. Export "
+                "one model per task (a module that fixes task=, as examples/export_llama.py's ServeTask), or upgrade torch."
+            )
         if _compat.DYNAMO_DROPS_UNBACKED_CHECKS:
             # There the check below does nothing: read the ids through a bounds-checked index instead.
             task = torch.arange(len(self.tasks), device=task.device)[task]
