@@ -68,10 +68,10 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     subclassed = [name for name, tensor in tensors.items() if is_tensor_subclass(tensor)]
     if subclassed:
         raise RouterError(
-            f"modpass.save: {subclassed[0]} is a {type(tensors[subclassed[0]]).__name__}, not a plain tensor (a quantized "
-            "router?), which safetensors cannot write. Save before quantizing, or quantize without the routers: "
-            "torchao's quantize_(model, config, filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) "
-            "and 'mod_routers' not in name)."
+            f"modpass.save: {subclassed[0]} is a {type(tensors[subclassed[0]]).__name__}, not a plain tensor, which "
+            "safetensors cannot write. A quantized router: save before quantizing, or quantize without the routers "
+            "(torchao's quantize_(model, config, filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) "
+            "and 'mod_routers' not in name)). A sharded one (a DTensor): save a model whose parameters are whole."
         )
     save_file(tensors, str(path / ROUTER_FILE), metadata={"format": "modpass-routers"})
     (path / PLAN_FILE).write_text(plan.to_json())
