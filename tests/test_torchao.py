@@ -18,7 +18,7 @@ except Exception as exc:  # noqa: BLE001
 def routed_llama(ratio: float, *, random_routers: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A Llama, routed and dense; random routers make a router left unquantized or misread show."""
     torch.manual_seed(0)
-    dense = models.llama(layers=4).eval()
+    dense = models.llama(layers=2).eval()
     routed = modpass.transform(dense, ratio)
     for name, parameter in routed.named_parameters():
         if "mod_routers" in name and random_routers:
