@@ -11,7 +11,7 @@ from tests.test_equivalence import close_to_dense
 
 try:  # torchao 0.18 fails to import on torch 2.6, with errors other than ImportError
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-except Exception as exc:  # noqa: BLE001
+except Exception as exc:
     pytest.skip(f"torchao does not import here: {exc!r}", allow_module_level=True)
 
 
