@@ -21,11 +21,9 @@ if torch.__version__ < "2.8":
 example = load_example("export_llama")
 
 
-def test_each_task_served_by_onnx_runtime_equals_eager_at_other_batches_and_lengths():
-    """The example exports one task plain and one with a route mask whose rows keep different token counts."""
-    differences = example.main(["--skip-aoti"])
-    assert set(differences) == {"onnx_t2i", "onnx_mmu"}
-    assert max(differences.values()) <= 1e-5
+def test_a_route_masked_task_served_by_onnx_runtime_equals_eager_at_other_batches_and_lengths():
+    """The example's ONNX program: one task, with a route mask whose rows keep different token counts."""
+    assert example.main(["--skip-aoti"])["onnx"] <= 1e-5
 
 
 def test_zero_routers_keep_the_first_tokens_in_onnx_runtime_too(tmp_path):
