@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -26,11 +27,17 @@ def test_a_route_masked_task_served_by_onnx_runtime_equals_eager_at_other_batche
     assert example.main(["--skip-aoti"])["onnx"] <= 1e-5
 
 
-def test_zero_routers_keep_the_first_tokens_in_onnx_runtime_too(tmp_path):
+@pytest.fixture(scope="module")
+def two_task_llama() -> torch.nn.Module:
+    """A routed Llama with two tasks, its routers zero as ``transform`` leaves them."""
+    torch.manual_seed(0)
+    return modpass.transform(models.llama(layers=2), {"t2i": 0.5, "mmu": 0.25}, layers="all")
+
+
+def test_zero_routers_keep_the_first_tokens_in_onnx_runtime_too(two_task_llama, tmp_path):
     """Equal scores are the case where sorts differ: routing exports as ONNX's TopK, which keeps them in index order,
     as the stable sort of eager routing does (no sort, and no modpass operator, reaches the ONNX model)."""
-    torch.manual_seed(0)
-    routed = modpass.transform(models.llama(layers=2), {"t2i": 0.5, "mmu": 0.25}, layers="all")
+    routed = two_task_llama
     path = example.export_onnx(routed, "mmu", tmp_path / "mmu.onnx")
     operators = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "TopK" in operators and not {"Sort", "select_tokens"} & operators
@@ -55,12 +62,11 @@ class ServeTaskIds(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, task=task, use_cache=False).logits
 
 
-def test_a_mixed_task_batch_served_by_onnx_runtime_equals_eager_at_other_batches_and_mixes(tmp_path):
+def test_a_mixed_task_batch_served_by_onnx_runtime_equals_eager_at_other_batches_and_mixes(two_task_llama, tmp_path):
     """The rows of each task run at its capacity with its router, in one ONNX model for every batch and mix (a task
     absent included). torch.export alone specialises the batch here: ONNX's export defers that guard, which the
     comparison shows spurious. Before torch 2.10 the ONNX model ran at the example's batch only, and is refused."""
-    torch.manual_seed(0)
-    routed = modpass.transform(models.llama(layers=2), {"t2i": 0.5, "mmu": 0.25}, layers="all")
+    routed = copy.deepcopy(two_task_llama)
     for name, parameter in routed.named_parameters():
         if "mod_routers" in name:
             parameter.data.normal_()
