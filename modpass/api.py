@@ -19,7 +19,7 @@ from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
 from .hints import batch_wide_experts_hint
-from .inputs import capture_inputs
+from .inputs import call_with, capture_inputs
 from .kv_cache import DECODING
 from .output_recording import owners, part_recorded_outputs, record_hidden_states
 from .passes.capture import capture
@@ -252,17 +252,12 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     return given
 
 
-def record_block_calls(model: nn.Module, paths: list[str], example_inputs) -> dict[str, tuple[tuple, dict]]:
-    """The ``(args, kwargs)`` each block receives when ``model`` runs on ``example_inputs``."""
+def record_block_calls(model: nn.Module, paths: list[str], example_inputs: Mapping | tuple) -> dict[str, tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` each block receives when ``model`` runs on ``example_inputs`` (keyword or positional)."""
     blocks = [(path, model.get_submodule(path)) for path in paths]
     try:
         with first_calls(blocks) as calls, torch.no_grad():
-            if isinstance(example_inputs, Mapping):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            call_with(model, example_inputs)
     except ModpassError:
         raise
     except Exception as exc:

@@ -19,6 +19,7 @@ from torch.utils import flop_counter
 
 from .api import routed_blocks, routed_model, routing_plan_of
 from .errors import ConfigError
+from .inputs import call_with
 
 _aten = torch.ops.aten
 
@@ -84,10 +85,7 @@ def count(model: torch.nn.Module, inputs: Mapping | tuple, **call_kwargs) -> dic
     register_cpu_attention_flops()
     counter = flop_counter.FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        if isinstance(inputs, Mapping):
-            model(**inputs, **call_kwargs)
-        else:
-            model(*inputs, **call_kwargs)
+        call_with(model, inputs, **call_kwargs)
     root = type(model).__name__
     counts = {}
     for name, per_op in counter.get_flop_counts().items():

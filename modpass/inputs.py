@@ -98,6 +98,11 @@ def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | list | to
     return inputs
 
 
+def call_with(model: nn.Module, inputs: Mapping | tuple, **kwargs):
+    """Call ``model`` on keyword or positional ``inputs``, as :func:`capture_inputs` gives them."""
+    return model(**inputs, **kwargs) if isinstance(inputs, Mapping) else model(*inputs, **kwargs)
+
+
 def by_name(model: nn.Module, positional: tuple) -> Mapping | tuple:
     """``positional`` as keyword inputs, so that ``use_cache=False`` can join them; unchanged behind ``*args``."""
     signature = inspect.signature(model.forward)

@@ -35,7 +35,7 @@ from .api import list_blocks
 from .block import first_parameter_name
 from .config import DEFAULT_TASK, check_task_name
 from .errors import ConfigError
-from .inputs import capture_inputs
+from .inputs import call_with, capture_inputs
 from .passes.find_blocks import blocks_within
 from .progress import Progress
 
@@ -192,7 +192,7 @@ def attention_rank(
                 sequences[task] = 0
                 steps.stage(task)
                 for call in inputs:
-                    run(model, capture_inputs(model, call))
+                    call_with(model, capture_inputs(model, call))
                     sequences[task] += batch_size(call)
                     steps.block_done()
                 unseen = [b.path for b in blocks if not recorder.map_counts[b.path]]
@@ -208,14 +208,6 @@ def attention_rank(
         for module, training in modes.items():
             module.training = training
     return AttentionRanks(paths=tuple(b.path for b in blocks), within=within, ranks=ranks, sequences=sequences)
-
-
-def run(model: nn.Module, call: Mapping | tuple) -> None:
-    """Call ``model`` with keyword arguments or positional ones."""
-    if isinstance(call, Mapping):
-        model(**call)
-    else:
-        model(*call)
 
 
 def batch_size(call: Any) -> int:

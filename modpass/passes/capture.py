@@ -30,10 +30,7 @@ from ..hints import batch_wide_experts_hint
 
 def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
     """Export ``model`` on ``example_inputs`` with symbolic sizes; see the module docstring."""
-    if isinstance(example_inputs, Mapping):
-        args, kwargs = (), dict(example_inputs)
-    else:
-        args, kwargs = (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     wrapper, tensors = FlatCall.wrap(model, args, kwargs)
     try:
         with first_calls((path, module) for path, module in model.named_modules() if path) as calls:
