@@ -79,7 +79,7 @@ def transform(
         raise ConfigError(f"inplace must be True or False, got {inplace!r}.")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"transform expects an nn.Module, got {type(model).__name__}.")
-    refuse_compiled(model, "transform")
+    refuse_unrunnable(model, "transform")
     config = RoutingConfig.from_arguments(ratios, layers=layers, gate=gate, aux_loss_weight=aux_loss_weight,
                                           within="" if within is None else within)
     if routing_plan_of(model) is not None:
@@ -106,19 +106,29 @@ def list_blocks(model: nn.Module, *, example_inputs: Mapping[str, Any] | tuple |
     language model's are two stacks). Captures the model once (seconds) and
     leaves it unchanged; ``example_inputs`` as for ``transform``.
     """
-    refuse_compiled(model, "list_blocks")
+    refuse_unrunnable(model, "list_blocks")
     if routing_plan_of(model) is not None:
         raise ConfigError(f"{type(model).__name__} is already routed; its routed blocks are modpass.routing_plan_of(model).blocks.")
     inputs = capture_inputs(model, example_inputs)
     return find_blocks(capture(model, inputs)).meta["modpass_blocks"]
 
 
-def refuse_compiled(model: nn.Module, verb: str) -> None:
+def refuse_unrunnable(model: nn.Module, verb: str) -> None:
+    """Refuse what the verb could not run on example inputs: a torch.compile wrapper, or weights on the meta device."""
     if uncompiled(model) is not model:
         raise ConfigError(
             f"{verb}() takes the model itself, not its torch.compile wrapper: route first, then compile "
             f"(modpass.{verb}(model, ...), then torch.compile(routed, backend='modpass')); the wrapper's original "
             "model is its ._orig_mod."
+        )
+    on_meta = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta), None)
+    if on_meta is not None:
+        raise ConfigError(
+            f"{verb}() runs {type(model).__name__} on example inputs, which needs real weights, but {on_meta!r} is on "
+            "the meta device (a model built under torch.device('meta') or init_empty_weights). Materialise it first "
+            f"(model.to_empty(device=...), then load or initialise its weights), then call modpass.{verb}"
+            + ("; the routers it adds start at zero, so the routed model begins as the dense one." if verb in ("transform", "load")
+               else ".")
         )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .api import apply_plan, refuse_compiled, routed_blocks, routing_plan_of
+from .api import apply_plan, refuse_unrunnable, routed_blocks, routing_plan_of
 from .errors import ConfigError, PlanError, RouterError
 from .inputs import capture_inputs
 from .passes.capture import capture
@@ -133,7 +133,7 @@ def load(
     ``progress`` shows a bar per routed block as ``transform`` does (``None``:
     on a terminal only).
     """
-    refuse_compiled(base_model, "load")
+    refuse_unrunnable(base_model, "load")
     if routing_plan_of(base_model) is not None:
         raise ConfigError("load() takes the original (unrouted) model; this one is already routed.")
     plan, tensors = read(directory)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _structure
-from .api import list_blocks
+from .api import list_blocks, refuse_unrunnable
 from .block import first_parameter_name
 from .config import DEFAULT_TASK, check_task_name
 from .errors import ConfigError
@@ -154,6 +154,7 @@ def attention_rank(
 
     The model runs in eval mode without gradients and is left as it was.
     """
+    refuse_unrunnable(model, "attention_rank")
     by_task = dict(samples) if isinstance(samples, Mapping) else {DEFAULT_TASK: samples}
     if not by_task:
         raise ConfigError("samples is empty; give {task: [model inputs, ...]}.")

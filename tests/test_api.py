@@ -723,6 +723,25 @@ def test_the_api_takes_a_compiled_routed_model_and_refuses_to_route_a_compiled_o
             verb(torch.compile(models.NanoGPT(layers=2), backend="eager"))
 
 
+def test_a_model_on_the_meta_device_is_refused_by_every_verb_that_runs_it(tmp_path):
+    """Until 2026-12-06 transform failed on a meta model deep in block preparation ("unsupported scalarType")."""
+    modpass.save(modpass.transform(models.NanoGPT(layers=2), 0.5), tmp_path)
+    with torch.device("meta"):
+        empty = models.NanoGPT(layers=2)
+    idx = torch.randint(0, 61, (2, 12))
+    verbs = {
+        "transform": lambda m: modpass.transform(m, 0.5, example_inputs=(idx,)),
+        "list_blocks": lambda m: modpass.list_blocks(m, example_inputs=(idx,)),
+        "attention_rank": lambda m: modpass.attention_rank(m, [(idx,)]),
+        "load": lambda m: modpass.load(m, tmp_path),
+    }
+    for verb, call in verbs.items():
+        with pytest.raises(modpass.ConfigError, match=rf"{verb}\(\) runs NanoGPT .* 'wte.weight' is on the meta device.*to_empty"):
+            call(empty)
+    empty.to_empty(device="cpu")
+    assert modpass.list_blocks(empty, example_inputs=(idx,)), "a materialised model is no longer refused"
+
+
 def test_prepare_autocast_refusals_and_eager_use():
     with pytest.raises(modpass.ConfigError, match="no routed blocks"):
         modpass.prepare_autocast(models.NanoGPT())
