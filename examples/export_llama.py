@@ -1,5 +1,8 @@
 """Serve a routed Llama without Python model code: torch.export then AOTInductor, and ONNX for ONNX Runtime.
 
+The AOTInductor package serves mixed-task batches (a task id per row, as UniMoD's batches mix text-to-image and
+understanding prompts); the ONNX model serves one task under a route mask (the tokens that may skip routed layers).
+
 Run: python examples/export_llama.py [--skip-aoti]   (random weights from a config; no downloads;
 the AOTInductor compile takes about a minute on a 2-core CPU; the ONNX step needs onnxscript and
 onnxruntime, and torch >= 2.8)
@@ -38,26 +41,52 @@ class ServeTask(torch.nn.Module):
                           use_cache=False).logits
 
 
-def padded_batch(batch: int, tokens: int, vocab: int = VOCAB, *, route_mask: bool = False) -> tuple[torch.Tensor, ...]:
-    """Token ids and an attention mask whose first row is left-padded by three tokens, and with ``route_mask`` a route
-    mask marking about 60% of the tokens routable, a different number per row."""
+class ServeTaskIds(torch.nn.Module):
+    """The routed model taking a mixed-task batch: a task id per row, in the order of ``transform``'s ratios."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, task=task, use_cache=False).logits
+
+
+def padded_batch(batch: int, tokens: int, vocab: int = VOCAB, *, route_mask: bool = False,
+                 tasks: int = 0) -> tuple[torch.Tensor, ...]:
+    """Token ids and an attention mask whose first row is left-padded by three tokens; with ``route_mask`` a route
+    mask marking about 60% of the tokens routable, a different number per row; with ``tasks`` a random task id per
+    row, below ``tasks``."""
     mask = torch.ones(batch, tokens, dtype=torch.long)
     mask[0, :3] = 0
-    ids = torch.randint(0, vocab, (batch, tokens))
-    return (ids, mask, torch.rand(batch, tokens) < 0.6) if route_mask else (ids, mask)
+    inputs = (torch.randint(0, vocab, (batch, tokens)), mask)
+    if route_mask:
+        inputs += (torch.rand(batch, tokens) < 0.6,)
+    if tasks:
+        inputs += (torch.randint(0, tasks, (batch,)),)
+    return inputs
 
 
-def largest_difference(served, routed: torch.nn.Module, task: str, *, route_mask: bool = False) -> float:
-    """The largest difference, over :data:`CHECKS`, between ``served(ids, mask[, route_mask])`` and the eager routed
-    model's logits at the tokens the mask keeps (a padded query attends to nothing, and each runtime fills it its own
-    way)."""
+def largest_difference(served, reference: torch.nn.Module, **batch_options) -> float:
+    """The largest difference, over :data:`CHECKS`, between ``served`` and the eager ``reference`` (a ``ServeTask``
+    or ``ServeTaskIds``) on :func:`padded_batch` inputs, at the tokens the attention mask keeps (a padded query
+    attends to nothing, and each runtime fills it its own way)."""
     differences = []
     for batch, tokens in CHECKS:
-        inputs = padded_batch(batch, tokens, routed.config.vocab_size, route_mask=route_mask)
+        inputs = padded_batch(batch, tokens, reference.model.config.vocab_size, **batch_options)
         with torch.no_grad():
-            want = ServeTask(routed, task)(*inputs)
+            want = reference(*inputs)
         differences.append((torch.as_tensor(served(*inputs)) - want)[inputs[1].bool()].abs().max().item())
     return max(differences)
+
+
+def export_task_ids(routed: torch.nn.Module) -> torch.export.ExportedProgram:
+    """A program of ``routed`` that takes a task id per row (:class:`ServeTaskIds`), for every batch, length and mix
+    of tasks (a task absent from a batch included)."""
+    tasks = len(modpass.routing_plan_of(routed).tasks)
+    example_inputs = padded_batch(4, 64, routed.config.vocab_size, tasks=tasks)
+    return torch.export.export(ServeTaskIds(routed), example_inputs, dynamic_shapes=(AUTO, AUTO, {0: AUTO[0]}),
+                               strict=False)
 
 
 def export_onnx(routed: torch.nn.Module, task: str, path: Path, *, route_mask: bool = False) -> Path:
@@ -94,18 +123,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     differences = {}
     with tempfile.TemporaryDirectory() as directory:
         if not args.skip_aoti:
-            exported = torch.export.export(ServeTask(routed, "mmu"), padded_batch(2, 64), dynamic_shapes=(AUTO, AUTO),
-                                           strict=False)
-            print("exported the mmu program; lengths and batches it takes:", exported.range_constraints)
+            # One program for both tasks: each row runs the routed layers at its task's capacity, with its router.
+            exported = export_task_ids(routed)
+            print("exported the mixed-task program; lengths and batches it takes:", exported.range_constraints)
             start = time.perf_counter()
-            package = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(directory) / "mmu.pt2"))
+            package = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(directory) / "mixed.pt2"))
             print(f"AOTInductor package in {time.perf_counter() - start:.0f} s")
-            differences["aoti"] = largest_difference(torch._inductor.aoti_load_package(package), routed, "mmu")
-        # The ONNX program takes a route mask as well: which tokens may skip routed layers (UniMoD's image tokens).
+            differences["aoti"] = largest_difference(torch._inductor.aoti_load_package(package), ServeTaskIds(routed),
+                                                     tasks=2)
         start = time.perf_counter()
         path = export_onnx(routed, "mmu", Path(directory) / "mmu.onnx", route_mask=True)
         print(f"ONNX model of mmu with a route mask in {time.perf_counter() - start:.0f} s")
-        differences["onnx"] = largest_difference(onnx_runtime(path), routed, "mmu", route_mask=True)
+        differences["onnx"] = largest_difference(onnx_runtime(path), ServeTask(routed, "mmu"), route_mask=True)
     for served, difference in differences.items():
         print(f"{served}: served vs eager routed logits at {CHECKS} (batch, length), max diff {difference:.2e}")
     return differences

@@ -94,12 +94,6 @@ def contiguous_while_compiling(tensor):
 DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 8)
 
 
-#: torch releases whose ONNX export of a batch split by task ids (:meth:`modpass.tasks.RoutingState.split_in_graph`)
-#: gives a model that runs only at the example's batch size: ONNX Runtime fails at any other ("GatherND ... invalid
-#: index"; 2.8.0 and 2.9.1; 2.10.0, 2.11 and 2.13 export one model for every batch and mix).
-ONNX_EXPORT_FIXES_TASK_ID_BATCH = torch.__version__ < (2, 10)
-
-
 #: torch releases that cannot compile one call for rows of different capacities under a route mask
 #: (:meth:`modpass.block.RoutedBlock.share_one_call`): 2.6's Dynamo cannot narrow a row to the
 #: data-dependent slot count, and its Inductor then fails to lower the backward. There the rows

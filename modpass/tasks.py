@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _compat
-from .errors import ConfigError, RoutingInputError
+from .errors import RoutingInputError
 from .progress import ModeSwitchProgress
 
 
@@ -142,10 +142,13 @@ class RoutingState:
                 raise RoutingInputError(f"task tensor must be a 1-D integer tensor of task indices, got dtype {task.dtype} and shape {tuple(task.shape)}.")
         elif not isinstance(task, Sequence):
             raise RoutingInputError(f"task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
-        if len(task) != batch and task is self.default_task and batch % len(task) == 0:
+        # Not len(): on a tensor it returns an int, which under torch.export fixes the batch to the example's.
+        entries = task.shape[0] if isinstance(task, torch.Tensor) else len(task)
+        if entries != batch and task is self.default_task and batch % entries == 0:
             task = per_prompt(task, batch)
-        if len(task) != batch:
-            raise RoutingInputError(f"task lists {len(task)} entries but the batch has {batch} sequences; give one task per sequence.")
+            entries = batch
+        if entries != batch:
+            raise RoutingInputError(f"task lists {entries} entries but the batch has {batch} sequences; give one task per sequence.")
         if not isinstance(task, torch.Tensor):
             names = [self.check(t) for t in task]
         elif torch.compiler.is_compiling():
@@ -167,20 +170,14 @@ class RoutingState:
     def split_in_graph(self, task: torch.Tensor) -> list[TaskGroup]:
         """One group per task, of data-dependent size (empty when the task is absent).
 
-        Used under torch.compile, where a split read in Python (the eager
-        path) would graph-break in every routed block and specialise on each
-        mix. With ``torch._dynamo.config.capture_dynamic_output_shape_ops``,
+        Used under torch.compile and torch.export (ONNX's included), where a
+        split read in Python (the eager path) would graph-break in every
+        routed block and specialise on each mix. With ``torch._dynamo.config.capture_dynamic_output_shape_ops``,
         ``nonzero`` keeps the split in the graph, with group sizes as unbacked
         symbols, so one graph serves every mix of tasks; without it Dynamo
         breaks the graph here, once per forward, and its message names that
         setting.
         """
-        if _compat.ONNX_EXPORT_FIXES_TASK_ID_BATCH and torch.onnx.is_in_onnx_export():
-            raise ConfigError(
-                f"exporting a mixed-task batch (task ids as an input) to ONNX needs torch >= 2.10: torch "
-                f"{torch.__version__}'s export keeps the example's batch size, and ONNX Runtime fails at any other. Export "
-                "one model per task (a module that fixes task=, as examples/export_llama.py's ServeTask), or upgrade torch."
-            )
         if _compat.DYNAMO_DROPS_UNBACKED_CHECKS:
             # There the check below does nothing: read the ids through a bounds-checked index instead.
             task = torch.arange(len(self.tasks), device=task.device)[task]
@@ -204,7 +201,7 @@ class RoutingState:
 def per_prompt(rows, batch: int):
     """``rows`` (a default task list or route mask, a row per prompt) for a call of ``batch`` sequences that repeats
     each prompt ``batch // len(rows)`` times in a row, as ``generate()`` does for beams and ``num_return_sequences``."""
-    repeats = batch // len(rows)
+    repeats = batch // (rows.shape[0] if isinstance(rows, torch.Tensor) else len(rows))
     if isinstance(rows, torch.Tensor):
         return rows.repeat_interleave(repeats, dim=0)
     return [row for row in rows for _ in range(repeats)]
