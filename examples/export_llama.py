@@ -35,6 +35,7 @@ class ServeTask(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.model, self.task = model, task
+        self.training = model.training  # as the model: export warns of a module in training mode
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, route_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, route_mask=route_mask, task=self.task,
@@ -47,6 +48,7 @@ class ServeTaskIds(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.training = model.training
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, task=task, use_cache=False).logits
