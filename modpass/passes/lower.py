@@ -24,7 +24,7 @@ The one hand-written kernel is selection on CUDA
 (``modpass/kernels/selection.py``), a Triton op that Inductor calls from its
 own generated code. On CPU the remaining routing glue is 1-2% of a dense
 block; on an H200, 2.6-3.7% of the dense G1 block's kernel time, the
-largest part that selection kernel (see the README's GPU section).
+largest part that selection kernel (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
