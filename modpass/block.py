@@ -446,9 +446,9 @@ class RoutedBlock(nn.Module):
         name out of the names it saves, so a router copy of an adapter named as a task is saved under another name."""
         state = self._state
         clash = sorted(set(adapters) & set(state.tasks))
-        if clash and not state.warned_adapters_named_as_tasks and not torch.compiler.is_compiling():
-            state.warned_adapters_named_as_tasks = True
-            warnings.warn(
+        if clash and not torch.compiler.is_compiling():
+            state.warn_once(
+                "adapter named as a task",
                 f"modpass: PEFT adapter {clash[0]!r} has the name of a task of this model: PEFT's save_pretrained cuts "
                 f"the adapter's name out of the names it saves, so it would save the router copies of task "
                 f"{clash[0]!r} under other names, and loading them would fail. Name the adapter otherwise "

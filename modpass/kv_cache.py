@@ -42,7 +42,6 @@ from __future__ import annotations
 import abc
 import functools
 import inspect
-import warnings
 
 import torch
 
@@ -115,9 +114,9 @@ def run_eagerly(block, name: str, args: tuple, kwargs: dict, records: list):
     if isinstance(layer, RoutedCacheLayer) and layer.get_seq_length() > 0:
         return extend(block, tasks, layer, args, kwargs, records)
     state = block._state
-    if state.route_mask is None and state.decoding == "all" and not state.warned_causal_decoding:
-        state.warned_causal_decoding = True
-        warnings.warn(
+    if state.route_mask is None and state.decoding == "all":
+        state.warn_once(
+            "causal decoding",
             "modpass: cached generation routes the prompt and runs every generated token through each routed layer "
             "(p-MoD's and UniMoD's decoding). The uncached model would select again among all tokens at each step "
             "(MoD's top-k is not causal), so generate(use_cache=False) can give other tokens. A route mask over the "
@@ -145,9 +144,8 @@ def after_unrouted_keys(block, keys: int, tokens: int) -> None:
             "empty cache layer is routed, as a prompt. Train without a cache: with virtual tokens as inputs (PEFT's "
             "prompt tuning) or adapters (LoRA) instead of prefix tuning."
         )
-    if not state.warned_unrouted_keys:
-        state.warned_unrouted_keys = True
-        warnings.warn(f"modpass: {situation}; only a call into an empty cache layer is routed, as a prompt.", stacklevel=1)
+    state.warn_once("unrouted keys", f"modpass: {situation}; only a call into an empty cache layer is routed, as a prompt.",
+                    stacklevel=1)
 
 
 def cache_layer(block, cache):

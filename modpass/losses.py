@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
@@ -59,11 +57,11 @@ def warn_of_scores_without_gradient(block, record) -> None:
     cannot train it: the block ran without autograd, as inside a reentrant checkpoint around it, whose forward does
     (torch's ``checkpoint_wrapper`` with ``CheckpointImpl.REENTRANT``)."""
     state = block._state
-    if (state.warned_scores_without_gradient or record.logits.requires_grad or not torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or not any(p.requires_grad for p in block.mod_routers.parameters())):
+    if (record.logits.requires_grad or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not any(p.requires_grad for p in block.mod_routers.parameters())):
         return
-    state.warned_scores_without_gradient = True
-    warnings.warn(
+    state.warn_once(
+        "scores without gradient",
         f"modpass.aux_loss: {block.plan.path}: the router scores of its last call carry no gradient, though its router "
         "trains, so this loss does not train it. The block ran without autograd: under torch.no_grad(), or inside a "
         "reentrant checkpoint around it (torch's checkpoint_wrapper with CheckpointImpl.REENTRANT), whose forward "

@@ -8,6 +8,7 @@ the model's :class:`RoutingState`, which every routed block reads.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,14 +48,8 @@ class RoutingState:
     default_route_mask: torch.Tensor | None = None
     #: How cached generation runs generated tokens through routed layers (:data:`modpass.kv_cache.DECODING`).
     decoding = "all"
-    #: Whether cached generation has said once that it decodes causally (see :mod:`modpass.kv_cache`).
-    warned_causal_decoding = False
-    #: Whether a cached call has said once that it follows keys modpass did not route (see :func:`modpass.kv_cache.after_unrouted_keys`).
-    warned_unrouted_keys = False
-    #: Whether a PEFT adapter named as a task has been warned of (see :meth:`modpass.block.RoutedBlock.router`).
-    warned_adapters_named_as_tasks = False
-    #: Whether aux_loss has said that router scores came without gradient (see :func:`modpass.losses.aux_loss`).
-    warned_scores_without_gradient = False
+    #: The keys of the warnings this model has given, each once (see :meth:`warn_once`).
+    warnings_given: frozenset[str] = frozenset()
     #: Outputs transformers records from parts of routed blocks, which routed calls leave out:
     #: ``{key: (block path, part class)}`` (see :func:`modpass.output_recording.part_recorded_outputs`).
     part_recorded_outputs: dict[str, tuple[str, str]] | None = None
@@ -191,6 +186,14 @@ class RoutingState:
         # (Without a message: torch 2.6's Dynamo takes none, and later ones drop it from runtime asserts.)
         torch._check(sum(group.rows.shape[0] for group in groups) == task.shape[0])
         return groups
+
+    def warn_once(self, key: str, message: str, *, stacklevel: int) -> None:
+        """Warn ``message`` the first time ``key`` comes up for this model, not again: once per model, where Python's
+        own filter says once per source line across models."""
+        if key in self.warnings_given:
+            return
+        self.warnings_given = self.warnings_given | {key}  # not add(): the class default is shared
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
     def check(self, name: object) -> str:
         if name not in self.tasks:
