@@ -27,7 +27,7 @@ from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
 from .plan import RoutingPlan
 from .progress import Progress
-from .tasks import RoutingState, end_forward, take_routing_arguments
+from .tasks import ForwardTakingRoutingArguments, RoutingState, end_forward, take_routing_arguments
 
 
 def transform(
@@ -192,6 +192,7 @@ def apply_plan(
     model._modpass_plan = RoutingPlan(**{**routing_plan.__dict__, "blocks": kept})
     model.register_forward_pre_hook(take_routing_arguments, with_kwargs=True)
     model.register_forward_hook(end_forward, always_call=True)
+    model.forward = ForwardTakingRoutingArguments(model)
     return model
 
 

@@ -8,6 +8,7 @@ the model's :class:`RoutingState`, which every routed block reads.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,12 +104,16 @@ class RoutingState:
         mask = self.route_mask_over(batch, tokens)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, tokens)):
             got = f"dtype {mask.dtype}, shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            other_sequence = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
+            other_length = (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch
+                            and isinstance(tokens, int) and mask.shape[1] != tokens)
             raise RoutingInputError(
                 f"{where}: route_mask must be a bool tensor of shape (batch, tokens) = {(batch, tokens)}, got {got}."
+                + (" Under generate() without a KV cache each step is a token longer than the prompt: give the "
+                   "prompt's mask as modpass.default_task(model, route_mask=...), which leaves the appended tokens "
+                   "outside it, or generate with use_cache=True." if other_length and mask.shape[1] < tokens else "")
                 + (f" If this block runs over another sequence than the mask's {mask.shape[1]} tokens (a vision "
                    "encoder's patches beside a language model's tokens), route only the blocks of the mask's sequence: "
-                   "transform(..., within=<the module holding them>), or layers=." if other_sequence and isinstance(tokens, int) and mask.shape[1] != tokens else "")
+                   "transform(..., within=<the module holding them>), or layers=." if other_length else "")
             )
         return mask
 
@@ -233,6 +238,36 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     for block in state.blocks:
         block.last_routing = []
     return args, kwargs
+
+
+class ForwardTakingRoutingArguments:
+    """A routed model's ``forward``: the model's own, whose signature also names ``task`` and ``route_mask``.
+
+    The model's pre-hook (:func:`take_routing_arguments`) takes those two out of each call; the forward itself is
+    unchanged. Its signature matters to callers that pick what to pass by reading it: Hugging Face's ``Trainer``
+    drops every dataset column the forward does not name (``remove_unused_columns``), so a route mask or task ids in
+    the data never reached the model, silently; ``generate()`` refuses keyword arguments it does not name.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        #: A forward set on the instance before routing (accelerate's hooks set one), else the class's runs.
+        self.own_forward = model.__dict__.get("forward")
+
+    def __call__(self, *args, **kwargs):
+        if self.own_forward is not None:
+            return self.own_forward(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self.own_forward or type(self.model).forward.__get__(self.model))
+        parameters = list(signature.parameters.values())
+        named = {parameter.name for parameter in parameters}
+        at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+        routing = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for name in ("task", "route_mask") if name not in named]
+        return signature.replace(parameters=[*parameters[:at], *routing, *parameters[at:]])
 
 
 def refuse_unrecorded_outputs(module: torch.nn.Module, state: RoutingState, flags: dict) -> None:

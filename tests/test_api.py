@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import warnings
 
@@ -519,11 +520,47 @@ def test_generate_reruns_the_sequence_under_the_default_task():
         with modpass.default_task(routed, torch.tensor([0, 1])):
             mixed = routed.generate(ids, **greedy)
         torch.testing.assert_close(mixed[0], t2i[0], rtol=0, atol=0)
+        # The forward's signature names task=, so generate() passes it on (it refused it until 2026-12-06).
+        torch.testing.assert_close(routed.generate(ids, task="t2i", **greedy), t2i, rtol=0, atol=0)
+        with pytest.raises(modpass.RoutingInputError, match=r"shape \(2, 8\).*each step is a token longer.*default_task"):
+            routed.generate(ids, task="t2i", route_mask=torch.ones_like(ids, dtype=torch.bool), **greedy)
         with pytest.raises(modpass.RoutingInputError, match="pass task="):
             routed(input_ids=ids)  # the default ends with the with block
         with pytest.raises(modpass.RoutingInputError, match="unknown task 'x2y'"), modpass.default_task(routed, ["t2i", "x2y"]):
             pass
     assert routed.generation_config.use_cache is False and model.generation_config.use_cache is True
+
+
+def test_the_forward_names_task_and_route_mask_so_hugging_face_trainer_keeps_them(llama_and_routed):
+    """Trainer drops every dataset column the model's forward does not name (remove_unused_columns, on by default):
+    until 2026-12-06 a route mask in the data never reached a routed model, which then routed every token, silently."""
+    from transformers import Trainer, TrainingArguments
+
+    _, routed = llama_and_routed
+    parameters = inspect.signature(routed.forward).parameters
+    assert {"task", "route_mask", "input_ids", "labels", "kwargs"} <= set(parameters)
+    assert parameters["route_mask"].kind is inspect.Parameter.KEYWORD_ONLY
+    ids = torch.randint(0, 97, (4, 12))
+    rows = [{"input_ids": i, "labels": i, "route_mask": torch.arange(12) >= 4, "task": torch.tensor(0), "extra": 1}
+            for i in ids]
+    arguments = TrainingArguments(output_dir="unused", per_device_train_batch_size=4, report_to=[], use_cpu=True)
+    batch = next(iter(Trainer(model=routed, args=arguments, train_dataset=rows).get_train_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "route_mask", "task"}, "the column no parameter names is dropped"
+    twin = copy.deepcopy(routed)
+    assert twin.forward.model is twin and "task" in inspect.signature(twin.forward).parameters
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**batch).logits, routed(**batch).logits, rtol=0, atol=0)
+    model, calls = models.NanoGPT(layers=2), []
+
+    def own_forward(idx: torch.Tensor) -> torch.Tensor:  # one set on the instance, as accelerate's hooks set one
+        calls.append(idx.shape)
+        return type(model).forward(model, idx)
+
+    model.forward = own_forward
+    routed = modpass.transform(model, 0.5, inplace=True)
+    assert list(inspect.signature(routed.forward).parameters) == ["idx", "task", "route_mask"]
+    routed(torch.randint(0, 61, (2, 12)), route_mask=torch.ones(2, 12, dtype=torch.bool))
+    assert calls[-1] == (2, 12) and routed.h[1].last_routing, "the routed call ran the instance's own forward"
 
 
 def test_a_default_route_mask_covers_the_first_tokens_of_a_longer_sequence(llama_and_routed):
