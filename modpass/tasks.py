@@ -260,6 +260,11 @@ class ForwardTakingRoutingArguments:
         return type(self.model).forward(self.model, *args, **kwargs)
 
     @property
+    def __code__(self):
+        # The forward's code, which torch 2.6's export reads (forward.__code__) to name the model in its messages.
+        return getattr(self.own_forward, "__code__", type(self.model).forward.__code__)
+
+    @property
     def __signature__(self) -> inspect.Signature:
         signature = inspect.signature(self.own_forward or type(self.model).forward.__get__(self.model))
         parameters = list(signature.parameters.values())
