@@ -94,6 +94,18 @@ def contiguous_while_compiling(tensor):
 DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 8)
 
 
+#: torch releases whose torch.export fails on a batch split by task ids (the groups' data-dependent sizes reach a
+#: guard in a block's linear layer: GuardOnDataDependentSymNode, 2.6.0 and 2.7.1; 2.8.0, 2.9.1 and 2.13 export one
+#: program for every batch and mix). Compiling the same split works there.
+EXPORT_FAILS_ON_TASK_ID_SPLIT = torch.__version__ < (2, 8)
+
+
+def exporting() -> bool:
+    """Whether torch.export is tracing (not known before torch 2.7, where this says False)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 #: torch releases that cannot compile one call for rows of different capacities under a route mask
 #: (:meth:`modpass.block.RoutedBlock.share_one_call`): 2.6's Dynamo cannot narrow a row to the
 #: data-dependent slot count, and its Inductor then fails to lower the backward. There the rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _compat
-from .errors import RoutingInputError
+from .errors import ConfigError, RoutingInputError
 from .progress import ModeSwitchProgress
 
 
@@ -178,6 +178,12 @@ class RoutingState:
         breaks the graph here, once per forward, and its message names that
         setting.
         """
+        if _compat.EXPORT_FAILS_ON_TASK_ID_SPLIT and _compat.exporting():
+            raise ConfigError(
+                f"exporting task ids as a program input needs torch >= 2.8: torch {torch.__version__}'s export fails on "
+                "the data-dependent sizes of the tasks' groups. Export one program per task (a module that fixes task=, "
+                "as examples/export_llama.py's ServeTask), or upgrade torch."
+            )
         if _compat.DYNAMO_DROPS_UNBACKED_CHECKS:
             # There the check below does nothing: read the ids through a bounds-checked index instead.
             task = torch.arange(len(self.tasks), device=task.device)[task]
