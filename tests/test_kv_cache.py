@@ -356,7 +356,7 @@ def test_static_sliding_window_decoding_compiles_no_more_graphs_than_the_dense_m
     the routed one (whose layer 0 sizes those masks; its own update has no branches: 2)."""
     from transformers import CompileConfig
 
-    dense = models.gemma2()
+    dense = models.gemma2(layers=2)  # a sliding-window layer, then a full-attention one
     routed = with_random_routers(modpass.transform(dense, 0.5, layers="all"))
     prompt = torch.randint(1, 97, (2, 6))  # the window (8) is passed while decoding
     greedy = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
