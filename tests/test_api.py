@@ -563,6 +563,30 @@ def test_the_forward_names_task_and_route_mask_so_hugging_face_trainer_keeps_the
     assert calls[-1] == (2, 12) and routed.h[1].last_routing, "the routed call ran the instance's own forward"
 
 
+def test_hugging_face_trainer_trains_the_routers_with_the_auxiliary_loss_under_route_masks(tmp_path):
+    """The recipe of docs/api.md: a Trainer whose loss adds modpass.aux_loss, on data with a route mask per row."""
+    from transformers import Trainer, TrainingArguments
+
+    class RoutedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            loss = loss + modpass.aux_loss(self.model)
+            return (loss, outputs) if return_outputs else loss
+
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(layers=2).train(), 0.5, aux_loss_weight=0.1)
+    routers = {name: p.detach().clone() for name, p in routed.named_parameters() if "mod_routers" in name}
+    ids = torch.randint(0, 97, (8, 12))
+    rows = [{"input_ids": i, "labels": i, "route_mask": torch.arange(12) >= 4} for i in ids]
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.1,
+                                  report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    RoutedTrainer(model=routed, args=arguments, train_dataset=rows).train()
+    record = routed.model.layers[1].last_routing[-1]
+    assert record.route_mask is not None and not record.route_mask[:, :4].any(), "the data's route mask was used"
+    assert record.index.min() == 0, "the tokens outside the mask always run the block"
+    assert all(not torch.equal(p, routers[name]) for name, p in routed.named_parameters() if name in routers)
+
+
 def test_a_default_route_mask_covers_the_first_tokens_of_a_longer_sequence(llama_and_routed):
     """generate() appends tokens to the prompt the default mask was given for: they are outside it."""
     _, routed = llama_and_routed
