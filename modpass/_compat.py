@@ -100,10 +100,10 @@ DYNAMO_DROPS_UNBACKED_CHECKS = torch.__version__ < (2, 8)
 EXPORT_FAILS_ON_TASK_ID_SPLIT = torch.__version__ < (2, 8)
 
 
-def exporting() -> bool:
-    """Whether torch.export is tracing (not known before torch 2.7, where this says False)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
+def exporting_without_dynamo() -> bool:
+    """Whether a non-strict torch.export (the default from 2.8; ONNX's exporter's) is tracing. Not
+    ``torch.compiler.is_exporting()``: 2.6 lacks it, and under Dynamo 2.7 and 2.8 trace it as True."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
 
 
 #: torch releases that cannot compile one call for rows of different capacities under a route mask

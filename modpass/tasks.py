@@ -178,7 +178,7 @@ class RoutingState:
         breaks the graph here, once per forward, and its message names that
         setting.
         """
-        if _compat.EXPORT_FAILS_ON_TASK_ID_SPLIT and _compat.exporting():
+        if _compat.EXPORT_FAILS_ON_TASK_ID_SPLIT and _compat.exporting_without_dynamo():
             raise ConfigError(
                 f"exporting task ids as a program input needs torch >= 2.8: torch {torch.__version__}'s export fails on "
                 "the data-dependent sizes of the tasks' groups. Export one program per task (a module that fixes task=, "
