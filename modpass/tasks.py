@@ -215,10 +215,9 @@ class RoutingState:
 def per_prompt(rows, batch: int):
     """``rows`` (a default task list or route mask, a row per prompt) for a call of ``batch`` sequences that repeats
     each prompt ``batch // len(rows)`` times in a row, as ``generate()`` does for beams and ``num_return_sequences``."""
-    repeats = batch // (rows.shape[0] if isinstance(rows, torch.Tensor) else len(rows))
-    if isinstance(rows, torch.Tensor):
-        return rows.repeat_interleave(repeats, dim=0)
-    return [row for row in rows for _ in range(repeats)]
+    if isinstance(rows, torch.Tensor):  # its size, not len(), which would fix an exported batch
+        return rows.repeat_interleave(batch // rows.shape[0], dim=0)
+    return [row for row in rows for _ in range(batch // len(rows))]
 
 
 def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
