@@ -11,6 +11,7 @@ import torch
 
 import modpass
 from tests import models
+from tests.test_backend import randomise_routers
 from tests.test_examples import load_example
 
 example = load_example("export_llama")
@@ -37,9 +38,7 @@ def two_task_llama() -> torch.nn.Module:
 def with_random_routers(routed: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``routed`` whose routers are random, as trained ones would be: zero ones tie every score."""
     routed = copy.deepcopy(routed)
-    for name, parameter in routed.named_parameters():
-        if "mod_routers" in name:
-            parameter.data.normal_()
+    randomise_routers(routed)
     return routed
 
 
