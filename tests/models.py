@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modpass
+
 
 class NanoBlock(nn.Module):
     """A nanoGPT block: pre-norm causal attention and MLP, fused qkv projection; ``causal=False``: an encoder's block,
@@ -214,3 +216,17 @@ def mixtral(layers: int = 4, experts: str = "batched_mm"):
                            num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2,
                            experts_implementation=experts)
     return MixtralForCausalLM(config).eval()
+
+
+def randomise_routers(model: nn.Module, *, std: float = 1.0, seed: int | None = None, biases: bool = False) -> nn.Module:
+    """Draw ``model``'s router weights (and biases, with ``biases=True``) from a normal distribution, in place, and return
+    it: zero-initialised routers, as ``transform`` makes them, score every token alike, so selection would not depend
+    on the tokens. ``seed`` draws from a generator of its own instead of the global one."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in modpass.routed_blocks(model).values():
+            for router in block.mod_routers.values():
+                router.weight.normal_(0.0, std, generator=generator)
+                if biases:
+                    router.bias.normal_(generator=generator)
+    return model

@@ -18,7 +18,7 @@ import modpass
 from tests import models
 from tests.test_backend import dynamo_compiles_transformers
 from tests.test_equivalence import close_to_dense
-from tests.test_kv_cache import cache_of, decode_and_compare, with_random_routers
+from tests.test_kv_cache import cache_of, decode_and_compare
 
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 
@@ -156,7 +156,7 @@ def test_routed_causal_lm_equals_dense_at_full_capacity_and_on_the_selected_pref
 @pytest.mark.parametrize("name", CASES)
 def test_routed_causal_lm_decodes_with_a_kv_cache_as_the_uncached_model(name, cache):
     torch.manual_seed(0)
-    routed = with_random_routers(modpass.transform(ALL_ARCHITECTURES[name](), 0.5))
+    routed = models.randomise_routers(modpass.transform(ALL_ARCHITECTURES[name](), 0.5), std=0.5)
     prompt = torch.randint(3, 60, (2, 11))  # longer than the sliding windows (8) of Mistral, Gemma 2 and 3, GPT-OSS
     padding = torch.ones_like(prompt)
     padding[1, :3] = 0
@@ -235,7 +235,7 @@ def test_llava_generates_with_a_cache_that_keeps_only_the_image_tokens_its_route
     is_image = inputs["input_ids"] == 5
     greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        routed = with_random_routers(modpass.transform(dense, 0.25, within="model.language_model", example_inputs=inputs))
+        routed = models.randomise_routers(modpass.transform(dense, 0.25, within="model.language_model", example_inputs=inputs), std=0.5)
         with modpass.default_task(routed, route_mask=is_image):
             cached = routed.generate(**inputs, use_cache=True, return_dict_in_generate=True, **greedy)
             torch.testing.assert_close(cached.sequences, routed.generate(**inputs, use_cache=False, **greedy), rtol=0, atol=0)

@@ -67,14 +67,6 @@ def backend_refuses(error: type[modpass.ModpassError], match: str):
 GRAPH_BREAKS_REPORT_MODPASS_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
 
 
-def randomise_routers(routed) -> None:
-    """Draw every router's weights at random: zero-initialised routers score all tokens alike."""
-    with torch.no_grad():
-        for block in modpass.routed_blocks(routed).values():
-            for router in block.mod_routers.values():
-                router.weight.normal_()
-
-
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -128,7 +120,7 @@ def test_causal_lm_fullgraph_recompiles_once_for_a_length_and_once_for_a_capacit
     """A left-padded batch: the padding mask is one more input of the same graphs."""
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2, max_position_embeddings=8192).to(device), 0.5, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     compiled = torch.compile(routed, backend="modpass", fullgraph=True)
 
     def check(ratio, tokens):
@@ -258,7 +250,7 @@ def test_compiled_backward_accumulates_the_gathered_rows_into_one_gradient_buffe
 def test_routed_training_fullgraph_matches_eager_gradients(device):
     torch.manual_seed(0)
     routed = modpass.transform(models.NanoGPT(layers=2).to(device).train(), 0.5, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     idx = torch.randint(0, 61, (2, 16), device=device)
 
     def step(model):
@@ -287,7 +279,7 @@ def test_a_batch_of_one_runs_the_prepared_graphs_under_fullgraph_in_inference_an
     It runs the prepared graphs instead, eager and compiled, and captures nothing new."""
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     compiled = torch.compile(routed, backend="modpass", fullgraph=True)
     ids = torch.randint(0, 97, (1, 15))
     prepared = captured_structures(routed)
@@ -322,7 +314,7 @@ def test_a_model_converted_after_transform_compiles_fullgraph(conversion):
     conversion, so compiling meets no new structure, in inference or training."""
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     prepared = captured_structures(routed)
     routed.to("cpu")
     assert captured_structures(routed) == prepared, "a conversion that changes nothing prepares nothing"
@@ -343,7 +335,7 @@ def test_autocast_training_compiles_fullgraph_once_prepared(device):
     """Autocast is part of a call's structure; unprepared, fullgraph stops at the capture and says how to prepare it."""
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2).to(device), 0.5, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     routed.train()
     ids = torch.randint(0, 97, (2, 15), device=device)
     autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
@@ -381,7 +373,7 @@ def test_gradient_checkpointing_compiles_fullgraph_and_keeps_the_routing_records
     """
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1], aux_loss_weight=0.01).train()
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     models.enable_checkpointing(routed)
     routed.model.layers[0].gradient_checkpointing = False
     ids = torch.randint(0, 97, (2, 15))
@@ -621,7 +613,7 @@ def test_options_route_the_blocks_within_one_stack_as_transform_does(tmp_path):
     model, inputs = models.prefix_vision_gpt()
     routed = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
     unchanged = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     modpass.save(routed, tmp_path)
     with torch.no_grad():
         served = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})(**inputs)
@@ -655,7 +647,7 @@ def test_options_compile_the_parts_without_blocks_to_route_unrouted(tmp_path):
     _, inputs = models.prefix_vision_gpt()
     routed = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
     unchanged = modpass.transform(model, 0.5, within="h", example_inputs=inputs)
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     modpass.save(routed, tmp_path)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -679,7 +671,7 @@ def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
     tasks = ("t2i", "mmu")
     ratios = {"t2i": [0.25, 0.5], "mmu": [1.0, 0.75]}
     routed = modpass.transform(models.NanoGPT(layers=2).train(), ratios, layers="all", aux_loss_weight=0.1)
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     idx = torch.randint(0, 61, (4, 16))
     params = list(routed.parameters())
 
@@ -712,7 +704,7 @@ def test_mixed_task_training_of_a_padded_batch_compiles_to_one_graph(monkeypatch
         monkeypatch.setattr(modpass._compat, "CPU_ATTENTION_GUARDS_ON_MASK_BATCH", True)
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2).train(), {"t2i": 0.5, "mmu": 0.25}, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     ids = torch.randint(0, 97, (4, 16))
     padding = torch.ones_like(ids)
     padding[0, :5] = 0
@@ -749,7 +741,7 @@ def test_split_views_of_a_task_group_compile_right_with_the_torch_2_6_workaround
     monkeypatch.setattr(modpass._compat, "INDUCTOR_MISREADS_UNBACKED_VIEWS", True)
     torch.manual_seed(0)
     routed = modpass.transform(models.NanoGPT(layers=2).eval(), {"t2i": 0.5, "mmu": 1.0}, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     copies = [[n for n in gm.graph.nodes if n.target is modpass._compat.contiguous_while_compiling]
               for gm, _ in routed.h[1]._analyses.values()]
     assert copies and all(len(c) == 3 for c in copies), "q, k and v of every prepared call"
@@ -861,7 +853,7 @@ def test_route_masks_under_compile_split_by_capacity_where_torch_cannot_share_on
     monkeypatch.setattr(modpass._compat, "DYNAMO_CANNOT_SHARE_ONE_CALL", True)
     torch.manual_seed(0)
     routed = modpass.transform(models.NanoGPT(layers=2).train(), {"t2i": 0.5, "mmu": 0.25}, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     idx = torch.randint(0, 61, (4, 16))
     mask = torch.ones(4, 16, dtype=torch.bool)
     mask[:, :4] = False
@@ -914,7 +906,7 @@ def test_route_masked_mixed_task_training_compiles_to_one_graph_and_matches_eage
     tasks = ("t2i", "mmu")
     routed = modpass.transform(models.llama(layers=2).to(device).train(), {"t2i": 0.5, "mmu": 0.25}, layers=[1],
                                aux_loss_weight=0.1)
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     ids = torch.randint(0, 97, (4, 16), device=device)
     # On CUDA, a float64 copy on the CPU as well: where compiled and eager differ, it says which is wrong.
     exact = copy.deepcopy(routed).to("cpu", torch.float64) if device == "cuda" else None
@@ -977,7 +969,7 @@ def test_route_masks_on_sparse_moe_blocks_compile_to_one_graph():
     token: rows of different capacities share one call with extra slots, as in a dense Llama block."""
     torch.manual_seed(0)
     routed = modpass.transform(models.mixtral(layers=2), 0.5, layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     ids = torch.randint(0, 97, (3, 16))
     mask = torch.ones(3, 16, dtype=torch.bool)
     mask[1, :6] = False
@@ -1000,7 +992,7 @@ def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_e
     torch.manual_seed(0)
     routed = modpass.transform(models.NanoGPT(layers=2, causal=False).eval(), {"a": 0.5, "b": 0.25} if mixed else 0.5,
                                layers=[1])
-    randomise_routers(routed)
+    models.randomise_routers(routed)
     idx = torch.randint(0, 61, (3, 12))
     mask = torch.ones(3, 12, dtype=torch.bool)
     mask[1, :6] = False

@@ -41,13 +41,13 @@ def test_mixed_tasks_and_training_on_cuda():
 def test_cached_generation_on_cuda_decodes_as_the_uncached_model():
     """kv_cache's positions, masks and gathers on the GPU (the CPU tests are test_kv_cache.py): a mixed-task batch
     (rows of different capacities) and Gemma 2's sliding-window layers past the window, each routed."""
-    from tests.test_kv_cache import decode_and_compare, with_random_routers
+    from tests.test_kv_cache import decode_and_compare
 
     prompt = torch.randint(1, 97, (2, 13), device="cuda")
     padding = torch.ones_like(prompt)
     padding[1, :3] = 0
-    mixed = with_random_routers(modpass.transform(models.llama(), {"a": 0.5, "b": 0.25})).cuda()
-    sliding = with_random_routers(modpass.transform(models.gemma2(), 0.5, layers="all")).cuda()
+    mixed = models.randomise_routers(modpass.transform(models.llama(), {"a": 0.5, "b": 0.25}), std=0.5).cuda()
+    sliding = models.randomise_routers(modpass.transform(models.gemma2(), 0.5, layers="all"), std=0.5).cuda()
     with torch.no_grad():
         decode_and_compare(mixed, prompt, padding, steps=4, task=["a", "b"])
         decode_and_compare(sliding, prompt, padding, steps=4)
@@ -57,9 +57,9 @@ def test_cached_generation_on_cuda_decodes_as_the_uncached_model():
 def test_static_cache_decoding_compiles_with_cuda_graphs_on_cuda():
     """Hugging Face's compiled decoding as it runs on a GPU by default: a StaticCache, the decode call compiled with
     mode="reduce-overhead" (CUDA graphs), which needs a routed layer's in-place updates at fixed addresses."""
-    from tests.test_kv_cache import cache_name, decode_and_compare, static_cache, with_random_routers
+    from tests.test_kv_cache import cache_name, decode_and_compare, static_cache
 
-    routed = with_random_routers(modpass.transform(models.llama(), 0.5)).cuda()
+    routed = models.randomise_routers(modpass.transform(models.llama(), 0.5), std=0.5).cuda()
     prompt = torch.randint(1, 97, (2, 13), device="cuda")
     padding = torch.ones_like(prompt)
     padding[1, :3] = 0

@@ -11,7 +11,6 @@ import torch
 
 import modpass
 from tests import models
-from tests.test_backend import randomise_routers
 from tests.test_examples import load_example
 
 example = load_example("export_llama")
@@ -37,9 +36,7 @@ def two_task_llama() -> torch.nn.Module:
 
 def with_random_routers(routed: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``routed`` whose routers are random, as trained ones would be: zero ones tie every score."""
-    routed = copy.deepcopy(routed)
-    randomise_routers(routed)
-    return routed
+    return models.randomise_routers(copy.deepcopy(routed))
 
 
 def assert_serves_every_batch_and_mix(served, routed: torch.nn.Module) -> None:

@@ -27,18 +27,10 @@ def cache_name() -> str:
     return cache_keyword(LlamaModel)
 
 
-def with_random_routers(routed):
-    """``routed`` with random router weights, so that selection depends on the tokens (zero-initialised, it takes the first k)."""
-    for block in modpass.routed_blocks(routed).values():
-        for router in block.mod_routers.values():
-            torch.nn.init.normal_(router.weight, std=0.5)
-    return routed
-
-
 def routed_llama(ratios=0.5, **kwargs):
     """A four-layer Llama with random routers."""
     attn = kwargs.pop("attn_implementation", "sdpa")
-    return with_random_routers(modpass.transform(models.llama(attn_implementation=attn), ratios, **kwargs))
+    return models.randomise_routers(modpass.transform(models.llama(attn_implementation=attn), ratios, **kwargs), std=0.5)
 
 
 def last_states(output) -> torch.Tensor:
@@ -251,7 +243,7 @@ def test_every_layer_routed_the_model_still_reads_the_sequence_length_from_its_c
 def test_sliding_window_layers_keep_the_keys_of_their_window():
     """Gemma 2 alternates sliding-window (even, window 8) and full-attention (odd) layers; with every layer routed,
     layer 0 also sizes the model's sliding-window masks. A prompt longer than the window moves it past the prompt."""
-    routed = with_random_routers(modpass.transform(models.gemma2(), 0.5, layers="all"))
+    routed = models.randomise_routers(modpass.transform(models.gemma2(), 0.5, layers="all"), std=0.5)
     prompt = torch.randint(1, 97, (2, 13))
     padding = torch.ones_like(prompt)
     padding[1, :3] = 0
@@ -328,7 +320,7 @@ def test_a_static_layer_crops_generated_tokens_and_a_reset_makes_it_dense_again(
 def test_static_sliding_window_layers_keep_a_ring_of_their_window():
     """Gemma 2 with every layer routed: a static sliding-window layer keeps the prompt's kept tokens and a window's
     worth of slots after them, overwritten oldest first; layer 0 also sizes the model's sliding-window masks."""
-    routed = with_random_routers(modpass.transform(models.gemma2(), 0.5, layers="all"))
+    routed = models.randomise_routers(modpass.transform(models.gemma2(), 0.5, layers="all"), std=0.5)
     prompt = torch.randint(1, 97, (2, 13))
     padding = torch.ones_like(prompt)
     padding[1, :3] = 0
@@ -357,7 +349,7 @@ def test_static_sliding_window_decoding_compiles_no_more_graphs_than_the_dense_m
     from transformers import CompileConfig
 
     dense = models.gemma2(layers=2)  # a sliding-window layer, then a full-attention one
-    routed = with_random_routers(modpass.transform(dense, 0.5, layers="all"))
+    routed = models.randomise_routers(modpass.transform(dense, 0.5, layers="all"), std=0.5)
     prompt = torch.randint(1, 97, (2, 6))  # the window (8) is passed while decoding
     greedy = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
     compile_config = CompileConfig(fullgraph=True)

@@ -20,20 +20,11 @@ from tests import models
 TASKS = {"t2i": 0.25, "mmu": 0.75}
 
 
-def randomise_routers(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in modpass.routed_blocks(model).values():
-            for router in block.mod_routers.values():
-                router.weight.copy_(torch.randn(router.weight.shape, generator=generator))
-                router.bias.copy_(torch.randn(router.bias.shape, generator=generator))
-
-
 @pytest.fixture(scope="module")
 def two_task():
     torch.manual_seed(0)
     routed = modpass.transform(models.NanoGPT().eval(), TASKS, layers="every_other")
-    randomise_routers(routed)
+    models.randomise_routers(routed, seed=0, biases=True)
     return routed
 
 
@@ -61,7 +52,7 @@ def test_what_blocks_hand_on_keeps_every_row_in_a_mixed_batch(build):
     Either way, a task's group must not hand on only its own rows."""
     torch.manual_seed(0)
     routed = modpass.transform(build().eval(), TASKS, layers="all")
-    randomise_routers(routed)
+    models.randomise_routers(routed, seed=0, biases=True)
     idx = torch.randint(1, 61, (4, 16))
     tasks = ["t2i", "mmu", "mmu", "t2i"]
     with torch.no_grad():
@@ -81,7 +72,7 @@ def test_a_mask_whose_batch_only_guards_tie_to_the_hidden_states_follows_the_row
     routed = modpass.transform(model, {"t2i": 1.0, "mmu": 0.5}, layers="all", example_inputs=(idx, keep))
     with torch.no_grad():
         torch.testing.assert_close(routed(idx, keep, task="t2i"), model(idx, keep))
-        randomise_routers(routed)
+        models.randomise_routers(routed, seed=0, biases=True)
         tasks = ["t2i", "mmu", "mmu", "t2i"]
         for tokens in (16, 1):  # one token (a decoding step) takes a branch of its own in token_axes
             alone = torch.cat([routed(idx[i : i + 1, :tokens], keep[i : i + 1, :tokens], task=t) for i, t in enumerate(tasks)])
@@ -152,7 +143,7 @@ def test_schedules_cover_the_literature():
 
 def test_route_mask_tokens_outside_the_mask_are_always_processed():
     routed = modpass.transform(models.NanoGPT().eval(), 0.25, layers=[1])
-    randomise_routers(routed, seed=3)
+    models.randomise_routers(routed, seed=3, biases=True)
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[:, 4:] = True  # 16 routable image tokens, 4 text tokens always kept
     mask[2, 4:12] = False  # another row with 8 routable tokens
@@ -217,7 +208,7 @@ def test_hide_extra_slots_forbids_their_keys_but_to_themselves():
 @pytest.mark.parametrize("gate", ["tanh", "sigmoid", "string"])
 def test_gates_follow_their_formulas(gate):
     routed = modpass.transform(models.NanoGPT().eval(), 0.5, layers=[1], gate=gate)
-    randomise_routers(routed, seed=1)
+    models.randomise_routers(routed, seed=1, biases=True)
     block = routed.h[1]
     x = torch.randn(2, 12, 32)
     with torch.no_grad():
@@ -256,7 +247,7 @@ def test_training_reduces_loss_and_reaches_the_routers():
 
 def test_aux_loss_is_bce_against_topk_membership():
     routed = modpass.transform(models.NanoGPT().eval(), 0.5, layers=[1], aux_loss_weight=0.5)
-    randomise_routers(routed, seed=2)
+    models.randomise_routers(routed, seed=2, biases=True)
     routed(idx=torch.randint(0, 61, (2, 10)))
     (record,) = routed.h[1].last_routing
     assert record.padding is None, "an unmasked block has no padding flags"
@@ -270,7 +261,7 @@ def test_aux_loss_is_bce_against_topk_membership():
 
 def test_a_block_called_twice_in_a_forward_trains_its_router_on_both_calls():
     routed = modpass.transform(models.LoopedGPT().eval(), 0.5, layers=[1], aux_loss_weight=1.0)
-    randomise_routers(routed, seed=4)
+    models.randomise_routers(routed, seed=4, biases=True)
     idx = torch.randint(0, 61, (2, 10))
 
     def step(model):
@@ -298,7 +289,7 @@ def test_a_block_called_twice_in_a_forward_trains_its_router_on_both_calls():
 
 def test_aux_loss_leaves_out_padding_even_when_it_fills_top_k_slots():
     routed = modpass.transform(models.llama(layers=2), 0.6, layers=[1], aux_loss_weight=1.0)
-    randomise_routers(routed, seed=3)
+    models.randomise_routers(routed, seed=3, biases=True)
     ids = torch.randint(0, 97, (2, 5))
     mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
     with torch.no_grad():
