@@ -78,6 +78,14 @@ def size_hints(shape_env) -> dict:
     return dict(shape_env.var_to_val if hints is None else hints)
 
 
+def torch_func_transform_running() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...) is running. Dynamo answers False outside
+    one, and breaks the graph inside one: ``torch.compile`` runs such a transform eagerly (``fullgraph=True`` refuses
+    it), since the routing records a routed block keeps would otherwise leave the transform as graph outputs, which AOT
+    autograd cannot take. Not ``peek_interpreter_stack()``, which Dynamo reads as an object, never None."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 #: torch releases whose Inductor gives the view of a non-contiguous tensor with a data-dependent
 #: size contiguous strides, a silent wrong result (pytorch#143498, fixed in 2.7 by #145548); see
 #: ``passes/unbacked_views.py``.

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from modpass import _compat
 from modpass.kernels import selection
 
 #: Use the forms written for Inductor (:func:`router_logits`) when Dynamo
@@ -271,10 +273,20 @@ def take_tokens(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor
     write-back's buffer at ``index``: one full-size buffer, which Inductor
     updates in place (``index_put_``), so the backward writes the k rows the
     forward gathered, plus the one copy of the incoming gradient.
+
+    Under forward-mode AD or a ``torch.func`` transform (``vmap``, ``grad``,
+    ``jvp``, ``functional_call`` inside them) it takes autograd's default
+    instead, which those know how to run: the function would need a ``jvp``
+    rule for them, and Dynamo refuses a custom ``jvp`` with a graph break.
     """
-    if not ONE_GRADIENT_BUFFER:
+    if not ONE_GRADIENT_BUFFER or under_forward_ad_or_torch_func(hidden):
         return hidden, gather_tokens(hidden, index, (1,))
     return _TakeTokens.apply(hidden, index)
+
+
+def under_forward_ad_or_torch_func(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` carries a forward-mode tangent, or a ``torch.func`` transform is running."""
+    return _compat.torch_func_transform_running() or forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def gate_weights(logits_selected: torch.Tensor, gate: str) -> torch.Tensor:

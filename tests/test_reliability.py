@@ -246,6 +246,80 @@ def test_take_tokens_gradient_equals_the_sum_autograd_gives_its_two_uses(batch, 
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_take_tokens_carries_forward_mode_tangents():
+    """Forward-mode AD outside ``torch.func`` (dual tensors) takes autograd's default as well."""
+    hidden, tangent, index = torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.tensor([[0, 3], [2, 5]])
+    with torch.autograd.forward_ad.dual_level():
+        base, selected = modpass.routing.take_tokens(torch.autograd.forward_ad.make_dual(hidden, tangent), index)
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(base).tangent, tangent)
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(selected).tangent, modpass.routing.gather_tokens(tangent, index, (1,)))
+
+
+def per_sample_loss(routed):
+    """``loss(params, ids)`` of ``routed`` run with ``params`` (``torch.func.functional_call``), its aux loss included."""
+
+    def loss(params, ids):
+        return torch.func.functional_call(routed, params, (ids,)).square().mean() + modpass.aux_loss(routed)
+
+    return loss
+
+
+@pytest.fixture(scope="module")
+def nano_with_aux_loss():
+    torch.manual_seed(0)
+    routed = modpass.transform(models.NanoGPT(layers=2), 0.5, layers=[1], aux_loss_weight=0.1)
+    return models.randomise_routers(routed), torch.randint(0, 61, (3, 12))
+
+
+def test_torch_func_transforms_run_through_a_routed_model(nano_with_aux_loss):
+    """``functional_call``, per-sample gradients (``vmap`` over ``grad``) and forward-mode AD (``jvp``): ``take_tokens``'s
+    one-gradient-buffer function has no rules for ``vmap`` or ``jvp``, and gives way to autograd's default there."""
+    routed, ids = nano_with_aux_loss
+    params = {name: p.detach() for name, p in routed.named_parameters()}
+    twin = copy.deepcopy(routed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+        scaled = {name: 1.5 * p for name, p in params.items()}
+        assert torch.equal(torch.func.functional_call(routed, scaled, (ids,)), twin(ids))
+
+    loss = per_sample_loss(routed)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, ids.unsqueeze(1))
+    for row in range(len(ids)):
+        routed.zero_grad()
+        loss(dict(routed.named_parameters()), ids[row : row + 1]).backward()  # outside torch.func: one gradient buffer
+        for name, p in routed.named_parameters():
+            torch.testing.assert_close(per_sample[name][row], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert per_sample["h.1.mod_routers.default.weight"].abs().amin(-1).gt(0).all(), "every sample trains the router"
+
+    def logits(params):
+        return torch.func.functional_call(routed, params, (ids,))
+
+    tangents = {name: torch.randn_like(p) for name, p in params.items()}
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # CPU's flash kernel has no forward AD
+        out, out_tangent = torch.func.jvp(logits, (params,), (tangents,))
+    cotangent = torch.randn_like(out)
+    (param_cotangents,) = torch.func.vjp(logits, params)[1](cotangent)
+    forward_mode, reverse_mode = (out_tangent * cotangent).sum(), sum((param_cotangents[n] * t).sum() for n, t in tangents.items())
+    torch.testing.assert_close(forward_mode, reverse_mode, rtol=1e-4, atol=0)
+
+
+def test_a_compiled_torch_func_transform_of_a_routed_model_runs_eagerly(nano_with_aux_loss):
+    """The routing records a transform leaves on its blocks would be functorch tensors escaping the compiled graph:
+    routing breaks the graph there, so that Dynamo runs the transform eagerly, and ``fullgraph=True`` refuses it."""
+    routed, ids = nano_with_aux_loss
+    params = {name: p.detach() for name, p in routed.named_parameters()}
+    per_sample = torch.func.vmap(torch.func.grad(per_sample_loss(routed)), in_dims=(None, 0))
+    want = per_sample(params, ids.unsqueeze(1))
+    torch._dynamo.reset()
+    got = torch.compile(per_sample, backend="modpass")(params, ids.unsqueeze(1))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(per_sample, backend="modpass", fullgraph=True)(params, ids.unsqueeze(1))
+
+
 def reference_block(block, x, index, logits, gate):
     """Dense-on-subset reference: the original block on the gathered tokens, written back."""
     gathered = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
