@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch.export import Dim
+from torch.nn.utils import prune
 
 from . import _structure
 
@@ -57,6 +58,44 @@ def hooks_silenced(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, name, hooks in saved:
             m.__dict__[name] = hooks
+
+
+@contextlib.contextmanager
+def tensor_attributes_detached(module: torch.nn.Module) -> Iterator[None]:
+    """While open, the tensors ``module`` and its submodules hold as plain attributes (neither parameters nor buffers)
+    are detached. torch's pruning keeps a pruned weight as one, ``weight_orig * weight_mask`` with its autograd graph:
+    export lifts it as a constant and reads its ``.grad``, which warns for a tensor that is not a leaf."""
+    saved = [(m, name, value) for m in module.modules() for name, value in vars(m).items()
+             if isinstance(value, torch.Tensor) and value.grad_fn is not None]
+    for m, name, value in saved:
+        m.__dict__[name] = value.detach()
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            m.__dict__[name] = value
+
+
+def resolve(module: torch.nn.Module, target: str):
+    """The attribute at ``target``, a dotted path from ``module`` (an exported program's parameter, buffer or constant
+    target)."""
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def pruning_of(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, prune.BasePruningMethod] | None:
+    """The layer that holds the attribute at ``target`` and the pruning method that sets it (``weight``, pruned by
+    ``torch.nn.utils.prune``: ``weight_orig * weight_mask``, set by a forward pre-hook before each call), or None."""
+    owner_path, _, name = target.rpartition(".")
+    try:
+        owner = resolve(module, owner_path) if owner_path else module
+    except AttributeError:  # a constant the module's code made (a torch.tensor literal), lifted under a name of export's
+        return None
+    for hook in getattr(owner, "_forward_pre_hooks", {}).values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return owner, hook
+    return None
 
 
 def first_user_frame(exc: BaseException) -> str:

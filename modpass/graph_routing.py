@@ -28,7 +28,7 @@ import torch
 
 from . import _structure
 from ._compat import outside_dynamo_tracing, size_hints
-from ._export import symbolic_axes
+from ._export import resolve, symbolic_axes
 from .config import RoutingConfig
 from .errors import ConfigError, NoBlocksError, PlanError, UnroutableBlockError
 from .io import read
@@ -280,12 +280,6 @@ def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], where: str) ->
             env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(tuple(env[o] for o in outputs))
     return torch.fx.GraphModule(gm, graph), tensor_inputs, outputs
-
-
-def resolve(module: torch.nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def freeze_constants(routed: torch.fx.GraphModule, constants: dict, reference: torch.Tensor) -> list[int]:

@@ -241,6 +241,47 @@ def test_parts_replaced_after_routing_run_in_routed_calls():
             close_to_dense(routed(input_ids=ids).logits, dense)
 
 
+@pytest.mark.parametrize("when", ["before", "after"], ids=["pruned-then-routed", "routed-then-pruned"])
+def test_a_pruned_part_trains_in_routed_calls_as_in_the_dense_model(when):
+    """torch's pruning replaces a weight with a plain attribute that a forward pre-hook recomputes from ``weight_orig``
+    and ``weight_mask`` before each call. Routed calls run the parts' hooks no more, so the product is taken where the
+    graphs read the weight: training then follows the dense model step by step (a weight read once, as a constant,
+    gave the first step's values ever after, and a second backward through it failed)."""
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    torch.manual_seed(0)
+    dense = models.NanoGPT(layers=2)
+    routed = copy.deepcopy(dense) if when == "before" else modpass.transform(dense, 1.0, layers="all")
+    for model in (dense, routed):
+        prune.l1_unstructured(model.h[1].mlp[0], "weight", amount=0.5)
+        prune.random_unstructured(model.h[1].c_attn, "weight", amount=0.25)
+    if when == "before":
+        routed = modpass.transform(routed, 1.0, layers="all", inplace=True)
+    prune.random_unstructured(dense.h[1].c_attn, "weight", amount=0.25)  # pruned twice: a PruningContainer
+    prune.random_unstructured(routed.h[1].c_attn, "weight", amount=0.25)
+    routed.h[1].c_attn.weight_mask.copy_(dense.h[1].c_attn.weight_mask)
+    # The routers stay as they are (zero: the gate's weight is 1), so that the routed model stays the dense one.
+    trained = [[p for name, p in model.named_parameters() if "mod_routers" not in name] for model in (dense, routed)]
+    optimizers = [torch.optim.SGD(parameters, lr=0.5) for parameters in trained]
+    idx = torch.randint(0, 61, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pruning hooks take effect: no warning that hooks on parts do not run
+        for _ in range(3):
+            for model, optimizer in zip((dense, routed), optimizers):
+                optimizer.zero_grad()
+                model(idx).square().mean().backward()
+                optimizer.step()
+            close_to_dense(routed.h[1].mlp[0].weight_orig.detach(), dense.h[1].mlp[0].weight_orig.detach())
+    with torch.no_grad():
+        close_to_dense(routed(idx), dense(idx))
+    if when == "after":  # compiled: the product is in the graph, and follows weight_orig after it
+        compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+        with torch.no_grad():
+            close_to_dense(compiled(idx), dense(idx))
+            for model in (dense, routed):
+                model.h[1].mlp[0].weight_orig.mul_(1.5)
+            close_to_dense(compiled(idx), dense(idx))
+
+
 class MarkedTensor(torch.Tensor):
     """A tensor subclass, as torchao's quantized weights are (``tests/test_torchao.py`` runs those)."""
 

@@ -4,7 +4,9 @@ Expects: a block module and the ``(args, kwargs)`` of one real call to it.
 Guarantees: a ``GraphModule`` whose placeholders are, in order, the block's
 parameters, buffers and lifted constants, then every tensor leaf of the call
 (``meta["modpass_inputs"]`` names each: ``("parameter", "self_attn.q_proj.weight")``,
-``("input", 0)``, ...). Its output is the flat list of the call's outputs
+``("input", 0)``, ...; a weight pruned by ``torch.nn.utils.prune``, which export
+lifts as a constant, is ``"pruned"``: its product is taken at each call, while
+other constants keep their captured value). Its output is the flat list of the call's outputs
 (``meta["modpass_output_template"]`` rebuilds the structure). Every dimension larger
 than 1 of every tensor leaf is symbolic unless the block itself fixes it, so
 placeholder ``val`` shapes say which axes follow the token count; ``dynamic_axes``
@@ -31,7 +33,7 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .._export import FlatCall, first_user_frame, hooks_silenced
+from .._export import FlatCall, first_user_frame, hooks_silenced, pruning_of, tensor_attributes_detached
 from .._structure import Slot
 from ..errors import CaptureError
 from .token_axes import mentions
@@ -49,7 +51,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
                   dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.fx.GraphModule:
     wrapper, tensors = FlatCall.wrap(block, args, kwargs)
     try:
-        with hooks_silenced(block):
+        with hooks_silenced(block), tensor_attributes_detached(block):
             program = wrapper.export(tensors, dynamic_axes)
     except Exception as exc:  # torch raises many unrelated types here
         raise CaptureError(
@@ -75,7 +77,11 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             roles.append(("input", user_index))
             user_index += 1
         else:
-            roles.append((_ROLE[input_spec.kind], state[input_spec.arg.name]))
+            target = state[input_spec.arg.name]
+            role = _ROLE[input_spec.kind]
+            if role == "constant" and pruning_of(block, target) is not None:
+                role = "pruned"
+            roles.append((role, target))
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _METADATA_ASSERTS:
             gm.graph.erase_node(node)
