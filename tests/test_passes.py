@@ -456,6 +456,25 @@ def test_token_mixing_refuses_mixing_outside_attention(block, reason):
         token_mixing(gm)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_token_mixing_refuses_a_sequence_first_block_and_routes_it_batch_first(norm_first):
+    """torch's nn.TransformerEncoder takes (T, B, D) unless built with batch_first=True: its layers' second axis, which
+    routing takes as the tokens, is the batch, and routing would pick one sequence per position (equal to the dense
+    model at full capacity all the same)."""
+    torch.manual_seed(0)
+    for batch_first in (False, True):
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+        encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        x = torch.randn(2, 9, 16) if batch_first else torch.randn(9, 2, 16)
+        if not batch_first:
+            with pytest.raises(modpass.UnroutableBlockError, match=r"sequence-first \(T, B, D\) layout.*batch_first=True"):
+                modpass.transform(encoder, 0.5, example_inputs=(x,))
+            continue
+        routed = modpass.transform(encoder, 0.5, example_inputs=(x,))
+        routed(x)
+        assert modpass.routed_blocks(routed)["layers.1"].last_routing[0].index.shape == (2, 5)
+
+
 class RepeatedCumsumBlock(nn.Module):
     """One line of code making the same token-mixing op three times (as an experts loop makes its indexing)."""
 

@@ -40,7 +40,9 @@ mixes tokens when it combines positions along such an axis:
   with positions (a causal mask), which the gather, in position order, keeps;
 * a block that computes with the token count as a number (``x / T``, a
   ``T ** -0.5`` or ``log T`` scale, ``full_like(x, T)``) would compute with
-  ``k``; the count may size tensors (views, expands, slice bounds), nothing more.
+  ``k``; the count may size tensors (views, expands, slice bounds), nothing more;
+* attention whose queries run along the batch axis rather than ``T`` belongs to
+  a sequence-first ``(T, B, D)`` block, whose ``T`` here is its batch.
 
 Everything else (pointwise math, views, linear layers over features,
 feature-wise norms) is position-wise, provided each token's position stays
@@ -377,6 +379,27 @@ def model_source_line(node: torch.fx.Node) -> str:
     return (user or frames or ["unknown source"])[-1]
 
 
+def attention_across_the_batch(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
+    """Attention kernels whose queries run along the batch axis and not the token axis: the block's sequences lie
+    along the hidden state's first axis, a sequence-first ``(T, B, D)`` layout, and its second axis, which routing takes
+    as the tokens, is the batch. Routing would pick among the sequences of the batch at each position and run them
+    together through attention, while the rules above, reading attention as allowed, would see nothing wrong."""
+    batch = gm.meta["modpass_batch_symbol"]
+    if isinstance(batch, int):  # a batch of one: nothing to tell the axes apart by
+        return []
+    found = []
+    for node in gm.graph.nodes:
+        name = aten_name(node)
+        if name is None or not any(key in name for key in ATTENTION):
+            continue
+        queries = node.args[0].meta["val"].shape[-2]
+        if mentions(queries, batch) and not mentions(queries, symbol):
+            found.append((node, "attends along the hidden state's first axis, which routing takes as the batch: a "
+                          "sequence-first (T, B, D) layout, as torch's nn.TransformerEncoderLayer and nn.MultiheadAttention "
+                          "use unless built with batch_first=True; routing needs batch-first (B, T, D) hidden states"))
+    return found
+
+
 def batch_mixing(gm: torch.fx.GraphModule) -> list[str]:
     """Where the block combines different sequences of its batch: the ops that would mix tokens, read along the
     batch axis, and extra outputs that are one value for the whole batch (see ``token_axes``)."""
@@ -394,7 +417,7 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     reasons = [(node, mixing_reason(node, symbol)) for node in gm.graph.nodes]
     reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol) + positions_made_inside(gm, symbol)
-    reasons += token_count_as_value(gm, symbol)
+    reasons += token_count_as_value(gm, symbol) + attention_across_the_batch(gm, symbol)
     # One source line often makes several such ops (an index per expert's rows): each reason once, counted.
     counts = Counter(f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons)
     problems = [problem if n == 1 else f"{problem} ({n} times)" for problem, n in counts.items()]
