@@ -858,7 +858,6 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return copied
 
 
-
 def pruned_weight(root: nn.Module, target: str) -> torch.Tensor:
     """A weight pruned by ``torch.nn.utils.prune`` as its layer's forward would read it: ``weight_orig * weight_mask``,
     which pruning's forward pre-hook sets before each call of the layer. A routed call runs the block's captured

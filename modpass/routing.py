@@ -274,10 +274,10 @@ def take_tokens(hidden: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor
     updates in place (``index_put_``), so the backward writes the k rows the
     forward gathered, plus the one copy of the incoming gradient.
 
-    Under forward-mode AD or a ``torch.func`` transform (``vmap``, ``grad``,
-    ``jvp``, ``functional_call`` inside them) it takes autograd's default
-    instead, which those know how to run: the function would need a ``jvp``
-    rule for them, and Dynamo refuses a custom ``jvp`` with a graph break.
+    Under a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...) or
+    forward-mode AD it takes autograd's default instead, which those know how
+    to run: the function has no ``vmap`` or ``jvp`` rule, and a custom ``jvp``
+    would be a graph break under Dynamo.
     """
     if not ONE_GRADIENT_BUFFER or under_forward_ad_or_torch_func(hidden):
         return hidden, gather_tokens(hidden, index, (1,))
