@@ -255,6 +255,24 @@ def test_take_tokens_carries_forward_mode_tangents():
         assert torch.equal(torch.autograd.forward_ad.unpack_dual(selected).tangent, modpass.routing.gather_tokens(tangent, index, (1,)))
 
 
+def test_double_backward_through_a_routed_model_equals_the_dense_models():
+    """A Hessian-vector product (gradient penalties, MAML) differentiates the backward: ``take_tokens``'s backward is
+    made of differentiable ops. At full capacity, with the routers held fixed, it is the dense model's."""
+    torch.manual_seed(0)
+    dense = models.NanoGPT(layers=2)
+    routed = modpass.transform(dense, 1.0, layers="all")
+    idx = torch.randint(0, 61, (2, 12))
+
+    def hessian_times_ones(model):
+        params = [p for name, p in model.named_parameters() if "mod_routers" not in name]
+        grads = torch.autograd.grad(model(idx).square().mean(), params, create_graph=True)
+        return torch.autograd.grad(sum(g.sum() for g in grads), params)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # CPU's flash kernel has no double backward
+        for want, got in zip(hessian_times_ones(dense), hessian_times_ones(routed)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def per_sample_loss(routed):
     """``loss(params, ids)`` of ``routed`` run with ``params`` (``torch.func.functional_call``), its aux loss included."""
 
