@@ -34,6 +34,7 @@ from . import _compat, _structure, kv_cache, part_changes
 from ._compat import disable_compile
 from ._export import CALL_HOOKS, pruning_of, resolve
 from .errors import RouterError, RoutingInputError, UnroutableBlockError
+from .hints import torchscript_refusal
 from .passes.token_axes import user_inputs
 from .plan import BlockPlan
 from .routing import capacity, row_capacities
@@ -337,8 +338,13 @@ class RoutedBlock(nn.Module):
         ratios = {t: (None if r is None else float(r)) for t, r in self._plan.ratios.items()}
         return f"block={type(self._block).__name__}, ratios={ratios}, gate={self._gate!r}"
 
+    def __prepare_scriptable__(self):
+        raise RoutingInputError(torchscript_refusal(self._plan.path, "torch.jit.script cannot compile"))
+
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if torch.jit.is_tracing():
+            raise RoutingInputError(torchscript_refusal(self._plan.path, "torch.jit.trace would fix at the example's length"))
         args, kwargs = self.hidden_first(args, kwargs)
         if not args or not isinstance(args[0], torch.Tensor):
             raise RoutingInputError(

@@ -30,3 +30,12 @@ def dispatches_experts(module: nn.Module) -> bool:
     """Whether ``module``'s forward is transformers' experts dispatch (the same file from 5.17 to 5.25 at least)."""
     code = getattr(type(module).forward, "__code__", None)
     return code is not None and code.co_filename.replace("\\", "/").endswith("transformers/integrations/moe.py")
+
+
+def torchscript_refusal(where: str, why: str) -> str:
+    """The refusal of TorchScript (``torch.jit.trace``, ``torch.jit.script``, and the ONNX exporter without
+    ``dynamo=True``, which traces as ``torch.jit.trace`` does) for the routed model or block at ``where``."""
+    return (f"{where}: TorchScript cannot hold a routed block: its capacity (k = ceil(ratio * T)) and the choice of its "
+            f"captured graphs are Python, which {why}. Serve with torch.export, AOTInductor or ONNX "
+            "(torch.onnx.export(..., dynamo=True); see docs/serving.md in the modpass repository), or run with "
+            "torch.compile.")

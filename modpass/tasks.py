@@ -17,6 +17,7 @@ import torch
 
 from . import _compat
 from .errors import ConfigError, RoutingInputError
+from .hints import torchscript_refusal
 from .progress import ModeSwitchProgress
 
 
@@ -260,6 +261,8 @@ class ForwardTakingRoutingArguments:
         self.own_forward = model.__dict__.get("forward")
 
     def __call__(self, *args, **kwargs):
+        if torch.jit.is_tracing():  # before the call: the ONNX exporter's tracer passes task and route_mask by position
+            raise RoutingInputError(torchscript_refusal(type(self.model).__name__, "torch.jit.trace would fix at the example's length"))
         if self.own_forward is not None:
             return self.own_forward(*args, **kwargs)
         return type(self.model).forward(self.model, *args, **kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
+import warnings
 
 import pytest
 import torch
@@ -94,3 +96,22 @@ def test_a_mixed_task_batch_served_by_onnx_runtime_equals_eager_at_other_batches
                       dynamic_shapes=(example.AUTO, example.AUTO, {0: torch.export.Dim.AUTO}),
                       input_names=["input_ids", "attention_mask", "task"], output_names=["logits"]).save(str(path))
     assert_serves_every_batch_and_mix(example.onnx_runtime(path), routed)
+
+
+def test_torchscript_is_refused_with_the_ways_to_serve():
+    """torch.jit.trace (and the ONNX exporter without dynamo=True, which traces so) would fix the capacity at the
+    example's length, and torch.jit.script cannot compile a routed block: each is refused, naming torch.export and
+    ONNX's dynamo=True; so is tracing a routed block alone."""
+    routed = modpass.transform(models.NanoGPT(layers=2), 0.5, layers=[1]).eval()
+    ids = torch.randint(0, 61, (2, 12))
+    trace = r"TorchScript cannot hold a routed block: .* torch.jit.trace would fix .*dynamo=True"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation
+        with pytest.raises(modpass.RoutingInputError, match="NanoGPT: " + trace):
+            torch.jit.trace(routed, (ids,))
+        with pytest.raises(modpass.RoutingInputError, match="NanoGPT: " + trace):
+            torch.onnx.export(routed, (ids,), io.BytesIO(), dynamo=False)
+        with pytest.raises(modpass.RoutingInputError, match="h.1: " + trace):
+            torch.jit.trace(routed.h[1], (torch.randn(2, 12, 32),))
+        with pytest.raises(modpass.RoutingInputError, match=r"h.1: TorchScript .* torch.jit.script cannot compile"):
+            torch.jit.script(routed)
