@@ -339,12 +339,12 @@ class RoutedBlock(nn.Module):
         return f"block={type(self._block).__name__}, ratios={ratios}, gate={self._gate!r}"
 
     def __prepare_scriptable__(self):
-        raise RoutingInputError(torchscript_refusal(self._plan.path, "torch.jit.script cannot compile"))
+        raise RoutingInputError(torchscript_refusal(self._plan.path, "script"))
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if torch.jit.is_tracing():
-            raise RoutingInputError(torchscript_refusal(self._plan.path, "torch.jit.trace would fix at the example's length"))
+            raise RoutingInputError(torchscript_refusal(self._plan.path, "trace"))
         args, kwargs = self.hidden_first(args, kwargs)
         if not args or not isinstance(args[0], torch.Tensor):
             raise RoutingInputError(

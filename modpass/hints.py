@@ -32,10 +32,18 @@ def dispatches_experts(module: nn.Module) -> bool:
     return code is not None and code.co_filename.replace("\\", "/").endswith("transformers/integrations/moe.py")
 
 
-def torchscript_refusal(where: str, why: str) -> str:
-    """The refusal of TorchScript (``torch.jit.trace``, ``torch.jit.script``, and the ONNX exporter without
-    ``dynamo=True``, which traces as ``torch.jit.trace`` does) for the routed model or block at ``where``."""
+#: Why each TorchScript entry point cannot take a routed block.
+_TORCHSCRIPT_FAILS = {
+    "trace": "torch.jit.trace would fix at the example's length",
+    "script": "torch.jit.script cannot compile",
+}
+
+
+def torchscript_refusal(where: str, entry: str) -> str:
+    """The refusal of TorchScript's ``entry`` (``"trace"``: ``torch.jit.trace``, and the ONNX exporter without
+    ``dynamo=True``, which traces as it does; ``"script"``: ``torch.jit.script``) for the routed model or block at
+    ``where``."""
     return (f"{where}: TorchScript cannot hold a routed block: its capacity (k = ceil(ratio * T)) and the choice of its "
-            f"captured graphs are Python, which {why}. Serve with torch.export, AOTInductor or ONNX "
-            "(torch.onnx.export(..., dynamo=True); see docs/serving.md in the modpass repository), or run with "
+            f"captured graphs are Python, which {_TORCHSCRIPT_FAILS[entry]}. Serve with torch.export, AOTInductor or "
+            "ONNX (torch.onnx.export(..., dynamo=True); see docs/serving.md in the modpass repository), or run with "
             "torch.compile.")

@@ -262,7 +262,7 @@ class ForwardTakingRoutingArguments:
 
     def __call__(self, *args, **kwargs):
         if torch.jit.is_tracing():  # before the call: the ONNX exporter's tracer passes task and route_mask by position
-            raise RoutingInputError(torchscript_refusal(type(self.model).__name__, "torch.jit.trace would fix at the example's length"))
+            raise RoutingInputError(torchscript_refusal(type(self.model).__name__, "trace"))
         if self.own_forward is not None:
             return self.own_forward(*args, **kwargs)
         return type(self.model).forward(self.model, *args, **kwargs)
