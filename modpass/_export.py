@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -115,6 +116,30 @@ def export_quietly(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_s
         export_log.setLevel(level)
 
 
+def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``module`` and its submodules hold as plain attributes or buffers, by path."""
+    found = {}
+    for path, m in module.named_modules():
+        prefix = f"{path}." if path else ""
+        held = {**{name: value for name, value in vars(m).items() if isinstance(value, torch.Tensor)}, **m._buffers}
+        found.update({prefix + name: value for name, value in held.items() if value is not None})
+    return found
+
+
+class Assignments:
+    """The tensor attributes a call assigned (``self.stash = attention.detach()``, a buffer replaced), by path; not a
+    container, so that export's restore of the module's attributes after tracing keeps what it holds."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def note(self, module: torch.nn.Module, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+        # A weight pruned by torch.nn.utils.prune is set by its layer's pre-hook at every call: a routed call takes
+        # the same product (see capture_block's "pruned" role).
+        self.paths = [path for path, value in after.items()
+                      if before.get(path) is not value and pruning_of(module, path) is None]
+
+
 class FlatCall(torch.nn.Module):
     """Calls ``module`` with its original argument structure, taking only the tensor leaves.
 
@@ -128,10 +153,14 @@ class FlatCall(torch.nn.Module):
         super().__init__()
         self.module = module
         self.structure = (args, kwargs)
+        self.assignments = Assignments()
 
     def forward(self, *tensors):
         args, kwargs = _structure.replace(self.structure, list(tensors))
-        return self.module(*args, **kwargs)
+        before = tensor_attributes(self.module)
+        output = self.module(*args, **kwargs)
+        self.assignments.note(self.module, before, tensor_attributes(self.module))
+        return output
 
     @classmethod
     def wrap(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[FlatCall, tuple]:
@@ -142,6 +171,10 @@ class FlatCall(torch.nn.Module):
         """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1; size-1 axes stay static)."""
         if dynamic_axes is None:
             dynamic_axes = tuple(tuple(axis for axis, size in enumerate(t.shape) if size > 1) for t in tensors)
-        return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
+        with warnings.catch_warnings():
+            # Export restores the tensor attributes a call assigned, and says so. Those are torch's pruning hooks
+            # (which a block capture follows) or, in a block, refused by capture_block (see `assignments`).
+            warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
+            return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
 
 

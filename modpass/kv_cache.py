@@ -348,7 +348,8 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     if static:
         reserve_slots(layer, k, tokens, where)  # before the block's first write allocates them
         call_args, call_kwargs = with_mask(block, call_args, call_kwargs, lambda mask: over_slots(mask, k, layer.slots, hidden.device))
-    output = block._block(*call_args, **call_kwargs)
+    writes_hidden_state = analysed.meta["modpass_writes_hidden_state"]
+    output = block._block(*hidden_to_write(writes_hidden_state, call_args), **call_kwargs)
     selected = gathered[0]
     weight = tasks.gate_weights(tasks.logits_of(selected))  # recomputed from the selected rows, as the routed graph does
     # A dense row's padding is updated as the dense model updates it; a routed row's keeps its value.
@@ -368,6 +369,7 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     check_layer(layer, where, slot)
     routed_cache_layer(layer, positions, tokens, where)
     layer.block_returns_tuple = isinstance(output, tuple)
+    layer.block_writes_hidden_state = writes_hidden_state
     layer.drop_keys_outside_the_window()
     return with_first_output(output, new_hidden)
 
@@ -405,7 +407,7 @@ def extend(block, tasks: RowTasks, layer, args: tuple, kwargs: dict, records: li
         return layer_mask(mask, keys, new, first, hidden.dtype, where)
 
     call_args, call_kwargs = with_mask(block, args, kwargs, routed_layer_mask)
-    output = block._block(*call_args, **call_kwargs)
+    output = block._block(*hidden_to_write(layer.block_writes_hidden_state, call_args), **call_kwargs)
     layer.block_returns_tuple = isinstance(output, tuple)
     new_hidden = first_output(output)
     if tasks.routed:
@@ -418,6 +420,12 @@ def extend(block, tasks: RowTasks, layer, args: tuple, kwargs: dict, records: li
     layer.check_in_step(where)
     layer.drop_keys_outside_the_window()
     return with_first_output(output, new_hidden)
+
+
+def hidden_to_write(writes: bool, args: tuple) -> tuple:
+    """The block's positional arguments, with a copy of the hidden state where the block ``writes`` it in place
+    (``x += ...``, see ``capture_block``): the gated update reads the tokens again after the block."""
+    return (args[0].clone(), *args[1:]) if writes else args
 
 
 def with_mask(block, args: tuple, kwargs: dict, change) -> tuple[tuple, dict]:
@@ -512,6 +520,9 @@ class RoutedCacheLayer(abc.ABC):
     prompt_length: int
     #: Whether the block returns a tuple (then it runs even when every token skips it, to give its other outputs).
     block_returns_tuple: bool = True
+    #: Whether the block writes its hidden state in place, as the prompt's analysed call said; unknown (True) for a
+    #: layer whose first call comes after keys modpass did not route.
+    block_writes_hidden_state: bool = True
     #: The block's attention window, for a layer that replaced a sliding-window one (see :func:`routed_storage`).
     sliding_window: int | None = None
     #: The transformers layer class this one extends (a reset makes the layer one of those again).
@@ -558,7 +569,8 @@ class RoutedCacheLayer(abc.ABC):
     def reset(self) -> None:
         super().reset()
         self.__class__ = self.made_from
-        for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple", "sliding_window"):
+        for name in ("token_positions", "tokens_seen", "prompt_length", "block_returns_tuple", "block_writes_hidden_state",
+                     "sliding_window"):
             self.__dict__.pop(name, None)
 
     def check_in_step(self, where: str) -> None:

@@ -27,12 +27,15 @@ class NanoBlock(nn.Module):
         return self.mix(x, is_causal=self.causal)
 
     def mix(self, x: torch.Tensor, **attention) -> torch.Tensor:
+        x = x + self.attend(x, **attention)
+        return x + self.mlp(self.ln_2(x))
+
+    def attend(self, x: torch.Tensor, **attention) -> torch.Tensor:
         batch, tokens, width = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, **attention)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(batch, tokens, width))
-        return x + self.mlp(self.ln_2(x))
+        return self.c_proj(y.transpose(1, 2).reshape(batch, tokens, width))
 
 
 class NanoGPT(nn.Module):
@@ -56,6 +59,19 @@ class NanoGPT(nn.Module):
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+
+
+class InPlaceBlock(NanoBlock):
+    """The nanoGPT block adding its updates into its hidden state in place (``x += ...``), as inference code may."""
+
+    def mix(self, x: torch.Tensor, **attention) -> torch.Tensor:
+        x += self.attend(x, **attention)
+        x += self.mlp(self.ln_2(x))
+        return x
+
+
+class InPlaceGPT(NanoGPT):
+    block_class = InPlaceBlock
 
 
 class BiasBlock(NanoBlock):

@@ -7,6 +7,7 @@ sequence so far, under a route mask that leaves the generated tokens outside
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 
@@ -68,6 +69,35 @@ def decode_and_compare(routed, prompt, attention_mask=None, route_mask=None, ste
         want = uncached_logits(routed, sequence, prompt_route_mask, attention_mask, **call)[:, -chunk:]
         torch.testing.assert_close(last_states(output), want, rtol=0, atol=1e-5)
     return cache
+
+
+def with_layers_writing_in_place(model):
+    """A Llama whose layers add their updates into their hidden state in place (``x += ...``), with the same weights."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class InPlaceLayer(LlamaDecoderLayer):
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask, **kwargs)
+            hidden_states += attention
+            hidden_states += self.mlp(self.post_attention_layernorm(hidden_states))
+            return hidden_states
+
+    for layer in model.model.layers:
+        layer.__class__ = InPlaceLayer
+    return model
+
+
+def test_a_layer_that_writes_its_hidden_state_in_place_decodes_as_the_same_layer_out_of_place():
+    """With a cache, a routed layer runs its own forward on the prompt's selected tokens and on each generated token,
+    then reads them again for the gated update: it gives the layer a copy to write."""
+    torch.manual_seed(0)
+    dense = models.llama()
+    twin = with_layers_writing_in_place(copy.deepcopy(dense))
+    plain, in_place = (models.randomise_routers(modpass.transform(m, 0.5), std=0.5, seed=0) for m in (dense, twin))
+    prompt = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(in_place(input_ids=prompt).logits, plain(input_ids=prompt).logits, rtol=0, atol=1e-5)
+        decode_and_compare(in_place, prompt, steps=2)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

@@ -16,7 +16,7 @@ import modpass
 from modpass import _compat, _structure, routing
 from modpass.api import record_block_calls
 from modpass.passes.capture import capture
-from modpass.passes.capture_block import capture_block, refuse_size_assumptions
+from modpass.passes.capture_block import capture_block, placeholders_written_in_place, refuse_size_assumptions
 from modpass.passes.find_blocks import find_blocks
 from modpass.passes.rewrite import rewrite
 from modpass.passes.token_axes import token_axes, user_inputs
@@ -506,6 +506,62 @@ def test_token_axes_refuse_a_token_indexed_input_with_the_batch_folded_into_its_
     gm = capture_block(FoldedBiasBlock(), (torch.randn(2, 9, 8), torch.randn(8, 1, 9)), {})
     with pytest.raises(modpass.UnroutableBlockError, match=r"input 1 .* is not batch-first: its first axis is the batch folded"):
         token_axes(gm)
+
+
+def test_capture_block_gives_a_block_that_writes_its_hidden_state_in_place_a_copy_to_write():
+    """``x += ...``: the routed graph reads the selected tokens again after the block, so the block must not write
+    into them (tests/test_equivalence.py checks the routed outputs)."""
+    hidden = torch.randn(2, 9, 32)
+    written = capture_block(models.InPlaceBlock(32, 4), (hidden,), {})
+    assert written.meta["modpass_writes_hidden_state"]
+    assert [user.target for user in user_inputs(written)[0].users] == [torch.ops.aten.clone.default]
+    assert not placeholders_written_in_place(written.graph)
+    plain = capture_block(models.NanoBlock(32, 4), (hidden,), {})
+    assert not plain.meta["modpass_writes_hidden_state"]
+    assert torch.ops.aten.clone.default not in {node.target for node in plain.graph.nodes}
+
+
+class SideInputWritingBlock(nn.Module):
+    """Zeroes the first key of its additive mask in place, through a view: a later block would read the change."""
+
+    def forward(self, x, bias):
+        bias[..., 0] = 0.0
+        return x + (x.softmax(1) + bias.sum(-1, keepdim=True))
+
+
+class StashingBlock(nn.Module):
+    """Keeps its update for a later look (a debugging hook, an auxiliary loss read after the forward)."""
+
+    def forward(self, x):
+        self.stash = x.tanh()
+        return x + self.stash
+
+
+class CountingBlock(nn.Module):
+    """Counts its calls in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x.tanh()
+
+
+STATE_CHANGES = {
+    "side-input-written": (SideInputWritingBlock, 2, r"writes its input 1 \(shape \(s\d+, s\d+, s\d+\)\) in place \(aten\.(fill_|copy_)\.\w+ at File .*test_passes\.py"),
+    "attribute-assigned": (StashingBlock, 1, r"assigns tensor attributes \(stash\)\. A routed call runs the block's captured graph"),
+    "buffer-updated": (CountingBlock, 1, r"updates state in place \(calls\)"),
+}
+
+
+@pytest.mark.parametrize("change", STATE_CHANGES)
+def test_capture_block_refuses_a_block_that_changes_state_a_routed_call_would_not(change):
+    block_class, inputs, message = STATE_CHANGES[change]
+    args = (torch.randn(2, 9, 8), torch.randn(2, 9, 9))[:inputs]
+    with pytest.raises(modpass.CaptureError, match=message):
+        capture_block(block_class(), args, {})
 
 
 class LengthBranchingBlock(nn.Module):

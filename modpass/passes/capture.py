@@ -19,7 +19,6 @@ The model is not modified.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -34,9 +33,7 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     wrapper, tensors = FlatCall.wrap(model, args, kwargs)
     try:
-        with first_calls((path, module) for path, module in model.named_modules() if path) as calls, warnings.catch_warnings():
-            # torch's pruning hooks set the pruned weight before each call; export restores it after, and says so.
-            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        with first_calls((path, module) for path, module in model.named_modules() if path) as calls:
             gm = wrapper.export(tensors).module()
     except Exception as exc:  # torch raises many unrelated types here
         raise CaptureError(

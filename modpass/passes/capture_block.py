@@ -15,7 +15,10 @@ axes Dynamo traced symbolically: its weights arrive as leaves, and symbols for t
 sizes would only slow the capture down). View and
 reshape sizes are written out where the model wrote ``-1`` (see
 :func:`spell_out_inferred_sizes`), so the graph also runs on an empty batch.
-Raises ``CaptureError`` for blocks that do not export or that mutate state.
+The graph writes none of its inputs: where the block writes its hidden state in place (``x += ...``), it writes a
+copy (``meta["modpass_writes_hidden_state"]`` says so, for callers that run the block's own forward on tokens they
+read again). Raises ``CaptureError`` for blocks that do not export, that mutate state or assign tensor attributes, or
+that write another input in place.
 
 Non-tensor leaves (flags, None) are baked into the graph, so a call with
 different flags needs its own capture (the routed block caches per call
@@ -30,13 +33,14 @@ from functools import reduce
 
 import sympy
 import torch
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from .._export import FlatCall, first_user_frame, hooks_silenced, pruning_of, tensor_attributes_detached
 from .._structure import Slot
 from ..errors import CaptureError
 from .token_axes import mentions
+from .token_mixing import model_source_line, named_arguments
 
 _ROLE = {
     InputKind.PARAMETER: "parameter",
@@ -60,13 +64,13 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             "with torch.export (non-strict) for any sequence length; leave this block dense with layers=."
         ) from exc
 
-    signature = program.graph_signature
-    mutated = [s.target for s in signature.output_specs if s.kind != OutputKind.USER_OUTPUT]
-    if mutated:
+    if wrapper.assignments.paths:
         raise CaptureError(
-            f"{where}: the block updates state in place ({', '.join(map(str, mutated))}); routing a subset "
-            "of tokens would update it from that subset only. Leave this block dense with layers=."
+            f"{where}: the block's forward assigns tensor attributes ({', '.join(wrapper.assignments.paths)}). A routed "
+            "call runs the block's captured graph, which makes no such assignment, so they would keep the values of an "
+            "earlier dense call. Return the tensors from the block instead, or leave this block dense with layers=."
         )
+    signature = program.graph_signature
     refuse_size_assumptions(program, where)
     gm = program.graph_module
     state = state_targets(signature)
@@ -82,6 +86,11 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             if role == "constant" and pruning_of(block, target) is not None:
                 role = "pruned"
             roles.append((role, target))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    written = placeholders_written_in_place(gm.graph)
+    refuse_state_updates([target for node, (role, target) in zip(placeholders, roles) if role != "input" and node in written], where)
+    inputs = [node for node, (role, _) in zip(placeholders, roles) if role == "input"]
+    gm.meta["modpass_writes_hidden_state"] = give_the_hidden_state_a_copy_to_write(gm.graph, inputs, written, where)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _METADATA_ASSERTS:
             gm.graph.erase_node(node)
@@ -94,6 +103,77 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     gm.meta["modpass_output_template"] = pytree.tree_unflatten([Slot(i) for i in range(outputs)], program.call_spec.out_spec)
     gm.meta["modpass_where"] = where
     return gm
+
+
+def refuse_state_updates(written: list[str], where: str) -> None:
+    """Refuse a block that updates its parameters, buffers or constants in place (``written``, their paths): a running
+    average of its tokens, routed, would be updated from the selected ones only. (Export, on torch 2.6 and 2.13 as
+    checked, keeps such updates in the graph as in-place ops and lists none among its outputs.)"""
+    if written:
+        raise CaptureError(
+            f"{where}: the block updates state in place ({', '.join(written)}); routing a subset "
+            "of tokens would update it from that subset only. Leave this block dense with layers=."
+        )
+
+
+def give_the_hidden_state_a_copy_to_write(graph: torch.fx.Graph, inputs: list[torch.fx.Node],
+                                          written: dict[torch.fx.Node, torch.fx.Node], where: str) -> bool:
+    """Where the block writes its hidden state (``inputs[0]``) in place (``x += self.attn(x)``), have it write a
+    copy; say whether it did. Refuse a block that writes another of its ``inputs`` in place (``written`` says which
+    placeholders the graph writes, and where).
+
+    The routed graph reads the selected tokens again after the block (``x_sel + w * (block(x_sel) - x_sel)``), so a
+    write into them would change that update, silently (and autograd refuses it in training). The caller's hidden
+    state is not changed by a routed call; a model that reassigns it from the block's output (``h = block(h)``), as
+    models do, sees no difference. A write into another input (a mask, position embeddings) would reach the later
+    blocks that read it in the dense model, but not from a routed block, which runs on gathered copies of them.
+    """
+    for i, node in enumerate(inputs[1:], start=1):
+        if node in written:
+            raise CaptureError(
+                f"{where}: the block writes its input {i} (shape {tuple(node.meta['val'].shape)}) in place ({written[node].target} at "
+                f"{model_source_line(written[node])}). Routed, the block runs on a gathered copy of the inputs that "
+                "follow the tokens, so later blocks would not see the write as they do in the dense model. Compute a new "
+                "tensor instead of writing into the input, or leave this block dense with layers=."
+            )
+    hidden = inputs[0] if inputs else None
+    if hidden not in written:
+        return False
+    with graph.inserting_after(graph.find_nodes(op="placeholder")[-1]):
+        copy = graph.call_function(torch.ops.aten.clone.default, (hidden,))
+    copy.meta["val"] = hidden.meta["val"]
+    hidden.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    return True
+
+
+def placeholders_written_in_place(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Each placeholder that an op of ``graph`` writes in place (through views of it too), with the first such op."""
+    written: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        values = named_arguments(node)
+        for argument in node.target._schema.arguments:
+            value = values.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, torch.fx.Node):
+                base = aliased_base(value)
+                if base.op == "placeholder":
+                    written.setdefault(base, node)
+    return written
+
+
+def aliased_base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose memory ``node`` shares: through views (``x[:, 0]``, ``x.view(...)``, an item of ``x.split()``)
+    and in-place ops, which return their input."""
+    while node.op == "call_function":
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            node = node.args[0]
+            continue
+        returns = node.target._schema.returns if isinstance(node.target, torch._ops.OpOverload) else ()
+        if not (returns and returns[0].alias_info is not None and isinstance(node.args[0], torch.fx.Node)):
+            break
+        node = node.args[0]
+    return node
 
 
 def state_targets(signature: torch.export.ExportGraphSignature) -> dict[str, str]:
