@@ -28,6 +28,7 @@ from fractions import Fraction
 
 import torch
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.utils import prune
 
 from . import _compat, _structure, kv_cache, part_changes
@@ -132,7 +133,7 @@ capture_outside_the_graph = capturing(
 
 recapture_outside_the_graph = capturing(
     "modpass: a part of a routed block was replaced or added (an adapter such as PEFT's LoRA, a swapped module), or "
-    "its adapters' state or attention implementation changed, so its graphs are captured again, here, outside the "
+    "its adapters' state, attention implementation or dropout rates changed, so its graphs are captured again, here, outside the "
     "compiled graph. Call the model once eagerly after changing it, then compile."
 )
 
@@ -281,11 +282,18 @@ class RoutedBlock(nn.Module):
         configs = (getattr(module, "config", None) for module in (self._block, *(part for _, part in self._parts)))
         self.__dict__["_configs"] = list({id(c): c for c in configs if hasattr(c, "_attn_implementation")}.values())
         self.__dict__["_attention_implementations"] = self.attention_implementations()
+        self.__dict__["_dropouts"] = [part for _, part in self._parts if isinstance(part, _DropoutNd)]
+        self.__dict__["_dropout_rates"] = self.dropout_rates()
 
     def attention_implementations(self) -> tuple:
         """The attention implementation that the block's transformers configs name, which its attention reads in its
         forward and a capture bakes in (``model.set_attn_implementation()`` changes it)."""
         return tuple(config._attn_implementation for config in self._configs)
+
+    def dropout_rates(self) -> tuple:
+        """The rates of the block's dropout layers, which a capture bakes in: setting them after ``transform`` (TRL's
+        ``disable_dropout_in_model`` sets them to 0) must reach the routed calls."""
+        return tuple(part.p for part in self._dropouts)
 
     def adapter_state(self) -> tuple:
         """What the block's adapter layers (PEFT's, by their attributes) compute with, which a capture bakes in:
@@ -307,12 +315,13 @@ class RoutedBlock(nn.Module):
 
     def parts_changed(self) -> bool:
         return (bool(self.__dict__.get("_parts_changed")) or self.adapter_state() != self._adapter_state
-                or self.attention_implementations() != self._attention_implementations)
+                or self.attention_implementations() != self._attention_implementations
+                or self.dropout_rates() != self._dropout_rates)
 
     @recapture_outside_the_graph
     def recapture(self) -> None:
-        """Capture the graphs of every routed block of the model whose parts were replaced or added, or whose adapters
-        or attention implementation changed, this one first. All at once: a forward need not call them all (a text
+        """Capture the graphs of every routed block of the model whose parts were replaced or added, or whose adapters,
+        attention implementation or dropout rates changed, this one first. All at once: a forward need not call them all (a text
         batch skips the vision tower), and the progress bar counts them."""
         changed = [self, *(b for b in self._state.blocks if b is not self and b.parts_changed())]
         if any(b.adapter_state() != b._adapter_state for b in changed):

@@ -322,6 +322,25 @@ def test_an_attention_implementation_set_after_routing_runs_in_routed_calls():
     assert not torch.allclose(after, before, atol=1e-3)
 
 
+def test_dropout_rates_set_after_routing_reach_routed_calls():
+    """TRL's disable_dropout_in_model sets every nn.Dropout's rate to 0 after the model is built; the routed graphs
+    baked in GPT-2's 0.1, and a routed model in training kept dropping out."""
+    torch.manual_seed(0)
+    dense = models.gpt2().train()
+    routed = modpass.transform(dense, 1.0, layers="all")
+    ids = torch.randint(0, 50, (2, 12))
+    for model in (dense, routed):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    with torch.no_grad():
+        first = routed(input_ids=ids).logits
+        torch.testing.assert_close(routed(input_ids=ids).logits, first, rtol=0, atol=0)
+        close_to_dense(first, dense(input_ids=ids).logits)
+        compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+        close_to_dense(compiled(input_ids=ids).logits, first)
+
+
 def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_routed):
     """Routed calls read a router's weight and bias: a hook on it, or a module that wraps it, would be left out."""
     routed = copy.deepcopy(llama_and_routed[1])
