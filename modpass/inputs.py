@@ -89,10 +89,11 @@ def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | list | to
     inputs = example_inputs_for(model) if example_inputs is None else example_inputs
     if not isinstance(inputs, Mapping):
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    if not takes_use_cache(model):
+    signature = inspect.signature(model.forward)
+    if not takes_use_cache(model, signature):
         return inputs
     if isinstance(inputs, tuple):
-        inputs = by_name(model, inputs)
+        inputs = by_name(model, signature, inputs)
     if isinstance(inputs, Mapping) and "use_cache" not in inputs:
         inputs = {**inputs, "use_cache": False}
     return inputs
@@ -103,9 +104,9 @@ def call_with(model: nn.Module, inputs: Mapping | tuple, **kwargs):
     return model(**inputs, **kwargs) if isinstance(inputs, Mapping) else model(*inputs, **kwargs)
 
 
-def by_name(model: nn.Module, positional: tuple) -> Mapping | tuple:
-    """``positional`` as keyword inputs, so that ``use_cache=False`` can join them; unchanged behind ``*args``."""
-    signature = inspect.signature(model.forward)
+def by_name(model: nn.Module, signature: inspect.Signature, positional: tuple) -> Mapping | tuple:
+    """``positional`` as keyword inputs of ``model``'s forward (whose signature is ``signature``), so that
+    ``use_cache=False`` can join them; unchanged behind ``*args``."""
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
         return positional
     try:
@@ -118,10 +119,10 @@ def by_name(model: nn.Module, positional: tuple) -> Mapping | tuple:
         ) from None
 
 
-def takes_use_cache(model: nn.Module) -> bool:
-    """Whether ``model`` takes ``use_cache=``: by name, or through ``**kwargs`` to a part whose config has one (Llava's
-    language model)."""
-    parameters = inspect.signature(model.forward).parameters
+def takes_use_cache(model: nn.Module, signature: inspect.Signature) -> bool:
+    """Whether ``model``, whose forward's signature is ``signature``, takes ``use_cache=``: by name, or through
+    ``**kwargs`` to a part whose config has one (Llava's language model)."""
+    parameters = signature.parameters
     if "use_cache" in parameters:
         return True
     through_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -260,21 +260,29 @@ class ForwardTakingRoutingArguments:
         #: A forward set on the instance before routing (accelerate's hooks set one), else the class's runs.
         self.own_forward = model.__dict__.get("forward")
 
+    @property
+    def wrapped(self):
+        """The forward this one runs, bound: the instance's own, else the class's."""
+        return self.own_forward or type(self.model).forward.__get__(self.model)
+
     def __call__(self, *args, **kwargs):
         if torch.jit.is_tracing():  # before the call: the ONNX exporter's tracer passes task and route_mask by position
             raise RoutingInputError(torchscript_refusal(type(self.model).__name__, "trace"))
+        # Not through `wrapped`: called so (function.__get__), a compiled model whose graph breaks recursed into this
+        # call (torch 2.13, tests/test_backend.py's route masks split by capacity).
         if self.own_forward is not None:
             return self.own_forward(*args, **kwargs)
         return type(self.model).forward(self.model, *args, **kwargs)
 
     @property
     def __code__(self):
-        # The forward's code, which torch 2.6's export reads (forward.__code__) to name the model in its messages.
-        return getattr(self.own_forward, "__code__", type(self.model).forward.__code__)
+        # The forward's code, which torch 2.6's export reads (forward.__code__) to name the model in its messages. An
+        # instance's own forward may be a functools.partial (accelerate's hooks), which has none.
+        return getattr(self.wrapped, "__code__", type(self.model).forward.__code__)
 
     @property
     def __signature__(self) -> inspect.Signature:
-        signature = inspect.signature(self.own_forward or type(self.model).forward.__get__(self.model))
+        signature = inspect.signature(self.wrapped)
         parameters = list(signature.parameters.values())
         named = {parameter.name for parameter in parameters}
         at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
