@@ -337,8 +337,8 @@ def test_dropout_rates_set_after_routing_reach_routed_calls():
         first = routed(input_ids=ids).logits
         torch.testing.assert_close(routed(input_ids=ids).logits, first, rtol=0, atol=0)
         close_to_dense(first, dense(input_ids=ids).logits)
-        compiled = torch.compile(routed, backend="modpass", fullgraph=True)
-        close_to_dense(compiled(input_ids=ids).logits, first)
+        if dynamo_compiles_transformers():
+            close_to_dense(torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids).logits, first)
 
 
 def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_routed):
