@@ -9,6 +9,7 @@ the model's :class:`RoutingState`, which every routed block reads.
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -224,6 +225,8 @@ def per_prompt(rows, batch: int):
 def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     """Forward pre-hook of a routed model: move ``task``/``route_mask`` into its RoutingState."""
     state: RoutingState = module._modpass_state
+    if not torch.compiler.is_compiling():
+        refuse_concurrent_calls(module, state)
     # Read by iterating over the keys: Dynamo then guards on the whole key set. For `pop(key, default)`
     # or `key in kwargs` it guards only on keys that are there (torch 2.7.1 to 2.13), so a forward compiled
     # without a route mask would have dropped one given later, silently.
@@ -318,4 +321,25 @@ def refuse_unrecorded_outputs(module: torch.nn.Module, state: RoutingState, flag
 
 def end_forward(module: torch.nn.Module, args: tuple, output) -> None:
     """Forward hook of a routed model (run on errors too): routed blocks called on their own replace their records."""
-    module._modpass_state.in_forward = False
+    state: RoutingState = module._modpass_state
+    state.in_forward = False
+    if not torch.compiler.is_compiling() and state.__dict__.get("forward_thread") == threading.get_ident():
+        del state.forward_thread
+
+
+def refuse_concurrent_calls(module: torch.nn.Module, state: RoutingState) -> None:
+    """Refuse an eager call of a routed model while another thread is inside one: the task, route mask and routing
+    records of a call are the model's (its RoutingState, which every routed block reads), so concurrent calls would
+    route with each other's tasks, silently. A dense model serves threads; a routed one serves one call at a time.
+    The thread inside is ``state.forward_thread`` until the model's forward hook (:func:`end_forward`) removes it.
+    Compiled calls are not checked: Dynamo would break the graph on the thread's identity."""
+    me = threading.get_ident()
+    inside = state.__dict__.setdefault("forward_thread", me)  # one atomic step: two threads cannot both take it
+    if inside != me:
+        raise RoutingInputError(
+            f"{type(module).__name__} was called from one thread while another was inside its forward. A routed "
+            "model's routing state (the call's task, route mask and routing records) belongs to the model, so "
+            "concurrent calls would route with each other's tasks. Serialise the calls (a threading.Lock around "
+            "each), or give each thread its own copy (copy.deepcopy shares the captured graphs). nn.DataParallel runs "
+            "its replicas in threads: use DistributedDataParallel."
+        )

@@ -351,6 +351,34 @@ def reference_block(block, x, index, logits, gate):
 _FUZZ_MODELS: dict = {}
 
 
+def test_a_call_from_another_thread_inside_a_forward_is_refused_and_the_first_call_finishes():
+    """A routed model's task and route mask are its own state: two threads' calls routed with each other's tasks
+    (643 of 800 outputs wrong in a two-task stress run); now the second call is refused while the first runs."""
+    import threading
+
+    routed = modpass.transform(models.NanoGPT(), {"a": 0.25, "b": 0.75}, layers="all")
+    ids = torch.randint(0, 61, (2, 12))
+    inside, release = threading.Event(), threading.Event()
+
+    def wait_inside(module, args, output):
+        inside.set()
+        release.wait(timeout=60)
+
+    handle = routed.h[1].register_forward_hook(wait_inside)
+    results = {}
+    with torch.no_grad():
+        first = threading.Thread(target=lambda: results.setdefault("a", routed(ids, task="a")))
+        first.start()
+        assert inside.wait(timeout=60)
+        with pytest.raises(modpass.RoutingInputError, match="called from one thread while another was inside its forward"):
+            routed(ids, task="b")
+        release.set()
+        first.join()
+        handle.remove()
+        torch.testing.assert_close(results["a"], routed(ids, task="a"), rtol=0, atol=0)
+        assert not torch.allclose(routed(ids, task="b"), results["a"])
+
+
 @given(
     ratios=st.lists(st.fractions(min_value=0.05, max_value=1).map(lambda f: f.limit_denominator(16)), min_size=1, max_size=3),
     gate=st.sampled_from(["tanh", "sigmoid", "string"]),
