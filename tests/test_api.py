@@ -324,7 +324,8 @@ def test_an_attention_implementation_set_after_routing_runs_in_routed_calls():
 
 def test_dropout_rates_set_after_routing_reach_routed_calls():
     """TRL's disable_dropout_in_model sets every nn.Dropout's rate to 0 after the model is built; the routed graphs
-    baked in GPT-2's 0.1, and a routed model in training kept dropping out."""
+    baked in GPT-2's 0.1, and a routed model in training kept dropping out. (A compiled model runs the graphs captured
+    again, as for adapter changes; not compiled here, for the suite's time.)"""
     torch.manual_seed(0)
     dense = models.gpt2().train()
     routed = modpass.transform(dense, 1.0, layers="all")
@@ -337,8 +338,6 @@ def test_dropout_rates_set_after_routing_reach_routed_calls():
         first = routed(input_ids=ids).logits
         torch.testing.assert_close(routed(input_ids=ids).logits, first, rtol=0, atol=0)
         close_to_dense(first, dense(input_ids=ids).logits)
-        if dynamo_compiles_transformers():
-            close_to_dense(torch.compile(routed, backend="modpass", fullgraph=True)(input_ids=ids).logits, first)
 
 
 def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_routed):
