@@ -361,6 +361,8 @@ class RoutedBlock(nn.Module):
                 f"the name of the block's first parameter, {self._hidden_name!r})."
             )
         state = self._state
+        if not state.in_forward:
+            state.start_call(state.default_task, state.default_route_mask)
         if state.dense:
             return self._block(*args, **kwargs)
         if self.parts_changed():

@@ -74,6 +74,14 @@ class RoutingState:
         #: ``(task, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
 
+    def start_call(self, task: object, route_mask: torch.Tensor | None) -> None:
+        """Route the next call with ``task`` and ``route_mask``: a call of the model (its pre-hook), or of a routed
+        block on its own, which takes the defaults (:func:`modpass.default_task`), not the last model call's."""
+        self.task, self.route_mask = task, route_mask
+        # groups() would notice the new task anyway; clearing here keeps the last
+        # call's groups out of what a compiled forward is traced (and guarded) on.
+        self.cached_groups = None
+
     def whole_batch_task(self) -> str | None:
         """The task of the whole batch when one name covers it and no route mask applies, else None."""
         if self.route_mask is not None:
@@ -136,7 +144,11 @@ class RoutingState:
         if task is None:
             if len(self.tasks) == 1:
                 return [TaskGroup(self.tasks[0], None)]
-            raise RoutingInputError(f"this model routes several tasks {list(self.tasks)}; pass task=<name> (or one name per sequence).")
+            raise RoutingInputError(
+                f"this model routes several tasks {list(self.tasks)}; pass task=<name> (or one name per sequence), or, "
+                "for calls that cannot pass it (generate(), a routed block called on its own), set one with "
+                "modpass.default_task(model, <name>)."
+            )
         if isinstance(task, str):
             return [TaskGroup(self.check(task), None)]
         if isinstance(task, torch.Tensor):
@@ -238,11 +250,7 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
             flags[key] = kwargs[key]
     if not state.dense:
         refuse_unrecorded_outputs(module, state, flags)
-    state.task = routing.get("task", state.default_task)
-    state.route_mask = routing.get("route_mask", state.default_route_mask)
-    # groups() would notice the new task anyway; clearing here keeps the last
-    # call's groups out of what a compiled forward is traced (and guarded) on.
-    state.cached_groups = None
+    state.start_call(routing.get("task", state.default_task), routing.get("route_mask", state.default_route_mask))
     state.in_forward = True
     for block in state.blocks:
         block.last_routing = []
@@ -322,9 +330,11 @@ def refuse_unrecorded_outputs(module: torch.nn.Module, state: RoutingState, flag
 def end_forward(module: torch.nn.Module, args: tuple, output) -> None:
     """Forward hook of a routed model (run on errors too): routed blocks called on their own replace their records."""
     state: RoutingState = module._modpass_state
-    state.in_forward = False
-    if not torch.compiler.is_compiling() and state.__dict__.get("forward_thread") == threading.get_ident():
+    if not torch.compiler.is_compiling():
+        if state.__dict__.get("forward_thread") != threading.get_ident():
+            return  # a call refused by refuse_concurrent_calls: the forward under way is another thread's
         del state.forward_thread
+    state.in_forward = False
 
 
 def refuse_concurrent_calls(module: torch.nn.Module, state: RoutingState) -> None:

@@ -400,8 +400,7 @@ def test_fuzzed_plans_match_the_dense_on_subset_reference(ratios, gate, batch, t
     task = f"task{seed % len(ratios)}"
     block = routed.h[seed % 4]
     x = torch.randn(batch, tokens, 16, generator=generator)
-    routed._modpass_state.task = task
-    with torch.no_grad():
+    with torch.no_grad(), modpass.default_task(routed, task):
         out = block(x)
         (record,) = block.last_routing
         assert record.index.shape == (batch, max(1, math.ceil(ratios[seed % len(ratios)] * tokens)))

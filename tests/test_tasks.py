@@ -126,7 +126,8 @@ def test_layer_switch_leaves_a_task_dense_at_a_block():
     with torch.no_grad():
         routed(idx=torch.randint(0, 61, (2, 10)), task="t2i")
         assert routed.h[0].last_routing == []
-        torch.testing.assert_close(routed.h[0](x), dense.h[0](x), rtol=0, atol=0)
+        with modpass.default_task(routed, "t2i"):
+            torch.testing.assert_close(routed.h[0](x), dense.h[0](x), rtol=0, atol=0)
 
 
 def test_schedules_cover_the_literature():
@@ -285,6 +286,27 @@ def test_a_block_called_twice_in_a_forward_trains_its_router_on_both_calls():
     routed.h[1](torch.randn(2, 10, 32))
     routed.h[1](torch.randn(2, 10, 32))
     assert len(routed.h[1].last_routing) == 1, "a block called on its own keeps its last call"
+
+
+def test_a_block_called_on_its_own_routes_with_the_default_task_not_the_last_model_calls():
+    """A block called outside its model's forward (to inspect a layer) took the task and route mask of the model's
+    last call, silently; now it takes the model's defaults (modpass.default_task), as a model call that gives none."""
+    routed = models.randomise_routers(modpass.transform(models.NanoGPT(), {"a": 0.25, "b": 0.75}, layers="all"), seed=0)
+    ids = torch.randint(0, 61, (2, 7))
+    seen = {}
+    handle = routed.h[0].register_forward_hook(lambda module, args, output: seen.setdefault("output", output))
+    with torch.no_grad():
+        routed(ids, task="b")
+        handle.remove()
+        routed(torch.randint(0, 61, (2, 12)), task="a", route_mask=torch.ones(2, 12, dtype=torch.bool))
+        hidden = routed.embed(ids)  # 7 tokens: the last call's route mask over 12 does not fit them
+        with pytest.raises(modpass.RoutingInputError, match=r"a routed block called on its own\), set one with modpass.default_task"):
+            routed.h[0](hidden)
+        with modpass.default_task(routed, "b"):
+            torch.testing.assert_close(routed.h[0](hidden), seen["output"], rtol=0, atol=0)
+        with modpass.default_task(routed, "a"):
+            routed.h[0](hidden)
+    assert routed.h[0].last_routing[0].index.shape == (2, 2), "k = ceil(0.25 * 7), task a's"
 
 
 def test_aux_loss_leaves_out_padding_even_when_it_fills_top_k_slots():
