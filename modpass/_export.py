@@ -128,16 +128,14 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class Assignments:
     """The tensor attributes a call assigned (``self.stash = attention.detach()``, a buffer replaced), by path; not a
-    container, so that export's restore of the module's attributes after tracing keeps what it holds."""
+    container, so that export's restore of the module's attributes after tracing keeps what it holds. (A block capture
+    silences hooks, so pruning's, which set the pruned weight at every call, assign nothing there.)"""
 
     def __init__(self):
         self.paths: list[str] = []
 
-    def note(self, module: torch.nn.Module, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-        # A weight pruned by torch.nn.utils.prune is set by its layer's pre-hook at every call: a routed call takes
-        # the same product (see capture_block's "pruned" role).
-        self.paths = [path for path, value in after.items()
-                      if before.get(path) is not value and pruning_of(module, path) is None]
+    def note(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+        self.paths = [path for path, value in after.items() if before.get(path) is not value]
 
 
 class FlatCall(torch.nn.Module):
@@ -159,7 +157,7 @@ class FlatCall(torch.nn.Module):
         args, kwargs = _structure.replace(self.structure, list(tensors))
         before = tensor_attributes(self.module)
         output = self.module(*args, **kwargs)
-        self.assignments.note(self.module, before, tensor_attributes(self.module))
+        self.assignments.note(before, tensor_attributes(self.module))
         return output
 
     @classmethod
