@@ -74,6 +74,22 @@ class InPlaceGPT(NanoGPT):
     block_class = InPlaceBlock
 
 
+class ModeRegionBlock(NanoBlock):
+    """The nanoGPT block attending in float32 with autocast off, as models guard their softmax, and scaling its
+    attention's output by a per-token factor taken without gradient: export keeps both regions as subgraphs."""
+
+    def attend(self, x: torch.Tensor, **attention) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = super().attend(x.float(), **attention)
+        with torch.no_grad():
+            scale = y.pow(2).mean(-1, keepdim=True).add(1).rsqrt()
+        return y * scale
+
+
+class ModeRegionGPT(NanoGPT):
+    block_class = ModeRegionBlock
+
+
 class BiasBlock(NanoBlock):
     """Attends under an additive ``(B, 1, T, T)`` bias and returns it for the next block, as T5's layers hand on
     their position bias."""

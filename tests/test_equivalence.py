@@ -149,6 +149,23 @@ def test_a_block_that_writes_its_hidden_state_in_place_routes_as_the_same_block_
         torch.testing.assert_close(compiled(ids), want, rtol=1e-5, atol=1e-5)
 
 
+def test_blocks_with_no_grad_and_autocast_regions_route_and_compile():
+    """Export keeps code run under ``no_grad`` or ``autocast`` as subgraphs, which the analyses read in line
+    (tests/test_passes.py checks that token mixing and state updates there are refused); a block whose regions are
+    position-wise routes, trains and compiles."""
+    torch.manual_seed(0)
+    dense = models.ModeRegionGPT()
+    ids = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        close_to_dense(modpass.transform(dense, 1.0, layers="all")(ids), dense(ids))
+    routed = models.randomise_routers(modpass.transform(dense, 0.5, layers="all"), seed=0)
+    routed(ids).sum().backward()
+    assert routed.h[0].mod_routers.default.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        want = routed(ids)
+        torch.testing.assert_close(torch.compile(routed, backend="modpass", fullgraph=True)(ids), want, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_router_selects_first_tokens_deterministically():
     routed = modpass.transform(models.NanoGPT().eval(), 0.5, layers=[1])
     with torch.no_grad():

@@ -145,6 +145,15 @@ class Bidirectional(QKV):
         return x + F.scaled_dot_product_attention(q, k, v)
 
 
+class BidirectionalInFloat32(QKV):
+    """The same attention run with autocast off, as models guard it: export keeps it in a subgraph."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        with torch.autocast("cpu", enabled=False):
+            return x + F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
 class HandWritten(QKV):
     """Causal attention written out by hand: its mask is not one modpass can edit."""
 
@@ -212,7 +221,8 @@ def test_rewrite_with_row_capacities_accepts_cross_attention():
 
 @pytest.mark.parametrize(
     "block, reason",
-    [(Bidirectional, "without a mask and not causally"), (HandWritten, "written out by hand"), (Broadcasting, "token pairs"),
+    [(Bidirectional, "without a mask and not causally"), (BidirectionalInFloat32, "without a mask and not causally"),
+     (HandWritten, "written out by hand"), (Broadcasting, "token pairs"),
      (LinearAttention, "relates tokens to each other")],
 )
 def test_rewrite_refuses_row_capacities_where_attention_could_see_the_extra_slots(block, reason):
@@ -382,6 +392,34 @@ class LengthFilledBlock(nn.Module):
         return x + torch.full_like(x, x.shape[1])
 
 
+class PoolUnderNoGradBlock(nn.Module):
+    def forward(self, x):
+        with torch.no_grad():
+            mean = x.mean(dim=1, keepdim=True)
+        return x + mean
+
+
+class PoolUnderAutocastBlock(nn.Module):
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return x + x.float().mean(dim=1, keepdim=True)
+
+
+class PoolInNestedRegionsBlock(nn.Module):
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            with torch.no_grad():
+                mean = x.float().mean(dim=1, keepdim=True)
+            return x + mean
+
+
+class BranchingOnTokensBlock(nn.Module):
+    """``torch.cond`` over its tokens: modpass does not read the branches."""
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda x: x.tanh(), lambda x: x.sin(), (x,))
+
+
 class PoolingBlock(nn.Module):
     def forward(self, x):
         return x + F.avg_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)
@@ -444,11 +482,17 @@ class SinkAttention(nn.Module):
      (PoolingBlock(), "pools or resamples along the token axis"), (SlidingWindowBlock(), r"distance.*tril with offset -3"),
      (TokenFeatureTriangleBlock(), r"relates token indices to feature indices \(tril\)"),
      (NeighbourScoreBlock(), r"distance.*diagonal with offset 1"),
-     (SinkAttention(extra="scores"), r"cat.default operates along the token axis")],
+     (SinkAttention(extra="scores"), r"cat.default operates along the token axis"),
+     (PoolUnderNoGradBlock(), r"mean.dim reduces over the token axis .*test_passes\.py"),
+     (PoolUnderAutocastBlock(), r"mean.dim reduces over the token axis"),
+     (PoolInNestedRegionsBlock(), r"mean.dim reduces over the token axis"),
+     (BranchingOnTokensBlock(), "runs cond, a higher-order op whose subgraphs modpass does not read")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
-         "off-diagonal-scores", "scores-appended-twice"],
+         "off-diagonal-scores", "scores-appended-twice", "mean-pool-under-no-grad", "mean-pool-under-autocast",
+         "mean-pool-in-nested-regions",
+         "cond-on-tokens"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -515,7 +559,7 @@ def test_capture_block_gives_a_block_that_writes_its_hidden_state_in_place_a_cop
     written = capture_block(models.InPlaceBlock(32, 4), (hidden,), {})
     assert written.meta["modpass_writes_hidden_state"]
     assert [user.target for user in user_inputs(written)[0].users] == [torch.ops.aten.clone.default]
-    assert not placeholders_written_in_place(written.graph)
+    assert not placeholders_written_in_place(written)
     plain = capture_block(models.NanoBlock(32, 4), (hidden,), {})
     assert not plain.meta["modpass_writes_hidden_state"]
     assert torch.ops.aten.clone.default not in {node.target for node in plain.graph.nodes}
@@ -549,10 +593,25 @@ class CountingBlock(nn.Module):
         return x.tanh()
 
 
+class RunningMeanBlock(nn.Module):
+    """Keeps a running mean of its tokens, updated without gradient as running statistics are: export keeps the
+    update in a subgraph (``wrap_with_set_grad_enabled``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean((0, 1)))
+        return x.tanh()
+
+
 STATE_CHANGES = {
     "side-input-written": (SideInputWritingBlock, 2, r"writes its input 1 \(shape \(s\d+, s\d+, s\d+\)\) in place \(aten\.(fill_|copy_)\.\w+ at File .*test_passes\.py"),
     "attribute-assigned": (StashingBlock, 1, r"assigns tensor attributes \(stash\)\. A routed call runs the block's captured graph"),
     "buffer-updated": (CountingBlock, 1, r"updates state in place \(calls\)"),
+    "buffer-updated-without-grad": (RunningMeanBlock, 1, r"updates state in place \(mean\)"),
 }
 
 
@@ -595,11 +654,17 @@ def test_capture_block_reads_an_upper_bound_no_tensor_reaches_as_no_bound(upper,
 
 # The ways a block can read the first T rows of a table; export records the range [2, 64] for all but
 # split, which it traces for one token count without a guard (so only the table check can refuse it).
+def split_without_grad(table, tokens):
+    with torch.no_grad():  # export keeps this in a subgraph, which the check reads too
+        return table.split(tokens)[0]
+
+
 TABLE_READS = {
     "slice": (lambda table, tokens: table[:tokens], r"table sliced .*, so its graph holds only for a token count in \[2, 64\]"),
     "narrow": (lambda table, tokens: table.narrow(0, 0, tokens), r"table narrowed .* in \[2, 64\]"),
     "split": (lambda table, tokens: table.split(tokens)[0], r"table split to the token count along dim 0\)\. Routed"),
     "split_with_sizes": (lambda table, tokens: table.split([tokens, 64 - tokens])[0], r"table split .* in \[2, 64\]"),
+    "split-under-no-grad": (split_without_grad, r"table split to the token count along dim 0\)\. Routed"),
 }
 
 

@@ -2,7 +2,8 @@
 
 Expects: an ``nn.Module`` and example inputs (positional tuple or keyword dict).
 Guarantees: a ``GraphModule`` (from non-strict ``torch.export``) whose nodes
-carry ``nn_module_stack`` (module paths relative to the model, and classes)
+carry ``nn_module_stack`` (module paths relative to the model, and classes; in the subgraphs that
+run code under ``no_grad`` or ``autocast`` too)
 and ``val`` fake tensors whose sizes are symbols wherever the model allows
 them to vary. Every tensor dimension larger than 1 is exported as
 ``Dim.AUTO``, so the sequence length becomes a symbol when the model lets it
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from .._export import FlatCall, first_calls, first_user_frame
+from .._subgraphs import graphs
 from ..errors import CaptureError
 from ..hints import batch_wide_experts_hint
 
@@ -46,7 +48,7 @@ def capture(model: torch.nn.Module, example_inputs) -> torch.fx.GraphModule:
             "routed model still takes the model's other inputs." + batch_wide_experts_hint(model)
         ) from exc
     gm.meta["modpass_traced_calls"] = calls
-    for node in gm.graph.nodes:
+    for node in (node for graph in graphs(gm) for node in graph.nodes):
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {

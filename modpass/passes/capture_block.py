@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from .._export import FlatCall, first_user_frame, hooks_silenced, pruning_of, tensor_attributes_detached
 from .._structure import Slot
+from .._subgraphs import inlined
 from ..errors import CaptureError
 from .token_axes import mentions
 from .token_mixing import model_source_line, named_arguments
@@ -87,7 +88,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
                 role = "pruned"
             roles.append((role, target))
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    written = placeholders_written_in_place(gm.graph)
+    written = placeholders_written_in_place(gm)
     refuse_state_updates([target for node, (role, target) in zip(placeholders, roles) if role != "input" and node in written], where)
     inputs = [node for node, (role, _) in zip(placeholders, roles) if role == "input"]
     gm.meta["modpass_writes_hidden_state"] = give_the_hidden_state_a_copy_to_write(gm.graph, inputs, written, where)
@@ -107,12 +108,14 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
 
 def refuse_state_updates(written: list[str], where: str) -> None:
     """Refuse a block that updates its parameters, buffers or constants in place (``written``, their paths): a running
-    average of its tokens, routed, would be updated from the selected ones only. (Export, on torch 2.6 and 2.13 as
-    checked, keeps such updates in the graph as in-place ops and lists none among its outputs.)"""
+    average of its tokens, routed, would be updated from the selected ones only, and a mixed-task batch, whose groups
+    run apart, would update it once per group (spectral norm's power iteration in training). (Export, on torch 2.6 and
+    2.13 as checked, keeps such updates in the graph as in-place ops and lists none among its outputs.)"""
     if written:
         raise CaptureError(
-            f"{where}: the block updates state in place ({', '.join(written)}); routing a subset "
-            "of tokens would update it from that subset only. Leave this block dense with layers=."
+            f"{where}: the block updates state in place ({', '.join(written)}). Routed, it runs on the selected tokens "
+            "only, and on each task's rows apart in a mixed-task batch, so the update would differ from the dense "
+            "model's. Leave this block dense with layers=."
         )
 
 
@@ -146,10 +149,13 @@ def give_the_hidden_state_a_copy_to_write(graph: torch.fx.Graph, inputs: list[to
     return True
 
 
-def placeholders_written_in_place(graph: torch.fx.Graph) -> dict[torch.fx.Node, torch.fx.Node]:
-    """Each placeholder that an op of ``graph`` writes in place (through views of it too), with the first such op."""
+def placeholders_written_in_place(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, torch.fx.Node]:
+    """Each placeholder of ``gm`` that an op writes in place (through views of it too, and under ``no_grad`` or
+    ``autocast``, as running statistics are updated), with the first such op."""
+    view = inlined(gm)
+    placeholder = dict(zip(view.graph.find_nodes(op="placeholder"), gm.graph.find_nodes(op="placeholder")))
     written: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in graph.nodes:
+    for node in view.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         values = named_arguments(node)
@@ -158,7 +164,7 @@ def placeholders_written_in_place(graph: torch.fx.Graph) -> dict[torch.fx.Node, 
             if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, torch.fx.Node):
                 base = aliased_base(value)
                 if base.op == "placeholder":
-                    written.setdefault(base, node)
+                    written.setdefault(placeholder[base], node)
     return written
 
 
@@ -245,7 +251,7 @@ def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.S
     ``table.narrow(0, 0, T)``, ``table.split(T)``), described."""
     state_names = state_targets(program.graph_signature)
     tables = []
-    for node in program.graph.nodes:
+    for node in inlined(program.graph_module).graph.nodes:
         if node.op != "call_function" or node.target not in _CUTS:
             continue
         cut, arguments = _CUTS[node.target]

@@ -20,7 +20,8 @@ The rule, with no architecture or class names:
    the hidden input through ``add`` nodes, which breaks ties between inputs of
    equal shape; otherwise the first such input in graph order is used.
 4. It mixes tokens by attention: it contains an attention kernel or a
-   product of two activations (scores = q @ k^T), not only weight products.
+   product of two activations (scores = q @ k^T), not only weight products
+   (read in line where the block runs it under ``autocast`` or ``no_grad``).
 5. Candidates nested inside another candidate are dropped.
 
 Every other tensor flowing into a block (masks, rotary tables, position ids)
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._subgraphs import inlined
 from ..errors import ConfigError, NoBlocksError
 from ..plan import in_scope
 from .token_mixing import ATTENTION
@@ -160,19 +162,20 @@ def has_attention(nodes: list[torch.fx.Node], active: set[torch.fx.Node]) -> boo
 
 def find_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Annotate ``gm.meta["modpass_blocks"]``; see the module docstring for the rule."""
-    regions, classes = module_regions(gm.graph)
+    view = inlined(gm)  # attention run under autocast counts
+    regions, classes = module_regions(view.graph)
     siblings: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path in regions:
         if "@" not in path:
             siblings[(path.rpartition(".")[0], classes[path])].append(path)
-    active = activation_nodes(gm.graph)
+    active = activation_nodes(view.graph)
     candidates = {}
     for paths in siblings.values():
         qualifying = {p: found for p in paths if (found := hidden_input(regions[p])) is not None and has_attention(regions[p], active)}
         if len(qualifying) >= 2:
             candidates.update(qualifying)
     outermost = [p for p in candidates if not any(p.startswith(q + ".") for q in candidates if q != p)]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = {n: i for i, n in enumerate(view.graph.nodes)}
     outermost.sort(key=lambda p: order[regions[p][0]])
     if not outermost:
         repeated = sorted({f"{parent or '<root>'}: {cls.rpartition('.')[2]} x{len(p)}" for (parent, cls), p in siblings.items() if len(p) > 1})

@@ -53,6 +53,7 @@ from fractions import Fraction
 import torch
 
 from .. import _compat, routing
+from .._subgraphs import inlined
 from ..errors import UnroutableBlockError
 from .find_blocks import op_name
 from .token_axes import flat_outputs, user_inputs
@@ -114,9 +115,10 @@ def extra_slots_leak(gm: torch.fx.GraphModule) -> str | None:
     block's own mask input through ops that keep its forbidden entries
     (the rewrite forbids the extra keys there).
     """
-    block_mask = mask_input(user_inputs(gm))
+    view = inlined(gm)  # attention run under autocast too
+    block_mask = mask_input(user_inputs(view))
     symbol = gm.meta["modpass_token_symbol"]
-    for node in gm.graph.nodes:
+    for node in view.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in _ATTENTION_CALLS:

@@ -33,6 +33,9 @@ mixes tokens when it combines positions along such an axis:
 * indexing *into* a token axis mixes tokens (indexing with token-indexed
   positions, like a rotary lookup, does not);
 * data-dependent ops (nonzero, unique, masked_select) on tokens are refused;
+* code the block runs under ``torch.no_grad()`` or ``torch.autocast``, which export keeps as a
+  subgraph, is read in line (:func:`modpass._subgraphs.inlined`); other higher-order ops on tokens
+  (``cond``, ``while_loop``, ``flex_attention``) are refused, their subgraphs unread;
 * ``repeat_interleave`` by a fixed count copies each token in place (an MoE's
   token-per-expert rows) and is position-wise;
 * a block that numbers its tokens itself (``arange`` over ``T``) would number
@@ -64,6 +67,7 @@ from collections import Counter
 import sympy
 import torch
 
+from .._subgraphs import inlined, is_higher_order
 from ..errors import UnroutableBlockError
 from .token_axes import mentions, size_expr
 
@@ -125,6 +129,8 @@ def copies_tokens(args: dict) -> bool:
 def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     """Why ``node`` mixes tokens, or None when it is position-wise or attention."""
     name = aten_name(node)
+    if is_higher_order(node) and any(token_dims(value, symbol) for value in node.all_input_nodes):
+        return f"runs {node.target.__name__}, a higher-order op whose subgraphs modpass does not read, on tokens"
     if name is None:
         return None
     args = named_arguments(node)
@@ -411,13 +417,14 @@ def batch_mixing(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    gm.meta["modpass_batch_mixing"] = batch_mixing(gm)
+    view = inlined(gm)  # the ops run under no_grad or autocast too
+    gm.meta["modpass_batch_mixing"] = batch_mixing(view)
     symbol = gm.meta["modpass_token_symbol"]
     if symbol is None:  # a single-token call: nothing to mix
         return gm
-    reasons = [(node, mixing_reason(node, symbol)) for node in gm.graph.nodes]
-    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(gm, symbol) + positions_made_inside(gm, symbol)
-    reasons += token_count_as_value(gm, symbol) + attention_across_the_batch(gm, symbol)
+    reasons = [(node, mixing_reason(node, symbol)) for node in view.graph.nodes]
+    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(view, symbol) + positions_made_inside(view, symbol)
+    reasons += token_count_as_value(view, symbol) + attention_across_the_batch(view, symbol)
     # One source line often makes several such ops (an index per expert's rows): each reason once, counted.
     counts = Counter(f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons)
     problems = [problem if n == 1 else f"{problem} ({n} times)" for problem, n in counts.items()]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import _compat
+from .._subgraphs import graphs
 from .token_mixing import named_arguments
 
 # The aten op itself (token_mixing.ATTENTION names every attention kernel, for refusals).
@@ -30,12 +31,13 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 def unbacked_attention_masks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if not _compat.CPU_ATTENTION_GUARDS_ON_MASK_BATCH:
         return gm
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not SDPA:
-            continue
-        arguments = named_arguments(node)
-        query = arguments["query"].meta.get("val")
-        if arguments.get("attn_mask") is not None and isinstance(query, torch.Tensor) and query.device.type == "cpu":
-            node.target = _compat.masked_attention_while_compiling
-    gm.recompile()
+    for graph in graphs(gm):  # attention under autocast too
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target is not SDPA:
+                continue
+            arguments = named_arguments(node)
+            query = arguments["query"].meta.get("val")
+            if arguments.get("attn_mask") is not None and isinstance(query, torch.Tensor) and query.device.type == "cpu":
+                node.target = _compat.masked_attention_while_compiling
+        graph.owning_module.recompile()
     return gm

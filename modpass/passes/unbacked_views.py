@@ -20,25 +20,26 @@ from __future__ import annotations
 import torch
 
 from .. import _compat
+from .._subgraphs import graphs
 from .capture_block import RESHAPES
 
 
 def unbacked_views(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if not _compat.INDUCTOR_MISREADS_UNBACKED_VIEWS:
         return gm
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in RESHAPES:
-            continue
-        source = node.args[0]
-        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-        if not isinstance(value, torch.Tensor) or _known_contiguous(value):
-            continue
-        with graph.inserting_before(node):
-            copy = graph.call_function(_compat.contiguous_while_compiling, (source,))
-        copy.meta.update(source.meta)
-        node.replace_input_with(source, copy)
-    gm.recompile()
+    for graph in graphs(gm):  # views under no_grad or autocast too
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in RESHAPES:
+                continue
+            source = node.args[0]
+            value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+            if not isinstance(value, torch.Tensor) or _known_contiguous(value):
+                continue
+            with graph.inserting_before(node):
+                copy = graph.call_function(_compat.contiguous_while_compiling, (source,))
+            copy.meta.update(source.meta)
+            node.replace_input_with(source, copy)
+        graph.owning_module.recompile()
     return gm
 
 
