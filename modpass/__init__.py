@@ -2,6 +2,7 @@
 
 from . import schedules
 from .api import (
+    declare_position_wise,
     default_task,
     list_blocks,
     prepare_autocast,
@@ -46,6 +47,7 @@ __all__ = [
     "UnroutableBlockError",
     "attention_rank",
     "aux_loss",
+    "declare_position_wise",
     "default_task",
     "dense",
     "flops",

@@ -22,6 +22,7 @@ from .hints import batch_wide_experts_hint
 from .inputs import call_with, capture_inputs
 from .kv_cache import DECODING
 from .output_recording import owners, part_recorded_outputs, record_hidden_states
+from .passes import token_mixing
 from .passes.capture import capture
 from .passes.find_blocks import BlockInfo, find_blocks
 from .passes.plan import plan as plan_stage
@@ -202,6 +203,25 @@ def routing_state(model: nn.Module, verb: str) -> RoutingState:
     if state is None:
         raise ConfigError(f"{verb}() takes a model routed by modpass.transform or modpass.load.")
     return state
+
+
+def declare_position_wise(*ops: str | torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> None:
+    """Declare custom ops that compute each token's values from that token's alone (a fused norm, activation or MLP
+    kernel), so that blocks running them on their tokens can be routed.
+
+    modpass reads what aten ops do to tokens, but not an op outside aten, and refuses a block that runs one on its
+    tokens until it is declared here, before ``transform``. Each op is ``"namespace::name"`` or the op itself
+    (``torch.ops.mylib.rms_norm``). An op that mixes tokens (a convolution over the sequence, attention with a
+    window) declared here is routed wrong, silently: declare only what holds for every call.
+    """
+    for op in ops:
+        name = op.overloadpacket._qualified_op_name if isinstance(op, torch._ops.OpOverload) else getattr(op, "_qualified_op_name", op)
+        if not isinstance(name, str) or "::" not in name or name.startswith(("aten::", "prims::")):
+            raise ConfigError(
+                f"declare_position_wise takes custom ops as 'namespace::name' or torch.ops.<namespace>.<name>, not "
+                f"{op!r} (modpass reads aten's ops itself)."
+            )
+        token_mixing.POSITION_WISE_OPS.add(name)
 
 
 def set_decoding(model: nn.Module, decoding: str) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import nn
 import modpass
 from modpass import _compat, _structure, routing
 from modpass.api import record_block_calls
+from modpass.passes import token_mixing as token_mixing_module
 from modpass.passes.capture import capture
 from modpass.passes.capture_block import capture_block, placeholders_written_in_place, refuse_size_assumptions
 from modpass.passes.find_blocks import find_blocks
@@ -710,6 +711,65 @@ class TokenwiseExperts(nn.Module):
         copies = rows.repeat_interleave(self.top, dim=0)
         out = torch.bmm(self.weights[experts.reshape(-1)], copies.unsqueeze(-1)).squeeze(-1) * scores.reshape(-1, 1)
         return x + out.view(batch * tokens, self.top, width).sum(1).reshape(batch, tokens, width)
+
+
+@torch.library.custom_op("modpass_tests::shift_tokens", mutates_args=())
+def shift_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.roll(1, dims=1)
+
+
+@torch.library.custom_op("modpass_tests::fused_norm", mutates_args=())
+def fused_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, x.shape[-1:])
+
+
+for _op in (shift_tokens, fused_norm):
+    _op.register_fake(torch.empty_like)
+
+
+class CustomOpBlock(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return x + self.op(x)
+
+
+def test_token_mixing_refuses_custom_ops_on_tokens_until_declared_position_wise(monkeypatch):
+    """An op outside aten could shift tokens (as this one does) as well as normalise each (as the other does):
+    modpass cannot tell, so both are refused, and a declared op routes."""
+    monkeypatch.setattr(token_mixing_module, "POSITION_WISE_OPS", set(token_mixing_module.POSITION_WISE_OPS))
+    for op, name in ((shift_tokens, "modpass_tests::shift_tokens"), (fused_norm, "modpass_tests::fused_norm")):
+        gm = token_axes(capture_block(CustomOpBlock(op), (torch.randn(2, 9, 8),), {}))
+        with pytest.raises(modpass.UnroutableBlockError, match=rf"runs {name}, an op modpass cannot read, on tokens; .* "
+                                                             rf"modpass.declare_position_wise\('{name}'\)"):
+            token_mixing(gm)
+    modpass.declare_position_wise(torch.ops.modpass_tests.fused_norm)
+    assert token_mixing(gm) is gm
+    with pytest.raises(modpass.ConfigError, match="custom ops as 'namespace::name'"):
+        modpass.declare_position_wise(torch.ops.aten.cumsum.default)
+
+
+def test_token_mixing_reads_quantization_blocks_along_the_tokens():
+    """torchao's dynamic activation quantization: scales per token route, one scale over the tokens does not."""
+    torchao = pytest.importorskip("torchao.quantization.quant_primitives")
+
+    class Quantized(nn.Module):
+        def __init__(self, per_token: bool):
+            super().__init__()
+            self.per_token = per_token
+
+        def forward(self, x):
+            block = [1, 1, x.shape[-1]] if self.per_token else list(x.shape)
+            scale, zero = torchao.choose_qparams_affine(x, torchao.MappingType.SYMMETRIC, block, torch.int8)
+            return x + torchao.dequantize_affine(torchao.quantize_affine(x, block, scale, zero, torch.int8), block, scale, zero, torch.int8)
+
+    routable = token_axes(capture_block(Quantized(per_token=True), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(routable) is routable
+    shared = token_axes(capture_block(Quantized(per_token=False), (torch.randn(2, 9, 8),), {}))
+    with pytest.raises(modpass.UnroutableBlockError, match=r"quantizes with parameters shared across tokens \(block_size=\[s"):
+        token_mixing(shared)
 
 
 def test_token_mixing_follows_token_copies_through_an_experts_dispatch():

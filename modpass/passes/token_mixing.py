@@ -33,6 +33,9 @@ mixes tokens when it combines positions along such an axis:
 * indexing *into* a token axis mixes tokens (indexing with token-indexed
   positions, like a rotary lookup, does not);
 * data-dependent ops (nonzero, unique, masked_select) on tokens are refused;
+* ops outside aten (custom ops: a fused kernel, ``flash_attn``'s) on tokens are refused, since modpass
+  cannot read what they compute, unless declared position-wise (``POSITION_WISE_OPS``,
+  ``modpass.declare_position_wise``); torchao's quantization ops are read by their ``block_size``;
 * code the block runs under ``torch.no_grad()`` or ``torch.autocast``, which export keeps as a
   subgraph, is read in line (:func:`modpass._subgraphs.inlined`); other higher-order ops on tokens
   (``cond``, ``while_loop``, ``flex_attention``) are refused, their subgraphs unread;
@@ -126,10 +129,37 @@ def copies_tokens(args: dict) -> bool:
     return isinstance(args.get("repeats"), int) and args.get("dim") is not None
 
 
+#: Ops outside aten that modpass has read, each computing a token's values from that token's alone: a tensor
+#: subclass's parts (torchao's quantized weights), transformers' grouped expert products (rows sorted by expert),
+#: torchao's float8 casts by a given scale. ``modpass.declare_position_wise`` adds to them.
+POSITION_WISE_OPS = {
+    "export::access_subclass_inner_tensor",
+    "transformers::grouped_mm_fallback",
+    "torchao::quantize_affine_float8_non_decomposed",
+    "torchao::dequantize_affine_float8_non_decomposed",
+}
+
+
+def outside_aten_reason(node: torch.fx.Node, source, dims: list[int], args: dict) -> str | None:
+    """Why an op outside aten mixes tokens, or None: a declared position-wise op, or a quantization op whose
+    ``block_size`` (torchao's) keeps each token in blocks of its own."""
+    op = node.target.overloadpacket._qualified_op_name
+    if op in POSITION_WISE_OPS:
+        return None
+    block_size = args.get("block_size")
+    if isinstance(block_size, (list, tuple)) and dims and len(block_size) == source.meta["val"].dim():
+        if all(block_size[d] == 1 for d in dims):
+            return None
+        return f"quantizes with parameters shared across tokens (block_size={list(block_size)})"
+    return (f"runs {op}, an op modpass cannot read, on tokens; if it computes each token's values from that token's "
+            f"alone (a fused norm or MLP), declare it: modpass.declare_position_wise({op!r})")
+
+
 def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     """Why ``node`` mixes tokens, or None when it is position-wise or attention."""
     name = aten_name(node)
-    if is_higher_order(node) and any(token_dims(value, symbol) for value in node.all_input_nodes):
+    carries_tokens = any(token_dims(value, symbol) for value in node.all_input_nodes)
+    if is_higher_order(node) and carries_tokens:
         return f"runs {node.target.__name__}, a higher-order op whose subgraphs modpass does not read, on tokens"
     if name is None:
         return None
@@ -139,6 +169,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         source = source[0] if source else None
     dims = token_dims(source, symbol)
     rank = source.meta["val"].dim() if dims else 0
+    if node.target.namespace not in ("aten", "prims") and carries_tokens:
+        return outside_aten_reason(node, source, dims, args)
     if any(key in name for key in ATTENTION):
         return None
     if name in CONTRACTIONS:
