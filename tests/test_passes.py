@@ -414,6 +414,17 @@ class PoolInNestedRegionsBlock(nn.Module):
             return x + mean
 
 
+class EinsumPoolBlock(nn.Module):
+    """Sums over its tokens in an einsum, which also reads as a product: only one operand carries the tokens."""
+
+    def __init__(self, equation: str):
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, x):
+        return x + torch.einsum(self.equation, x, x.sum(1)).unsqueeze(1)
+
+
 class BranchingOnTokensBlock(nn.Module):
     """``torch.cond`` over its tokens: modpass does not read the branches."""
 
@@ -487,13 +498,15 @@ class SinkAttention(nn.Module):
      (PoolUnderNoGradBlock(), r"mean.dim reduces over the token axis .*test_passes\.py"),
      (PoolUnderAutocastBlock(), r"mean.dim reduces over the token axis"),
      (PoolInNestedRegionsBlock(), r"mean.dim reduces over the token axis"),
-     (BranchingOnTokensBlock(), "runs cond, a higher-order op whose subgraphs modpass does not read")],
+     (BranchingOnTokensBlock(), "runs cond, a higher-order op whose subgraphs modpass does not read"),
+     (EinsumPoolBlock("btd,bd->bd"), r"reduces over the token axis \(einsum 'btd,bd->bd'\)"),
+     (EinsumPoolBlock("...td,...d->...d"), r"reduces over the token axis \(einsum '...td,...d->...d'\)")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
          "off-diagonal-scores", "scores-appended-twice", "mean-pool-under-no-grad", "mean-pool-under-autocast",
          "mean-pool-in-nested-regions",
-         "cond-on-tokens"],
+         "cond-on-tokens", "einsum-pool", "einsum-pool-under-ellipsis"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -800,6 +813,17 @@ def test_token_mixing_accepts_eager_attention():
             return x + scores @ x
 
     gm = token_axes(capture_block(EagerAttention(), (torch.randn(2, 9, 8),), {}))
+    assert token_mixing(gm) is gm
+
+
+def test_token_mixing_accepts_attention_written_as_einsums():
+    class EinsumAttention(nn.Module):
+        def forward(self, x):
+            heads = x.unflatten(-1, (2, 4))
+            scores = torch.einsum("bqhd,bkhd->bhqk", heads, heads).softmax(dim=-1)
+            return x + torch.einsum("...qk,b k h d -> b q h d", scores, heads).flatten(-2)
+
+    gm = token_axes(capture_block(EinsumAttention(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm
 
 

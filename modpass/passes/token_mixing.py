@@ -17,6 +17,8 @@ mixes tokens when it combines positions along such an axis:
 * attention kernels (``scaled_dot_product_attention`` and its fused variants)
   and products of two token-carrying tensors contracted over ``T`` (scores
   times values) are attention: allowed;
+* an einsum that sums over a token axis only one of its operands carries
+  (``"btd->bd"``) pools tokens, like a reduction;
 * reductions and softmax over a token axis are allowed only on tensors with
   two token axes (attention scores); on a plain sequence they pool tokens;
 * any other op whose ``dim``/``dims`` argument names a token axis (cat, split,
@@ -176,6 +178,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if name in CONTRACTIONS:
         if name == "linear" and dims and rank - 1 in dims:
             return "applies a linear layer across the token axis"
+        if name == "einsum":
+            return einsum_reason(args["equation"], args["tensors"], symbol)
         return None
     if name in _DATA_DEPENDENT and dims:
         return "selects tokens depending on their values"
@@ -227,6 +231,34 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if name == "cat" and appends_extra_keys(args, symbol):
         return None
     return f"operates along the token axis ({name})"
+
+
+def einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], set[str]]:
+    """Each operand's label per axis, and the labels the output keeps. An ellipsis's axes are labelled by their place
+    from the right (``...1`` last), as einsum aligns them; without ``->``, the output is einsum's implicit one."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+
+    def labels(subscripts: str, rank: int) -> list[str]:
+        before, ellipsis, after = subscripts.partition("...")
+        covered = rank - len(before) - len(after) if ellipsis else 0
+        return [*before, *(f"...{covered - i}" for i in range(covered)), *after]
+
+    operands = [labels(subscripts, rank) for subscripts, rank in zip(inputs.split(","), ranks)]
+    counts = Counter(label for axes in operands for label in axes)
+    broadcast = {label for label in counts if label.startswith("...")}
+    if arrow:
+        return operands, set(output.replace("...", "")) | (broadcast if "..." in output else set())
+    return operands, {label for label, n in counts.items() if n == 1} | broadcast
+
+
+def einsum_reason(equation: str, tensors: list, symbol) -> str | None:
+    """An einsum sums over a token axis that leaves the output: attention when another operand carries tokens along
+    it too (scores times values), pooling when only one does (``"btd->bd"``)."""
+    operands, output = einsum_labels(equation, [t.meta["val"].dim() for t in tensors])
+    carriers = Counter(labels[d] for labels, t in zip(operands, tensors) for d in token_dims(t, symbol))
+    pooled = [label for label, n in carriers.items() if n == 1 and label not in output]
+    return f"reduces over the token axis (einsum {equation!r})" if pooled else None
 
 
 def appends_extra_keys(args: dict, symbol) -> bool:
