@@ -425,6 +425,17 @@ class EinsumPoolBlock(nn.Module):
         return x + torch.einsum(self.equation, x, x.sum(1)).unsqueeze(1)
 
 
+class LambdaBlock(nn.Module):
+    """``x + update(x)``."""
+
+    def __init__(self, update):
+        super().__init__()
+        self.update = update
+
+    def forward(self, x):
+        return x + self.update(x)
+
+
 class BranchingOnTokensBlock(nn.Module):
     """``torch.cond`` over its tokens: modpass does not read the branches."""
 
@@ -500,13 +511,18 @@ class SinkAttention(nn.Module):
      (PoolInNestedRegionsBlock(), r"mean.dim reduces over the token axis"),
      (BranchingOnTokensBlock(), "runs cond, a higher-order op whose subgraphs modpass does not read"),
      (EinsumPoolBlock("btd,bd->bd"), r"reduces over the token axis \(einsum 'btd,bd->bd'\)"),
-     (EinsumPoolBlock("...td,...d->...d"), r"reduces over the token axis \(einsum '...td,...d->...d'\)")],
+     (EinsumPoolBlock("...td,...d->...d"), r"reduces over the token axis \(einsum '...td,...d->...d'\)"),
+     (LambdaBlock(lambda x: x.transpose(1, 2).sort().values.transpose(1, 2)), r"sort.default operates along the token axis"),
+     (LambdaBlock(lambda x: x.masked_scatter(x > 0, 2 * x)), "selects tokens depending on their values"),
+     (LambdaBlock(lambda x: x.take(torch.zeros_like(x, dtype=torch.long))), "indexes the tensor flattened"),
+     (LambdaBlock(lambda x: x.median() + x.new_zeros(x.shape[-1])), r"median.default reduces the token axis away")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
          "off-diagonal-scores", "scores-appended-twice", "mean-pool-under-no-grad", "mean-pool-under-autocast",
          "mean-pool-in-nested-regions",
-         "cond-on-tokens", "einsum-pool", "einsum-pool-under-ellipsis"],
+         "cond-on-tokens", "einsum-pool", "einsum-pool-under-ellipsis",
+         "sort-along-its-default-dim", "masked-scatter", "flat-take", "global-median"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))

@@ -34,7 +34,11 @@ mixes tokens when it combines positions along such an axis:
   against a feature index counts slots, not positions;
 * indexing *into* a token axis mixes tokens (indexing with token-indexed
   positions, like a rotary lookup, does not);
-* data-dependent ops (nonzero, unique, masked_select) on tokens are refused;
+* an op's axis is read with its default (``x.sort()`` sorts along the last axis), and an op with no
+  axis to name whose result keeps no token axis (a global median, a histogram, a loss) reduced
+  the tokens away;
+* data-dependent ops (nonzero, unique, masked_select, masked_scatter) and flat indexing (take, put)
+  on tokens are refused;
 * ops outside aten (custom ops: a fused kernel, ``flash_attn``'s) on tokens are refused, since modpass
   cannot read what they compute, unless declared position-wise (``POSITION_WISE_OPS``,
   ``modpass.declare_position_wise``); torchao's quantization ops are read by their ``block_size``;
@@ -86,7 +90,9 @@ REDUCTIONS = {
 _AXIS_ONLY = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "sym_size", "sym_stride", "size", "stride"}
 _CONVOLUTIONS = {"convolution", "conv1d", "conv2d", "conv3d", "_convolution", "conv_transpose1d"}
 _SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm", "batch_norm", "_native_batch_norm_legit", "native_batch_norm"}
-_DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select"}
+_DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select", "masked_scatter"}
+#: Ops that index a tensor as if flattened: an element's flat index runs across tokens.
+_FLAT_INDEXING = {"take", "put", "put_"}
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
 _COMPARISONS = {"ge", "gt", "le", "lt", "eq", "ne"}
@@ -99,15 +105,23 @@ _KEEPS_VALUES = _VIEWS | {"unsqueeze", "squeeze", "expand", "slice", "to", "_to_
 def token_dims(value, symbol) -> list[int]:
     if not isinstance(value, torch.fx.Node) or not isinstance(value.meta.get("val"), torch.Tensor):
         return []
-    return [d for d, s in enumerate(value.meta["val"].shape) if mentions(s, symbol)]
+    return token_dims_of_value(value.meta["val"], symbol)
+
+
+def token_dims_of_value(value: torch.Tensor, symbol) -> list[int]:
+    return [d for d, s in enumerate(value.shape) if mentions(s, symbol)]
 
 
 def named_arguments(node: torch.fx.Node) -> dict:
-    """A call's arguments by name: an op's by its schema, a Python function's by its signature."""
+    """A call's arguments by name, defaults included (``x.sort()`` sorts along ``dim=-1``): an op's by its schema, a
+    Python function's by its signature."""
     schema = getattr(node.target, "_schema", None)
     if schema is None:
-        return dict(inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments)
-    named = {a.name: v for a, v in zip(schema.arguments, node.args)}
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    named = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    named.update({a.name: v for a, v in zip(schema.arguments, node.args)})
     named.update(node.kwargs)
     return named
 
@@ -183,6 +197,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return None
     if name in _DATA_DEPENDENT and dims:
         return "selects tokens depending on their values"
+    if name in _FLAT_INDEXING and dims:
+        return "indexes the tensor flattened, across its tokens"
     if name in _CONVOLUTIONS and any(d >= 2 for d in dims):
         return "convolves along the token axis"
     if _is_pooling(name) and set(dims) & set(range(rank - _spatial_rank(name), rank)):
@@ -211,6 +227,11 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return None
     dim_args = [args[k] for k in ("dim", "dims", "dimension") if k in args]
     if not dim_args and name not in REDUCTIONS:
+        outputs = tensors_of(node)
+        # Without an axis to name, an op whose result carries no token of its tokens reduced them all (a median, a
+        # histogram, a loss); ``new_*`` factories read only the dtype and device.
+        if outputs and not any(token_dims_of_value(t, symbol) for t in outputs) and not name.startswith("new_"):
+            return f"reduces the token axis away ({name})"
         return None
     hit = set(dims) & set(normalise(dim_args[0] if dim_args else None, rank))
     if not hit:
