@@ -843,6 +843,15 @@ def test_token_mixing_accepts_attention_written_as_einsums():
     assert token_mixing(gm) is gm
 
 
+def test_token_mixing_reads_stack_as_pairing_positions():
+    """``stack`` pairs the elements at each position, whichever axis it adds: along the tokens' (``dim=1``) or, by
+    default, the batch's (read with its default axis, it would have counted as combining sequences)."""
+    for dim in (0, 1):
+        gm = token_axes(capture_block(LambdaBlock(lambda x, dim=dim: torch.stack([x, x.tanh()], dim).sum(dim)), (torch.randn(2, 9, 8),), {}))
+        assert token_mixing(gm) is gm
+        assert not gm.meta["modpass_batch_mixing"]
+
+
 def test_token_mixing_reads_a_two_tensor_max_as_elementwise_and_notes_what_mixes_the_batch():
     class ClampedAndCentred(nn.Module):
         def forward(self, x, c):

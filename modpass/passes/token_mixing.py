@@ -87,7 +87,7 @@ REDUCTIONS = {
     "_log_softmax", "_safe_softmax", "var", "std", "var_mean", "std_mean", "norm", "linalg_vector_norm",
     "prod", "argmax", "argmin", "all", "any", "count_nonzero",
 }
-_AXIS_ONLY = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "sym_size", "sym_stride", "size", "stride"}
+_AXIS_ONLY = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "stack", "sym_size", "sym_stride", "size", "stride"}
 _CONVOLUTIONS = {"convolution", "conv1d", "conv2d", "conv3d", "_convolution", "conv_transpose1d"}
 _SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm", "batch_norm", "_native_batch_norm_legit", "native_batch_norm"}
 _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select", "masked_scatter"}
