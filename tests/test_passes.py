@@ -756,21 +756,12 @@ for _op in (shift_tokens, fused_norm):
     _op.register_fake(torch.empty_like)
 
 
-class CustomOpBlock(nn.Module):
-    def __init__(self, op):
-        super().__init__()
-        self.op = op
-
-    def forward(self, x):
-        return x + self.op(x)
-
-
 def test_token_mixing_refuses_custom_ops_on_tokens_until_declared_position_wise(monkeypatch):
     """An op outside aten could shift tokens (as this one does) as well as normalise each (as the other does):
     modpass cannot tell, so both are refused, and a declared op routes."""
     monkeypatch.setattr(token_mixing_module, "POSITION_WISE_OPS", set(token_mixing_module.POSITION_WISE_OPS))
     for op, name in ((shift_tokens, "modpass_tests::shift_tokens"), (fused_norm, "modpass_tests::fused_norm")):
-        gm = token_axes(capture_block(CustomOpBlock(op), (torch.randn(2, 9, 8),), {}))
+        gm = token_axes(capture_block(LambdaBlock(op), (torch.randn(2, 9, 8),), {}))
         with pytest.raises(modpass.UnroutableBlockError, match=rf"runs {name}, an op modpass cannot read, on tokens; .* "
                                                              rf"modpass.declare_position_wise\('{name}'\)"):
             token_mixing(gm)
