@@ -1,4 +1,4 @@
-"""A flat view of a captured block graph, for the analyses: the code a block runs under ``torch.no_grad()`` or
+"""A flat view of a captured graph, for the analyses: the code a block runs under ``torch.no_grad()`` or
 ``torch.autocast`` read in line.
 
 Export keeps such code as a subgraph that a higher-order op calls on its operands
@@ -40,7 +40,7 @@ def inlined(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if not any(node.target in RUN_ONCE for graph in graphs(gm) for node in graph.nodes if node.op == "call_function"):
         return gm
     graph, attributes = torch.fx.Graph(), {}
-    _copy_into(graph, gm, {}, attributes)
+    graph.output(_copy_into(graph, gm, {}, attributes))  # a use outside every block (find_blocks looks for one)
     view = torch.fx.GraphModule(attributes, graph)
     view.meta.update(gm.meta)
     return view
@@ -53,21 +53,21 @@ def graphs(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Graph]:
             yield module.graph
 
 
-def _copy_into(graph: torch.fx.Graph, gm: torch.fx.GraphModule, env: dict, attributes: dict) -> tuple:
-    """Copy ``gm``'s nodes into ``graph`` (``env`` maps its placeholders where they are bound already); its outputs."""
+def _copy_into(graph: torch.fx.Graph, gm: torch.fx.GraphModule, env: dict, attributes: dict):
+    """Copy ``gm``'s nodes into ``graph`` (``env`` maps its placeholders where they are bound already); its output,
+    in the structure ``gm`` returns it."""
     for node in gm.graph.nodes:
         if node in env:
             continue
         if node.op == "output":
-            outputs = node.args[0]
-            return tuple(env[value] if isinstance(value, torch.fx.Node) else value for value in outputs)
+            return torch.fx.map_arg(node.args[0], lambda value: env[value])
         if node.target in RUN_ONCE and node.op == "call_function":
             position = RUN_ONCE[node.target]
             subgraph = getattr(gm, node.args[position].target)
             operands = [env[a] if isinstance(a, torch.fx.Node) else a for a in node.args[position + 1:]]
             outputs = _copy_into(graph, subgraph, dict(zip(subgraph.graph.find_nodes(op="placeholder"), operands)), attributes)
             env[node] = outputs if isinstance(node.meta.get("val"), (tuple, list)) else outputs[0]
-        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+        elif node.target is operator.getitem and isinstance(env.get(node.args[0]), (tuple, list)):
             env[node] = env[node.args[0]][node.args[1]]
         else:
             env[node] = graph.node_copy(node, lambda value: env[value])

@@ -48,6 +48,26 @@ def test_find_blocks_finds_the_layers_and_nothing_inside_them(build, inputs, pre
     assert {b.hidden_size for b in blocks} == {width}
 
 
+class ModeRegionStack(nn.Module):
+    """The blocks of tests/models.py's ModeRegionGPT, which attend under autocast only, on hidden states given as
+    they are: the last block's output is the model's."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList(models.ModeRegionBlock(32, 4) for _ in range(4))
+
+    def forward(self, x):
+        for block in self.h:
+            x = block(x)
+        return x
+
+
+def test_find_blocks_finds_blocks_that_attend_inside_an_autocast_region_the_last_one_too():
+    """Export keeps the attention in a subgraph, which find_blocks reads in line; the last block, whose output only
+    the model's output uses, was missed while that reading left the output out."""
+    assert [b.path for b in blocks_of(ModeRegionStack(), (torch.randn(2, 9, 32),))] == [f"h.{i}" for i in range(4)]
+
+
 def test_find_blocks_records_side_inputs_of_llama_blocks():
     (first, *_) = blocks_of(models.llama(), {"input_ids": torch.randint(0, 97, (2, 9)), "use_cache": False})
     ranks = sorted(len(shape) for _, shape in first.side_inputs)
