@@ -215,7 +215,7 @@ def declare_position_wise(*ops: str | torch._ops.OpOverload | torch._ops.OpOverl
     window) declared here is routed wrong, silently: declare only what holds for every call.
     """
     for op in ops:
-        name = op.overloadpacket._qualified_op_name if isinstance(op, torch._ops.OpOverload) else getattr(op, "_qualified_op_name", op)
+        name = token_mixing.qualified_op_name(op)
         if not isinstance(name, str) or "::" not in name or name.startswith(("aten::", "prims::")):
             raise ConfigError(
                 f"declare_position_wise takes custom ops as 'namespace::name' or torch.ops.<namespace>.<name>, not "

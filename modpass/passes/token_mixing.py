@@ -156,10 +156,16 @@ POSITION_WISE_OPS = {
 }
 
 
+def qualified_op_name(op):
+    """``"namespace::name"`` of an op (``torch.ops.mylib.norm`` or one of its overloads); anything else as it is."""
+    packet = op.overloadpacket if isinstance(op, torch._ops.OpOverload) else op
+    return getattr(packet, "_qualified_op_name", op)
+
+
 def outside_aten_reason(node: torch.fx.Node, source, dims: list[int], args: dict) -> str | None:
     """Why an op outside aten mixes tokens, or None: a declared position-wise op, or a quantization op whose
     ``block_size`` (torchao's) keeps each token in blocks of its own."""
-    op = node.target.overloadpacket._qualified_op_name
+    op = qualified_op_name(node.target)
     if op in POSITION_WISE_OPS:
         return None
     block_size = args.get("block_size")
