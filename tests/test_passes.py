@@ -828,6 +828,45 @@ def test_token_mixing_accepts_a_causal_mask_from_positions_counted_inside_the_bl
     assert token_mixing(gm) is gm
 
 
+class FeatureBatchNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` over the features of a ``(B, T, D)`` hidden state, in place of a layer norm (as PatchTST's layers)."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class BatchNormBlock(models.NanoBlock):
+    def __init__(self, width: int, heads: int, causal: bool = True):
+        super().__init__(width, heads, causal)
+        self.ln_2 = FeatureBatchNorm(width)
+
+
+class BatchNormGPT(models.NanoGPT):
+    block_class = BatchNormBlock
+
+
+def test_batch_norm_routes_in_eval_and_is_refused_where_it_computes_statistics():
+    torch.manual_seed(0)
+    model = BatchNormGPT(layers=2)
+    for block in model.h:
+        block.ln_2.running_mean.normal_()
+        block.ln_2.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    ids = torch.randint(0, 61, (2, 12))
+    routed = modpass.transform(model, 0.5, layers=[1], example_inputs=ids)
+    hidden = model.h[0](model.embed(ids))
+    # Zero routers select the first six tokens, which causal attention keeps to themselves.
+    torch.testing.assert_close(routed.h[1](hidden), torch.cat([model.h[1](hidden[:, :6]), hidden[:, 6:]], 1))
+    with pytest.raises(modpass.CaptureError, match=r"updates state in place \(ln_2\.num_batches_tracked\)"):
+        routed.train()  # the switch prepares the blocks' training graphs
+    torch.testing.assert_close(routed.eval().h[1](hidden)[:, 6:], hidden[:, 6:])
+    stateless = BatchNormBlock(8, 2)
+    stateless.ln_2 = FeatureBatchNorm(8, track_running_stats=False)  # batch statistics in eval too
+    gm = token_axes(capture_block(stateless.eval(), (torch.randn(2, 9, 8),), {}))
+    with pytest.raises(modpass.UnroutableBlockError, match=r"batch_norm.default normalises with statistics over tokens"):
+        token_mixing(gm)
+
+
 def test_token_mixing_accepts_attention_sinks_appended_to_the_scores():
     gm = token_axes(capture_block(SinkAttention(), (torch.randn(2, 9, 8),), {}))
     assert token_mixing(gm) is gm

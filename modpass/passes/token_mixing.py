@@ -25,8 +25,8 @@ mixes tokens when it combines positions along such an axis:
   roll, flip, cumsum, sort, select, gather, unflatten...) mixes or shifts tokens;
   a slice along a token axis is allowed only when it keeps the whole axis;
 * convolutions, pooling, resampling, padding, and normalisations whose
-  statistics span a token axis (layer norm over T, group norm, training-mode
-  batch norm) mix tokens;
+  statistics span a token axis (layer norm over T, group norm, batch norm in
+  training or without running statistics) mix tokens;
 * ``tril``/``triu``, ``diagonal`` and ``eye`` relate an index along one axis to
   an index along another: over two token axes they may only compare order
   (a causal mask, a token with itself), which the gather, in position order,
@@ -57,7 +57,7 @@ mixes tokens when it combines positions along such an axis:
   a sequence-first ``(T, B, D)`` block, whose ``T`` here is its batch.
 
 Everything else (pointwise math, views, linear layers over features,
-feature-wise norms) is position-wise, provided each token's position stays
+feature-wise norms, batch norm in eval) is position-wise, provided each token's position stays
 one coordinate of one axis. Shapes alone do not show that once a view merges
 the token axis with others: ``(B, T, D)`` viewed as ``(T, B, D)`` or
 ``(D, B*T)`` keeps sizes that mention ``T`` while spreading a token's values
@@ -89,7 +89,11 @@ REDUCTIONS = {
 }
 _AXIS_ONLY = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "stack", "sym_size", "sym_stride", "size", "stride"}
 _CONVOLUTIONS = {"convolution", "conv1d", "conv2d", "conv3d", "_convolution", "conv_transpose1d"}
-_SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm", "batch_norm", "_native_batch_norm_legit", "native_batch_norm"}
+_SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm"}
+#: Batch norms, read by their ``training`` flag: with it, statistics over the batch and its tokens; without it (eval,
+#: running statistics kept), a scale and shift per channel, so each token's values are its own.
+_BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm"}
 _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select", "masked_scatter"}
 #: Ops that index a tensor as if flattened: an element's flat index runs across tokens.
 _FLAT_INDEXING = {"take", "put", "put_"}
@@ -222,6 +226,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "normalises across the token axis" if set(normalized) & set(dims) else None
     if name in _SPANNING_NORMS and dims:
         return "normalises with statistics over tokens"
+    if name in _BATCH_NORMS and dims and args.get("training", False):
+        return "normalises with statistics over tokens (batch norm in training; in eval it routes)"
     if name == "index" and dims:
         indexed = [d for d, i in enumerate(args.get("indices", [])) if i is not None]
         return "indexes into the token axis" if set(indexed) & set(dims) else None
