@@ -388,12 +388,18 @@ class RoutedBlock(nn.Module):
 
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            call = state.task, state.route_mask
+
+            def recomputable(args, kwargs):
+                with state.routing_call(*call):
+                    return route(args, kwargs)
+
             if checkpoint is None:
-                output, records = torch.utils.checkpoint.checkpoint(route, args, kwargs, use_reentrant=False)
+                output, records = torch.utils.checkpoint.checkpoint(recomputable, args, kwargs, use_reentrant=False)
             elif getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
-                output, records = checkpoint_reentrant(checkpoint, route, args, kwargs)
+                output, records = checkpoint_reentrant(checkpoint, recomputable, args, kwargs)
             else:
-                output, records = checkpoint(route, args, kwargs)
+                output, records = checkpoint(recomputable, args, kwargs)
         else:
             output, records = route(args, kwargs)
         routing = [RoutingRecord(*fields) for fields in records]

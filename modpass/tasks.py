@@ -8,6 +8,7 @@ the model's :class:`RoutingState`, which every routed block reads.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import warnings
@@ -81,6 +82,21 @@ class RoutingState:
         # groups() would notice the new task anyway; clearing here keeps the last
         # call's groups out of what a compiled forward is traced (and guarded) on.
         self.cached_groups = None
+
+    @contextlib.contextmanager
+    def routing_call(self, task: object, route_mask: torch.Tensor | None):
+        """Route with ``task`` and ``route_mask`` inside: a checkpointed block recomputes its call in the backward,
+        after later calls of the model (a metric on another batch, a second forward of gradient accumulation) may
+        have replaced them, and must select the tokens its forward did."""
+        if task is self.task and route_mask is self.route_mask:
+            yield
+            return
+        saved = self.task, self.route_mask, self.cached_groups
+        self.start_call(task, route_mask)
+        try:
+            yield
+        finally:
+            self.task, self.route_mask, self.cached_groups = saved
 
     def whole_batch_task(self) -> str | None:
         """The task of the whole batch when one name covers it and no route mask applies, else None."""

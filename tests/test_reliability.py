@@ -66,6 +66,28 @@ def test_gradient_checkpointing_on_hugging_face_models_gives_the_same_gradients(
     assert_same_gradients(gradients(routed, ids), plain)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_recomputes_each_call_with_its_own_tasks_and_route_mask(reentrant):
+    """A checkpointed block recomputes its call in the backward, after later calls (a metric on another batch, the
+    second forward of gradient accumulation) have set other tasks and route masks on the model. Until 2026-12-06 the
+    recomputation read those, selected other tokens, and the gradients were wrong, silently."""
+    torch.manual_seed(0)
+    routed = modpass.transform(models.llama(), {"a": 0.5, "b": 0.25}, layers="all").train()
+    models.randomise_routers(routed, seed=0)
+    ids, other = torch.randint(0, 97, (2, 2, 12))
+    masks = torch.rand(2, 2, 12) > 0.3
+
+    def gradients_of_the_first_call(model):
+        loss = model(input_ids=ids, labels=ids, task=["a", "b"], route_mask=masks[0]).loss
+        model(input_ids=other, labels=other, task=["b", "a"], route_mask=masks[1])
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients_of_the_first_call(copy.deepcopy(routed))
+    models.enable_checkpointing(routed, use_reentrant=reentrant)
+    assert_same_gradients(gradients_of_the_first_call(routed), plain)
+
+
 def llama_for_training() -> tuple[torch.nn.Module, torch.Tensor]:
     """A routed Llama in training mode, its routers random and trained by an auxiliary loss too; and its input ids."""
     torch.manual_seed(0)
