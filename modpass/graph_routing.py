@@ -31,6 +31,7 @@ from ._compat import outside_dynamo_tracing, size_hints
 from ._export import resolve, symbolic_axes
 from .config import RoutingConfig
 from .errors import ConfigError, NoBlocksError, PlanError, UnroutableBlockError
+from .block import RoutedBlock
 from .io import read
 from .passes.find_blocks import block_stacks, find_blocks
 from .passes.plan import plan as plan_stage
@@ -150,9 +151,13 @@ def scope_in_graph(found: list, within: str) -> str | None:
 
 
 def unrouted(gm: torch.fx.GraphModule, why: str) -> torch.fx.GraphModule:
+    # Not an error: where graph breaks split a model, a part may hold only blocks that are not to be routed (a vision
+    # tower's). The backend sees one part at a time, so it cannot tell that from options that route nothing anywhere.
     warnings.warn(
-        f"modpass backend: a part of the model between graph breaks ({len(gm.graph.nodes)} graph nodes) {why}; it "
-        "compiles unrouted.",
+        f"modpass backend: a graph Dynamo traced ({len(gm.graph.nodes)} nodes: the whole model, or a part of it between "
+        f"graph breaks) {why}; it compiles unrouted. If nothing of the model is routed, check options['within'] and "
+        "that options['plan'] was saved from this model: modpass.load(model, plan) or modpass.transform(model, ratios, "
+        "within=...) says what does not fit.",
         stacklevel=3,
     )
     return gm
@@ -375,6 +380,12 @@ def holds(condition: sympy.Basic) -> bool:
 
 def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) -> torch.fx.GraphModule:
     normalise_dynamo_metadata(gm)
+    if any(cls is RoutedBlock or (isinstance(cls, str) and cls.endswith(".RoutedBlock"))
+           for node in gm.graph.nodes for _, cls in (node.meta.get("nn_module_stack") or {}).values()):
+        raise ConfigError(
+            "the model is already routed (modpass.transform or modpass.load): compile it without routing options "
+            "(torch.compile(model, backend='modpass')); options['plan'] and options['ratios'] route an unrouted model."
+        )
     try:
         gm = find_blocks(gm)
     except NoBlocksError:

@@ -67,7 +67,7 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """One score per token: ``Linear(D, 1)`` applied to ``(B, T, D)`` -> ``(B, T)``.
 
     Compiled (see :data:`COMPILED_FORMS`), the same product is written as a
-    row reduction, ``sum(x * w) + b`` accumulated in fp32: Inductor emits one
+    row reduction, ``sum(x * w) + b`` accumulated in fp32 (or the model's float64): Inductor emits one
     bandwidth-bound kernel for it where a ``Linear`` with one output column
     is a latency-bound library GEMV, and the gate's logits of the k gathered
     tokens fuse into the gather-and-normalise kernel that reads those rows
@@ -75,7 +75,8 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     keeps the ``Linear``: it implements that, not the reduction's ops.
     """
     if COMPILED_FORMS and torch.compiler.is_compiling() and not is_tensor_subclass(weight):
-        logits = (hidden.float() * weight.squeeze(0).float()).sum(-1) + bias.float()
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least: a float64 model keeps float64
+        logits = (hidden.to(accumulate) * weight.squeeze(0).to(accumulate)).sum(-1) + bias.to(accumulate)
         return logits.to(hidden.dtype)
     return torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
 

@@ -96,6 +96,17 @@ def test_unknown_options_are_refused():
         compiled(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("options", [{"ratios": 0.5}, {"plan": "saved"}], ids=["ratios", "plan"])
+def test_routing_options_on_a_routed_model_are_refused(options, tmp_path):
+    routed = modpass.transform(models.NanoGPT(layers=2).eval(), 0.5)
+    if "plan" in options:
+        modpass.save(routed, tmp_path)
+        options = {"plan": str(tmp_path)}
+    compiled = torch.compile(routed, backend="modpass", dynamic=True, options=options)
+    with backend_refuses(modpass.ConfigError, r"the model is already routed .*compile it without routing options"):
+        compiled(torch.randint(0, 61, (2, 11)))
+
+
 def test_unrouted_model_compiles_exactly_as_inductor():
     model = models.NanoGPT(layers=2).eval()
     idx = torch.randint(0, 61, (2, 11))
@@ -429,6 +440,9 @@ def test_compiled_router_is_a_row_reduction_and_the_generic_form_a_linear_layer(
     torch.testing.assert_close(router(x, weight, bias), want)
     reduction, generic = graphs
     assert torch._C._nn.linear not in reduction and torch._C._nn.linear in generic
+    monkeypatch.setattr(modpass.routing, "COMPILED_FORMS", True)
+    x, weight, bias = x.double(), weight.double(), bias.double()  # a float64 model's logits stay float64 all through
+    torch.testing.assert_close(router(x, weight, bias), torch.nn.functional.linear(x, weight, bias).squeeze(-1), rtol=1e-12, atol=1e-12)
 
 
 def nanogpt_logits(model, idx):
