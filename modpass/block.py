@@ -394,12 +394,14 @@ class RoutedBlock(nn.Module):
                 with state.routing_call(*call):
                     return route(args, kwargs)
 
+            # Compiled, the recomputation is the graph's own and reads no Python state.
+            checkpointed = route if torch.compiler.is_compiling() else recomputable
             if checkpoint is None:
-                output, records = torch.utils.checkpoint.checkpoint(recomputable, args, kwargs, use_reentrant=False)
+                output, records = torch.utils.checkpoint.checkpoint(checkpointed, args, kwargs, use_reentrant=False)
             elif getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
-                output, records = checkpoint_reentrant(checkpoint, recomputable, args, kwargs)
+                output, records = checkpoint_reentrant(checkpoint, checkpointed, args, kwargs)
             else:
-                output, records = checkpoint(recomputable, args, kwargs)
+                output, records = checkpoint(checkpointed, args, kwargs)
         else:
             output, records = route(args, kwargs)
         routing = [RoutingRecord(*fields) for fields in records]

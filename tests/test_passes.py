@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections import Counter
 from fractions import Fraction
@@ -472,6 +473,25 @@ def scores_attention(x, scores):
     return x + scores.softmax(-1) @ x
 
 
+def causal_mask(tokens: int) -> torch.Tensor:
+    positions = torch.arange(tokens)
+    return (positions[:, None] >= positions[None, :]).float()
+
+
+def banded_attention(x):
+    """Attends to the last three positions, the band counted as ``L @ L`` (distance + 1) with ``L`` causal."""
+    causal = torch.ones(x.shape[1], x.shape[1]).tril()
+    return scores_attention(x, (x @ x.transpose(1, 2)).masked_fill((causal @ causal > 3) | (causal == 0), float("-inf")))
+
+
+def write_first_and_fourth(y):
+    y[:, [0, 3]] = 1.0
+    return y
+
+
+TABLE = torch.randn(1, 8, 32)  # a fixed-size table of positions, read at the token count
+
+
 class SlidingWindowBlock(nn.Module):
     """Attends to the last three positions: a band counted in slots once routed."""
 
@@ -535,14 +555,27 @@ class SinkAttention(nn.Module):
      (LambdaBlock(lambda x: x.transpose(1, 2).sort().values.transpose(1, 2)), r"sort.default operates along the token axis"),
      (LambdaBlock(lambda x: x.masked_scatter(x > 0, 2 * x)), "selects tokens depending on their values"),
      (LambdaBlock(lambda x: x.take(torch.zeros_like(x, dtype=torch.long))), "indexes the tensor flattened"),
-     (LambdaBlock(lambda x: x.median() + x.new_zeros(x.shape[-1])), r"median.default reduces the token axis away")],
+     (LambdaBlock(lambda x: x.median() + x.new_zeros(x.shape[-1])), r"median.default reduces the token axis away"),
+     (LambdaBlock(lambda x: torch.eye(x.shape[1]).argmax(-1)[:, None]), r"argmax.default sums a pattern over positions"),
+     (LambdaBlock(lambda x: causal_mask(x.shape[1]).sum(-1, keepdim=True)), r"sum.dim_IntList sums a pattern over positions"),
+     (LambdaBlock(lambda x: x / torch.ones(x.shape[1], x.shape[1]).tril().sum(-1, keepdim=True)), r"sum.dim_IntList sums a pattern"),
+     (LambdaBlock(lambda x: x * torch.zeros(x.shape[1], x.shape[1]).softmax(-1)[:, :1]), r"softmax.int sums a pattern"),
+     (LambdaBlock(lambda x: x.new_ones(x.shape[0], 1, x.shape[1]) @ x), r"matmul.default sums a pattern over positions"),
+     (LambdaBlock(lambda x: torch.einsum("bt,btd->bd", x.new_ones(x.shape[:2]), x)[:, None]), r"einsum.default sums a pattern"),
+     (LambdaBlock(lambda x: banded_attention(x)), r"matmul.default sums a pattern over positions"),
+     (LambdaBlock(lambda x: write_first_and_fourth(torch.zeros_like(x))), "index_put_.default writes into the token axis at given indices"),
+     (LambdaBlock(lambda x: F.interpolate(TABLE, size=x.shape[1]).transpose(1, 2)), r"upsample_nearest1d.vec reads a fixed-size tensor at the token count"),
+     (LambdaBlock(lambda x: TABLE[0].as_strided((x.shape[1], 8), (1, 16))), r"as_strided.default reads a fixed-size tensor at the token count")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
          "off-diagonal-scores", "scores-appended-twice", "mean-pool-under-no-grad", "mean-pool-under-autocast",
          "mean-pool-in-nested-regions",
          "cond-on-tokens", "einsum-pool", "einsum-pool-under-ellipsis",
-         "sort-along-its-default-dim", "masked-scatter", "flat-take", "global-median"],
+         "sort-along-its-default-dim", "masked-scatter", "flat-take", "global-median",
+         "positions-from-eye", "positions-counted-from-a-causal-mask", "positions-from-ones-tril", "length-from-a-softmax",
+         "pool-with-ones-matmul", "pool-with-ones-einsum", "window-from-a-mask-product", "write-at-listed-tokens",
+         "table-interpolated-to-length", "table-read-by-as-strided"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -686,6 +719,17 @@ def test_capture_block_refuses_a_block_whose_code_branches_on_the_token_count():
         with pytest.raises(modpass.CaptureError, match=rf"branches on the size of its hidden state.*a token count in {holds_for}"):
             capture_block(LengthBranchingBlock(), (torch.randn(2, tokens, 8),), {})
 
+
+    with pytest.raises(modpass.CaptureError, match=r"holds only where \(T % 2\) == 0, which fails for a token count of 3"):
+        capture_block(LambdaBlock(lambda x: 2 * x if x.shape[1] % 2 == 0 else x), (torch.randn(2, 16, 8),), {})
+    with pytest.raises(modpass.CaptureError, match=r"holds only where \(B % 2\) == 0, which fails for a batch of 3"):
+        capture_block(LambdaBlock(lambda x: 2 * x if x.shape[0] % 2 == 0 else x), (torch.randn(4, 16, 8),), {})
+
+
+def test_token_axes_says_why_export_fixed_the_token_count():
+    gm = capture_block(LambdaBlock(lambda x: x * math.log(x.shape[1])), (torch.randn(2, 16, 8),), {})
+    with pytest.raises(modpass.UnroutableBlockError, match=r"export fixed the block's token count to 16: its code takes the length as a Python number \(math.log\(T\)"):
+        token_axes(gm)
 
 
 @pytest.mark.parametrize("upper, refused", [(2**63 + 1, False), (2**16, True)], ids=["past-any-size", "bounded"])
@@ -865,6 +909,21 @@ def test_batch_norm_routes_in_eval_and_is_refused_where_it_computes_statistics()
     gm = token_axes(capture_block(stateless.eval(), (torch.randn(2, 9, 8),), {}))
     with pytest.raises(modpass.UnroutableBlockError, match=r"batch_norm.default normalises with statistics over tokens"):
         token_mixing(gm)
+
+
+def test_token_mixing_accepts_patterns_that_compare_order_and_writes_by_a_per_token_mask():
+    def masked_attention(x):
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        return scores_attention(x, (x @ x.transpose(1, 2)).masked_fill(~causal, float("-inf")))
+
+    def zero_where_negative(x):
+        y = x.clone()
+        y[x[..., 0] < 0] = 0.0  # a boolean (B, T) mask: each token's own
+        return y
+
+    for update in (masked_attention, zero_where_negative):
+        gm = token_axes(capture_block(LambdaBlock(update), (torch.randn(2, 9, 8),), {}))
+        assert token_mixing(gm) is gm
 
 
 def test_token_mixing_accepts_attention_sinks_appended_to_the_scores():

@@ -92,8 +92,10 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     if isinstance(token, int):
         raise UnroutableBlockError(
-            f"{where}: the block fixes its token count to {token} (its computation only works for that "
-            "length), so it cannot run on a subset of tokens. Leave it dense with layers=."
+            f"{where}: export fixed the block's token count to {token}: its code takes the length as a Python number "
+            "(math.log(T), torch.linspace(0, 1, T), a table pooled or interpolated to T) or requires that length, so its "
+            "graph holds for that length only and cannot run on a subset of tokens. Pass such values in from outside "
+            "the block, or leave it dense with layers=."
         )
     for i, node in enumerate(inputs):
         val = node.meta["val"]

@@ -24,6 +24,8 @@ mixes tokens when it combines positions along such an axis:
 * any other op whose ``dim``/``dims`` argument names a token axis (cat, split,
   roll, flip, cumsum, sort, select, gather, unflatten...) mixes or shifts tokens;
   a slice along a token axis is allowed only when it keeps the whole axis;
+* resampling a fixed-size tensor (a position table) to the token count, or
+  reading it there with ``as_strided``, gives rows of slots, not positions;
 * convolutions, pooling, resampling, padding, and normalisations whose
   statistics span a token axis (layer norm over T, group norm, batch norm in
   training or without running statistics) mix tokens;
@@ -32,8 +34,9 @@ mixes tokens when it combines positions along such an axis:
   (a causal mask, a token with itself), which the gather, in position order,
   keeps; a distance (a sliding window, ``diagonal=-3``) or a token index
   against a feature index counts slots, not positions;
-* indexing *into* a token axis mixes tokens (indexing with token-indexed
-  positions, like a rotary lookup, does not);
+* indexing *into* a token axis, to read or to write (``y[:, idx] = v``),
+  mixes tokens (indexing with token-indexed positions, like a rotary lookup,
+  does not, nor does writing where a per-token mask says);
 * an op's axis is read with its default (``x.sort()`` sorts along the last axis), and an op with no
   axis to name whose result keeps no token axis (a global median, a histogram, a loss) reduced
   the tokens away;
@@ -50,6 +53,10 @@ mixes tokens when it combines positions along such an axis:
 * a block that numbers its tokens itself (``arange`` over ``T``) would number
   the k routed tokens ``0..k-1``: allowed only where positions are compared
   with positions (a causal mask), which the gather, in position order, keeps;
+  likewise a pattern it makes over ``T`` from sizes alone (``ones``, ``eye``, a
+  mask) may be compared and applied, but not summed or multiplied along a
+  token axis (``ones(T, T).tril().sum(-1)`` numbers the tokens,
+  ``ones(B, 1, T) @ x`` pools them);
 * a block that computes with the token count as a number (``x / T``, a
   ``T ** -0.5`` or ``log T`` scale, ``full_like(x, T)``) would compute with
   ``k``; the count may size tensors (views, expands, slice bounds), nothing more;
@@ -95,12 +102,15 @@ _SPANNING_NORMS = {"group_norm", "native_group_norm", "instance_norm"}
 _BATCH_NORMS = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
                 "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm"}
 _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "masked_select", "masked_scatter"}
+_INDEXED_WRITES = {"index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"}
 #: Ops that index a tensor as if flattened: an element's flat index runs across tokens.
 _FLAT_INDEXING = {"take", "put", "put_"}
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
 _COMPARISONS = {"ge", "gt", "le", "lt", "eq", "ne"}
 _MAKES_POSITIONS = {"arange", "linspace", "logspace"}
+#: Ops whose values come from their arguments' sizes and constants alone (with ``*_like`` and ``new_*``).
+_FACTORIES = {"ones", "zeros", "full", "empty", "empty_strided", "eye", "scalar_tensor"}
 _VIEWS = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
 _KEEPS_VALUES = _VIEWS | {"unsqueeze", "squeeze", "expand", "slice", "to", "_to_copy", "clone", "contiguous", "transpose", "permute",
                           "alias", "lift_fresh_copy", "detach"}
@@ -215,6 +225,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "pools or resamples along the token axis"
     if name == "as_strided" and dims:
         return "reinterprets the memory of a token axis (as_strided)"
+    if (_is_pooling(name) or name == "as_strided") and not dims and token_dims(node, symbol):
+        return f"reads a fixed-size tensor at the token count ({name}): routed, it would read it for k tokens, not at the selected ones' positions"
     if name in _INDEX_RELATIONS:
         return index_relation_reason(name, args, node, dims, rank, symbol)
     if name in _PADS and dims:
@@ -228,6 +240,8 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "normalises with statistics over tokens"
     if name in _BATCH_NORMS and dims and args.get("training", False):
         return "normalises with statistics over tokens (batch norm in training; in eval it routes)"
+    if name in _INDEXED_WRITES and dims:
+        return "writes into the token axis at given indices" if set(indexed_axes(args["indices"])) & set(dims) else None
     if name == "index" and dims:
         indexed = [d for d, i in enumerate(args.get("indices", [])) if i is not None]
         return "indexes into the token axis" if set(indexed) & set(dims) else None
@@ -264,6 +278,20 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if name == "cat" and appends_extra_keys(args, symbol):
         return None
     return f"operates along the token axis ({name})"
+
+
+def indexed_axes(indices: list) -> list[int]:
+    """The axes that integer indices pick along (``y[:, idx] = v``). A boolean mask picks along as many axes as it
+    has, element by element (``y[mask] = v`` writes each token where its own mask says), so its axes are not listed."""
+    axes, axis = [], 0
+    for index in indices:
+        if index is not None and index.meta["val"].dtype == torch.bool:
+            axis += index.meta["val"].dim()
+            continue
+        if index is not None:
+            axes.append(axis)
+        axis += 1
+    return axes
 
 
 def einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], set[str]]:
@@ -421,9 +449,39 @@ def token_layouts(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node,
     return problems
 
 
-def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
-    """Uses of token positions the block counts out itself, other than comparing them with each other."""
+def contracted_operands(name: str, args: dict) -> list[tuple[torch.fx.Node, int]]:
+    """The operands of a matrix product with the axis each sums over (``a @ b``: ``a``'s last, ``b``'s second to last)."""
+    first, second = {"mm": ("self", "mat2"), "bmm": ("self", "mat2"), "matmul": ("self", "other"),
+                     "addmm": ("mat1", "mat2"), "baddbmm": ("batch1", "batch2"), "addbmm": ("batch1", "batch2")}[name]
+    a, b = args[first], args[second]
+    b_rank = b.meta["val"].dim()
+    return [(a, a.meta["val"].dim() - 1), (b, b_rank - 2 if b_rank >= 2 else 0)]
+
+
+def sums_a_pattern_over_tokens(node: torch.fx.Node, name: str, made: set[torch.fx.Node], symbol) -> bool:
+    """Whether ``node`` reduces or contracts a tensor in ``made`` along one of its token axes."""
+    args = named_arguments(node)
+    if name in REDUCTIONS:
+        source = args.get("self", args.get("input"))
+        dims = token_dims(source, symbol) if source in made else []
+        dim_args = [args[k] for k in ("dim", "dims") if k in args]
+        return bool(dims) and bool(set(dims) & set(normalise(dim_args[0] if dim_args else None, source.meta["val"].dim())))
+    if name == "einsum":
+        operands, output = einsum_labels(args["equation"], [t.meta["val"].dim() for t in args["tensors"]])
+        return any(labels[d] not in output for labels, t in zip(operands, args["tensors"]) if t in made for d in token_dims(t, symbol))
+    if name in CONTRACTIONS and name != "linear":
+        return any(operand in made and axis in token_dims(operand, symbol) for operand, axis in contracted_operands(name, args))
+    return False
+
+
+def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
+    """Uses of what the block makes from its token count alone, with no input's values: positions it counts out
+    (``arange`` over ``T``), used other than by comparing them with each other, and patterns over positions (``ones``,
+    ``eye``, a causal mask built inside the block) summed or multiplied along a token axis, which counts positions or
+    the tokens themselves (``ones(T, T).tril().sum(-1)`` numbers them, ``ones(B, 1, T) @ x`` pools them). A pattern
+    that only compares order (a causal mask, applied) holds on the k routed tokens, which keep their order."""
     positions: set[torch.fx.Node] = set()
+    patterns: set[torch.fx.Node] = set()
     problems = []
     for node in gm.graph.nodes:
         name = aten_name(node)
@@ -432,14 +490,24 @@ def positions_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.
         if name in _MAKES_POSITIONS and token_dims(node, symbol):
             positions.add(node)
             continue
-        if not any(a in positions for a in node.all_input_nodes):
+        if name in _FACTORIES or name.endswith("_like") or name.startswith("new_"):
+            patterns.add(node)  # its values come from sizes and constants alone
             continue
-        tensors = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
-        if name in _KEEPS_VALUES:
-            positions.add(node)
-        elif not (name in _COMPARISONS and len(tensors) == 2 and all(a in positions for a in tensors)):
-            problems.append((node, "uses token positions that the block counts out itself (arange over the token count): "
-                             "routed, its k tokens would be numbered 0..k-1; pass positions in from outside the block"))
+        tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if any(a in positions for a in tensors):
+            if name in _KEEPS_VALUES:
+                positions.add(node)
+            elif name in _COMPARISONS and len(tensors) == 2 and all(a in positions for a in tensors):
+                patterns.add(node)
+            else:
+                problems.append((node, "uses token positions that the block counts out itself (arange over the token count): "
+                                 "routed, its k tokens would be numbered 0..k-1; pass positions in from outside the block"))
+        elif sums_a_pattern_over_tokens(node, name, patterns, symbol):
+            problems.append((node, "sums a pattern over positions that the block makes itself from the token count (ones, "
+                             "eye or a mask over T) along a token axis, which counts positions or pools tokens: routed, "
+                             "it would count the k routed tokens instead; pass such values in from outside the block"))
+        elif tensors and all(a in patterns for a in tensors):
+            patterns.add(node)
     return problems
 
 
@@ -464,7 +532,7 @@ def token_count_as_value(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
         if name is None:
             continue
         if name in _MAKES_POSITIONS or name.startswith(("_assert", "sym_constrain_range")):
-            continue  # positions_made_inside judges those; runtime asserts only check the count
+            continue  # patterns_made_inside judges those; runtime asserts only check the count
         schema = {a.name: a for a in node.target._schema.arguments}
         for key, value in named_arguments(node).items():
             values = value if isinstance(value, (list, tuple)) else [value]
@@ -520,7 +588,7 @@ def token_mixing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     if symbol is None:  # a single-token call: nothing to mix
         return gm
     reasons = [(node, mixing_reason(node, symbol)) for node in view.graph.nodes]
-    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(view, symbol) + positions_made_inside(view, symbol)
+    reasons = [(node, reason) for node, reason in reasons if reason] + token_layouts(view, symbol) + patterns_made_inside(view, symbol)
     reasons += token_count_as_value(view, symbol) + attention_across_the_batch(view, symbol)
     # One source line often makes several such ops (an index per expert's rows): each reason once, counted.
     counts = Counter(f"{node.target} {reason} [{model_source_line(node)}]" for node, reason in reasons)
