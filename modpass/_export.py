@@ -9,11 +9,13 @@ import traceback
 import warnings
 from collections.abc import Iterable, Iterator
 
+import sympy
 import torch
 from torch.export import Dim
 from torch.nn.utils import prune
 
 from . import _structure
+from ._compat import size_hints
 
 
 def symbolic_axes(value: torch.Tensor) -> tuple[int, ...]:
@@ -176,3 +178,42 @@ class FlatCall(torch.nn.Module):
             return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
 
 
+
+
+def condition_failing_for_fewer(size: torch.SymInt, visible: set) -> tuple[sympy.Basic, str, int] | None:
+    """A condition the traced code assumed about ``size`` (a guard, or a runtime assert, of its shape environment) that
+    fails for a smaller value of it, from 2 (export's least) up: ``(condition, where the code assumed it, the value)``.
+
+    A routed block runs on k of T tokens, and a mixed batch on groups of fewer rows, where the branch the code took
+    may not hold (``if T > 8``, ``if T % 8 == 0``); an upper bound (``T <= max_positions``) holds. Conditions that
+    read a size none of ``visible`` (the block's input symbols) has are not the block's, and are skipped; the other
+    sizes keep their traced values. Disequalities are skipped too: torch's reference ops assume sizes differ all
+    through a trace (``T - 1 != 1``, ``T != 4`` in a view), where the graph holds either way; a branch the code took
+    on ``T != n`` is then not seen.
+    """
+    symbol = size.node.expr
+    if not isinstance(symbol, sympy.Symbol):
+        return None
+    shape_env = size.node.shape_env
+    hints = size_hints(shape_env)
+    largest = int(hints[symbol])
+    samples = sorted({*range(2, min(largest, 64) + 1), *(largest >> shift for shift in range(largest.bit_length() - 1)), largest})
+    conditions = [(guard.expr, str(guard.sloc).strip("()")) for guard in shape_env.guards]
+    conditions += [(check.expr, check.msg) for checks in shape_env.deferred_runtime_asserts.values() for check in checks]
+    for condition, location in conditions:
+        others = condition.free_symbols - {symbol}
+        if symbol not in condition.free_symbols or not others <= hints.keys() or not others <= visible:
+            continue
+        if isinstance(condition, sympy.Ne):
+            continue  # torch's own assumptions that sizes differ (T - 1 != 1 in a contiguity check), not the code's
+        failing = next((n for n in samples if not holds(condition.xreplace({**hints, symbol: sympy.Integer(n)}))), None)
+        if failing is not None:
+            return condition, location, failing
+    return None
+
+
+def holds(condition: sympy.Basic) -> bool:
+    try:
+        return bool(condition)
+    except TypeError:  # not decided by the numbers: treat as failing
+        return False

@@ -27,11 +27,11 @@ import sympy
 import torch
 
 from . import _structure
-from ._compat import outside_dynamo_tracing, size_hints
-from ._export import resolve, symbolic_axes
+from ._compat import outside_dynamo_tracing
+from ._export import condition_failing_for_fewer, resolve, symbolic_axes
+from .block import RoutedBlock
 from .config import RoutingConfig
 from .errors import ConfigError, NoBlocksError, PlanError, UnroutableBlockError
-from .block import RoutedBlock
 from .io import read
 from .passes.find_blocks import block_stacks, find_blocks
 from .passes.plan import plan as plan_stage
@@ -349,33 +349,16 @@ def refuse_token_count_branches(inputs: list[torch.fx.Node], where: str) -> None
     tokens = inputs[0].meta["val"].shape[1]
     visible = {symbol for node in inputs if isinstance(node.meta.get("val"), torch.Tensor)
                for size in node.meta["val"].shape if isinstance(size, torch.SymInt) for symbol in size.node.expr.free_symbols}
-    shape_env = tokens.node.shape_env
-    count = sympy.Symbol("T", integer=True, positive=True)  # printed in the message
-    hints = size_hints(shape_env)
-    largest = int(tokens.node.hint)
-    samples = sorted({*range(2, min(largest, 64) + 1), *(largest >> shift for shift in range(largest.bit_length() - 1)), largest})
-    conditions = [(guard.expr, str(guard.sloc)) for guard in shape_env.guards]
-    conditions += [(check.expr, check.msg) for checks in shape_env.deferred_runtime_asserts.values() for check in checks]
-    for condition, location in conditions:
-        in_counts = condition.xreplace({tokens.node.expr: count}) if tokens.node.expr.is_Symbol else condition.subs(tokens.node.expr, count)
-        others = in_counts.free_symbols - {count}
-        if count not in in_counts.free_symbols or not others <= hints.keys() or not others <= visible:
-            continue
-        failing = next((n for n in samples if not holds(in_counts.xreplace({**hints, count: sympy.Integer(n)}))), None)
-        if failing is not None:
-            raise UnroutableBlockError(
-                f"{where}: the traced graph holds only where {in_counts} for the token count T (at {location}); at T = {failing} "
-                f"of {largest} it does not. Routing runs blocks on k of T tokens, where a branch the code took on T may not "
-                "hold. modpass.transform(model, ratios) then torch.compile checks each block on its own and refuses only "
-                "blocks that branch so; or leave the block that branches dense with options['layers']."
-            )
-
-
-def holds(condition: sympy.Basic) -> bool:
-    try:
-        return bool(condition)
-    except TypeError:  # not decided by the numbers: treat as failing
-        return False
+    failing = condition_failing_for_fewer(tokens, visible)
+    if failing is not None:
+        condition, location, count = failing
+        shown = condition.xreplace({tokens.node.expr: sympy.Symbol("T", integer=True, positive=True)})
+        raise UnroutableBlockError(
+            f"{where}: the traced graph holds only where {shown} for the token count T (at {location}); at T = {count} "
+            f"of {tokens.node.hint} it does not. Routing runs blocks on k of T tokens, where a branch the code took on T "
+            "may not hold. modpass.transform(model, ratios) then torch.compile checks each block on its own and refuses "
+            "only blocks that branch so; or leave the block that branches dense with options['layers']."
+        )
 
 
 def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) -> torch.fx.GraphModule:

@@ -27,9 +27,7 @@ structure).
 
 from __future__ import annotations
 
-import math
 import operator
-import re
 import sys
 from functools import reduce
 
@@ -38,7 +36,14 @@ import torch
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from .._export import FlatCall, first_user_frame, hooks_silenced, pruning_of, tensor_attributes_detached
+from .._export import (
+    FlatCall,
+    condition_failing_for_fewer,
+    first_user_frame,
+    hooks_silenced,
+    pruning_of,
+    tensor_attributes_detached,
+)
 from .._structure import Slot
 from .._subgraphs import inlined
 from ..errors import CaptureError
@@ -210,11 +215,15 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     the width, are the same in every call); an upper bound no tensor size can
     reach counts as none. A block that reads a table by its
     token count is refused with or without a recorded range, since export
-    traces ``table.split(T)`` for one count without recording one.
+    traces ``table.split(T)`` for one count without recording one. What a
+    range cannot say (``if T % 2 == 0``) export keeps as a guard, tried with
+    each smaller size (:func:`modpass._export.condition_failing_for_fewer`).
     """
-    user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
-    hidden = next(n for n in program.graph.find_nodes(op="placeholder") if n.name == user_inputs[0])
-    varying = dict(zip(("batch", "token count"), hidden.meta["val"].shape[:2]))
+    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+    inputs = [placeholders[spec.arg.name] for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    varying = dict(zip(("batch", "token count"), inputs[0].meta["val"].shape[:2]))
+    visible = {symbol for node in inputs for size in node.meta["val"].shape if isinstance(size, torch.SymInt)
+               for symbol in size.node.expr.free_symbols}
     described = []
     for name, size in varying.items():
         bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
@@ -231,72 +240,19 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
             "the k selected tokens' positions, so it is not routed. Pass the rows (or positions) in from outside the "
             "block, or leave this block dense with layers=."
         )
-    failing = [] if described else guards_failing_for_fewer(program, varying)
-    if failing:
-        guard, name, value = failing[0]
-        described, held = [name], f"its graph holds only where {guard}, which fails for a {name} of {value}"
+    for name, size in varying.items() if not described else ():
+        failing = condition_failing_for_fewer(size, visible) if isinstance(size, torch.SymInt) else None
+        if failing is not None:
+            condition, location, value = failing
+            shown = condition.xreplace({size.node.expr: sympy.Symbol("T" if name == "token count" else "B")})
+            described, held = [name], f"its graph holds only where {shown} (at {location}), which fails for a {name} of {value}"
+            break
     if described:
         raise CaptureError(
             f"{where}: the block's code branches on the size of its hidden state: {held}. Routing runs the block on "
             "the k selected tokens (and a mixed batch on groups of any size), where the branch it took may not hold, "
             "so it is not routed. Leave this block dense with layers=."
         )
-
-
-_GUARDED_SIZE = re.compile(r"L\['tensors'\]\[(\d+)\]\.size\(\)\[(\d+)\]")
-# How far below the traced size the guards are tried: enough for any divisibility the code could assume.
-_SIZES_TRIED = 256
-
-
-def guards_failing_for_fewer(program: torch.export.ExportedProgram, varying: dict) -> list[tuple[str, str, int]]:
-    """Export's guards on the call's sizes that fail for a smaller token count or batch: ``(guard, name, size)``.
-
-    Beyond ranges, export keeps what the code assumed about its sizes as guards (``ExportedProgram._guards_code``,
-    which ``program.module()`` checks at every call; a branch on ``T % 2 == 0`` leaves ``T % 2 == 0``), which the
-    graph itself does not check. Routing runs the graph on k <= T tokens and on groups of fewer rows, so each guard
-    that reads the token count alone, or the batch alone, is tried with each smaller value in turn. Not judged: guards
-    relating several sizes (other inputs' sizes follow the token count in ways a guard cannot show), guards that read
-    more than the call's sizes, and disequalities, which export adds wherever it assumed sizes differ (a branch
-    taken on ``T % 3 != 0`` is among them, unjudged).
-    """
-    symbolic = {name: size.node.expr for name, size in varying.items()
-                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol)}
-    guards = getattr(program, "_guards_code", None) or []
-    if not symbolic or not guards:
-        return []
-    placeholders = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
-    nodes = {n.name: n for n in program.graph.find_nodes(op="placeholder")}
-    shapes = [[sympy.sympify(size.node.expr if isinstance(size, torch.SymInt) else size) for size in nodes[name].meta["val"].shape]
-              for name in placeholders]
-    shape_env = next(size for size in varying.values() if isinstance(size, torch.SymInt)).node.shape_env
-    traced_values = getattr(shape_env, "backed_var_to_val", None) or shape_env.var_to_val  # renamed in torch 2.10
-    traced = {symbol: int(value) for symbol, value in traced_values.items()}
-    readable = {symbol: sympy.Symbol("B" if name == "batch" else "T") for name, symbol in symbolic.items()}
-    judged = []  # (code, the guard as shown, the size expressions it reads)
-    for guard in guards:
-        read = [(int(i), int(j)) for i, j in _GUARDED_SIZE.findall(guard)]
-        if "!=" in guard:
-            continue  # export's assumptions that sizes differ (T - 1 != 1 after x[:, 1:], 4 % T != 0 at a broadcast)
-        if not read or "L[" in _GUARDED_SIZE.sub("", guard) or any(i >= len(shapes) or j >= len(shapes[i]) for i, j in read):
-            continue
-        code = compile(_GUARDED_SIZE.sub(lambda m, read=read: f"S[{read.index((int(m[1]), int(m[2])))}]", guard), "<export guard>", "eval")
-        shown = _GUARDED_SIZE.sub(lambda m: str(shapes[int(m[1])][int(m[2])].subs(readable)), guard)
-        judged.append((code, shown, [shapes[i][j] for i, j in read]))
-    for name, symbol in symbolic.items():
-        reading = [(code, shown, exprs) for code, shown, exprs in judged if set().union(*(e.free_symbols for e in exprs)) == {symbol}]
-        for value in range(2, min(traced[symbol], _SIZES_TRIED)) if reading else ():
-            values = {**traced, symbol: value}
-            failing = [(shown, name, value) for code, shown, exprs in reading if not holds(code, [int(e.xreplace(values)) for e in exprs])]
-            if failing:
-                return failing
-    return []
-
-
-def holds(guard, sizes: list[int]) -> bool:
-    try:
-        return bool(eval(guard, {"__builtins__": {}, "math": math}, {"S": sizes}))
-    except Exception:  # a guard in a form not read here: not judged
-        return True
 
 
 # Each way of cutting rows off a tensor: how the message says it, and its source, axis and the lengths it cuts to.
