@@ -180,16 +180,16 @@ class FlatCall(torch.nn.Module):
 
 
 
-def condition_failing_for_fewer(size: torch.SymInt, visible: set) -> tuple[sympy.Basic, str, int] | None:
+def condition_failing_for_fewer(size: torch.SymInt) -> tuple[sympy.Basic, str, int] | None:
     """A condition the traced code assumed about ``size`` (a guard, or a runtime assert, of its shape environment) that
     fails for a smaller value of it, from 2 (export's least) up: ``(condition, where the code assumed it, the value)``.
 
     A routed block runs on k of T tokens, and a mixed batch on groups of fewer rows, where the branch the code took
-    may not hold (``if T > 8``, ``if T % 8 == 0``); an upper bound (``T <= max_positions``) holds. Conditions that
-    read a size none of ``visible`` (the block's input symbols) has are not the block's, and are skipped; the other
-    sizes keep their traced values. Disequalities are skipped too: torch's reference ops assume sizes differ all
-    through a trace (``T - 1 != 1``, ``T != 4`` in a view), where the graph holds either way; a branch the code took
-    on ``T != n`` is then not seen.
+    may not hold (``if T > 8``, ``if T % 8 == 0``); an upper bound (``T <= max_positions``) holds. Only conditions on
+    ``size`` alone are judged: one relating it to other sizes (a mask's batch that ``B`` divides, a table's length)
+    holds or fails with how those sizes follow it, which the traced values cannot tell. Disequalities are skipped
+    too: torch's reference ops assume sizes differ all through a trace (``T - 1 != 1`` in a contiguity check), where
+    the graph holds either way; a branch the code took on ``T != n`` is then not seen.
     """
     symbol = size.node.expr
     if not isinstance(symbol, sympy.Symbol):
@@ -201,10 +201,7 @@ def condition_failing_for_fewer(size: torch.SymInt, visible: set) -> tuple[sympy
     conditions = [(guard.expr, str(guard.sloc).strip("()")) for guard in shape_env.guards]
     conditions += [(check.expr, check.msg) for checks in shape_env.deferred_runtime_asserts.values() for check in checks]
     for condition, location in conditions:
-        others = condition.free_symbols - {symbol}
-        if symbol not in condition.free_symbols or not others <= hints.keys() or not others <= visible:
-            continue
-        if isinstance(condition, sympy.Ne):
+        if condition.free_symbols != {symbol} or isinstance(condition, sympy.Ne):
             continue  # torch's own assumptions that sizes differ (T - 1 != 1 in a contiguity check), not the code's
         failing = next((n for n in samples if not holds(condition.xreplace({**hints, symbol: sympy.Integer(n)}))), None)
         if failing is not None:

@@ -341,15 +341,11 @@ def refuse_token_count_branches(inputs: list[torch.fx.Node], where: str) -> None
     hold for each count from 2 (export's least) up to T: an upper bound
     (``T <= max_positions``) does, ``T > 8`` or ``T % 8 == 0`` does not. The
     guards are the whole graph's, so one outside the blocks is refused too
-    (``modpass.transform`` checks each block alone), unless it relates T to a
-    size none of the block's inputs has: the block's code cannot have
-    branched on that (Llava's ``masked_scatter`` of image features ties its
-    mask's length to T outside the blocks).
+    (``modpass.transform`` checks each block alone); those relating T to other
+    sizes are not judged (see :func:`modpass._export.condition_failing_for_fewer`).
     """
     tokens = inputs[0].meta["val"].shape[1]
-    visible = {symbol for node in inputs if isinstance(node.meta.get("val"), torch.Tensor)
-               for size in node.meta["val"].shape if isinstance(size, torch.SymInt) for symbol in size.node.expr.free_symbols}
-    failing = condition_failing_for_fewer(tokens, visible)
+    failing = condition_failing_for_fewer(tokens)
     if failing is not None:
         condition, location, count = failing
         shown = condition.xreplace({tokens.node.expr: sympy.Symbol("T", integer=True, positive=True)})

@@ -222,8 +222,6 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
     inputs = [placeholders[spec.arg.name] for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     varying = dict(zip(("batch", "token count"), inputs[0].meta["val"].shape[:2]))
-    visible = {symbol for node in inputs for size in node.meta["val"].shape if isinstance(size, torch.SymInt)
-               for symbol in size.node.expr.free_symbols}
     described = []
     for name, size in varying.items():
         bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
@@ -241,7 +239,7 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
             "block, or leave this block dense with layers=."
         )
     for name, size in varying.items() if not described else ():
-        failing = condition_failing_for_fewer(size, visible) if isinstance(size, torch.SymInt) else None
+        failing = condition_failing_for_fewer(size) if isinstance(size, torch.SymInt) else None
         if failing is not None:
             condition, location, value = failing
             shown = condition.xreplace({size.node.expr: sympy.Symbol("T" if name == "token count" else "B")})
