@@ -15,6 +15,7 @@ from torch import nn
 
 import modpass
 from modpass import routing, schedules
+from modpass.config import check_task_name, exact_ratio
 from tests import models
 
 TASKS = {"t2i": 0.25, "mmu": 0.75}
@@ -140,6 +141,103 @@ def test_schedules_cover_the_literature():
     assert deeper[0] == 1.0 and deeper[-1] == 0.15
     routed = modpass.transform(models.NanoGPT(layers=4).eval(), {"a": schedules.LastN(0.5, 2)}, layers="all")
     assert [b.path for b in modpass.routing_plan_of(routed).blocks] == ["h.2", "h.3"]
+
+
+def nudged(x: float, ulps: int) -> float:
+    """``x`` moved ``ulps`` representable floats up (or down, for a negative count): float noise."""
+    for _ in range(abs(ulps)):
+        x = math.nextafter(x, math.inf if ulps > 0 else 0.0)
+    return x
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_float_noise_in_a_ratio_does_not_change_k(data):
+    """A float a few hundred ulps off a fraction of denominator <= 10^6 is that fraction; decimals of up to 7 digits
+    and Fractions are kept as given."""
+    denominator = data.draw(st.integers(1, 10**6))
+    intended = Fraction(data.draw(st.integers(1, denominator)), denominator)
+    noisy = nudged(float(intended), data.draw(st.integers(-256, 256)))
+    assert exact_ratio(noisy, "test") == intended
+    digits = data.draw(st.integers(1, 7))
+    typed = Fraction(data.draw(st.integers(1, 10**digits)), 10**digits)
+    assert exact_ratio(float(typed), "test") == typed
+    exact = data.draw(st.fractions(min_value=Fraction(1, 10**12), max_value=1, max_denominator=10**15))
+    assert exact_ratio(exact, "test") == exact
+
+
+def test_shifted_cosine_and_user_arithmetic_keep_their_intended_capacity():
+    assert schedules.ShiftedCosine()(2, 4) > 0.25  # the noise this guards against (0.25000000000000006 or so)
+    assert exact_ratio(3 * 0.1 / 0.3, "test") == 1  # 1.0000000000000002: noise above 1 is not refused
+    routed = modpass.transform(models.NanoGPT(layers=4).eval(), {"a": schedules.ShiftedCosine(), "b": 0.1 * 3},
+                               layers="all")
+    ratios = {b.index: b.ratios for b in modpass.routing_plan_of(routed).blocks}
+    assert ratios[2] == {"a": Fraction(1, 4), "b": Fraction(3, 10)}
+    with torch.no_grad():
+        routed(torch.randint(0, 61, (1, 20)), task="a")
+    assert routed.h[2].last_routing[0].index.shape == (1, 5)  # ceil(20 / 4), not 6
+
+
+def test_numpy_scalars_are_ratios_like_floats():
+    np = pytest.importorskip("numpy")
+    model = models.NanoGPT(layers=4).eval()
+    want = modpass.routing_plan_of(modpass.transform(model, {"a": [1.0, 0.5, 0.25, 0.1], "b": 0.3}, layers="all")).blocks
+    for kind in (np.float64, np.float32, np.float16):
+        ratios = {"a": [kind(1.0), kind(0.5), kind(0.25), kind(0.1)], "b": kind(0.3)}
+        routed = modpass.transform(model, ratios, layers="all")
+        assert modpass.routing_plan_of(routed).blocks == want, kind
+    routed = modpass.transform(model, np.float32(0.5))
+    modpass.set_ratios(routed, np.float32(0.1))
+    assert modpass.routing_plan_of(routed).blocks[0].ratios == {"default": Fraction(1, 10)}
+
+
+@pytest.mark.parametrize("name", ["training", "forward", "keys", "eval", "to", "cuda", "half", "__init__", "_modules"])
+def test_task_names_that_shadow_the_router_containers_attributes_are_refused(name):
+    with pytest.raises(modpass.ConfigError, match=rf"task name '{name}' is an attribute of nn.ModuleDict.*rename"):
+        modpass.transform(models.NanoGPT(layers=2).eval(), {name: 0.5, "b": 0.5})
+
+
+def test_the_reserved_task_names_are_exactly_the_router_containers_attributes():
+    routers = nn.ModuleDict()
+    for name in dir(routers):
+        with pytest.raises(modpass.ConfigError, match="attribute of nn.ModuleDict"):
+            check_task_name(name)
+    for name in ("t2i", "mmu", "default", "train_task", "text", "image", "T"):
+        routers[check_task_name(name)] = nn.Linear(1, 1)  # what the routed blocks do with them
+
+
+@pytest.mark.parametrize("ratios, where", [({"a": [0.25, 0.5, 0.25, 0.5]}, r"ratios\['a'\] gives 0.25 at block 0 \(and below 1.0 at blocks \[2\]\)"),
+                                           ({"a": schedules.LastN(0.25, n=4)}, r"the schedule for task 'a' gives 0.25 at block 0")])
+def test_a_per_block_ratio_at_a_block_layers_does_not_route_is_refused(ratios, where):
+    model = models.NanoGPT(layers=4).eval()
+    with pytest.raises(modpass.ConfigError, match=where + r".*, but layers='every_other' does not route block 0.*layers='all'.*1.0 at block 0"):
+        modpass.transform(model, ratios)
+    # 1.0 where layers routes nothing is no conflict: MoD's Interleaved schedule matches every_other.
+    routed = modpass.transform(model, {"a": schedules.Interleaved(0.25), "b": [1.0, 0.5, 1.0, 1.0]})
+    assert [b.index for b in modpass.routing_plan_of(routed).blocks] == [1, 3]
+    with pytest.raises(modpass.ConfigError, match=r"gives 0.5 at block 2, but this model routes only blocks \[1, 3\].*Transform the original model again"):
+        modpass.set_ratios(routed, {"a": 0.5, "b": [1.0, 0.5, 0.5, 1.0]})
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda model: modpass.transform(model, 0.5, gate=["tanh"]), r"gate \['tanh'\] is unknown"),
+    (lambda model: modpass.set_decoding(modpass.transform(model, 0.5), ["all"]), r"decoding must be one of \['all', 'router'\], got \['all'\]"),
+    (lambda model: modpass.transform(model, {"a": schedules.Interleaved(0.5, period=0)}), "Interleaved: period must be an integer >= 1, got 0"),
+    (lambda model: modpass.transform(model, {"a": schedules.LastN(1.5, n=2)}), r"LastN: ratio 1.5 is outside \(0, 1\]"),
+    (lambda model: modpass.transform(model, {"a": lambda i: 0.5}, layers="all"), r"schedule for task 'a' .* cannot be called as schedule\(block_index, num_blocks\)"),
+    (lambda model: modpass.transform(model, {"a": {"x": 0.5}}), r"ratios\['a'\] is \{'x': 0.5\} \(dict\); give a number"),
+])
+def test_malformed_arguments_are_config_errors(call, match):
+    with pytest.raises(modpass.ConfigError, match=match):
+        call(models.NanoGPT(layers=4).eval())
+
+
+def test_set_ratios_suggests_the_per_block_list_that_keeps_a_dense_block_dense():
+    routed = modpass.transform(models.NanoGPT(layers=4).eval(), {"a": [1.0, 0.5, 1.0, 0.5], "b": 0.5}, layers="all")
+    with pytest.raises(modpass.PlanError, match=r"Transform the original model again.*1.0 at block\(s\) \[0, 2\], such as "
+                                                r"\{'a': \[1.0, 0.25, 1.0, 0.25\]\}"):
+        modpass.set_ratios(routed, {"a": 0.25, "b": 0.5})
+    modpass.set_ratios(routed, {"a": [1.0, 0.25, 1.0, 0.25], "b": 0.5})  # the suggestion works
 
 
 def test_route_mask_tokens_outside_the_mask_are_always_processed():
