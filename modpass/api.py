@@ -78,8 +78,6 @@ def transform(
         raise ConfigError(f"unroutable={unroutable!r}; use 'raise' or 'dense'.")
     if not isinstance(inplace, bool):
         raise ConfigError(f"inplace must be True or False, got {inplace!r}.")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"transform expects an nn.Module, got {type(model).__name__}.")
     refuse_unrunnable(model, "transform")
     config = RoutingConfig.from_arguments(ratios, layers=layers, gate=gate, aux_loss_weight=aux_loss_weight,
                                           within="" if within is None else within)
@@ -114,8 +112,18 @@ def list_blocks(model: nn.Module, *, example_inputs: Mapping[str, Any] | tuple |
     return find_blocks(capture(model, inputs)).meta["modpass_blocks"]
 
 
+def require_module(model: object, verb: str | None = None) -> nn.Module:
+    """``model``, where it is an ``nn.Module``: every verb's first check, named after ``verb`` (the public function)."""
+    if not isinstance(model, nn.Module):
+        caller = f"modpass.{verb}()" if verb else "modpass"
+        raise ConfigError(f"{caller} takes a model (an nn.Module) as its first argument, got {type(model).__name__}.")
+    return model
+
+
 def refuse_unrunnable(model: nn.Module, verb: str) -> None:
-    """Refuse what the verb could not run on example inputs: a torch.compile wrapper, or weights on the meta device."""
+    """Refuse what the verb could not run on example inputs: not a module, a torch.compile wrapper, or weights on the
+    meta device."""
+    require_module(model, verb)
     if uncompiled(model) is not model:
         raise ConfigError(
             f"{verb}() takes the model itself, not its torch.compile wrapper: route first, then compile "
@@ -199,7 +207,7 @@ def apply_plan(
 
 def routing_state(model: nn.Module, verb: str) -> RoutingState:
     """The routing state of a model routed by modpass (or of a wrapper of it); ``verb`` names the caller."""
-    state = getattr(routed_model(model), "_modpass_state", None)
+    state = getattr(routed_model(model, verb), "_modpass_state", None)
     if state is None:
         raise ConfigError(f"{verb}() takes a model routed by modpass.transform or modpass.load.")
     return state
@@ -236,7 +244,7 @@ def set_decoding(model: nn.Module, decoding: str) -> nn.Module:
     is routed by top-k either way. Returns ``model``.
     """
     state = routing_state(model, "set_decoding")
-    if decoding not in DECODING:
+    if not isinstance(decoding, str) or decoding not in DECODING:
         raise ConfigError(f"decoding must be one of {list(DECODING)}, got {decoding!r}: " + "; ".join(f"{k}: {v}" for k, v in DECODING.items()))
     state.decoding = decoding
     return model
@@ -254,26 +262,37 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     changes reuse that graph. Each block builds its graphs for the new
     capacities (seconds per block); ``progress`` is as for ``transform``.
     """
-    given, model = model, routed_model(model)
+    given, model = model, routed_model(model, "set_ratios")
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("set_ratios() takes a model routed by modpass.transform or modpass.load.")
     config = RoutingConfig.from_arguments(ratios, layers=[b.index for b in plan.blocks], within=plan.within)
     if set(config.tasks) != set(plan.tasks):
         raise ConfigError(f"ratios name tasks {list(config.tasks)}; this model routes {list(plan.tasks)}. Give a ratio for each.")
-    new_ratios = resolve_ratios(config, plan.num_blocks)
+    new_ratios = resolve_ratios(config, plan.num_blocks, routed=True)
     blocks = routed_blocks(model)
     updated = []
     for block_plan in plan.blocks:
         ratios_here = {task: new_ratios.get(block_plan.index, {}).get(task) for task in plan.tasks}
-        # A router made dense by an earlier set_ratios is still there: only a block dense from the start lacks one.
-        gained = [t for t, r in ratios_here.items() if r is not None and t not in blocks[block_plan.path].mod_routers]
-        if gained:
-            raise PlanError(
-                f"block {block_plan.index} ({block_plan.path}) has no router for task(s) {gained}: it was dense for "
-                "them. Transform the original model again to route them there."
-            )
         updated.append(dataclasses.replace(block_plan, ratios=ratios_here))
+    # A router made dense by an earlier set_ratios is still there: only a block dense from the start lacks one.
+    lacking = [(b, [t for t, r in b.ratios.items() if r is not None and t not in blocks[b.path].mod_routers]) for b in updated]
+    lacking = [(b, gained) for b, gained in lacking if gained]
+    if lacking:
+        block_plan, gained = lacking[0]
+        task = gained[0]
+        where = sorted(b.index for b, tasks in lacking if task in tasks)
+        # The list that keeps the change wherever a router exists: 1.0 where the task has none (or the model routes nothing).
+        suggested = [1.0] * plan.num_blocks
+        for b in updated:
+            ratio = b.ratios[task]
+            if ratio is not None and b.index not in where:
+                suggested[b.index] = float(ratio)
+        raise PlanError(
+            f"block {block_plan.index} ({block_plan.path}) has no router for task(s) {gained}: it was dense for "
+            f"them at transform. Transform the original model again to route them there, or keep {task!r} dense "
+            f"there: a per-block list with 1.0 at block(s) {where}, such as {{{task!r}: {suggested}}}."
+        )
     with Progress(progress, "set_ratios", blocks=len(updated)) as steps:
         for block_plan in updated:
             steps.stage(f"block {block_plan.index} ({block_plan.path})")
@@ -299,22 +318,23 @@ def record_block_calls(model: nn.Module, paths: list[str], example_inputs: Mappi
     return calls
 
 
-def routed_model(model: nn.Module) -> nn.Module:
+def routed_model(model: nn.Module, verb: str | None = None) -> nn.Module:
     """The module that ``transform`` routed, whose plan it carries: ``model``, or the one inside a wrapper of it
-    (torch.compile's, PEFT's). The plan's block paths are relative to it. ``model`` itself where nothing is routed."""
-    model = uncompiled(model)
+    (torch.compile's, PEFT's). The plan's block paths are relative to it. ``model`` itself where nothing is routed.
+    ``verb`` names the public function in the message for what is not a module."""
+    model = uncompiled(require_module(model, verb))
     return next((m for m in model.modules() if "_modpass_plan" in vars(m)), model)
 
 
 def routing_plan_of(model: nn.Module) -> RoutingPlan | None:
     """The routing plan of a routed model (or of a wrapper of it), or None for a model modpass has not routed."""
-    return vars(routed_model(model)).get("_modpass_plan")
+    return vars(routed_model(model, "routing_plan_of")).get("_modpass_plan")
 
 
 def routed_blocks(model: nn.Module) -> dict[str, RoutedBlock]:
     """A routed model's ``RoutedBlock`` modules by their paths in the routed model (the plan's paths, also through a
     wrapper of it)."""
-    return {name: m for name, m in routed_model(model).named_modules() if isinstance(m, RoutedBlock)}
+    return {name: m for name, m in routed_model(model, "routed_blocks").named_modules() if isinstance(m, RoutedBlock)}
 
 
 @contextlib.contextmanager

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import flop_counter
 
-from .api import routed_blocks, routed_model, routing_plan_of
+from .api import require_module, routed_blocks, routed_model, routing_plan_of, routing_state
 from .errors import ConfigError
-from .inputs import call_with
+from .inputs import call_with, capture_inputs
 
 _aten = torch.ops.aten
 
@@ -71,8 +71,12 @@ class FlopReport:
 
 @contextlib.contextmanager
 def dense(model: torch.nn.Module):
-    """Run a routed model's blocks densely (the original blocks) inside the context."""
-    state = model._modpass_state
+    """Run a routed model's blocks densely (the original blocks) inside the context.
+
+    ``model`` is a routed model or a wrapper of it; any other model is refused (it runs densely already, and a
+    ``with`` around it would not make the routed one dense).
+    """
+    state = routing_state(model, "dense")
     previous, state.dense = state.dense, True
     try:
         yield model
@@ -94,16 +98,19 @@ def count(model: torch.nn.Module, inputs: Mapping | tuple, **call_kwargs) -> dic
     return counts
 
 
-def flops(model: torch.nn.Module, inputs: Mapping | tuple, task: str | None = None) -> FlopReport:
+def flops(model: torch.nn.Module, inputs: Mapping | tuple | list | torch.Tensor, task: str | None = None) -> FlopReport:
     """Dense vs routed forward FLOPs of ``model`` on ``inputs``, per routed block and per task.
 
+    ``inputs`` takes the forms ``transform``'s ``example_inputs`` takes (keyword
+    inputs, positional ones, or one tensor, the first positional input).
     ``task`` restricts the report to one task; by default every task of the
     plan is measured with the whole batch assigned to it.
     """
-    plan = routing_plan_of(model)
+    plan = routing_plan_of(require_module(model, "flops"))
     if plan is None:
         raise ConfigError("flops() takes a model routed by modpass.transform or modpass.load.")
     model = routed_model(model)  # counted eagerly, under the plan's paths
+    inputs = capture_inputs(model, inputs)
     tasks = [task] if task is not None else list(plan.tasks)
     report = FlopReport()
     paths = list(routed_blocks(model))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import ConfigError
 
@@ -89,6 +90,11 @@ def capture_inputs(model: nn.Module, example_inputs: Mapping | tuple | list | to
     inputs = example_inputs_for(model) if example_inputs is None else example_inputs
     if not isinstance(inputs, Mapping):
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(inputs)):
+        raise ConfigError(
+            f"example_inputs holds no tensor (got {example_inputs!r:.80}); give the model's inputs as a dict of keyword "
+            "inputs ({'input_ids': ids}), a tuple of positional ones, or one tensor, the first positional input."
+        )
     signature = inspect.signature(model.forward)
     if not takes_use_cache(model, signature):
         return inputs

@@ -7,8 +7,9 @@ A saved directory holds exactly two files:
 * ``routers.safetensors``: the router weights, under the routed model's own
   ``state_dict`` names (``<block>.mod_routers.<task>.weight`` / ``.bias``).
 
-No pickle is involved anywhere. ``load`` checks both files against each other
-and against the base model before changing anything.
+No pickle is involved anywhere. ``load`` checks ``plan.json`` as ``transform``
+checks its arguments, then both files against each other and against the base
+model, before changing anything.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .api import apply_plan, refuse_unrunnable, routed_blocks, routing_plan_of
+from .api import apply_plan, refuse_unrunnable, require_module, routed_blocks, routing_plan_of
 from .errors import ConfigError, PlanError, RouterError
 from .inputs import capture_inputs
 from .passes.capture import capture
@@ -48,9 +49,12 @@ def router_names(plan: RoutingPlan) -> dict[str, tuple[int, ...]]:
 
 def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model``'s routing plan and router weights to ``directory``; returns the path."""
-    plan = routing_plan_of(model)
+    plan = routing_plan_of(require_module(model, "save"))
     if plan is None:
         raise ConfigError("save() takes a model routed by modpass.transform or modpass.load.")
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"save() writes a directory ({PLAN_FILE} and {ROUTER_FILE}), but {path} is a file; give a directory path.")
     blocks = routed_blocks(model)
     unsaved = sorted(f"{name}.mod_routers.{task}" for name, block in blocks.items()
                      for task in block.mod_routers if task not in plan.block(name).routed_tasks())
@@ -60,7 +64,6 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
             "plan keeps dense blocks without routers, so these are not saved. Route them again before saving to keep them.",
             stacklevel=2,
         )
-    path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     # Read from the routers routed calls read (behind a PEFT wrapper, the trained copy), under the plan's names.
     tensors = {f"{block.path}.mod_routers.{task}.{name}": getattr(blocks[block.path].router(task), name).detach().cpu().contiguous()
@@ -84,7 +87,11 @@ def read(directory: str | os.PathLike) -> tuple[RoutingPlan, dict[str, torch.Ten
     for name in (PLAN_FILE, ROUTER_FILE):
         if not (path / name).is_file():
             raise PlanError(f"{path} has no {name}; it is not a directory written by modpass.save.")
-    plan = RoutingPlan.from_json((path / PLAN_FILE).read_text())
+    try:
+        text = (path / PLAN_FILE).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{path / PLAN_FILE} is not UTF-8 text ({exc}); it is not a plan written by modpass.save.") from exc
+    plan = RoutingPlan.from_json(text, source=str(path / PLAN_FILE))
     try:
         tensors = load_file(str(path / ROUTER_FILE))
     except Exception as exc:  # safetensors raises its own error types
@@ -107,11 +114,17 @@ def check_plan_fits(plan: RoutingPlan, model: torch.nn.Module, example_inputs) -
     blocks = [b for b in gm.meta["modpass_blocks"] if in_scope(b.path, plan.within)]
     if len(blocks) != plan.num_blocks:
         raise PlanError(f"the plan was made for a model with {plan.num_blocks} blocks{scope_note(plan.within)}; this {type(model).__name__} has {len(blocks)}.")
-    by_path = {b.path: b for b in blocks}
+    by_path = {b.path: (i, b) for i, b in enumerate(blocks)}
     for block in plan.blocks:
-        found = by_path.get(block.path)
+        index, found = by_path.get(block.path, (None, None))
         if found is None:
             raise PlanError(f"the plan routes block {block.path!r}, which this {type(model).__name__} does not have (its blocks: {list(by_path)[:4]}...).")
+        if index != block.index:
+            # set_ratios and per-block lists count blocks by index: a wrong one would route another block than meant.
+            raise PlanError(
+                f"the plan gives block {block.path!r} index {block.index}, but it is block {index}{scope_note(plan.within)} "
+                f"of this {type(model).__name__}; save the routed model again with modpass.save."
+            )
         if found.block_class != block.block_class or found.hidden_size != block.hidden_size:
             raise PlanError(
                 f"block {block.path!r} is a {found.block_class} of width {found.hidden_size} here, but the plan "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .api import routed_blocks, routing_plan_of
+from .api import require_module, routed_blocks, routing_plan_of
 from .errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
     torch.compile keeps them in one call); it is a zero tensor when the
     weight is 0 or no routed forward has run.
     """
-    plan = routing_plan_of(model)
+    plan = routing_plan_of(require_module(model, "aux_loss"))
     if plan is None:
         raise ConfigError("aux_loss() takes a model routed by modpass.transform or modpass.load.")
     total = None

@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import math
+import pickle
+import shutil
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -470,6 +474,12 @@ def test_uncapturable_model_names_the_construct():
         modpass.transform(DataDependent(), 0.5)
 
 
+@pytest.mark.parametrize("example_inputs", ["some text", 5, {}, {"idx": "x"}, {1, 2}], ids=["str", "int", "empty", "no-tensor", "set"])
+def test_example_inputs_without_a_tensor_are_refused_as_such(example_inputs):
+    with pytest.raises(modpass.ConfigError, match=r"example_inputs holds no tensor .*a dict of keyword inputs"):
+        modpass.transform(models.NanoGPT(layers=2), 0.5, example_inputs=example_inputs)
+
+
 def test_example_inputs_cannot_be_guessed_for_unknown_models():
     with pytest.raises(modpass.ConfigError, match="example_inputs"):
         modpass.transform(nn.Sequential(nn.Linear(4, 4)), 0.5)
@@ -922,3 +932,137 @@ def test_progress_counts_the_routed_blocks_on_request_and_is_quiet_off_a_termina
     assert not any(b.parts_changed() for b in (routed.h[1], routed.h[3]))
     with pytest.raises(modpass.ConfigError, match="progress must be True, False or None"):
         modpass.transform(model, 0.5, progress="yes")
+
+
+@pytest.fixture(scope="module")
+def saved_two_task(tmp_path_factory):
+    """A NanoGPT routed for tasks a and b at blocks 1 and 3, and the directory it was saved to."""
+    base = models.NanoGPT(layers=4).eval()
+    routed = randomised(modpass.transform(base, {"a": 0.5, "b": 0.25}, layers=[1, 3], gate="sigmoid"))
+    return base, routed, modpass.save(routed, tmp_path_factory.mktemp("two_task"))
+
+
+def edit_ratio(value):
+    return lambda plan: plan["blocks"][0]["ratios"].update(a=value)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (edit_ratio("3/2"), r"blocks\[0\]\.ratios\['a'\]: ratio \S+ is outside \(0, 1\]"),
+        (edit_ratio("0"), r"blocks\[0\]\.ratios\['a'\]: ratio \S+ is outside \(0, 1\]"),  # k = 1 until 2026-12-06
+        (edit_ratio("-1/2"), r"blocks\[0\]\.ratios\['a'\]: ratio \S+ is outside \(0, 1\]"),
+        (edit_ratio("half"), r"blocks\[0\]\.ratios\['a'\]: 'half' is not a ratio"),
+        (lambda plan: plan.update(gate="Sigmoid"), r"gate 'Sigmoid' is unknown"),  # ran as tanh
+        (lambda plan: plan.update(aux_loss_weight=float("nan")), r"aux_loss_weight must be a finite number >= 0"),
+        (lambda plan: plan.update(aux_loss_weight=-1), r"aux_loss_weight must be a finite number >= 0, got -1"),
+        (lambda plan: plan.update(tasks=["a", "b", "c"]), r"blocks\[0\]\.ratios: expected a ratio or null for each of the plan's tasks"),
+        (lambda plan: plan.update(tasks=["a"]), r"blocks\[0\]\.ratios: expected a ratio or null for each"),
+        (lambda plan: plan.update(tasks=["a", "a"]), r"tasks: \['a', 'a'\] names a task more than once"),
+        (lambda plan: plan.update(tasks="ab"), r"tasks: expected a non-empty list"),
+        (lambda plan: plan.update(tasks=["a", "b c"]), r"task name 'b c' is not a Python identifier"),
+        (lambda plan: plan["blocks"][0].update(index=99), r"blocks\[\]\.index: block index 99 is out of range"),
+        (lambda plan: plan["blocks"].append(plan["blocks"][0]), r"blocks: \['h\.1'\] are listed more than once"),
+        (lambda plan: plan["blocks"][0].update(ratios=[0.5]), r"blocks\[0\]\.ratios: expected a ratio or null"),
+        (lambda plan: plan.update(blocks=[]), r"blocks: expected a non-empty list"),
+        (lambda plan: plan.pop("gate"), r"fields \['gate'\] are missing"),
+    ],
+    ids=["ratio-3/2", "ratio-0", "ratio-negative", "ratio-word", "gate-typo", "aux-nan", "aux-negative", "task-extra",
+         "task-missing", "task-twice", "tasks-string", "task-name", "index-99", "block-twice", "ratios-list", "no-blocks",
+         "no-gate"],
+)
+def test_load_and_from_dict_refuse_a_plan_transform_would_refuse(saved_two_task, tmp_path, edit, match):
+    """Until 2026-12-06 load took an edited plan.json unchecked (a ratio of 0 routed one token, a gate typo ran tanh,
+    an extra task no block routes was taken at call time)."""
+    base, _, saved = saved_two_task
+    shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(modpass.PlanError, match=rf"{tmp_path / 'plan.json'}: .*{match}"):
+        modpass.load(base, tmp_path)
+    with pytest.raises(modpass.PlanError, match=match):
+        modpass.RoutingPlan.from_dict(plan)
+
+
+def test_load_refuses_a_block_index_that_is_not_the_blocks_place(saved_two_task, tmp_path):
+    base, _, saved = saved_two_task
+    shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["blocks"][0]["index"] = 2  # in range and not taken, but h.1 is block 1: set_ratios would count it as 2
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(modpass.PlanError, match=r"gives block 'h\.1' index 2, but it is block 1"):
+        modpass.load(base, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "42", '"plan"', "{"])
+def test_a_plan_that_is_not_a_json_object_is_refused(text):
+    with pytest.raises(modpass.PlanError, match=r"^my\.json(: the plan: expected a JSON object| is not valid JSON)"):
+        modpass.RoutingPlan.from_json(text, source="my.json")
+
+
+def test_a_plan_round_trips_through_to_dict_and_from_dict(saved_two_task):
+    plan = modpass.routing_plan_of(saved_two_task[1])
+    assert modpass.RoutingPlan.from_dict(plan.to_dict()) == plan
+    assert modpass.RoutingPlan.from_json(plan.to_json()) == plan
+
+
+def test_files_that_are_not_plans_and_paths_that_are_not_directories_are_refused(saved_two_task, tmp_path):
+    """Until 2026-12-06: UnicodeDecodeError and FileExistsError."""
+    base, routed, saved = saved_two_task
+    shutil.copytree(saved, tmp_path / "binary")
+    (tmp_path / "binary" / "plan.json").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(modpass.PlanError, match=r"plan\.json is not UTF-8 text"):
+        modpass.load(base, tmp_path / "binary")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(modpass.ConfigError, match=r"save\(\) writes a directory .* is a file"):
+        modpass.save(routed, tmp_path / "file")
+
+
+def test_every_verb_refuses_what_is_not_a_module(saved_two_task):
+    """Until 2026-12-06 all but transform raised AttributeError."""
+    verbs = {
+        "transform": lambda m: modpass.transform(m, 0.5),
+        "list_blocks": modpass.list_blocks,
+        "load": lambda m: modpass.load(m, saved_two_task[2]),
+        "save": lambda m: modpass.save(m, saved_two_task[2]),
+        "flops": lambda m: modpass.flops(m, {}),
+        "routing_plan_of": modpass.routing_plan_of,
+        "routed_blocks": modpass.routed_blocks,
+        "dense": lambda m: modpass.dense(m).__enter__(),
+        "aux_loss": modpass.aux_loss,  # through routing_plan_of
+    }
+    for verb, call in verbs.items():
+        for model in ("not a model", None, {"wte.weight": torch.zeros(1)}):
+            with pytest.raises(modpass.ConfigError, match=rf"modpass\.({verb}|routing_plan_of)\(\) takes a model \(an nn\.Module\)"):
+                call(model)
+
+
+def test_dense_refuses_an_unrouted_model_and_flops_takes_inputs_as_example_inputs(saved_two_task):
+    """Until 2026-12-06 dense() raised AttributeError, and flops() ran a lone tensor row by row."""
+    base, routed, _ = saved_two_task
+    with pytest.raises(modpass.ConfigError, match=r"dense\(\) takes a model routed by modpass"), modpass.dense(base):
+        pass
+    ids = torch.randint(0, 61, (1, 16))
+    want = modpass.flops(routed, (ids,)).total
+    assert modpass.flops(routed, ids).total == want
+    assert modpass.flops(routed, [ids]).total == want
+    assert modpass.flops(routed, {"idx": ids}).total == want
+
+
+def test_the_live_plan_is_read_only_and_still_copies_pickles_and_saves(saved_two_task, tmp_path):
+    """Until 2026-12-06 a block's ratios were a plain dict: an edit reached save but not the routing."""
+    _, routed, _ = saved_two_task
+    plan = modpass.routing_plan_of(routed)
+    assert plan.blocks[0] is routed.h[1].plan, "the blocks route by the plan's own entries"
+    for edit in (lambda: plan.blocks[0].ratios.__setitem__("a", Fraction(1)), lambda: plan.blocks[0].ratios.update(a=None),
+                 lambda: plan.blocks[0].ratios.pop("a"), lambda: plan.versions.clear()):
+        with pytest.raises(modpass.PlanError, match="read-only.*modpass.set_ratios"):
+            edit()
+    assert plan.blocks[0].ratios == {"a": Fraction(1, 2), "b": Fraction(1, 4)}
+    for twin in (copy.deepcopy(plan), pickle.loads(pickle.dumps(plan)), copy.deepcopy(routed).__dict__["_modpass_plan"]):
+        assert twin == plan and type(twin.blocks[0].ratios) is type(plan.blocks[0].ratios)
+        with pytest.raises(modpass.PlanError, match="read-only"):
+            twin.blocks[0].ratios["a"] = None
+    modpass.save(routed, tmp_path)
+    assert modpass.RoutingPlan.from_json((tmp_path / "plan.json").read_text()) == plan
