@@ -921,7 +921,12 @@ def test_token_mixing_accepts_patterns_that_compare_order_and_writes_by_a_per_to
         y[x[..., 0] < 0] = 0.0  # a boolean (B, T) mask: each token's own
         return y
 
-    for update in (masked_attention, zero_where_negative):
+    def scores_kept_in_a_buffer(x):
+        scores = torch.zeros(x.shape[0], x.shape[1], x.shape[1])
+        scores[:, :] = x @ x.transpose(1, 2)  # written through a view: a pattern no more, it holds the scores
+        return scores.softmax(-1) @ x
+
+    for update in (masked_attention, zero_where_negative, scores_kept_in_a_buffer):
         gm = token_axes(capture_block(LambdaBlock(update), (torch.randn(2, 9, 8),), {}))
         assert token_mixing(gm) is gm
 

@@ -48,7 +48,7 @@ from .._structure import Slot
 from .._subgraphs import inlined
 from ..errors import CaptureError
 from .token_axes import mentions
-from .token_mixing import model_source_line, named_arguments
+from .token_mixing import aliased_base, model_source_line, written_arguments
 
 _ROLE = {
     InputKind.PARAMETER: "parameter",
@@ -165,28 +165,11 @@ def placeholders_written_in_place(gm: torch.fx.GraphModule) -> dict[torch.fx.Nod
     for node in view.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        values = named_arguments(node)
-        for argument in node.target._schema.arguments:
-            value = values.get(argument.name)
-            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, torch.fx.Node):
-                base = aliased_base(value)
-                if base.op == "placeholder":
-                    written.setdefault(placeholder[base], node)
+        for value in written_arguments(node):
+            base = aliased_base(value)
+            if base.op == "placeholder":
+                written.setdefault(placeholder[base], node)
     return written
-
-
-def aliased_base(node: torch.fx.Node) -> torch.fx.Node:
-    """The node whose memory ``node`` shares: through views (``x[:, 0]``, ``x.view(...)``, an item of ``x.split()``)
-    and in-place ops, which return their input."""
-    while node.op == "call_function":
-        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
-            node = node.args[0]
-            continue
-        returns = node.target._schema.returns if isinstance(node.target, torch._ops.OpOverload) else ()
-        if not (returns and returns[0].alias_info is not None and isinstance(node.args[0], torch.fx.Node)):
-            break
-        node = node.args[0]
-    return node
 
 
 def state_targets(signature: torch.export.ExportGraphSignature) -> dict[str, str]:

@@ -78,6 +78,7 @@ differently (``(B*T)`` against ``(T*B)``).
 from __future__ import annotations
 
 import inspect
+import operator
 from collections import Counter
 
 import sympy
@@ -474,6 +475,27 @@ def sums_a_pattern_over_tokens(node: torch.fx.Node, name: str, made: set[torch.f
     return False
 
 
+def aliased_base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose memory ``node`` shares: through views (``x[:, 0]``, ``x.view(...)``, an item of ``x.split()``)
+    and in-place ops, which return their input."""
+    while node.op == "call_function":
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+            node = node.args[0]
+            continue
+        returns = node.target._schema.returns if isinstance(node.target, torch._ops.OpOverload) else ()
+        if not (returns and returns[0].alias_info is not None and isinstance(node.args[0], torch.fx.Node)):
+            break
+        node = node.args[0]
+    return node
+
+
+def written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors an op writes in place (``copy_``'s ``self``, an ``out=``), by its schema."""
+    values = named_arguments(node)
+    return [values[a.name] for a in node.target._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(values.get(a.name), torch.fx.Node)]
+
+
 def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
     """Uses of what the block makes from its token count alone, with no input's values: positions it counts out
     (``arange`` over ``T``), used other than by comparing them with each other, and patterns over positions (``ones``,
@@ -494,6 +516,9 @@ def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
             patterns.add(node)  # its values come from sizes and constants alone
             continue
         tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if not all(a in patterns for a in tensors):
+            # A pattern written in place with other values (``buf[:, :] = scores``, through a view) holds those now.
+            patterns -= {aliased_base(value) for value in written_arguments(node)}
         if any(a in positions for a in tensors):
             if name in _KEEPS_VALUES:
                 positions.add(node)
