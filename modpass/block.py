@@ -29,7 +29,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.utils import prune
+from torch.nn.utils import prune, skip_init
 
 from . import _compat, _structure, kv_cache, part_changes
 from ._compat import disable_compile
@@ -160,7 +160,8 @@ class RoutedBlock(nn.Module):
             self._modules[name] = child
         reference = next(block.parameters(), None)
         factory = {"dtype": reference.dtype, "device": reference.device} if reference is not None else {}
-        self.mod_routers = nn.ModuleDict({task: nn.Linear(plan.hidden_size, 1, **factory) for task in plan.routed_tasks()})
+        # skip_init: zeros need no random draw, so routing leaves the caller's random stream where it was.
+        self.mod_routers = nn.ModuleDict({task: skip_init(nn.Linear, plan.hidden_size, 1, **factory) for task in plan.routed_tasks()})
         for router in self.mod_routers.values():
             nn.init.zeros_(router.weight)
             nn.init.zeros_(router.bias)

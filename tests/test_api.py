@@ -474,6 +474,14 @@ def test_uncapturable_model_names_the_construct():
         modpass.transform(DataDependent(), 0.5)
 
 
+def test_transform_leaves_the_random_stream_where_it_was():
+    """Seeded runs must not depend on whether a model was routed: zero routers need no random draw."""
+    model = models.NanoGPT(layers=2)
+    state = torch.get_rng_state()
+    modpass.transform(model, 0.5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("example_inputs", ["some text", 5, {}, {"idx": "x"}, {1, 2}], ids=["str", "int", "empty", "no-tensor", "set"])
 def test_example_inputs_without_a_tensor_are_refused_as_such(example_inputs):
     with pytest.raises(modpass.ConfigError, match=r"example_inputs holds no tensor .*a dict of keyword inputs"):
