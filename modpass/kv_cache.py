@@ -502,6 +502,16 @@ def with_first_output(output, hidden: torch.Tensor):
 # -- the cache layer of a routed block ------------------------------------------------------------
 
 
+@functools.cache
+def positive_crops_refused() -> bool:
+    """Whether transformers' cache layers refuse ``crop`` with a positive count (from 5.18; before, it was the length
+    to keep)."""
+    from packaging.version import Version
+    from transformers import __version__
+
+    return Version(__version__) >= Version("5.18")
+
+
 class RoutedCacheLayer(abc.ABC):
     """Base of a routed block's cache layers: a transformers layer class with keys only for the tokens the block ran on.
 
@@ -552,7 +562,13 @@ class RoutedCacheLayer(abc.ABC):
     def length_after_crop(self, tokens_to_remove: int) -> int | None:
         """The sequence length a crop keeps (None: nothing to remove); a crop into the prompt is refused."""
         # A negative count removes that many tokens from the end of the sequence; a positive one
-        # (transformers < 5.18) is the sequence length to keep.
+        # (transformers < 5.18, see positive_crops_refused) is the sequence length to keep.
+        if tokens_to_remove > 0 and positive_crops_refused():
+            # Refused before any layer changes, as transformers' own layers refuse it, not after the routed ones cropped.
+            raise RoutingInputError(
+                f"crop({tokens_to_remove}): this transformers release takes the number of tokens to remove, as a "
+                "negative integer; a positive one (the length to keep) is refused, as for a dense cache."
+            )
         seen = int(self.tokens_seen)
         cut = tokens_to_remove if tokens_to_remove > 0 else seen + tokens_to_remove
         if cut >= seen:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import modpass
+from modpass import kv_cache
 from modpass.kv_cache import cache_keyword, cache_of
 from tests import models
 from tests.test_backend import compiled_graphs, dynamo_compiles_transformers, needs_hf_dynamo  # noqa: F401 (the marker reads it)
@@ -237,6 +238,11 @@ def test_cropping_generated_tokens_keeps_the_positions_and_cropping_the_prompt_i
         assert cache.layers[1].tokens_seen == 13
         with pytest.raises(modpass.RoutingInputError, match="cut into the prompt"):
             cache.crop(-5)
+        if kv_cache.positive_crops_refused():  # as transformers' own layers do, before anything changes
+            kept = cache.layers[1].keys.shape[-2]
+            with pytest.raises(modpass.RoutingInputError, match=r"crop\(12\): .*as a negative integer"):
+                cache.layers[1].crop(12)
+            assert cache.layers[1].keys.shape[-2] == kept
     assert got.shape == (2, 1, 97)
 
 
