@@ -170,7 +170,7 @@ class RoutedBlock(nn.Module):
             # Hugging Face's gradient_checkpointing_enable() finds layers by this attribute.
             self.gradient_checkpointing = block.gradient_checkpointing
         self.__dict__["_block"] = block
-        self.__dict__["_plan"] = plan
+        self.adopt_plan(plan)
         self.__dict__["_gate"] = gate
         # Whether the full per-token logits train (the auxiliary loss); see passes/rewrite.py.
         self.__dict__["_score_gradients"] = score_gradients
@@ -196,6 +196,13 @@ class RoutedBlock(nn.Module):
     @property
     def plan(self) -> BlockPlan:
         return self._plan
+
+    def adopt_plan(self, plan: BlockPlan) -> None:
+        """Route by ``plan`` from now on. Its ratios are read through a plain dict (``_ratios``): the plan's own are
+        read-only, a dict subclass, on whose lookups torch 2.6's Dynamo guards with the next call's task as key
+        (a ``KeyError`` in the guard, not a recompile)."""
+        self.__dict__["_plan"] = plan
+        self.__dict__["_ratios"] = dict(plan.ratios)
 
     def adopt_hooks(self) -> None:
         """Take over the block's call hooks (the user's, or transformers' output recorder).
@@ -345,7 +352,7 @@ class RoutedBlock(nn.Module):
                 switching.block_done()
 
     def extra_repr(self) -> str:
-        ratios = {t: (None if r is None else float(r)) for t, r in self._plan.ratios.items()}
+        ratios = {t: (None if r is None else float(r)) for t, r in self._ratios.items()}
         return f"block={type(self._block).__name__}, ratios={ratios}, gate={self._gate!r}"
 
     def __prepare_scriptable__(self):
@@ -420,7 +427,7 @@ class RoutedBlock(nn.Module):
 
     def run(self, group: TaskGroup, args: tuple, kwargs: dict, records: list):
         """Route one group of sequences (the whole batch unless ``group.rows``); its record's fields go to ``records``."""
-        ratio = self._plan.ratios.get(group.task)
+        ratio = self._ratios.get(group.task)
         if ratio is None:
             if group.rows is not None and torch.compiler.is_compiling():
                 return self.run_captured(args, kwargs)
@@ -495,14 +502,14 @@ class RoutedBlock(nn.Module):
         """
         key = (task, form, *self.structure(args, kwargs))
         if key not in self._routes:
-            self.build_route(key, self._plan.ratios[task], args, kwargs)
+            self.build_route(key, self._ratios[task], args, kwargs)
         return self._routes[key]
 
     def ratio_terms(self, task: str):
         """The task's ratio as ``(numerator, denominator)``: ints, or symbolic sizes after ``set_ratios``."""
         carriers = self._capacity_carriers
         if carriers is None:
-            ratio = self._plan.ratios[task]
+            ratio = self._ratios[task]
             return ratio.numerator, ratio.denominator
         numerator, denominator = carriers[task]
         return numerator.shape[0] - CARRIER_OFFSET, denominator.shape[0] - CARRIER_OFFSET
@@ -608,7 +615,7 @@ class RoutedBlock(nn.Module):
 
     def stays_whole(self, group: TaskGroup) -> bool:
         """Whether a group under a route mask is one call: its rows share one call already, or its task is dense here."""
-        return group.row_capacity is not None or self._plan.ratios.get(group.task) is None
+        return group.row_capacity is not None or self._ratios.get(group.task) is None
 
     @split_outside_the_graph
     def split_rows_by_capacity(self, groups: list[TaskGroup], mask: torch.Tensor) -> list[TaskGroup]:
@@ -641,7 +648,7 @@ class RoutedBlock(nn.Module):
         whose attention could see the extra slots, and on torch 2.6
         (``_compat.DYNAMO_CANNOT_SHARE_ONE_CALL``).
         """
-        if _compat.DYNAMO_CANNOT_SHARE_ONE_CALL or self._plan.ratios.get(group.task) is None:
+        if _compat.DYNAMO_CANNOT_SHARE_ONE_CALL or self._ratios.get(group.task) is None:
             return group
         if self.route("per_row", group.task, args, kwargs) is None:
             return group
@@ -786,14 +793,14 @@ class RoutedBlock(nn.Module):
         tensor sizes that Dynamo makes symbolic, so a compiled model
         recompiles once for the first change and then only for k == T.
         """
-        self.__dict__["_plan"] = plan
+        self.adopt_plan(plan)
         reference = next(self.parameters(), None)
         self.carry_ratios(reference.device if reference is not None else torch.device("cpu"))
         self.prepare()
 
     def carry_ratios(self, device: torch.device) -> None:
         self.__dict__["_capacity_carriers"] = {
-            task: capacity_carriers(ratio, device) for task, ratio in self._plan.ratios.items() if ratio is not None
+            task: capacity_carriers(ratio, device) for task, ratio in self._ratios.items() if ratio is not None
         }
 
     def _apply(self, fn, recurse=True):

@@ -174,7 +174,7 @@ class RowTasks:
     def __init__(self, block, hidden: torch.Tensor):
         self.block = block
         groups = block._state.groups(hidden.shape[0])
-        self.routed_groups = [group for group in groups if block.plan.ratios.get(group.task) is not None]
+        self.routed_groups = [group for group in groups if block._ratios.get(group.task) is not None]
         self.dense = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         for group in self.routed_groups:
             self.dense = self.by_row(group, self.dense, torch.zeros_like(group.rows_of(self.dense)))
