@@ -178,8 +178,6 @@ class FlatCall(torch.nn.Module):
             return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
 
 
-
-
 def condition_failing_for_fewer(size: torch.SymInt) -> tuple[sympy.Basic, str, int] | None:
     """A condition the traced code assumed about ``size`` (a guard, or a runtime assert, of its shape environment) that
     fails for a smaller value of it, from 2 (export's least) up: ``(condition, where the code assumed it, the value)``.
