@@ -6,8 +6,8 @@ block later (PEFT's LoRA layers wrap its projections, bitsandbytes swaps its
 module still answers for the old one's ``weight`` (PEFT's layers do), the
 graph would go on with the old computation, silently. torch calls a global hook
 whenever any module registers a submodule (:func:`torch.nn.modules.module.register_module_module_registration_hook`);
-modpass's hook marks the routed block that holds the changed module, and the
-block captures its graphs again on its next call (``RoutedBlock.recapture``).
+modpass's hook marks the routed blocks that hold the changed module, and each
+captures its graphs again on its next call (``RoutedBlock.recapture``).
 A parameter set anew is a change where the graphs could not take it as they
 took the old one: another tensor class (torchao's ``quantize_`` swaps weights
 for quantized tensor subclasses, whose operations a capture traces), dtype,
@@ -32,8 +32,9 @@ import weakref
 import torch
 from torch import nn
 
-#: Each module inside a routed block -> that routed block (both weakly).
-_routed_block_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Each module inside a routed block -> the routed blocks holding it (weakly): a module two blocks share (tied MLPs)
+#: changes both.
+_routed_blocks_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _routed_blocks: weakref.WeakSet = weakref.WeakSet()
 _hooks: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -45,9 +46,8 @@ def watch(routed_block: nn.Module) -> None:
         _hooks.append(torch.nn.modules.module.register_module_module_registration_hook(_on_registration))
         _hooks.append(torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter))
     _routed_blocks.add(routed_block)
-    owner = weakref.ref(routed_block)
     for part in routed_block._block.modules():
-        _routed_block_of[part] = owner
+        _routed_blocks_of.setdefault(part, weakref.WeakSet()).add(routed_block)
 
 
 def _on_registration(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
@@ -73,7 +73,5 @@ def _on_parameter(module: nn.Module, name: str, parameter: nn.Parameter) -> None
 
 
 def _mark_changed(part: nn.Module) -> None:
-    owner = _routed_block_of.get(part)
-    routed_block = owner() if owner is not None else None
-    if routed_block is not None:
+    for routed_block in _routed_blocks_of.get(part, ()):
         routed_block.__dict__["_parts_changed"] = True

@@ -245,6 +245,23 @@ def test_parts_replaced_after_routing_run_in_routed_calls():
             close_to_dense(routed(input_ids=ids).logits, dense)
 
 
+def test_a_part_two_routed_blocks_share_runs_changed_in_both():
+    """A module shared by two routed blocks (tied MLPs) and changed after routing is captured again in each of them,
+    not only in the block routed last."""
+    model = models.NanoGPT().eval()
+    model.h[3].mlp = model.h[1].mlp
+    routed = modpass.transform(model, 1.0, layers=[1, 3])
+    routed.h[1].mlp[1] = nn.Tanh()
+    ids = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        x = torch.randn(2, 12, 32)
+        for index in (1, 3):
+            close_to_dense(routed.h[index](x), routed.h[index]._block(x))
+        routed_logits = routed(ids)
+        with modpass.dense(routed):
+            close_to_dense(routed_logits, routed(ids))
+
+
 @pytest.mark.parametrize("when", ["before", "after"], ids=["pruned-then-routed", "routed-then-pruned"])
 def test_a_pruned_part_trains_in_routed_calls_as_in_the_dense_model(when):
     """torch's pruning replaces a weight with a plain attribute that a forward pre-hook recomputes from ``weight_orig``
