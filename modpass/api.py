@@ -87,7 +87,7 @@ def transform(
             "new ratios (or load a saved plan with modpass.load) instead of routing twice."
         )
     with Progress(progress, "transform") as steps:
-        target = model if inplace else copy.deepcopy(model)
+        target = model if inplace else deep_copy(model, "transform")
         inputs = capture_inputs(target, example_inputs)
         steps.stage(f"capturing {type(model).__name__}")
         gm = capture(target, inputs)
@@ -302,11 +302,54 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     return given
 
 
+def deep_copy(model: nn.Module, verb: str) -> nn.Module:
+    """The copy of ``model`` that ``verb`` (``transform`` or ``load``) routes when not ``inplace``."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # whatever an attribute's __deepcopy__ or __reduce__ raises (TypeError, RuntimeError, ...)
+        raise ConfigError(
+            f"{verb}() routes a deep copy of {type(model).__name__} (inplace=False), which copy.deepcopy refused "
+            f"({type(exc).__name__}: {exc}). Pass inplace=True to route the model itself (it is then changed), or make the "
+            "model copyable (torch.nn.utils.parametrizations.weight_norm copies where the older "
+            "torch.nn.utils.weight_norm does not)."
+        ) from exc
+
+
+@contextlib.contextmanager
+def side_effects_undone(model: nn.Module) -> Iterator[None]:
+    """While open, ``model`` runs for what a verb reads from the run (the calls its blocks receive, its FLOPs); on
+    exit its buffers are what they were, and the random streams of CPU and of the devices its tensors are on are
+    where they were. A model in training mode changes both: a batch norm updates its running statistics, dropout
+    draws from the streams."""
+    # The run gets copies of the buffers, which it may change: written back, the originals would move their version,
+    # and a backward pending from the caller's forward (flops between a forward and its backward) that saved them (a
+    # batch norm's statistics) would refuse to run. A routed block holds its block's buffers: one copy for both.
+    held = [(where, dict(where)) for where in {id(m._buffers): m._buffers for m in model.modules()}.values()]
+    copies: dict[int, torch.Tensor] = {}
+    for where, buffers in held:
+        for name, tensor in buffers.items():
+            if tensor is not None:
+                where[name] = copies.setdefault(id(tensor), tensor.detach().clone())
+    devices: dict[str, set[torch.device]] = {}
+    for tensor in (*model.parameters(), *copies.values()):
+        if tensor.device.type != "cpu":
+            devices.setdefault(tensor.device.type, set()).add(tensor.device)
+    try:
+        with contextlib.ExitStack() as streams:
+            for device_type, on in (devices or {"cpu": set()}).items():  # each fork takes CPU's stream too
+                streams.enter_context(torch.random.fork_rng(devices=list(on), device_type=device_type))
+            yield
+    finally:
+        for where, buffers in held:
+            where.update(buffers)
+
+
 def record_block_calls(model: nn.Module, paths: list[str], example_inputs: Mapping | tuple) -> dict[str, tuple[tuple, dict]]:
-    """The ``(args, kwargs)`` each block receives when ``model`` runs on ``example_inputs`` (keyword or positional)."""
+    """The ``(args, kwargs)`` each block receives when ``model`` runs on ``example_inputs`` (keyword or positional),
+    leaving the model and the random streams as they were."""
     blocks = [(path, model.get_submodule(path)) for path in paths]
     try:
-        with first_calls(blocks) as calls, torch.no_grad():
+        with first_calls(blocks) as calls, side_effects_undone(model), torch.no_grad():
             call_with(model, example_inputs)
     except ModpassError:
         raise

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import flop_counter
 
-from .api import require_module, routed_blocks, routed_model, routing_plan_of, routing_state
+from .api import require_module, routed_blocks, routed_model, routing_plan_of, routing_state, side_effects_undone
 from .errors import ConfigError
 from .inputs import call_with, capture_inputs
 
@@ -111,14 +111,26 @@ def flops(model: torch.nn.Module, inputs: Mapping | tuple | list | torch.Tensor,
         raise ConfigError("flops() takes a model routed by modpass.transform or modpass.load.")
     model = routed_model(model)  # counted eagerly, under the plan's paths
     inputs = capture_inputs(model, inputs)
+    if isinstance(inputs, Mapping) and "task" in inputs:
+        raise ConfigError(
+            f"flops() counts one task at a time over the whole batch, but inputs has a 'task' key ({inputs['task']!r:.60}); "
+            "leave it out and pass flops(model, inputs, task=name) for one task, or no task= for each task of the plan."
+        )
     tasks = [task] if task is not None else list(plan.tasks)
     report = FlopReport()
-    paths = list(routed_blocks(model))
-    for t in tasks:
-        with dense(model):
-            dense_counts = count(model, inputs, task=t)
-        routed_counts = count(model, inputs, task=t)
-        for path in paths:
-            report.blocks.setdefault(path, {})[t] = (dense_counts.get(path, 0), routed_counts.get(path, 0))
-        report.total[t] = (dense_counts.get("", 0), routed_counts.get("", 0))
+    blocks = routed_blocks(model)
+    # The routing records of the caller's last forward stay: modpass.aux_loss reads them, with their gradients.
+    records = {path: block.last_routing for path, block in blocks.items()}
+    try:
+        with side_effects_undone(model):
+            for t in tasks:
+                with dense(model):
+                    dense_counts = count(model, inputs, task=t)
+                routed_counts = count(model, inputs, task=t)
+                for path in blocks:
+                    report.blocks.setdefault(path, {})[t] = (dense_counts.get(path, 0), routed_counts.get(path, 0))
+                report.total[t] = (dense_counts.get("", 0), routed_counts.get("", 0))
+    finally:
+        for path, block in blocks.items():
+            block.last_routing = records[path]
     return report

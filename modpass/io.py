@@ -14,7 +14,6 @@ model, before changing anything.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .api import apply_plan, refuse_unrunnable, require_module, routed_blocks, routing_plan_of
+from .api import apply_plan, deep_copy, refuse_unrunnable, require_module, routed_blocks, routing_plan_of
 from .errors import ConfigError, PlanError, RouterError
 from .inputs import capture_inputs
 from .passes.capture import capture
@@ -151,7 +150,7 @@ def load(
         raise ConfigError("load() takes the original (unrouted) model; this one is already routed.")
     plan, tensors = read(directory)
     with Progress(progress, "load") as steps:
-        target = base_model if inplace else copy.deepcopy(base_model)
+        target = base_model if inplace else deep_copy(base_model, "load")
         inputs = capture_inputs(target, example_inputs)
         steps.stage(f"capturing {type(base_model).__name__}")
         traced_calls = check_plan_fits(plan, target, inputs)

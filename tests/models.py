@@ -61,6 +61,19 @@ class NanoGPT(nn.Module):
         return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
 
 
+class NormedEmbeddingGPT(NanoGPT):
+    """Batch norm and dropout over the embeddings, outside the blocks: a forward in training mode updates the norm's
+    running statistics and draws from the random stream."""
+
+    def __init__(self):
+        super().__init__(layers=2)
+        self.norm = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(0.1)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(super().embed(idx).transpose(1, 2)).transpose(1, 2))
+
+
 class InPlaceBlock(NanoBlock):
     """The nanoGPT block adding its updates into its hidden state in place (``x += ...``), as inference code may."""
 

@@ -9,6 +9,7 @@ import json
 import math
 import pickle
 import shutil
+import threading
 import warnings
 from fractions import Fraction
 
@@ -78,6 +79,23 @@ def test_inplace_routes_the_model_itself():
     routed = modpass.transform(model, 0.5, inplace=True)
     assert routed is model
     assert isinstance(model.h[1], modpass.RoutedBlock)
+
+
+def test_a_model_that_cannot_be_deep_copied_is_refused_with_the_cause_and_inplace(saved_two_task):
+    """Until the eighth session transform and load raised copy.deepcopy's own TypeError or RuntimeError."""
+    locked = models.NanoGPT().eval()
+    locked.lock = threading.Lock()
+    normed = models.NanoGPT().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own: the older weight_norm is deprecated
+        torch.nn.utils.weight_norm(normed.h[1].c_proj)
+    for model, cause in ((locked, "TypeError: cannot pickle '_thread.lock' object"), (normed, r"RuntimeError: Only Tensors created explicitly")):
+        for verb, call in (("transform", lambda m: modpass.transform(m, 0.5)), ("load", lambda m: modpass.load(m, saved_two_task[2]))):
+            with pytest.raises(modpass.ConfigError, match=rf"{verb}\(\) routes a deep copy of NanoGPT \(inplace=False\), which "
+                               rf"copy.deepcopy refused \({cause}.*Pass inplace=True to route the model itself") as refused:
+                call(model)
+            assert type(refused.value.__cause__).__name__ == cause.partition(":")[0]
+    assert isinstance(modpass.transform(locked, 0.5, inplace=True).h[1], modpass.RoutedBlock)
 
 
 class KeywordCallGPT(models.NanoGPT):
@@ -497,6 +515,27 @@ def test_transform_leaves_the_random_stream_where_it_was():
     state = torch.get_rng_state()
     modpass.transform(model, 0.5)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_routing_a_model_in_training_mode_leaves_its_buffers_and_the_random_stream(tmp_path):
+    """Until the eighth session transform and load ran the model on the example inputs in the mode it was in: in
+    training mode that updated a batch norm's statistics (in the caller's model with inplace=True, in the routed copy
+    otherwise, which then started from other statistics than the original) and drew dropout from the random stream."""
+    model = models.NormedEmbeddingGPT().train()
+    statistics = {k: v.clone() for k, v in model.norm.state_dict().items()}
+    state = torch.get_rng_state()
+    routed = modpass.transform(model, 0.5, layers=[1])
+    assert torch.equal(torch.get_rng_state(), state)
+    for norm in (model.norm, routed.norm):
+        assert all(torch.equal(value, statistics[key]) for key, value in norm.state_dict().items())
+    assert routed.training and routed.norm.training
+    modpass.save(routed, tmp_path)
+    base = models.NormedEmbeddingGPT().train()
+    statistics = {k: v.clone() for k, v in base.norm.state_dict().items()}
+    state = torch.get_rng_state()
+    loaded = modpass.load(base, tmp_path, inplace=True)
+    assert loaded is base and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(value, statistics[key]) for key, value in base.norm.state_dict().items())
 
 
 @pytest.mark.parametrize("example_inputs", ["some text", 5, {}, {"idx": "x"}, {1, 2}], ids=["str", "int", "empty", "no-tensor", "set"])

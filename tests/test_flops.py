@@ -74,3 +74,36 @@ def test_block_flops_follow_the_ratio(nano, ratio):
 def test_flops_refuses_unrouted_models(nano):
     with pytest.raises(modpass.ConfigError):
         modpass.flops(nano, {"idx": torch.randint(0, 61, (1, 4))})
+
+
+def test_flops_keeps_the_last_forwards_routing_records_buffers_and_random_stream():
+    """Until the eighth session flops replaced the routing records of the caller's forward, so that aux_loss after it
+    gave another loss, without gradient; in training mode it also updated a batch norm's statistics and drew dropout
+    from the random stream."""
+    routed = modpass.transform(models.NormedEmbeddingGPT(), 0.5, layers=[1], aux_loss_weight=0.1).train()
+    models.randomise_routers(routed, seed=1)
+    ids = torch.randint(0, 61, (2, 12))
+    routed(ids)
+    loss = modpass.aux_loss(routed)
+    statistics = {k: v.clone() for k, v in routed.norm.state_dict().items()}
+    state = torch.get_rng_state()
+    modpass.flops(routed, ids[:, :5])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(value, statistics[key]) for key, value in routed.norm.state_dict().items())
+    after = modpass.aux_loss(routed)
+    assert after.requires_grad and torch.equal(after, loss)
+    after.backward()
+    assert routed.h[1].mod_routers["default"].weight.grad.abs().sum() > 0
+
+
+def test_a_task_among_the_inputs_is_refused_for_the_task_argument(nano):
+    """Until the eighth session a 'task' key raised TypeError (multiple values for 'task') with the model's repr; a
+    route mask among the inputs is counted."""
+    routed = modpass.transform(nano, {"a": 0.25, "b": 0.5})
+    ids = torch.randint(0, 61, (2, 16))
+    with pytest.raises(modpass.ConfigError, match=r"inputs has a 'task' key \(\['a', 'b'\]\); leave it out and pass flops\(model, inputs, task=name\)"):
+        modpass.flops(routed, {"idx": ids, "task": ["a", "b"]})
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[:, :8] = False
+    masked = modpass.flops(routed, {"idx": ids, "route_mask": mask}, task="a").total["a"]
+    assert masked[1] > modpass.flops(routed, {"idx": ids}, task="a").total["a"][1]
