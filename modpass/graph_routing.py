@@ -22,6 +22,7 @@ import dataclasses
 import operator
 import re
 import warnings
+from collections import Counter
 
 import sympy
 import torch
@@ -111,12 +112,21 @@ def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, s
         if scope_in_graph(found, plan.within) is None or not {b.block_class for b in plan.blocks} & {b.block_class for b in found}:
             return None
         plan, routers = rooted_at_graph(plan, routers, [b.path for b in found])
+        widths = {b.path: b.hidden_size for b in found}
+        other = next((b for b in plan.blocks if widths.get(b.path, b.hidden_size) != b.hidden_size), None)
+        if other is not None:
+            raise PlanError(
+                f"the plan routes {other.path} at width {other.hidden_size}, but this model's block there is "
+                f"{widths[other.path]} wide: the plan was saved from another configuration. Save the plan from a "
+                "transform of this model."
+            )
     else:
         if "ratios" not in options:
             raise ConfigError("backend routing needs options['ratios'] (or options['plan']).")
         within = scope_in_graph(found, options.get("within", ""))
         if within is None:
             return None
+        refuse_a_stack_split_by_graph_breaks(found, within)
         config = RoutingConfig.from_arguments(options["ratios"], layers=options.get("layers", "every_other"),
                                               within=within, gate=options.get("gate", "tanh"))
         plan = plan_stage(gm, config).meta["modpass_plan"]
@@ -134,6 +144,26 @@ def choose_plan(gm: torch.fx.GraphModule, options: dict) -> tuple[RoutingPlan, s
     elif task not in plan.tasks:
         raise ConfigError(f"unknown task {task!r}; the plan routes {list(plan.tasks)}.")
     return plan, task, routers
+
+
+def refuse_a_stack_split_by_graph_breaks(found: list, within: str) -> None:
+    """Refuse a graph that holds a stack's blocks from the middle on (``h.3``, ``h.4``, ``h.5`` of six): graph breaks
+    between blocks split the model, and ``layers``, per-block lists and schedules count the blocks of the one graph the
+    backend sees, so they would count ``h.3`` as block 0. (A part that starts at a stack's first block cannot tell
+    that more follow, but the part after it, compiled in the same call, refuses.)"""
+    by_stack: dict[str, list[str]] = {}
+    for block in found:
+        if in_scope(block.path, within):
+            by_stack.setdefault(block.stack, []).append(block.path.rpartition(".")[2])
+    for stack, names in by_stack.items():
+        if all(name.isdigit() for name in names) and sorted(map(int, names)) != list(range(len(names))):
+            raise ConfigError(
+                f"this graph holds blocks {names} of {stack or 'the model'} and not the others: graph breaks split the "
+                "model between its blocks, and options['ratios'] counts blocks (layers, per-block lists, schedules) "
+                "within one graph, so it would count the first of these as block 0. Remove the graph break "
+                "(torch.compile(fullgraph=True) names it), or route with modpass.transform(model, ratios, ...) and "
+                "compile the routed model."
+            )
 
 
 def scope_in_graph(found: list, within: str) -> str | None:
@@ -157,7 +187,9 @@ def unrouted(gm: torch.fx.GraphModule, why: str) -> torch.fx.GraphModule:
         f"modpass backend: a graph Dynamo traced ({len(gm.graph.nodes)} nodes: the whole model, or a part of it between "
         f"graph breaks) {why}; it compiles unrouted. If nothing of the model is routed, check options['within'] and "
         "that options['plan'] was saved from this model: modpass.load(model, plan) or modpass.transform(model, ratios, "
-        "within=...) says what does not fit.",
+        "within=...) says what does not fit. Blocks count only where they lie whole in one graph with their siblings: "
+        "a graph break inside the layer loop or inside a block (a print, .item()) leaves none to route "
+        "(torch.compile(fullgraph=True) names it).",
         stacklevel=3,
     )
     return gm
@@ -221,11 +253,14 @@ def scalar_attribute(node: torch.fx.Node) -> float | int | None:
 LEAVE_DENSE = "modpass.transform, which captures each block on its own, may route it; or leave it dense with options['layers']."
 
 
-def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], where: str) -> tuple[torch.fx.GraphModule, list[torch.fx.Node], list[torch.fx.Node]]:
+def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], where: str, shared: set[torch.fx.Node] = frozenset()
+            ) -> tuple[torch.fx.GraphModule, list[torch.fx.Node], list[torch.fx.Node]]:
     """A region as its own graph: ``(region module, outer input nodes, outer output nodes)``.
 
     The hidden state is the first input and the new hidden state the first
-    output. Sizes that Dynamo passes as inputs, or that the region computes
+    output: of the inputs shaped like an output, the first that is not
+    ``shared`` with the region's sibling blocks (a positional tensor every
+    block reads, which it may read before its hidden state). Sizes that Dynamo passes as inputs, or that the region computes
     from them, are re-derived from a tensor input carrying the same size, so
     the region's sizes follow its tensors when it is captured again.
     """
@@ -233,7 +268,7 @@ def extract(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], where: str) ->
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in region))
     outputs = [n for n in nodes if any(u not in region for u in n.users)]
     hidden_shape = None
-    for node in inputs:
+    for node in sorted(inputs, key=lambda node: node in shared):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() == 3 and any(
             isinstance(o.meta.get("val"), torch.Tensor) and tuple(map(str, o.meta["val"].shape)) == tuple(map(str, val.shape)) for o in outputs
@@ -376,13 +411,16 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
                             f"{sorted({b.block_class.rpartition('.')[2] for b in found})})")
     plan, task, routers = chosen
     unshare_scalar_arithmetic(gm, [block.path for block in plan.blocks if block.ratios.get(task) is not None])
+    regions = [set(region_of(gm, block.path)) for block in gm.meta["modpass_blocks"]]
+    readers = Counter(a for region in regions for a in {a for n in region for a in n.all_input_nodes if a not in region})
+    shared = {node for node, count in readers.items() if count > 1}
     for number, block in enumerate(plan.blocks):
         ratio = block.ratios.get(task)
         if ratio is None:
             continue
         nodes = region_of(gm, block.path)
         where = f"block {block.index} ({block.path})"
-        region, inputs, outputs = extract(gm, nodes, where)
+        region, inputs, outputs = extract(gm, nodes, where, shared)
         refuse_fixed_token_count(gm, inputs[0], where)
         refuse_token_count_branches(inputs, where)
         with outside_dynamo_tracing():

@@ -675,6 +675,64 @@ def test_options_compile_the_parts_without_blocks_to_route_unrouted(tmp_path):
     assert any("holds none of the blocks to route" in m for m in messages), messages
 
 
+class BreakBetweenBlocksGPT(models.NanoGPT):
+    """Six blocks, with a graph break between the third and the fourth."""
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        x = self.h[2](self.h[1](self.h[0](x)))
+        torch._dynamo.graph_break()
+        x = self.h[5](self.h[4](self.h[3](x)))
+        return self.lm_head(self.ln_f(x))
+
+
+def test_options_refuse_to_count_blocks_in_a_graph_that_starts_mid_stack():
+    """The graph after the break holds h.3 to h.5, which options['ratios'] counted from 0: layers=[1] routed h.1 and
+    h.4, silently."""
+    model = BreakBetweenBlocksGPT(layers=6).eval()
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": [1]})
+    with torch.no_grad(), backend_refuses(modpass.ConfigError, r"holds blocks \['3', '4', '5'\] of h and not the others: graph breaks"):
+        compiled(torch.randint(0, 61, (2, 12)))
+
+
+class PositionsAddedInsideBlock(models.NanoBlock):
+    def forward(self, x, positions):
+        return self.mix(positions + x, is_causal=True)
+
+
+class PositionsAddedInsideGPT(models.NanoGPT):
+    """Hands every block the same positional tensor, which each reads before its hidden state."""
+
+    block_class = PositionsAddedInsideBlock
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        positions = self.wpe(torch.arange(idx.shape[1], device=idx.device)).expand_as(x).contiguous()
+        for block in self.h:
+            x = block(x, positions)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_options_take_the_stream_not_a_tensor_every_block_reads_as_the_hidden_state():
+    """The backend took the first input shaped like the output, the positions here, as the hidden state, and
+    skipped tokens came out as their positions (0.76 off transform at ratio 0.5; equal at 1.0)."""
+    model = PositionsAddedInsideGPT(layers=2).eval()
+    ids = torch.randint(0, 61, (2, 12))
+    routed = modpass.transform(model, 0.5, layers=[1])
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"ratios": 0.5, "layers": [1]})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(compiled(ids), routed(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_option_refuses_a_plan_of_another_width(tmp_path):
+    """It failed inside the routed graph with a RuntimeError about tensor sizes (32 and 48)."""
+    modpass.save(modpass.transform(models.NanoGPT(width=48).eval(), 0.5), tmp_path)
+    compiled = torch.compile(models.NanoGPT().eval(), backend="modpass", dynamic=True, options={"plan": str(tmp_path)})
+    with torch.no_grad(), backend_refuses(modpass.PlanError, r"routes h\.1 at width 48, but this model's block there is 32 wide"):
+        compiled(torch.randint(0, 61, (2, 12)))
+
+
 def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
     """Task ids as a LongTensor split in the graph: one graph for every mix, absent tasks included.
 
