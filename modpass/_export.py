@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import traceback
-import warnings
 from collections.abc import Iterable, Iterator
 
 import sympy
@@ -129,15 +128,100 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Assignments:
-    """The tensor attributes a call assigned (``self.stash = attention.detach()``, a buffer replaced), by path; not a
+    """What a call wrote to its module's attributes, by path: the tensor attributes it assigned (``self.stash =
+    attention.detach()``, a buffer replaced) and the Python state it wrote (see :class:`PythonState`). Not a
     container, so that export's restore of the module's attributes after tracing keeps what it holds. (A block capture
     silences hooks, so pruning's, which set the pruned weight at every call, assign nothing there.)"""
 
     def __init__(self):
         self.paths: list[str] = []
+        self.state: list[str] = []
 
-    def note(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    def note(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], state: list[str]) -> None:
         self.paths = [path for path, value in after.items() if before.get(path) is not value]
+        self.state = state
+
+
+# What torch keeps in every module's __dict__ (its parameters, buffers, submodules, hooks and training flag), and the
+# hooks a lazy module drops once its first call has set its shapes: torch's bookkeeping, not the model's state.
+_MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module())) | {"_initialize_hook", "_load_hook"}
+# Values a forward may write again at every call, the same each time (a flag, a name, a device): compared by value.
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+class PythonState:
+    """The attributes ``module`` and its submodules hold (torch's bookkeeping aside), with the contents of each list,
+    dict and set among them, so that what one call then writes there can be named (:meth:`written`, which leaves
+    tensor attributes to :class:`Assignments`) and undone (:meth:`restore`).
+
+    A routed block runs its captured graph, not this Python, so what its forward writes there would go stale. And a
+    traced call writes traced values there (fake tensors, symbolic sizes), which export puts back only in part (not a
+    new attribute, nor a set's contents); torch's pruning hooks assign a traced weight at each call, which export would
+    warn of.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.modules = list(module.named_modules())
+        self.held = self.attributes()
+        self.contents = {path: _contents(value) for path, (_, _, value) in self.held.items() if isinstance(value, (list, dict, set))}
+
+    def attributes(self) -> dict[str, tuple[torch.nn.Module, str, object]]:
+        return {
+            f"{path}.{name}" if path else name: (m, name, value)
+            for path, m in self.modules
+            for name, value in vars(m).items()
+            if name not in _MODULE_BOOKKEEPING
+        }
+
+    def written(self) -> list[str]:
+        """The non-tensor attributes the call assigned or deleted and the containers it changed, by path (``calls
+        assigned``, ``cache['h'] assigned``, ``log (a list) changed``)."""
+        now = self.attributes()
+        written = [f"{path} deleted" for path in self.held.keys() - now.keys()]
+        for path, (_, _, value) in now.items():
+            if isinstance(value, torch.Tensor):
+                continue
+            if path not in self.held or not _unchanged(self.held[path][2], value):
+                written.append(f"{path} assigned")
+            elif isinstance(value, dict):
+                before = self.contents[path]
+                keys = [*before, *(key for key in value if key not in before)]
+                written += [f"{path}[{key!r}] {'assigned' if key in value else 'deleted'}" for key in keys
+                            if key not in before or key not in value or not _unchanged(before[key], value[key])]
+            elif path in self.contents and not _same_contents(self.contents[path], value):
+                written.append(f"{path} (a {type(value).__name__}) changed")
+        return written
+
+    def restore(self) -> None:
+        for path, (m, name, _) in self.attributes().items():
+            if path not in self.held:
+                del m.__dict__[name]
+        for m, name, value in self.held.values():
+            m.__dict__[name] = value
+        for path, contents in self.contents.items():
+            value = self.held[path][2]
+            if not _same_contents(contents, value):
+                value.clear()
+                if isinstance(value, list):
+                    value.extend(contents)
+                else:
+                    value.update(contents)
+
+
+def _contents(container: list | dict | set) -> list | dict | set:
+    return list(container) if isinstance(container, list) else dict(container) if isinstance(container, dict) else set(container)
+
+
+def _unchanged(before, after) -> bool:
+    return after is before or (type(after) is type(before) and isinstance(after, _PLAIN) and after == before)
+
+
+def _same_contents(before: list | dict | set, after: list | dict | set) -> bool:
+    if isinstance(after, set):
+        return before == after
+    if isinstance(after, dict):
+        return before.keys() == after.keys() and all(_unchanged(before[key], after[key]) for key in before)
+    return len(before) == len(after) and all(map(_unchanged, before, after))
 
 
 class FlatCall(torch.nn.Module):
@@ -157,9 +241,12 @@ class FlatCall(torch.nn.Module):
 
     def forward(self, *tensors):
         args, kwargs = _structure.replace(self.structure, list(tensors))
-        before = tensor_attributes(self.module)
-        output = self.module(*args, **kwargs)
-        self.assignments.note(before, tensor_attributes(self.module))
+        before, state = tensor_attributes(self.module), PythonState(self.module)
+        try:
+            output = self.module(*args, **kwargs)
+            self.assignments.note(before, tensor_attributes(self.module), state.written())
+        finally:
+            state.restore()
         return output
 
     @classmethod
@@ -171,11 +258,7 @@ class FlatCall(torch.nn.Module):
         """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1; size-1 axes stay static)."""
         if dynamic_axes is None:
             dynamic_axes = tuple(tuple(axis for axis, size in enumerate(t.shape) if size > 1) for t in tensors)
-        with warnings.catch_warnings():
-            # Export restores the tensor attributes a call assigned, and says so. Those are torch's pruning hooks
-            # (which a block capture follows) or, in a block, refused by capture_block (see `assignments`).
-            warnings.filterwarnings("ignore", message="The tensor attributes? .* (was|were) assigned during export")
-            return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
+        return export_quietly(self, tensors, {}, (tuple({axis: Dim.AUTO for axis in axes} for axes in dynamic_axes),))
 
 
 def condition_failing_for_fewer(size: torch.SymInt) -> tuple[sympy.Basic, str, int] | None:

@@ -478,3 +478,80 @@ def test_training_keeps_a_routed_blocks_full_input_only_for_the_aux_loss(aux_los
         routed(torch.randint(0, 61, (2, 16)))
     kept = sorted(path for path, hidden in inputs.items() if hidden.untyped_storage().data_ptr() in saved)
     assert kept == (sorted(inputs) if aux_loss_weight else []), kept
+
+
+class CachingBlock(models.NanoBlock):
+    """Keeps its attention input in a dict, for a later look."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.cache = {}
+
+    def forward(self, x):
+        self.cache["normed"] = self.ln_1(x).detach()
+        return super().forward(x)
+
+
+class NormLoggingBlock(models.NanoBlock):
+    """Logs its hidden state's norm at each call."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.norms = []
+
+    def forward(self, x):
+        self.norms.append(x.detach().norm())
+        return super().forward(x)
+
+
+class CallCountingBlock(models.NanoBlock):
+    """Counts its calls in a Python int."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+PYTHON_STATE_WRITES = {
+    "dict-written": (CachingBlock, "cache", {}, r"cache\['normed'\] assigned"),
+    "list-appended-to": (NormLoggingBlock, "norms", [], r"norms \(a list\) changed"),
+    "int-counted": (CallCountingBlock, "calls", 0, r"calls assigned"),
+}
+
+
+@pytest.mark.parametrize("write", PYTHON_STATE_WRITES)
+def test_a_block_that_writes_python_state_is_refused_and_the_model_left_as_it_was(write):
+    """Routed calls run the block's captured graph, not its forward: the state kept what the dense run on the example
+    inputs left there (a 13-token tensor, a count of 1) and no routed call changed it."""
+    block_class, attribute, initial, written = PYTHON_STATE_WRITES[write]
+    model = type("StatefulGPT", (models.NanoGPT,), {"block_class": block_class})(width=16, heads=2, layers=2)
+    with pytest.raises(modpass.UnroutableBlockError, match=rf"block 0 \(h\.0\): the block's forward writes Python state \({written}\)\. "
+                       r"A routed call runs the block's captured graph.*Return the values from the block instead, or leave "
+                       r"this block dense with layers="):
+        modpass.transform(model, 0.5, layers="all")
+    assert [getattr(block, attribute) for block in model.h] == [initial, initial]
+
+
+class ShapeNotingBlock(models.NanoBlock):
+    """Notes its token count and widths seen, in a new attribute and a set."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.widths = set()
+
+    def forward(self, x):
+        self.tokens = x.shape[1]
+        self.widths.add(x.shape[-1])
+        return super().forward(x)
+
+
+def test_a_capture_leaves_the_python_state_a_traced_call_wrote_as_it_was():
+    """torch.export puts back the attributes a traced call rebound, but not a new one (which kept a symbolic size) nor
+    a set's contents."""
+    model = type("ShapeNotingGPT", (models.NanoGPT,), {"block_class": ShapeNotingBlock})(width=16, heads=2, layers=2)
+    modpass.list_blocks(model)
+    assert [(vars(block).get("tokens"), block.widths) for block in model.h] == [(None, set())] * 2

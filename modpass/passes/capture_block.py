@@ -17,8 +17,8 @@ reshape sizes are written out where the model wrote ``-1`` (see
 :func:`spell_out_inferred_sizes`), so the graph also runs on an empty batch.
 The graph writes none of its inputs: where the block writes its hidden state in place (``x += ...``), it writes a
 copy (``meta["modpass_writes_hidden_state"]`` says so, for callers that run the block's own forward on tokens they
-read again). Raises ``CaptureError`` for blocks that do not export, that mutate state or assign tensor attributes, or
-that write another input in place.
+read again). Raises ``CaptureError`` for blocks that do not export, that mutate state, assign tensor attributes or
+write other Python state (see :class:`modpass._export.PythonState`), or that write another input in place.
 
 Non-tensor leaves (flags, None) are baked into the graph, so a call with
 different flags needs its own capture (the routed block caches per call
@@ -77,6 +77,13 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             f"{where}: the block's forward assigns tensor attributes ({', '.join(wrapper.assignments.paths)}). A routed "
             "call runs the block's captured graph, which makes no such assignment, so they would keep the values of an "
             "earlier dense call. Return the tensors from the block instead, or leave this block dense with layers=."
+        )
+    if wrapper.assignments.state:
+        raise CaptureError(
+            f"{where}: the block's forward writes Python state ({', '.join(wrapper.assignments.state)}). A routed call "
+            "runs the block's captured graph, which holds its tensor operations only, so that state would keep what an "
+            "earlier dense call left there and never see a routed call. Return the values from the block instead, or "
+            "leave this block dense with layers=."
         )
     signature = program.graph_signature
     refuse_size_assumptions(program, where)
