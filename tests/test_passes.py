@@ -602,6 +602,55 @@ def test_token_mixing_refuses_a_sequence_first_block_and_routes_it_batch_first(n
         assert modpass.routed_blocks(routed)["layers.1"].last_routing[0].index.shape == (2, 5)
 
 
+class HandWrittenAttention(nn.Module):
+    """Two-head self-attention over (T, B, D) written by hand, as ``kind`` does it rather than through a kernel; with
+    ``batch_first``, the same code between two transposes, which makes it a batch-first block."""
+
+    def __init__(self, kind, batch_first):
+        super().__init__()
+        self.kind, self.batch_first = kind, batch_first
+        self.qkv, self.out, self.mha = nn.Linear(8, 24), nn.Linear(8, 8), nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        if self.batch_first:
+            return x + self.attend(x.transpose(0, 1)).transpose(0, 1)
+        return x + self.attend(x)
+
+    def attend(self, x):
+        if self.kind == "multihead":
+            return self.mha(x, x, x)[0]  # need_weights=True, its default, takes the bmm path, not SDPA
+        t, b, d = x.shape
+        q, k, v = self.qkv(x).split(d, -1)
+        if self.kind == "matmul-4d":
+            q, k, v = (z.view(t, b, 2, d // 2).permute(1, 2, 0, 3) for z in (q, k, v))
+            y = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+            return self.out(y.permute(2, 0, 1, 3).reshape(t, b, d))
+        q, k, v = (z.reshape(t, b * 2, d // 2).transpose(0, 1) for z in (q, k, v))  # fairseq's (B*H, T, dh)
+        if self.kind == "bmm":
+            scores = torch.bmm(q, k.transpose(1, 2))
+        else:  # Megatron's: scaled into a buffer, then causally masked
+            scores = torch.baddbmm(torch.zeros(b * 2, t, t), q, k.transpose(1, 2), beta=0.0, alpha=0.5)
+            scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -1e9)
+        y = torch.bmm(scores.softmax(-1), v)
+        return self.out(y.transpose(0, 1).reshape(t, b, d))
+
+
+@pytest.mark.parametrize("kind", ["bmm", "matmul-4d", "baddbmm", "multihead"])
+def test_token_mixing_refuses_sequence_first_attention_written_by_hand(kind):
+    """Without a kernel to read the queries of, the products show the layout: q @ k.T pairs rows along the first axis.
+    Routed, such a block changed one sequence's outputs when another sequence changed, and equalled the dense model at
+    full capacity all the same."""
+    torch.manual_seed(0)
+    for batch_first in (False, True):
+        x = torch.randn(2, 9, 8) if batch_first else torch.randn(9, 2, 8)
+        gm = token_axes(capture_block(HandWrittenAttention(kind, batch_first).eval(), (x,), {}))
+        if batch_first:
+            token_mixing(gm)
+            continue
+        with pytest.raises(modpass.UnroutableBlockError, match=r"sequence-first \(T, B, D\) layout.*batch_first=True"):
+            token_mixing(gm)
+
+
 class RepeatedCumsumBlock(nn.Module):
     """One line of code making the same token-mixing op three times (as an experts loop makes its indexing)."""
 

@@ -61,7 +61,10 @@ mixes tokens when it combines positions along such an axis:
   ``T ** -0.5`` or ``log T`` scale, ``full_like(x, T)``) would compute with
   ``k``; the count may size tensors (views, expands, slice bounds), nothing more;
 * attention whose queries run along the batch axis rather than ``T`` belongs to
-  a sequence-first ``(T, B, D)`` block, whose ``T`` here is its batch.
+  a sequence-first ``(T, B, D)`` block, whose ``T`` here is its batch: an
+  attention kernel's, or a product of two activations (``bmm``, ``matmul``,
+  ``baddbmm``, ``einsum``) pairing rows along the batch axis, as attention
+  written by hand does.
 
 Everything else (pointwise math, views, linear layers over features,
 feature-wise norms, batch norm in eval) is position-wise, provided each token's position stays
@@ -575,21 +578,57 @@ def model_source_line(node: torch.fx.Node) -> str:
     return (user or frames or ["unknown source"])[-1]
 
 
+def paired_axes(node: torch.fx.Node, name: str, batch, symbol) -> list:
+    """The sizes of the axes along which a product of two activations, each carrying the batch and the tokens, relates
+    rows of one to rows of the other: the rows each has that the other lacks (``q @ k.T``: the queries and the keys)
+    and the axis the two sum over together (``scores @ v``: the keys). Axes both keep (heads, sequences) relate nothing,
+    nor does an axis that one operand sums alone; a weight, carrying no batch, makes a layer."""
+    args = named_arguments(node)
+    if name == "einsum":
+        tensors = args["tensors"]
+        operands, output = einsum_labels(args["equation"], [t.meta["val"].dim() for t in tensors])
+        owners = Counter(label for labels in operands for label in set(labels))
+        sizes = {label: t.meta["val"].shape[d] for labels, t in zip(operands, tensors) for d, label in enumerate(labels)
+                 if (label in output and owners[label] == 1) or (label not in output and owners[label] > 1)}
+        paired = list(sizes.values())
+    else:
+        (a, summed), (b, _) = contracted_operands(name, args)
+        tensors = [a, b]
+        rows = [(t, d) for t, d in ((a, a.meta["val"].dim() - 2), (b, b.meta["val"].dim() - 1)) if t.meta["val"].dim() >= 2]
+        paired = [t.meta["val"].shape[d] for t, d in [*rows, (a, summed)]]
+    if sum(bool(token_dims(t, batch) and token_dims(t, symbol)) for t in tensors) < 2:
+        return []
+    return paired
+
+
 def attention_across_the_batch(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
-    """Attention kernels whose queries run along the batch axis and not the token axis: the block's sequences lie
-    along the hidden state's first axis, a sequence-first ``(T, B, D)`` layout, and its second axis, which routing takes
-    as the tokens, is the batch. Routing would pick among the sequences of the batch at each position and run them
-    together through attention, while the rules above, reading attention as allowed, would see nothing wrong."""
+    """Attention whose queries run along the batch axis and not the token axis: the block's sequences lie along the
+    hidden state's first axis, a sequence-first ``(T, B, D)`` layout, and its second axis, which routing takes as the
+    tokens, is the batch. Routing would pick among the sequences of the batch at each position and run them together
+    through attention, while the rules above, reading attention as allowed, would see nothing wrong. An attention
+    kernel shows it by its queries; attention written by hand (fairseq's ``bmm`` over ``(B*H, T, dh)``, Megatron's
+    ``baddbmm``, ``nn.MultiheadAttention`` returning its weights) by a product pairing rows along the batch axis."""
     batch = gm.meta["modpass_batch_symbol"]
     if isinstance(batch, int):  # a batch of one: nothing to tell the axes apart by
         return []
+
+    def only_batch(size) -> bool:
+        return mentions(size, batch) and not mentions(size, symbol)
+
     found = []
     for node in gm.graph.nodes:
         name = aten_name(node)
-        if name is None or not any(key in name for key in ATTENTION):
+        if name is None:
             continue
-        queries = node.args[0].meta["val"].shape[-2]
-        if mentions(queries, batch) and not mentions(queries, symbol):
+        if any(key in name for key in ATTENTION):
+            along_batch = only_batch(node.args[0].meta["val"].shape[-2])
+        elif name in CONTRACTIONS and name != "linear":
+            # Queries with keys, paired or summed over: one such axis alone is an operand broadcast against another
+            # that lacks it.
+            along_batch = sum(map(only_batch, paired_axes(node, name, batch, symbol))) >= 2
+        else:
+            continue
+        if along_batch:
             found.append((node, "attends along the hidden state's first axis, which routing takes as the batch: a "
                           "sequence-first (T, B, D) layout, as torch's nn.TransformerEncoderLayer and nn.MultiheadAttention "
                           "use unless built with batch_first=True; routing needs batch-first (B, T, D) hidden states"))
