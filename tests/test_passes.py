@@ -69,6 +69,24 @@ def test_find_blocks_finds_blocks_that_attend_inside_an_autocast_region_the_last
     assert [b.path for b in blocks_of(ModeRegionStack(), (torch.randn(2, 9, 32),))] == [f"h.{i}" for i in range(4)]
 
 
+class EinsumBlock(models.NanoBlock):
+    """Attention written with einsum, which takes its operands as one list."""
+
+    def attend(self, x, **attention):
+        q, k, v = self.c_attn(self.ln_1(x)).split(x.shape[-1], dim=2)
+        scores = torch.einsum("btd,bsd->bts", q, k).tril().softmax(-1)
+        return self.c_proj(torch.einsum("bts,bsd->btd", scores, v))
+
+
+class EinsumGPT(models.NanoGPT):
+    block_class = EinsumBlock
+
+
+def test_find_blocks_finds_blocks_that_attend_with_einsum_alone():
+    """Their products were not read as attention, so the model had no blocks (NoBlocksError)."""
+    assert [b.path for b in modpass.list_blocks(EinsumGPT().eval())] == ["h.0", "h.1", "h.2", "h.3"]
+
+
 def test_find_blocks_records_side_inputs_of_llama_blocks():
     (first, *_) = blocks_of(models.llama(), {"input_ids": torch.randint(0, 97, (2, 9)), "use_cache": False})
     ranks = sorted(len(shape) for _, shape in first.side_inputs)

@@ -155,7 +155,9 @@ def has_attention(nodes: list[torch.fx.Node], active: set[torch.fx.Node]) -> boo
         name = op_name(node.target)
         if any(key in name for key in ATTENTION):
             return True
-        if name in _PRODUCTS and sum(isinstance(a, torch.fx.Node) and a in active for a in node.args) >= 2:
+        # einsum takes its operands as one list
+        operands = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        if name in _PRODUCTS and sum(isinstance(a, torch.fx.Node) and a in active for a in operands) >= 2:
             return True
     return False
 
