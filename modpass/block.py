@@ -364,10 +364,7 @@ class RoutedBlock(nn.Module):
             raise RoutingInputError(torchscript_refusal(self._plan.path, "trace"))
         args, kwargs = self.hidden_first(args, kwargs)
         if not args or not isinstance(args[0], torch.Tensor):
-            raise RoutingInputError(
-                f"{self._plan.path}: a routed block takes the hidden state as its first argument (by position, or by "
-                f"the name of the block's first parameter, {self._hidden_name!r})."
-            )
+            raise RoutingInputError(self.hidden_state_missing(kwargs) + ".")
         state = self._state
         if not state.in_forward:
             state.start_call(state.default_task, state.default_route_mask)
@@ -424,6 +421,13 @@ class RoutedBlock(nn.Module):
             return args, kwargs
         kwargs = dict(kwargs)
         return (kwargs.pop(self._hidden_name),), kwargs
+
+    def hidden_state_missing(self, kwargs: dict) -> str:
+        """Why a call without a tensor first cannot be routed: which argument a routed block takes as the hidden state."""
+        by_name = (f"by the name of the block's first parameter, {self._hidden_name!r}" if self._hidden_name is not None
+                   else "not by keyword: its forward's first parameter takes no keyword")
+        return (f"{self._plan.path}: a routed block takes the hidden state as its first argument (by position, or "
+                f"{by_name}); this call gave it {'keywords ' + ', '.join(map(repr, kwargs)) if kwargs else 'no argument'}")
 
     def run(self, group: TaskGroup, args: tuple, kwargs: dict, records: list):
         """Route one group of sequences (the whole batch unless ``group.rows``); its record's fields go to ``records``."""
@@ -748,6 +752,11 @@ class RoutedBlock(nn.Module):
         """
         form = "given" if self._capacity_carriers is not None else "ratio"
         for args, kwargs in self._examples:
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise UnroutableBlockError(
+                    self.hidden_state_missing(kwargs) + ". Have the model pass it first by position, or leave this "
+                    "block dense with layers=."
+                )
             for dtype in (None, *self._autocast_dtypes):
                 with torch.autocast(args[0].device.type, dtype=dtype, enabled=dtype is not None):
                     for task in self._plan.routed_tasks():

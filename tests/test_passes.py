@@ -20,7 +20,8 @@ from modpass.passes import token_mixing as token_mixing_module
 from modpass.passes.capture import capture
 from modpass.passes.capture_block import capture_block, placeholders_written_in_place, refuse_size_assumptions
 from modpass.passes.find_blocks import find_blocks
-from modpass.passes.rewrite import rewrite
+from modpass.passes.residual_stream import residual_stream
+from modpass.passes.rewrite import mask_input, rewrite
 from modpass.passes.token_axes import token_axes, user_inputs
 from modpass.passes.token_mixing import token_mixing
 from modpass.passes.unbacked_attention_masks import unbacked_attention_masks
@@ -700,6 +701,208 @@ def test_token_axes_refuse_a_token_indexed_input_with_the_batch_folded_into_its_
     gm = capture_block(FoldedBiasBlock(), (torch.randn(2, 9, 8), torch.randn(8, 1, 9)), {})
     with pytest.raises(modpass.UnroutableBlockError, match=r"input 1 .* is not batch-first: its first axis is the batch folded"):
         token_axes(gm)
+
+
+def attend(x: torch.Tensor) -> torch.Tensor:
+    return (x @ x.transpose(1, 2)).softmax(-1) @ x
+
+
+class PositionFirstBlock(nn.Module):
+    """Takes a per-token embedding first and its residual stream second (``forward(self, pos, x)``)."""
+
+    def forward(self, pos, x):
+        x = x + attend(x + pos)
+        return x + x.tanh()
+
+
+class UpdateOnlyBlock(nn.Module):
+    """Returns its update alone, which its caller adds to the stream (``x = x + block(x)``, as x-transformers does)."""
+
+    def forward(self, x):
+        return attend(x).tanh()
+
+
+def analysed(block: nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:
+    return token_mixing(token_axes(capture_block(block, args, {})))
+
+
+def test_residual_stream_refuses_a_block_that_would_pass_skipped_tokens_out_wrong():
+    """Routed, the first block passed skipped tokens out as their position embedding, and the second passed them out
+    unchanged for its caller to add again (doubled); both equalled the dense model at full capacity."""
+    x = torch.randn(2, 9, 8)
+    with pytest.raises(modpass.UnroutableBlockError, match=r"residual stream is its tensor input 1 .* not its first argument"):
+        residual_stream(analysed(PositionFirstBlock(), torch.randn(2, 9, 8), x))
+    with pytest.raises(modpass.UnroutableBlockError, match=r"never adds its input back .* x = x \+ block\(x\)"):
+        residual_stream(analysed(UpdateOnlyBlock(), x))
+
+
+class FunctionBlock(nn.Module):
+    """A block whose forward is ``forward``, written out in the test."""
+
+    def __init__(self, forward):
+        super().__init__()
+        self.function = forward
+
+    def forward(self, x):
+        return self.function(x)
+
+
+def post_norm(x):
+    return F.layer_norm(x + attend(x), (8,))
+
+
+def scaled_residual(x):
+    return 0.5 * x + attend(x)
+
+
+def cast_residual_beside_autocast(x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        update = attend(x)
+    return (x.double() + update.double()).float()
+
+
+@pytest.mark.parametrize("block", [
+    LambdaBlock(attend), models.NanoBlock(8, 2), models.InPlaceBlock(8, 2),
+    FunctionBlock(post_norm), FunctionBlock(scaled_residual), FunctionBlock(cast_residual_beside_autocast),
+], ids=["pre-norm", "nanogpt", "in-place", "post-norm", "scaled", "cast"])
+def test_residual_stream_accepts_the_residuals_blocks_write(block):
+    gm = analysed(block, torch.randn(2, 9, 8))
+    assert residual_stream(gm) is gm
+
+
+class UpdateOnlyNanoBlock(models.NanoBlock):
+    def forward(self, x):
+        return self.attend(x, is_causal=True)
+
+
+class SelfMemoryBlock(nn.Module):
+    """Cross-attends to its memory, called with the hidden state as that memory too (``block(x, x)``)."""
+
+    def forward(self, x, memory):
+        return x + (x @ memory.transpose(1, 2)).softmax(-1) @ memory.tanh()
+
+
+def test_residual_stream_accepts_the_hidden_state_passed_again_as_another_argument():
+    """Export reads both through one placeholder, the second: the stream looked like input 1."""
+    x = torch.randn(2, 9, 8)
+    gm = analysed(SelfMemoryBlock(), x, x)
+    assert residual_stream(gm) is gm
+    with pytest.raises(modpass.UnroutableBlockError, match="residual stream is its tensor input 1"):
+        residual_stream(analysed(PositionFirstBlock(), x, x.clone()))
+
+
+class CallerAddsGPT(models.NanoGPT):
+    """Adds each block's output to the stream itself."""
+
+    block_class = UpdateOnlyNanoBlock
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.h:
+            x = x + block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_transform_refuses_blocks_whose_caller_adds_the_residual_or_leaves_them_dense_on_request():
+    ids = torch.randint(0, 61, (2, 12))
+    model = CallerAddsGPT().eval()
+    with pytest.raises(modpass.UnroutableBlockError, match=r"block 1 \(h\.1\).*never adds its input back"):
+        modpass.transform(model, 0.5, example_inputs=(ids,))
+    with pytest.warns(UserWarning, match="leaving a block dense.*never adds its input back"), \
+            pytest.raises(modpass.UnroutableBlockError, match="no block could be routed"):
+        modpass.transform(model, 0.5, example_inputs=(ids,), unroutable="dense")
+
+
+class KeywordsOnlyNanoBlock(models.NanoBlock):
+    def forward(self, *args, **kwargs):
+        return super().forward(kwargs["x"])
+
+
+class KeywordCallGPT(models.NanoGPT):
+    """Calls its blocks with the hidden state by keyword, into a forward that takes ``**kwargs``."""
+
+    block_class = KeywordsOnlyNanoBlock
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.h:
+            x = block(x=x)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_a_block_given_no_hidden_state_first_is_refused_by_name():
+    """Such a call failed inside modpass with an IndexError."""
+    ids = torch.randint(0, 61, (2, 12))
+    with pytest.raises(modpass.UnroutableBlockError, match=r"h\.1: a routed block takes the hidden state as its first argument .*"
+                       r"not by keyword: its forward's first parameter takes no keyword\); this call gave it keywords 'x'"):
+        modpass.transform(KeywordCallGPT().eval(), 0.5, example_inputs=(ids,))
+    routed = modpass.transform(models.NanoGPT().eval(), 0.5)
+    with pytest.raises(modpass.RoutingInputError, match=r"by the name of the block's first parameter, 'x'\); this call gave it no argument"):
+        routed.h[1]()
+
+
+class FlaggedBlock(nn.Module):
+    """Attends over its tokens and then reads a boolean ``(B, T)`` or ``(B, 1, T, T)`` input in ``use``'s way."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+
+    def forward(self, x, flags):
+        scores = x @ x.transpose(1, 2)
+        return x + self.use(scores, flags, x)
+
+
+MASK_USES = {  # use -> (flags are 4-D, read as a mask that attends where True)
+    "sdpa-attends-where-true": (lambda s, m, x: F.scaled_dot_product_attention(x, x, x, attn_mask=m[:, 0]), True, True),
+    "masked-fill-where-false": (lambda s, m, x: s.masked_fill(~m[:, None], -math.inf).softmax(-1) @ x, False, True),
+    "masked-fill-where-zero": (lambda s, m, x: s.masked_fill(m[:, None] == 0, torch.finfo(s.dtype).min).softmax(-1) @ x, False, True),
+    "where-true-else-minus-inf": (lambda s, m, x: torch.where(m[:, 0], s, -math.inf).softmax(-1) @ x, True, True),
+    "masked-fill-where-true": (lambda s, m, x: s.masked_fill(m[:, 0], -1e9).softmax(-1) @ x, True, False),
+    "mha-key-padding-mask": (lambda s, m, x: s.masked_fill(m[:, None], -math.inf).softmax(-1) @ x, False, False),
+    "picks-between-two-updates": (lambda s, m, x: torch.where(m[..., None], s.softmax(-1) @ x, x.tanh()), False, False),
+    "zeroes-where-false": (lambda s, m, x: s.softmax(-1) @ x.masked_fill(~m[..., None], 0.0), False, False),
+}
+
+
+@pytest.mark.parametrize("use", MASK_USES)
+def test_a_boolean_input_is_read_as_padding_only_where_it_masks_attention_true_for_attend(use):
+    """Padding flags keep their tokens out of the block. A boolean input used otherwise (a modality flag that picks
+    an MLP, nn.MultiheadAttention's key_padding_mask, True where padding) was read as padding all the same, and the
+    routed model left those tokens unchanged at full capacity too."""
+    function, four_d, read = MASK_USES[use]
+    flags = torch.rand(2, 9) > 0.3
+    flags = flags[:, None, None, :].expand(2, 1, 9, 9) if four_d else flags
+    gm = analysed(FlaggedBlock(function), torch.randn(2, 9, 8), flags)
+    found = mask_input(user_inputs(gm))
+    assert (found is user_inputs(gm)[1]) == read
+
+
+class ModalityBlock(models.NanoBlock):
+    """One MLP for image tokens, another for text (a mixture of modality experts), picked by a per-token flag."""
+
+    def forward(self, x, is_image):
+        x = x + self.attend(x, is_causal=True)
+        h = self.ln_2(x)
+        return x + torch.where(is_image[..., None], self.mlp(h), h.tanh())
+
+
+class ModalityGPT(models.NanoGPT):
+    block_class = ModalityBlock
+
+    def forward(self, idx, is_image):
+        x = self.embed(idx)
+        for block in self.h:
+            x = block(x, is_image)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_a_per_token_flag_picking_the_update_routes_like_the_dense_model_at_full_capacity():
+    model = ModalityGPT().eval()
+    ids, is_image = torch.randint(0, 61, (2, 12)), torch.rand(2, 12) > 0.5
+    routed = modpass.transform(model, 1.0, example_inputs=(ids, is_image))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(ids, is_image), model(ids, is_image))
 
 
 def test_capture_block_gives_a_block_that_writes_its_hidden_state_in_place_a_copy_to_write():

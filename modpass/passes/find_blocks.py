@@ -39,9 +39,8 @@ import torch
 from .._subgraphs import inlined
 from ..errors import ConfigError, NoBlocksError
 from ..plan import in_scope
+from .residual_stream import reaches_through_adds
 from .token_mixing import ATTENTION
-
-_ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 
 
 @dataclass(frozen=True)
@@ -96,17 +95,6 @@ def module_regions(graph: torch.fx.Graph) -> tuple[dict[str, list[torch.fx.Node]
                 regions[path].append(node)
                 classes[path] = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
     return regions, classes
-
-
-def reaches_through_adds(source: torch.fx.Node, target: torch.fx.Node, region: set[torch.fx.Node]) -> bool:
-    frontier = [target]
-    while frontier:
-        node = frontier.pop()
-        if node is source:
-            return True
-        if node in region and node.op == "call_function" and node.target in _ADD_OPS:
-            frontier.extend(node.all_input_nodes)
-    return False
 
 
 def hidden_input(nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:

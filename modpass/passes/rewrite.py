@@ -1,4 +1,4 @@
-"""Block stage 6, ``rewrite``: turn a captured block into its routed form.
+"""Block stage 7, ``rewrite``: turn a captured block into its routed form.
 
 Expects: a graph annotated by ``token_axes`` and checked by ``token_mixing``.
 Guarantees: the graph computes, for one task,
@@ -56,23 +56,25 @@ from .. import _compat, routing
 from .._subgraphs import inlined
 from ..errors import UnroutableBlockError
 from .find_blocks import op_name
-from .token_axes import flat_outputs, user_inputs
+from .token_axes import SIZE_READS, flat_outputs, user_inputs
 from .token_mixing import ATTENTION, CONTRACTIONS, REDUCTIONS, named_arguments, token_dims
 
 
 def attention_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
-    """A 4-D input indexed by token on its last two axes (query x key), if any."""
+    """A 4-D input indexed by token on its last two axes (query x key), if any: additive where it is floating, and
+    where it is boolean, one that every use shows attends where True (:func:`attends_where_true`)."""
     for node in inputs[1:]:
         if node.meta["val"].dim() == 4 and node.meta["modpass_token_axes"] == (2, 3):
-            return node
+            return node if node.meta["val"].dtype != torch.bool or attends_where_true(node) else None
     return None
 
 
 def key_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
-    """A boolean input indexed by token on its last axis only (a key padding mask), if any."""
+    """A boolean input indexed by token on its last axis only (a key padding mask) that every use shows attends where
+    True, if any."""
     for node in inputs[1:]:
         val = node.meta["val"]
-        if val.dtype == torch.bool and node.meta["modpass_token_axes"] == (val.dim() - 1,):
+        if val.dtype == torch.bool and node.meta["modpass_token_axes"] == (val.dim() - 1,) and attends_where_true(node):
             return node
     return None
 
@@ -83,6 +85,53 @@ _MASK_PRESERVING = {
     "view", "reshape", "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "clone",
     "contiguous", "contiguous_while_compiling", "to", "_to_copy", "detach",
 }
+# A fill at or below this forbids attention (torch.finfo(dtype).min, -1e9, -inf; BERT's -10000.0).
+_FORBIDDING_FILL = -1e4
+
+
+def attends_where_true(mask: torch.fx.Node) -> bool:
+    """Whether every use of the boolean input ``mask`` is as an attention mask that lets a query attend to a key where
+    ``mask`` is True, the reading the padding flags take. Any other use (a per-token flag that picks between two
+    MLPs, nn.MultiheadAttention's ``key_padding_mask``, True where padding) leaves it an ordinary input, gathered with
+    its tokens: reading it as padding would keep its tokens out of the block, at full capacity too."""
+    gm = mask.graph.owning_module
+    view = inlined(gm)  # attention run under autocast too
+    position = list(gm.graph.find_nodes(op="placeholder")).index(mask)
+    return _attends_where(list(view.graph.find_nodes(op="placeholder"))[position], True)
+
+
+def _attends_where(node: torch.fx.Node, value: bool) -> bool:
+    """Whether every use of the boolean ``node`` attends where it equals ``value``."""
+
+    def use_attends(user: torch.fx.Node) -> bool:
+        if user.op != "call_function":
+            return False
+        if user.target in _ATTENTION_CALLS:
+            return named_arguments(user).get("attn_mask") is node and value
+        name, args = op_name(user.target), user.args
+        if getattr(user.meta.get("val"), "dtype", None) == torch.bool and args and args[0] is node:
+            if name in _MASK_PRESERVING:
+                return _attends_where(user, value)
+            if name in ("logical_not", "bitwise_not"):
+                return _attends_where(user, not value)
+            if name in ("eq", "ne") and len(args) == 2 and args[1] in (0, False):
+                return _attends_where(user, value == (name == "ne"))
+        fill = named_arguments(user).get("value" if name == "masked_fill" else "other")
+        if name == "masked_fill" and args[1] is node:  # scores.masked_fill(forbidden, -inf)
+            return not value and forbids(fill)
+        if name == "where" and args[0] is node:  # torch.where(allowed, scores, -inf)
+            return value and forbids(fill)
+        return False
+
+    uses = [user for user in node.users if user.target not in SIZE_READS]
+    return bool(uses) and all(use_attends(user) for user in uses)
+
+
+def forbids(fill) -> bool:
+    """Whether filling attention scores with ``fill`` forbids attending there: a number, or a full tensor of one."""
+    if isinstance(fill, torch.fx.Node) and fill.op == "call_function" and op_name(fill.target) in ("full", "scalar_tensor"):
+        fill = fill.args[-1] if op_name(fill.target) == "full" else fill.args[0]
+    return isinstance(fill, (int, float)) and fill <= _FORBIDDING_FILL
 
 
 def mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:

@@ -41,6 +41,9 @@ from torch.utils._sympy.functions import FloorDiv
 
 from ..errors import UnroutableBlockError
 
+#: Ops that read a tensor's sizes, not its values.
+SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default}
+
 
 def size_expr(size):
     """A size as an int when it is fixed, else as its sympy expression."""
