@@ -782,11 +782,17 @@ class SelfMemoryBlock(nn.Module):
         return x + (x @ memory.transpose(1, 2)).softmax(-1) @ memory.tanh()
 
 
+class PostNormSelfMemoryBlock(SelfMemoryBlock):
+    def forward(self, x, memory):
+        return F.layer_norm(super().forward(x, memory), (8,))
+
+
 def test_residual_stream_accepts_the_hidden_state_passed_again_as_another_argument():
     """Export reads both through one placeholder, the second: the stream looked like input 1."""
     x = torch.randn(2, 9, 8)
-    gm = analysed(SelfMemoryBlock(), x, x)
-    assert residual_stream(gm) is gm
+    for block in (SelfMemoryBlock(), PostNormSelfMemoryBlock()):
+        gm = analysed(block, x, x)
+        assert residual_stream(gm) is gm
     with pytest.raises(modpass.UnroutableBlockError, match="residual stream is its tensor input 1"):
         residual_stream(analysed(PositionFirstBlock(), x, x.clone()))
 

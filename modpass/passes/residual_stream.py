@@ -67,24 +67,26 @@ def residual_stream(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     view = inlined(gm)  # residual adds run under autocast or no_grad too
     inputs, first = user_inputs(view), flat_outputs(view)[0]
+    shape = [size_expr(s) for s in inputs[0].meta["val"].shape]
+    alike = [other for other in inputs[1:]
+             if isinstance(other.meta.get("val"), torch.Tensor) and [size_expr(s) for s in other.meta["val"].shape] == shape]
     hidden = inputs[0]
+    if alike and all(user.target in SIZE_READS for user in hidden.users):
+        # The first argument passed again as another (``block(x, x)``, attending to itself as its memory): export
+        # reads every use through the later placeholder, leaving the first with no use but its sizes and with the
+        # same symbolic shape, which a distinct tensor's unused placeholder would not have (each input's sizes start
+        # as symbols of their own).
+        hidden = alike.pop(0)
     region = set(view.graph.nodes)
     if reaches_through_adds(hidden, first, region):
         return gm
-    shape = [size_expr(s) for s in hidden.meta["val"].shape]
-    stream = next((i for i, other in enumerate(inputs[1:], start=1) if isinstance(other.meta.get("val"), torch.Tensor)
-                   and [size_expr(s) for s in other.meta["val"].shape] == shape and reaches_through_adds(other, first, region)), None)
-    # The first argument passed again as another (``block(x, x)``, attending to itself as its memory): export reads
-    # every use through the last placeholder, leaving the first with no use but its sizes and the same symbolic
-    # shape, which a distinct tensor's unused placeholder would not have (each input's sizes start as symbols of their
-    # own).
-    if stream is not None and all(user.target in SIZE_READS for user in hidden.users):
-        return gm
+    stream = next((inputs.index(other) for other in alike if reaches_through_adds(other, first, region)), None)
     if stream is not None:
         raise UnroutableBlockError(
             f"{where}: the block's residual stream is its tensor input {stream} (counting from 0; it is added into the "
             "output), not its first argument; a routed block takes the hidden state first and passes skipped tokens' "
-            "first argument out unchanged. Make the hidden state the block's first parameter, or leave this block dense with layers=."
+            "first argument out unchanged. Make the hidden state the block's first parameter, or leave this block "
+            "dense with layers=."
         )
     if not added_back(hidden, first):
         raise UnroutableBlockError(
