@@ -363,8 +363,8 @@ class RoutedBlock(nn.Module):
         if torch.jit.is_tracing():
             raise RoutingInputError(torchscript_refusal(self._plan.path, "trace"))
         args, kwargs = self.hidden_first(args, kwargs)
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise RoutingInputError(self.hidden_state_missing(kwargs) + ".")
+        if (missing := self.hidden_state_missing(args, kwargs)) is not None:
+            raise RoutingInputError(missing + ".")
         state = self._state
         if not state.in_forward:
             state.start_call(state.default_task, state.default_route_mask)
@@ -422,8 +422,11 @@ class RoutedBlock(nn.Module):
         kwargs = dict(kwargs)
         return (kwargs.pop(self._hidden_name),), kwargs
 
-    def hidden_state_missing(self, kwargs: dict) -> str:
-        """Why a call without a tensor first cannot be routed: which argument a routed block takes as the hidden state."""
+    def hidden_state_missing(self, args: tuple, kwargs: dict) -> str | None:
+        """None when the call (as :meth:`hidden_first` leaves it) has a tensor first, else why it cannot be routed:
+        which argument a routed block takes as the hidden state."""
+        if args and isinstance(args[0], torch.Tensor):
+            return None
         by_name = (f"by the name of the block's first parameter, {self._hidden_name!r}" if self._hidden_name is not None
                    else "not by keyword: its forward's first parameter takes no keyword")
         return (f"{self._plan.path}: a routed block takes the hidden state as its first argument (by position, or "
@@ -752,11 +755,9 @@ class RoutedBlock(nn.Module):
         """
         form = "given" if self._capacity_carriers is not None else "ratio"
         for args, kwargs in self._examples:
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise UnroutableBlockError(
-                    self.hidden_state_missing(kwargs) + ". Have the model pass it first by position, or leave this "
-                    "block dense with layers=."
-                )
+            if (missing := self.hidden_state_missing(args, kwargs)) is not None:
+                raise UnroutableBlockError(missing + ". Have the model pass it first by position, or leave this block "
+                                           "dense with layers=.")
             for dtype in (None, *self._autocast_dtypes):
                 with torch.autocast(args[0].device.type, dtype=dtype, enabled=dtype is not None):
                     for task in self._plan.routed_tasks():

@@ -411,14 +411,14 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
                             f"{sorted({b.block_class.rpartition('.')[2] for b in found})})")
     plan, task, routers = chosen
     unshare_scalar_arithmetic(gm, [block.path for block in plan.blocks if block.ratios.get(task) is not None])
-    regions = [set(region_of(gm, block.path)) for block in gm.meta["modpass_blocks"]]
-    readers = Counter(a for region in regions for a in {a for n in region for a in n.all_input_nodes if a not in region})
+    regions = {block.path: region_of(gm, block.path) for block in gm.meta["modpass_blocks"]}
+    readers = Counter(a for nodes in regions.values() for a in {a for n in nodes for a in n.all_input_nodes} - set(nodes))
     shared = {node for node, count in readers.items() if count > 1}
     for number, block in enumerate(plan.blocks):
         ratio = block.ratios.get(task)
         if ratio is None:
             continue
-        nodes = region_of(gm, block.path)
+        nodes = regions[block.path]  # splicing earlier blocks in leaves a later block's nodes as they were
         where = f"block {block.index} ({block.path})"
         region, inputs, outputs = extract(gm, nodes, where, shared)
         refuse_fixed_token_count(gm, inputs[0], where)
