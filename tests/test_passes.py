@@ -584,7 +584,8 @@ class SinkAttention(nn.Module):
      (LambdaBlock(lambda x: banded_attention(x)), r"matmul.default sums a pattern over positions"),
      (LambdaBlock(lambda x: write_first_and_fourth(torch.zeros_like(x))), "index_put_.default writes into the token axis at given indices"),
      (LambdaBlock(lambda x: F.interpolate(TABLE, size=x.shape[1]).transpose(1, 2)), r"upsample_nearest1d.vec reads a fixed-size tensor at the token count"),
-     (LambdaBlock(lambda x: TABLE[0].as_strided((x.shape[1], 8), (1, 16))), r"as_strided.default reads a fixed-size tensor at the token count")],
+     (LambdaBlock(lambda x: TABLE[0].as_strided((x.shape[1], 8), (1, 16))), r"as_strided.default reads a fixed-size tensor at the token count"),
+     (LambdaBlock(lambda x: x - x.mean(0, keepdim=True)), r"mean.dim relates positions along .* combining its sequences token by token")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
@@ -594,7 +595,7 @@ class SinkAttention(nn.Module):
          "sort-along-its-default-dim", "masked-scatter", "flat-take", "global-median",
          "positions-from-eye", "positions-counted-from-a-causal-mask", "positions-from-ones-tril", "length-from-a-softmax",
          "pool-with-ones-matmul", "pool-with-ones-einsum", "window-from-a-mask-product", "write-at-listed-tokens",
-         "table-interpolated-to-length", "table-read-by-as-strided"],
+         "table-interpolated-to-length", "table-read-by-as-strided", "batch-mean-at-each-token"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))
@@ -640,6 +641,14 @@ class HandWrittenAttention(nn.Module):
             return self.mha(x, x, x)[0]  # need_weights=True, its default, takes the bmm path, not SDPA
         t, b, d = x.shape
         q, k, v = self.qkv(x).split(d, -1)
+        if self.kind.startswith("linear"):  # softmax feature maps; the keys and values summed over the tokens
+            q, k = q.softmax(-1), k.softmax(-1)
+            if self.kind == "linear-einsum":
+                return self.out(torch.einsum("tbd,bde->tbe", q, torch.einsum("tbd,tbe->bde", k, v)))
+            if self.kind == "linear-causal":  # a running sum of the key-value products along the tokens
+                return self.out((q.unsqueeze(-2) @ (k.unsqueeze(-1) * v.unsqueeze(-2)).cumsum(0)).squeeze(-2))
+            q, k, v = (z.transpose(0, 1) for z in (q, k, v))
+            return self.out((q @ (k.transpose(1, 2) @ v)).transpose(0, 1))
         if self.kind == "matmul-4d":
             q, k, v = (z.view(t, b, 2, d // 2).permute(1, 2, 0, 3) for z in (q, k, v))
             y = (q @ k.transpose(-1, -2)).softmax(-1) @ v
@@ -654,15 +663,19 @@ class HandWrittenAttention(nn.Module):
         return self.out(y.transpose(0, 1).reshape(t, b, d))
 
 
-@pytest.mark.parametrize("kind", ["bmm", "matmul-4d", "baddbmm", "multihead"])
+@pytest.mark.parametrize("kind", ["bmm", "matmul-4d", "baddbmm", "multihead", "linear-matmul", "linear-einsum", "linear-causal"])
 def test_token_mixing_refuses_sequence_first_attention_written_by_hand(kind):
-    """Without a kernel to read the queries of, the products show the layout: q @ k.T pairs rows along the first axis.
-    Routed, such a block changed one sequence's outputs when another sequence changed, and equalled the dense model at
-    full capacity all the same."""
+    """Without a kernel to read the queries of, the products show the layout: q @ k.T pairs rows along the first axis,
+    and linear attention sums its keys and values over it, or runs a sum along it. Routed, such a block changed one
+    sequence's outputs when another sequence changed, and equalled the dense model at full capacity all the same."""
     torch.manual_seed(0)
     for batch_first in (False, True):
         x = torch.randn(2, 9, 8) if batch_first else torch.randn(9, 2, 8)
         gm = token_axes(capture_block(HandWrittenAttention(kind, batch_first).eval(), (x,), {}))
+        if batch_first and kind == "linear-causal":  # a running sum over the tokens, which routing cannot keep
+            with pytest.raises(modpass.UnroutableBlockError, match=r"along the token axis \(cumsum\)"):
+                token_mixing(gm)
+            continue
         if batch_first:
             token_mixing(gm)
             continue

@@ -64,7 +64,10 @@ mixes tokens when it combines positions along such an axis:
   a sequence-first ``(T, B, D)`` block, whose ``T`` here is its batch: an
   attention kernel's, or a product of two activations (``bmm``, ``matmul``,
   ``baddbmm``, ``einsum``) pairing rows along the batch axis, as attention
-  written by hand does.
+  written by hand does, or summing over it (linear attention's keys times
+  values); likewise a reduction or scan along the batch axis that keeps the
+  token axis (a running key-value sum, ``x - x.mean(0)``) relates position j of
+  one row to position j of another, which routing fills with other tokens.
 
 Everything else (pointwise math, views, linear layers over features,
 feature-wise norms, batch norm in eval) is position-wise, provided each token's position stays
@@ -109,6 +112,7 @@ _DATA_DEPENDENT = {"nonzero", "unique", "_unique2", "unique_consecutive", "maske
 _INDEXED_WRITES = {"index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"}
 #: Ops that index a tensor as if flattened: an element's flat index runs across tokens.
 _FLAT_INDEXING = {"take", "put", "put_"}
+_SCANS = {"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"}
 _PADS = {"constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"}
 _INT_MAX = 2**63 - 1
 _COMPARISONS = {"ge", "gt", "le", "lt", "eq", "ne"}
@@ -578,27 +582,42 @@ def model_source_line(node: torch.fx.Node) -> str:
     return (user or frames or ["unknown source"])[-1]
 
 
-def paired_axes(node: torch.fx.Node, name: str, batch, symbol) -> list:
+def paired_axes(node: torch.fx.Node, name: str, batch, symbol) -> tuple[list, list]:
     """The sizes of the axes along which a product of two activations, each carrying the batch and the tokens, relates
-    rows of one to rows of the other: the rows each has that the other lacks (``q @ k.T``: the queries and the keys)
-    and the axis the two sum over together (``scores @ v``: the keys). Axes both keep (heads, sequences) relate nothing,
-    nor does an axis that one operand sums alone; a weight, carrying no batch, makes a layer."""
+    rows of one to rows of the other, as two lists: the rows each has that the other lacks (``q @ k.T``: the queries
+    and the keys), and the axes the two sum over together (``scores @ v``: the keys). Axes both keep (heads, sequences)
+    relate nothing, nor does an axis that one operand sums alone; a weight, carrying no batch, makes a layer."""
     args = named_arguments(node)
     if name == "einsum":
         tensors = args["tensors"]
         operands, output = einsum_labels(args["equation"], [t.meta["val"].dim() for t in tensors])
         owners = Counter(label for labels in operands for label in set(labels))
-        sizes = {label: t.meta["val"].shape[d] for labels, t in zip(operands, tensors) for d, label in enumerate(labels)
-                 if (label in output and owners[label] == 1) or (label not in output and owners[label] > 1)}
-        paired = list(sizes.values())
+        sizes = {label: t.meta["val"].shape[d] for labels, t in zip(operands, tensors) for d, label in enumerate(labels)}
+        rows = [size for label, size in sizes.items() if label in output and owners[label] == 1]
+        summed = [size for label, size in sizes.items() if label not in output and owners[label] > 1]
     else:
-        (a, summed), (b, _) = contracted_operands(name, args)
+        (a, summed_axis), (b, _) = contracted_operands(name, args)
         tensors = [a, b]
-        rows = [(t, d) for t, d in ((a, a.meta["val"].dim() - 2), (b, b.meta["val"].dim() - 1)) if t.meta["val"].dim() >= 2]
-        paired = [t.meta["val"].shape[d] for t, d in [*rows, (a, summed)]]
+        rows = [t.meta["val"].shape[d] for t, d in ((a, a.meta["val"].dim() - 2), (b, b.meta["val"].dim() - 1)) if t.meta["val"].dim() >= 2]
+        summed = [a.meta["val"].shape[summed_axis]]
     if sum(bool(token_dims(t, batch) and token_dims(t, symbol)) for t in tensors) < 2:
-        return []
-    return paired
+        return [], []
+    return rows, summed
+
+
+def scans_the_batch_at_each_token(node: torch.fx.Node, name: str, batch, symbol) -> bool:
+    """Whether ``node`` reduces or scans along the batch axis of a tensor whose token axis it keeps: it combines the
+    sequences of the batch position by position."""
+    if name not in REDUCTIONS and name not in _SCANS:
+        return False
+    args = named_arguments(node)
+    source = args.get("self", args.get("input"))
+    dim_args = [args[k] for k in ("dim", "dims") if k in args]
+    if not isinstance(source, torch.fx.Node) or not dim_args or dim_args[0] is None:
+        return False
+    tokens = token_dims(source, symbol)
+    axes = set(normalise(dim_args[0], source.meta["val"].dim()))
+    return bool(tokens) and bool(axes & set(token_dims(source, batch))) and not axes & set(tokens)
 
 
 def attention_across_the_batch(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
@@ -624,14 +643,17 @@ def attention_across_the_batch(gm: torch.fx.GraphModule, symbol) -> list[tuple[t
             along_batch = only_batch(node.args[0].meta["val"].shape[-2])
         elif name in CONTRACTIONS and name != "linear":
             # Queries with keys, paired or summed over: one such axis alone is an operand broadcast against another
-            # that lacks it.
-            along_batch = sum(map(only_batch, paired_axes(node, name, batch, symbol))) >= 2
+            # that lacks it. A sum over the batch axis itself is linear attention's key-value summary.
+            rows, summed = paired_axes(node, name, batch, symbol)
+            along_batch = sum(map(only_batch, rows + summed)) >= 2 or any(map(only_batch, summed))
         else:
-            continue
+            along_batch = scans_the_batch_at_each_token(node, name, batch, symbol)
         if along_batch:
-            found.append((node, "attends along the hidden state's first axis, which routing takes as the batch: a "
-                          "sequence-first (T, B, D) layout, as torch's nn.TransformerEncoderLayer and nn.MultiheadAttention "
-                          "use unless built with batch_first=True; routing needs batch-first (B, T, D) hidden states"))
+            found.append((node, "relates positions along the hidden state's first axis, which routing takes as the batch, "
+                          "at each index of its second, which routing takes as the tokens and selects differently in each "
+                          "row: attention in a sequence-first (T, B, D) layout, as torch's nn.TransformerEncoderLayer and "
+                          "nn.MultiheadAttention use unless built with batch_first=True (routing needs batch-first (B, T, D) "
+                          "hidden states), or a batch-first block combining its sequences token by token"))
     return found
 
 
