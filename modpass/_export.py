@@ -12,6 +12,8 @@ import sympy
 import torch
 from torch.export import Dim
 from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _structure
 from ._compat import size_hints
@@ -86,18 +88,42 @@ def resolve(module: torch.nn.Module, target: str):
     return module
 
 
-def pruning_of(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, prune.BasePruningMethod] | None:
-    """The layer that holds the attribute at ``target`` and the pruning method that sets it (``weight``, pruned by
-    ``torch.nn.utils.prune``: ``weight_orig * weight_mask``, set by a forward pre-hook before each call), or None."""
+def set_weight_name(hook) -> str | None:
+    """The name of the weight that ``hook``, a forward pre-hook, sets before each call of its layer, where modpass can
+    take that weight itself: torch's pruning (``weight_orig * weight_mask``) and the older ``torch.nn.utils.weight_norm``
+    (``g * v / |v|``) and ``spectral_norm`` (``weight_orig / sigma``). None for any other hook."""
+    if isinstance(hook, prune.BasePruningMethod):
+        return hook._tensor_name
+    if isinstance(hook, (WeightNorm, SpectralNorm)):
+        return hook.name
+    return None
+
+
+def weight_hook_of(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, object] | None:
+    """The layer that holds the attribute at ``target`` and the forward pre-hook that sets it (see
+    :func:`set_weight_name`), or None."""
     owner_path, _, name = target.rpartition(".")
     try:
         owner = resolve(module, owner_path) if owner_path else module
     except AttributeError:  # a constant the module's code made (a torch.tensor literal), lifted under a name of export's
         return None
     for hook in getattr(owner, "_forward_pre_hooks", {}).values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+        if set_weight_name(hook) == name:
             return owner, hook
     return None
+
+
+def hooked_weight(module: torch.nn.Module, target: str) -> torch.Tensor:
+    """The weight at ``target`` as its layer's forward would read it, which a forward pre-hook sets before each call
+    (see :func:`set_weight_name`). A routed call runs the block's captured graph, not the parts' hooks, so the weight
+    is taken here, with autograd, as the hook takes it: training reaches ``weight_orig`` or ``weight_g`` and
+    ``weight_v``, and spectral norm takes its step of power iteration in training, as in a dense call."""
+    owner, hook = weight_hook_of(module, target)
+    if isinstance(hook, prune.BasePruningMethod):
+        return hook.apply_mask(owner)
+    if isinstance(hook, SpectralNorm):
+        return hook.compute_weight(owner, do_power_iteration=owner.training)
+    return hook.compute_weight(owner)
 
 
 def first_user_frame(exc: BaseException) -> str:
@@ -131,7 +157,7 @@ class Assignments:
     """What a call wrote to its module's attributes, by path: the tensor attributes it assigned (``self.stash =
     attention.detach()``, a buffer replaced) and the Python state it wrote (see :class:`PythonState`). Not a
     container, so that export's restore of the module's attributes after tracing keeps what it holds. (A block capture
-    silences hooks, so pruning's, which set the pruned weight at every call, assign nothing there.)"""
+    silences hooks, so those that set a weight at every call (see :func:`set_weight_name`) assign nothing there.)"""
 
     def __init__(self):
         self.paths: list[str] = []

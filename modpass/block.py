@@ -29,11 +29,11 @@ from fractions import Fraction
 import torch
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.utils import prune, skip_init
+from torch.nn.utils import skip_init
 
 from . import _compat, _structure, kv_cache, part_changes
 from ._compat import disable_compile
-from ._export import CALL_HOOKS, pruning_of, resolve
+from ._export import CALL_HOOKS, hooked_weight, resolve, set_weight_name
 from .errors import RouterError, RoutingInputError, UnroutableBlockError
 from .hints import torchscript_refusal
 from .passes.token_axes import user_inputs
@@ -219,12 +219,12 @@ class RoutedBlock(nn.Module):
     def warn_of_hooks_on_parts(self) -> None:
         """Say once, in eager mode, which of the block's parts (its attention, its MLP) carry hooks: an uncached routed
         call runs the block's captured graph, which runs none of them (transformers' own output recorders aside,
-        whose outputs :func:`~modpass.tasks.refuse_unrecorded_outputs` refuses to leave short, and torch's pruning,
-        whose product :func:`pruned_weight` takes)."""
+        whose outputs :func:`~modpass.tasks.refuse_unrecorded_outputs` refuses to leave short, and hooks that set a
+        weight, which :func:`~modpass._export.hooked_weight` takes)."""
         if self.__dict__.get("_warned_of_hooks_on_parts"):
             return
         hooked = [name for name, part in self._parts if any(
-            getattr(hook, "__module__", None) != OUTPUT_RECORDER_MODULE and not isinstance(hook, prune.BasePruningMethod)
+            getattr(hook, "__module__", None) != OUTPUT_RECORDER_MODULE and set_weight_name(hook) is None
             for hooks in HOOK_FUNCTIONS for hook in getattr(part, hooks).values())]
         if hooked:
             self.__dict__["_warned_of_hooks_on_parts"] = True
@@ -543,8 +543,8 @@ class RoutedBlock(nn.Module):
                 inputs.append(leaves[target])
             elif role in ("parameter", "buffer"):
                 inputs.append(resolve(self, target))
-            elif role == "pruned":
-                inputs.append(pruned_weight(self, target))
+            elif role == "hooked":
+                inputs.append(hooked_weight(self, target))
             elif role == "constant":
                 inputs.append(constants[target].to(args[0].device))
             elif role == "router":
@@ -899,12 +899,3 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     copied.meta.update(gm.meta)
     return copied
-
-
-def pruned_weight(root: nn.Module, target: str) -> torch.Tensor:
-    """A weight pruned by ``torch.nn.utils.prune`` as its layer's forward would read it: ``weight_orig * weight_mask``,
-    which pruning's forward pre-hook sets before each call of the layer. A routed call runs the block's captured
-    graph, not the parts' hooks, so the product is taken here, with autograd, as the hook would: training reaches
-    ``weight_orig``."""
-    owner, method = pruning_of(root, target)
-    return method.apply_mask(owner)

@@ -280,44 +280,61 @@ def test_a_part_two_routed_blocks_share_runs_changed_in_both():
             close_to_dense(routed_logits, routed(ids))
 
 
-@pytest.mark.parametrize("when", ["before", "after"], ids=["pruned-then-routed", "routed-then-pruned"])
-def test_a_pruned_part_trains_in_routed_calls_as_in_the_dense_model(when):
-    """torch's pruning replaces a weight with a plain attribute that a forward pre-hook recomputes from ``weight_orig``
-    and ``weight_mask`` before each call. Routed calls run the parts' hooks no more, so the product is taken where the
-    graphs read the weight: training then follows the dense model step by step (a weight read once, as a constant,
-    gave the first step's values ever after, and a second backward through it failed)."""
-    prune = pytest.importorskip("torch.nn.utils.prune")
+def set_by_a_hook(kind: str, layer: nn.Module, seed: int) -> None:
+    """Makes ``layer.weight`` a plain attribute that a forward pre-hook sets before each call: torch's pruning, or the
+    older weight_norm and spectral_norm (``seed`` for spectral norm's random start, and for random pruning)."""
+    torch.manual_seed(seed)
+    if kind == "prune":
+        torch.nn.utils.prune.random_unstructured(layer, "weight", amount=0.5)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own: the older forms are deprecated
+        getattr(torch.nn.utils, kind)(layer)
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("when", ["before", "after"], ids=["hooked-then-routed", "routed-then-hooked"])
+def test_a_weight_set_by_a_hook_trains_in_routed_calls_as_in_the_dense_model(when, kind):
+    """torch's pruning, and the older weight_norm and spectral_norm, replace a weight with a plain attribute that a
+    forward pre-hook recomputes before each call (from ``weight_orig`` and ``weight_mask``; ``weight_g`` and
+    ``weight_v``; ``weight_orig`` and a power iteration). Routed calls run the parts' hooks no more, so the weight is
+    taken where the graphs read it: training then follows the dense model step by step. Read once, as a constant, it
+    gave the first step's values ever after (until the ninth session for the norms: their parameters got no gradient)."""
     torch.manual_seed(0)
     dense = models.NanoGPT(layers=2)
     routed = copy.deepcopy(dense) if when == "before" else modpass.transform(dense, 1.0, layers="all")
-    for model in (dense, routed):
-        prune.l1_unstructured(model.h[1].mlp[0], "weight", amount=0.5)
-        prune.random_unstructured(model.h[1].c_attn, "weight", amount=0.25)
-    if when == "before":
+    hooked = [lambda model: model.h[1].mlp[0], lambda model: model.h[1].c_attn]
+    for seed, layer in enumerate(hooked):
+        for model in (dense, routed):
+            set_by_a_hook(kind, layer(model), seed)
+    if when == "before":  # inplace: the older weight_norm's weight cannot be deep-copied
         routed = modpass.transform(routed, 1.0, layers="all", inplace=True)
-    prune.random_unstructured(dense.h[1].c_attn, "weight", amount=0.25)  # pruned twice: a PruningContainer
-    prune.random_unstructured(routed.h[1].c_attn, "weight", amount=0.25)
-    routed.h[1].c_attn.weight_mask.copy_(dense.h[1].c_attn.weight_mask)
+    if kind == "prune":  # pruned twice: a PruningContainer
+        for model in (dense, routed):
+            set_by_a_hook(kind, model.h[1].c_attn, 2)
     # The routers stay as they are (zero: the gate's weight is 1), so that the routed model stays the dense one.
     trained = [[p for name, p in model.named_parameters() if "mod_routers" not in name] for model in (dense, routed)]
     optimizers = [torch.optim.SGD(parameters, lr=0.5) for parameters in trained]
     idx = torch.randint(0, 61, (2, 12))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # pruning hooks take effect: no warning that hooks on parts do not run
+        warnings.simplefilter("error")  # the hooks take effect: no warning that hooks on parts do not run
         for _ in range(3):
             for model, optimizer in zip((dense, routed), optimizers):
                 optimizer.zero_grad()
                 model(idx).square().mean().backward()
                 optimizer.step()
-            close_to_dense(routed.h[1].mlp[0].weight_orig.detach(), dense.h[1].mlp[0].weight_orig.detach())
+            for layer in hooked:
+                for routed_parameter, dense_parameter in zip(layer(routed).parameters(), layer(dense).parameters(), strict=True):
+                    close_to_dense(routed_parameter.detach(), dense_parameter.detach())
     with torch.no_grad():
         close_to_dense(routed(idx), dense(idx))
-    if when == "after":  # compiled: the product is in the graph, and follows weight_orig after it
+    if when == "after":  # compiled: the weight is taken in the graph, and follows the parameters after it
         compiled = torch.compile(routed, backend="modpass", fullgraph=True)
         with torch.no_grad():
             close_to_dense(compiled(idx), dense(idx))
             for model in (dense, routed):
-                model.h[1].mlp[0].weight_orig.mul_(1.5)
+                for parameter in hooked[0](model).parameters():
+                    parameter.mul_(1.5)
             close_to_dense(compiled(idx), dense(idx))
 
 

@@ -4,8 +4,9 @@ Expects: a block module and the ``(args, kwargs)`` of one real call to it.
 Guarantees: a ``GraphModule`` whose placeholders are, in order, the block's
 parameters, buffers and lifted constants, then every tensor leaf of the call
 (``meta["modpass_inputs"]`` names each: ``("parameter", "self_attn.q_proj.weight")``,
-``("input", 0)``, ...; a weight pruned by ``torch.nn.utils.prune``, which export
-lifts as a constant, is ``"pruned"``: its product is taken at each call, while
+``("input", 0)``, ...; a weight that a forward pre-hook sets (pruned by
+``torch.nn.utils.prune``, or the older ``weight_norm`` and ``spectral_norm``), which
+export lifts as a constant, is ``"hooked"``: it is taken anew at each call, while
 other constants keep their captured value). Its output is the flat list of the call's outputs
 (``meta["modpass_output_template"]`` rebuilds the structure). Every dimension larger
 than 1 of every tensor leaf is symbolic unless the block itself fixes it, so
@@ -41,8 +42,8 @@ from .._export import (
     condition_failing_for_fewer,
     first_user_frame,
     hooks_silenced,
-    pruning_of,
     tensor_attributes_detached,
+    weight_hook_of,
 )
 from .._structure import Slot
 from .._subgraphs import inlined
@@ -98,8 +99,8 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
         else:
             target = state[input_spec.arg.name]
             role = _ROLE[input_spec.kind]
-            if role == "constant" and pruning_of(block, target) is not None:
-                role = "pruned"
+            if role == "constant" and weight_hook_of(block, target) is not None:
+                role = "hooked"
             roles.append((role, target))
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     written = placeholders_written_in_place(gm)
