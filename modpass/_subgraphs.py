@@ -29,6 +29,24 @@ RUN_ONCE = {
 }
 
 
+def run_under_autocast(device_type: str, dtype: torch.dtype, enabled: bool, cache_enabled: bool,
+                       subgraph: torch.fx.GraphModule, *operands):
+    """What ``wrap_with_autocast`` does, in Python that Dynamo traces (see ``passes/mode_regions.py``)."""
+    with torch.autocast(device_type, dtype, enabled, cache_enabled):
+        return subgraph(*operands)
+
+
+def run_with_grad_enabled(enabled: bool, subgraph: torch.fx.GraphModule, *operands):
+    """What ``wrap_with_set_grad_enabled`` does, in Python that Dynamo traces (see ``passes/mode_regions.py``)."""
+    with torch.set_grad_enabled(enabled):
+        return subgraph(*operands)
+
+
+#: The Python function that does what each :data:`RUN_ONCE` higher-order op does, read as it is.
+IN_PYTHON = {wrap_with_autocast: run_under_autocast, wrap_with_set_grad_enabled: run_with_grad_enabled}
+RUN_ONCE.update({function: RUN_ONCE[op] for op, function in IN_PYTHON.items()})
+
+
 def is_higher_order(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
 

@@ -6,7 +6,8 @@ Whole model (``transform``)::
 
 Per routed block and call structure (``RoutedBlock``, on first use)::
 
-    capture_block -> token_axes -> token_mixing -> residual_stream -> unbacked_views -> unbacked_attention_masks -> rewrite
+    capture_block -> token_axes -> token_mixing -> residual_stream -> unbacked_views -> unbacked_attention_masks
+    -> mode_regions -> rewrite
 
 Each stage is one file in ``modpass/passes``: a function from a GraphModule to
 a GraphModule whose docstring states what it expects and guarantees.
@@ -19,6 +20,7 @@ import torch
 from .passes.capture import capture
 from .passes.capture_block import capture_block
 from .passes.find_blocks import find_blocks
+from .passes.mode_regions import mode_regions
 from .passes.plan import plan
 from .passes.residual_stream import residual_stream
 from .passes.rewrite import rewrite
@@ -28,7 +30,8 @@ from .passes.unbacked_attention_masks import unbacked_attention_masks
 from .passes.unbacked_views import unbacked_views
 
 MODEL_STAGES = (capture, find_blocks, plan)
-BLOCK_ANALYSIS_STAGES = (capture_block, token_axes, token_mixing, residual_stream, unbacked_views, unbacked_attention_masks)
+BLOCK_ANALYSIS_STAGES = (capture_block, token_axes, token_mixing, residual_stream, unbacked_views, unbacked_attention_masks,
+                         mode_regions)
 BLOCK_ROUTING_STAGES = (rewrite,)
 
 

@@ -1,4 +1,4 @@
-"""Block stage 7, ``rewrite``: turn a captured block into its routed form.
+"""Block stage 8, ``rewrite``: turn a captured block into its routed form.
 
 Expects: a graph annotated by ``token_axes`` and checked by ``token_mixing``.
 Guarantees: the graph computes, for one task,
