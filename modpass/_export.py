@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import pickle
+import random
+import sys
 import traceback
 from collections.abc import Iterable, Iterator
 
@@ -155,17 +158,43 @@ def tensor_attributes(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class Assignments:
     """What a call wrote to its module's attributes, by path: the tensor attributes it assigned (``self.stash =
-    attention.detach()``, a buffer replaced) and the Python state it wrote (see :class:`PythonState`). Not a
-    container, so that export's restore of the module's attributes after tracing keeps what it holds. (A block capture
-    silences hooks, so those that set a weight at every call (see :func:`set_weight_name`) assign nothing there.)"""
+    attention.detach()``, a buffer replaced) and the Python state it wrote (see :class:`PythonState`); and the global
+    random generators outside torch it drew from (see :class:`RandomStates`). Not a container, so that export's
+    restore of the module's attributes after tracing keeps what it holds. (A block capture silences hooks, so those
+    that set a weight at every call (see :func:`set_weight_name`) assign nothing there.)"""
 
     def __init__(self):
         self.paths: list[str] = []
         self.state: list[str] = []
+        self.draws: list[str] = []
 
-    def note(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], state: list[str]) -> None:
+    def note(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], state: list[str], draws: list[str]) -> None:
         self.paths = [path for path, value in after.items() if before.get(path) is not value]
         self.state = state
+        self.draws = draws
+
+
+class RandomStates:
+    """The states of the global random generators outside torch (Python's ``random``; numpy's, where numpy is loaded),
+    so that the generators a call then draws from can be named (:meth:`drawn`) and put back (:meth:`restore`).
+
+    A graph holds torch's draws (``torch.rand``), which it makes again at every call; a draw from these generators
+    (a LayerDrop written ``random.random() < p``) is a constant there, one outcome repeated at every routed call."""
+
+    def __init__(self):
+        self.generators = {"random": (random.getstate, random.setstate)}
+        if "numpy" in sys.modules:
+            numpy_random = sys.modules["numpy"].random
+            self.generators["numpy.random"] = (numpy_random.get_state, numpy_random.set_state)
+        self.states = {name: get() for name, (get, _) in self.generators.items()}
+
+    def drawn(self) -> list[str]:
+        # Pickled, since numpy's state holds an array, which == compares element by element.
+        return [name for name, (get, _) in self.generators.items() if pickle.dumps(get()) != pickle.dumps(self.states[name])]
+
+    def restore(self) -> None:
+        for name, (_, set_state) in self.generators.items():
+            set_state(self.states[name])
 
 
 # What torch keeps in every module's __dict__ (its parameters, buffers, submodules, hooks and training flag), and the
@@ -267,12 +296,13 @@ class FlatCall(torch.nn.Module):
 
     def forward(self, *tensors):
         args, kwargs = _structure.replace(self.structure, list(tensors))
-        before, state = tensor_attributes(self.module), PythonState(self.module)
+        before, state, generators = tensor_attributes(self.module), PythonState(self.module), RandomStates()
         try:
             output = self.module(*args, **kwargs)
-            self.assignments.note(before, tensor_attributes(self.module), state.written())
+            self.assignments.note(before, tensor_attributes(self.module), state.written(), generators.drawn())
         finally:
             state.restore()
+            generators.restore()
         return output
 
     @classmethod

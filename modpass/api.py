@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _structure
 from ._compat import uncompiled
-from ._export import first_calls
+from ._export import RandomStates, first_calls
 from .block import RoutedBlock
 from .config import Layers, RoutingConfig, resolve_ratios
 from .errors import CaptureError, ConfigError, ModpassError, PlanError, RoutingInputError, UnroutableBlockError
@@ -318,9 +318,9 @@ def deep_copy(model: nn.Module, verb: str) -> nn.Module:
 @contextlib.contextmanager
 def side_effects_undone(model: nn.Module) -> Iterator[None]:
     """While open, ``model`` runs for what a verb reads from the run (the calls its blocks receive, its FLOPs); on
-    exit its buffers are what they were, and the random streams of CPU and of the devices its tensors are on are
-    where they were. A model in training mode changes both: a batch norm updates its running statistics, dropout
-    draws from the streams."""
+    exit its buffers are what they were, and the random streams of CPU and of the devices its tensors are on, and
+    Python's and numpy's global generators, are where they were. A model in training mode changes both: a batch norm
+    updates its running statistics, dropout draws from the streams (a LayerDrop, from Python's)."""
     # The run gets copies of the buffers, which it may change: written back, the originals would move their version,
     # and a backward pending from the caller's forward (flops between a forward and its backward) that saved them (a
     # batch norm's statistics) would refuse to run. A routed block holds its block's buffers: one copy for both.
@@ -334,12 +334,14 @@ def side_effects_undone(model: nn.Module) -> Iterator[None]:
     for tensor in (*model.parameters(), *copies.values()):
         if tensor.device.type != "cpu":
             devices.setdefault(tensor.device.type, set()).add(tensor.device)
+    generators = RandomStates()
     try:
         with contextlib.ExitStack() as streams:
             for device_type, on in (devices or {"cpu": set()}).items():  # each fork takes CPU's stream too
                 streams.enter_context(torch.random.fork_rng(devices=list(on), device_type=device_type))
             yield
     finally:
+        generators.restore()
         for where, buffers in held:
             where.update(buffers)
 

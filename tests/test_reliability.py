@@ -6,6 +6,7 @@ import copy
 import functools
 import math
 import pickle
+import random
 
 import pytest
 import torch
@@ -534,6 +535,35 @@ def test_a_block_that_writes_python_state_is_refused_and_the_model_left_as_it_wa
                        r"this block dense with layers="):
         modpass.transform(model, 0.5, layers="all")
     assert [getattr(block, attribute) for block in model.h] == [initial, initial]
+
+
+class LayerDropBlock(models.NanoBlock):
+    """Skipped at random in training (LayerDrop), drawing from Python's or numpy's global generator."""
+
+    draw = staticmethod(random.random)
+
+    def forward(self, x):
+        if self.training and self.draw() < 0.5:
+            return x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("generator", ["random", "numpy.random"])
+def test_a_block_that_draws_from_a_generator_outside_torch_is_refused_in_training(generator):
+    """The draw is a constant of the captured graph: every routed call in training dropped the block, or kept it, as
+    the capture's draw did. In eval no draw is made, and the block routes. A capture puts the generator back."""
+    import numpy
+
+    draw = random.random if generator == "random" else numpy.random.random_sample
+    block_class = type("DrawingBlock", (LayerDropBlock,), {"draw": staticmethod(draw)})
+    model = type("LayerDropGPT", (models.NanoGPT,), {"block_class": block_class})(width=16, heads=2, layers=2)
+    modpass.transform(model.eval(), 0.5, layers="all")
+    random.seed(0)
+    numpy.random.seed(0)
+    with pytest.raises(modpass.UnroutableBlockError, match=rf"block 0 \(h\.0\): the block's forward draws from the global "
+                       rf"random generator of {generator} .*Draw with torch \(torch.rand\)"):
+        modpass.transform(model.train(), 0.5, layers="all")
+    assert draw() == (random.Random(0).random() if generator == "random" else numpy.random.RandomState(0).random_sample())
 
 
 class ShapeNotingBlock(models.NanoBlock):

@@ -86,6 +86,13 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             "earlier dense call left there and never see a routed call. Return the values from the block instead, or "
             "leave this block dense with layers=."
         )
+    if wrapper.assignments.draws:
+        raise CaptureError(
+            f"{where}: the block's forward draws from the global random generator of {' and '.join(wrapper.assignments.draws)} "
+            "(a LayerDrop written `random.random() < p`?). A routed call runs the block's captured graph, in which that "
+            "draw is a constant: every routed call would repeat the outcome of the capture's draw. Draw with torch "
+            "(torch.rand), which the graph draws again at every call, or leave this block dense with layers=."
+        )
     signature = program.graph_signature
     refuse_size_assumptions(program, where)
     gm = program.graph_module
