@@ -308,7 +308,15 @@ class FlatCall(torch.nn.Module):
     @classmethod
     def wrap(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[FlatCall, tuple]:
         _structure.signature((args, kwargs))  # refuses leaves that are not tensors or constants
-        return cls(module, args, kwargs), tuple(_structure.tensors((args, kwargs)))
+        # One tensor passed twice (``block(x, x)``, x as its own cross-attention memory) gets a copy the second time:
+        # export would trace both through one placeholder, with the same symbolic sizes, so the second argument would
+        # carry the tokens and be gathered with them, and the graph kept for the call structure would tie the two in
+        # later calls with distinct tensors too. What the graph computes must not depend on which tensors are one.
+        tensors, seen = [], set()
+        for tensor in _structure.tensors((args, kwargs)):
+            tensors.append(tensor.clone() if id(tensor) in seen else tensor)
+            seen.add(id(tensor))
+        return cls(module, args, kwargs), tuple(tensors)
 
     def export(self, tensors: tuple, dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.export.ExportedProgram:
         """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1; size-1 axes stay static)."""

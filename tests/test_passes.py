@@ -801,13 +801,54 @@ class PostNormSelfMemoryBlock(SelfMemoryBlock):
 
 
 def test_residual_stream_accepts_the_hidden_state_passed_again_as_another_argument():
-    """Export reads both through one placeholder, the second: the stream looked like input 1."""
+    """The capture passes the second a copy, so that export traces them through placeholders of their own (through one,
+    the second, the stream looked like input 1 until the eighth session)."""
     x = torch.randn(2, 9, 8)
     for block in (SelfMemoryBlock(), PostNormSelfMemoryBlock()):
         gm = analysed(block, x, x)
         assert residual_stream(gm) is gm
     with pytest.raises(modpass.UnroutableBlockError, match="residual stream is its tensor input 1"):
         residual_stream(analysed(PositionFirstBlock(), x, x.clone()))
+
+
+class MemoryBlock(models.NanoBlock):
+    """A decoder block: causal self-attention, then attention to a memory of its own length (no projections)."""
+
+    def forward(self, x, memory):
+        x = x + self.attend(x, is_causal=True)
+        x = x + F.scaled_dot_product_attention(self.ln_2(x)[:, None], memory[:, None], memory[:, None])[:, 0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class EmbeddingMemoryGPT(models.NanoGPT):
+    """Each block attends to the embedding as its memory: block 0 is called ``block(x, x)``, one tensor for both."""
+
+    block_class = MemoryBlock
+
+    def forward(self, idx, copy_memory=False):
+        x = memory = self.embed(idx)
+        if copy_memory:
+            memory = memory.clone()
+        for block in self.h:
+            x = block(x, memory)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_a_tensor_passed_twice_to_a_block_routes_as_two_equal_tensors():
+    """Export traced one tensor passed twice through one placeholder, so block 0 took its memory for a token-carrying
+    input and gathered it with the selected tokens (8% off), unlike block 1 and a copy; and the graph captured so was
+    kept for later calls with distinct tensors (wrong again, or a raw size error for a memory of another length)."""
+    ids = torch.randint(0, 61, (2, 12))
+    routed = {}
+    for copy_memory in (False, True):
+        torch.manual_seed(0)
+        model = EmbeddingMemoryGPT(layers=2).eval()
+        routed[copy_memory] = models.randomise_routers(
+            modpass.transform(model, 0.5, layers="all", example_inputs={"idx": ids, "copy_memory": copy_memory}), seed=0)
+    with torch.no_grad():
+        want = routed[True](ids, copy_memory=True)
+        for model, copy_memory in ((routed[False], False), (routed[False], True), (routed[True], False)):
+            torch.testing.assert_close(model(ids, copy_memory=copy_memory), want, rtol=0, atol=1e-6)
 
 
 class CallerAddsGPT(models.NanoGPT):

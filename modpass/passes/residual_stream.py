@@ -20,7 +20,7 @@ import torch
 
 from .._subgraphs import inlined
 from ..errors import UnroutableBlockError
-from .token_axes import SIZE_READS, flat_outputs, size_expr, user_inputs
+from .token_axes import flat_outputs, size_expr, user_inputs
 
 _ADD_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
 # Ops that hand the hidden state on as itself, scaled or cast (``residual = x.to(float32)``, ``x * alpha``).
@@ -71,12 +71,6 @@ def residual_stream(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     alike = [other for other in inputs[1:]
              if isinstance(other.meta.get("val"), torch.Tensor) and [size_expr(s) for s in other.meta["val"].shape] == shape]
     hidden = inputs[0]
-    if alike and all(user.target in SIZE_READS for user in hidden.users):
-        # The first argument passed again as another (``block(x, x)``, attending to itself as its memory): export
-        # reads every use through the later placeholder, leaving the first with no use but its sizes and with the
-        # same symbolic shape, which a distinct tensor's unused placeholder would not have (each input's sizes start
-        # as symbols of their own).
-        hidden = alike.pop(0)
     region = set(view.graph.nodes)
     if reaches_through_adds(hidden, first, region):
         return gm
