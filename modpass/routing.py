@@ -95,19 +95,28 @@ def router_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return router_logits(hidden.detach(), weight.detach(), bias.detach())
 
 
-def padding_from_attention_mask(mask: torch.Tensor, batch) -> torch.Tensor:
-    """``(batch, T)`` bool, True where a token is padding, from a ``(B, H, T, T)`` mask (B is batch or 1).
+#: An additive mask value at or below this forbids attention (``finfo.min``, -1e9, -inf; BERT's -10000.0): its
+#: exponential is 0 in every floating type, as no real bias (ALiBi's, T5's) is at a token's own position.
+FORBIDDING = -1e4
 
-    A real token may always attend to itself, so a token is padding exactly
-    when the mask forbids its own diagonal entry. Boolean masks mark allowed
-    entries True; floating masks are additive (a large negative value forbids).
-    A mask of batch 1 (T5's position bias) holds for every row.
+
+def padding_from_attention_mask(mask: torch.Tensor, batch) -> torch.Tensor:
+    """``(batch, T)`` bool, True where a token is padding, from a ``(B, H, T, T)`` mask (B is batch or 1; head 0).
+
+    A real token may attend to itself; a padding token may not, and no real token attends to it. So a token is
+    padding when the mask forbids its own diagonal entry and its key to every query that may attend to itself. In a
+    row where no token may attend to itself (a mask that forbids the diagonal, each token attending to the others
+    only) the diagonal tells nothing, and no token is padding. Boolean masks mark allowed entries True; floating
+    masks are additive (:data:`FORBIDDING` or below forbids). A mask of batch 1 (T5's position bias) holds for every
+    row.
     """
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > FORBIDDING  # (B, queries, keys)
     # Indexing rather than torch.diagonal, whose Inductor lowering calls a
     # deprecated torch helper and prints a FutureWarning on every compile.
     positions = torch.arange(mask.shape[-1], device=mask.device)
-    diagonal = mask[:, 0, positions, positions]
-    padding = ~diagonal if diagonal.dtype == torch.bool else diagonal <= torch.finfo(diagonal.dtype).min / 2
+    to_itself = allowed[:, positions, positions]
+    attended = (allowed & to_itself[:, :, None]).any(dim=1)
+    padding = ~to_itself & ~attended & to_itself.any(dim=1, keepdim=True)
     return padding.expand(batch, -1)
 
 

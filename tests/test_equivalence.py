@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import modpass
+from modpass import routing
 from tests import models
 
 
@@ -174,6 +175,70 @@ def test_zero_router_selects_first_tokens_deterministically():
         routed(idx=torch.randint(0, 61, (2, 10)))
     (record,) = routed.h[1].last_routing
     assert record.index.tolist() == [[0, 1, 2, 3, 4]] * 2
+
+
+def causal(tokens: int) -> torch.Tensor:
+    return torch.ones(tokens, tokens, dtype=torch.bool).tril()
+
+
+def padded(allowed: torch.Tensor, real: list[bool]) -> torch.Tensor:
+    """``allowed`` with the keys of the tokens ``real`` marks False forbidden to every query (a padding mask)."""
+    return allowed & torch.tensor(real)[None, :]
+
+
+def others_only(tokens: int) -> torch.Tensor:
+    return ~torch.eye(tokens, dtype=torch.bool)
+
+
+def additive(allowed: torch.Tensor, forbidden: float) -> torch.Tensor:
+    return torch.zeros(allowed.shape).masked_fill(~allowed, forbidden)
+
+
+REAL = [False, False, True, True, True, False]  # padding left and right
+PADDING_MASKS = {
+    "causal, padded": (padded(causal(6), REAL), [not r for r in REAL]),
+    "causal, padded, additive finfo.min": (additive(padded(causal(6), REAL), torch.finfo(torch.float32).min), [not r for r in REAL]),
+    "causal, padded, additive -1e4 (BERT's)": (additive(padded(causal(6), REAL), -1e4), [not r for r in REAL]),
+    "each token attends to the others only": (others_only(6), [False] * 6),
+    "the earlier tokens only": (causal(6) & others_only(6), [False] * 6),
+    "the others only, padded": (padded(others_only(6), REAL), [False] * 6),
+    "a bias, no mask": (-torch.arange(6.0)[None, :].expand(6, 6).abs(), [False] * 6),
+}
+
+
+@pytest.mark.parametrize("name", PADDING_MASKS)
+def test_padding_is_read_from_a_mask_where_real_tokens_attend_to_themselves(name):
+    """A token is padding where the mask forbids its own entry and no self-attending query attends to it. Until the
+    ninth session the diagonal alone decided: a mask forbidding it everywhere made every token padding, and the
+    blocks were skipped at full capacity too; and additive masks counted only below finfo.min / 2, not BERT's -1e4."""
+    mask, padding = PADDING_MASKS[name]
+    assert routing.padding_from_attention_mask(mask[None, None], 1).tolist() == [padding]
+
+
+class OthersOnlyBlock(models.NanoBlock):
+    def forward(self, x, allowed):
+        return self.mix(x, attn_mask=allowed)
+
+
+class OthersOnlyGPT(models.NanoGPT):
+    """Each token attends to every other token, never to itself."""
+
+    block_class = OthersOnlyBlock
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        allowed = others_only(idx.shape[1])[None, None].expand(idx.shape[0], 1, -1, -1)
+        for block in self.h:
+            x = block(x, allowed)
+        return self.lm_head(self.ln_f(x))
+
+
+def test_a_mask_that_forbids_attending_to_oneself_routes_every_token_at_full_capacity():
+    torch.manual_seed(0)
+    dense = OthersOnlyGPT(layers=2).eval()
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        close_to_dense(modpass.transform(dense, 1.0, layers="all")(ids), dense(ids))
 
 
 def test_padding_is_never_selected_while_real_tokens_remain():

@@ -85,8 +85,6 @@ _MASK_PRESERVING = {
     "view", "reshape", "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "clone",
     "contiguous", "contiguous_while_compiling", "to", "_to_copy", "detach",
 }
-# A fill at or below this forbids attention (torch.finfo(dtype).min, -1e9, -inf; BERT's -10000.0).
-_FORBIDDING_FILL = -1e4
 
 
 def attends_where_true(mask: torch.fx.Node) -> bool:
@@ -131,7 +129,7 @@ def forbids(fill) -> bool:
     """Whether filling attention scores with ``fill`` forbids attending there: a number, or a full tensor of one."""
     if isinstance(fill, torch.fx.Node) and fill.op == "call_function" and op_name(fill.target) in ("full", "scalar_tensor"):
         fill = fill.args[-1] if op_name(fill.target) == "full" else fill.args[0]
-    return isinstance(fill, (int, float)) and fill <= _FORBIDDING_FILL
+    return isinstance(fill, (int, float)) and fill <= routing.FORBIDDING
 
 
 def mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
