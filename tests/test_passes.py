@@ -509,6 +509,7 @@ def write_first_and_fourth(y):
 
 
 TABLE = torch.randn(1, 8, 32)  # a fixed-size table of positions, read at the token count
+MEMORY = torch.randn(1, 5, 8)  # a memory of its own length, for attention from the tokens
 
 
 class SlidingWindowBlock(nn.Module):
@@ -585,7 +586,9 @@ class SinkAttention(nn.Module):
      (LambdaBlock(lambda x: write_first_and_fourth(torch.zeros_like(x))), "index_put_.default writes into the token axis at given indices"),
      (LambdaBlock(lambda x: F.interpolate(TABLE, size=x.shape[1]).transpose(1, 2)), r"upsample_nearest1d.vec reads a fixed-size tensor at the token count"),
      (LambdaBlock(lambda x: TABLE[0].as_strided((x.shape[1], 8), (1, 16))), r"as_strided.default reads a fixed-size tensor at the token count"),
-     (LambdaBlock(lambda x: x - x.mean(0, keepdim=True)), r"mean.dim relates positions along .* combining its sequences token by token")],
+     (LambdaBlock(lambda x: x - x.mean(0, keepdim=True)), r"mean.dim relates positions along .* combining its sequences token by token"),
+     (LambdaBlock(lambda x: F.scaled_dot_product_attention(x, *[MEMORY.expand(x.shape[0], -1, -1)] * 2, is_causal=True)),
+      r"attends causally \(is_causal=True\) between the tokens and keys or queries of another sequence")],
     ids=["conv", "cumsum", "mean-pool", "token-shift", "reinterpret-as-t-b", "fold-features-into-tokens", "transposed-rows",
          "inner-position-embedding", "inner-distance-bias",
          "divides-by-length", "scales-by-length", "fills-with-length", "avg-pool", "sliding-window-tril", "tril-over-features",
@@ -595,7 +598,8 @@ class SinkAttention(nn.Module):
          "sort-along-its-default-dim", "masked-scatter", "flat-take", "global-median",
          "positions-from-eye", "positions-counted-from-a-causal-mask", "positions-from-ones-tril", "length-from-a-softmax",
          "pool-with-ones-matmul", "pool-with-ones-einsum", "window-from-a-mask-product", "write-at-listed-tokens",
-         "table-interpolated-to-length", "table-read-by-as-strided", "batch-mean-at-each-token"],
+         "table-interpolated-to-length", "table-read-by-as-strided", "batch-mean-at-each-token",
+         "causal-attention-to-a-memory"],
 )
 def test_token_mixing_refuses_mixing_outside_attention(block, reason):
     gm = token_axes(capture_block(block, (torch.randn(2, 9, 8),), {}))

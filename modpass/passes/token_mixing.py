@@ -216,7 +216,7 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if node.target.namespace not in ("aten", "prims") and carries_tokens:
         return outside_aten_reason(node, source, dims, args)
     if any(key in name for key in ATTENTION):
-        return None
+        return causal_attention_reason(args, symbol)
     if name in CONTRACTIONS:
         if name == "linear" and dims and rank - 1 in dims:
             return "applies a linear layer across the token axis"
@@ -286,6 +286,22 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     if name == "cat" and appends_extra_keys(args, symbol):
         return None
     return f"operates along the token axis ({name})"
+
+
+def causal_attention_reason(args: dict, symbol) -> str | None:
+    """Why an attention kernel's ``is_causal=True`` would pair the routed tokens wrong, or None. The kernel makes the
+    mask from the sizes alone, query i seeing keys up to i: where queries and keys are the same tokens, gathered
+    together in position order, that is the causal mask over their positions; where only one side is the tokens
+    (causal attention to a memory of its own, kept whole), a routed query would see the keys up to its slot, not up
+    to its position."""
+    query, key = args.get("query"), args.get("key")
+    if not args.get("is_causal") or not isinstance(query, torch.fx.Node) or not isinstance(key, torch.fx.Node):
+        return None
+    if mentions(query.meta["val"].shape[-2], symbol) == mentions(key.meta["val"].shape[-2], symbol):
+        return None
+    return ("attends causally (is_causal=True) between the tokens and keys or queries of another sequence: the "
+            "kernel's mask would match a routed token with the others by its slot among the selected tokens, not by "
+            "its position")
 
 
 def indexed_axes(indices: list) -> list[int]:
