@@ -152,9 +152,18 @@ def cache_layer(block, cache):
     """The cache layer of ``block`` (None while a ``DynamicCache`` has not created it)."""
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
+        if hasattr(cache, "self_attention_cache"):
+            remedy = ("An encoder-decoder model's decoder keeps two caches (its self-attention's and its "
+                      "cross-attention's), which modpass does not route: generate with use_cache=False, or route the "
+                      "encoder's blocks only (within='encoder', say), which generate with a cache.")
+        elif "Paged" in type(cache).__name__:
+            remedy = ("Continuous batching's paged cache (generate_batch) is not supported: use generate(), "
+                      "with a DynamicCache or a StaticCache.")
+        else:
+            remedy = "Call the model with use_cache=False."
         raise RoutingInputError(
-            f"{block.plan.path}: a routed block caches keys and values through a transformers Cache with per-layer "
-            f"storage (transformers >= 5), got a {type(cache).__name__}. Call the model with use_cache=False."
+            f"{block.plan.path}: a routed block caches keys and values in a transformers Cache that holds a list of "
+            f"per-layer storage (DynamicCache, StaticCache and their kin), got a {type(cache).__name__}. {remedy}"
         )
     return layer_at(cache, cache_slot(block))
 

@@ -13,6 +13,7 @@ import inspect
 
 import pytest
 import torch
+import transformers
 
 import modpass
 from modpass import kv_cache
@@ -259,6 +260,14 @@ def test_cached_generation_refuses_what_it_cannot_route():
             gemma(input_ids=prompt, use_cache=True, task=["t2i", "mmu"])
         with pytest.raises(modpass.RoutingInputError, match="no room for a generated one"):
             routed(input_ids=prompt, use_cache=True, **{cache_name(): static_cache(routed, 9)})
+        # An encoder-decoder's decoder caches its self- and cross-attention apart: said so, not "use transformers 5".
+        t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=97, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, decoder_start_token_id=0)).eval()
+        routed_decoder = modpass.transform(t5, 0.5, within="decoder", layers=[1],  # block 0 makes the position bias
+                                           example_inputs={"input_ids": prompt, "decoder_input_ids": prompt[:, :4], "use_cache": False})
+        with pytest.raises(modpass.RoutingInputError, match=r"got a EncoderDecoderCache\. An encoder-decoder model's decoder "
+                           r"keeps two caches .* generate with use_cache=False"):
+            routed_decoder.generate(prompt, decoder_input_ids=prompt[:, :3], max_new_tokens=2, do_sample=False, use_cache=True)
         every_layer = routed_llama(layers="all")  # a dense static layer fails first, with an IndexError of its own
         with pytest.raises(modpass.RoutingInputError, match="the static cache is full"):
             every_layer.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False,
