@@ -74,11 +74,18 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     anyway. A weight that is a tensor subclass (torchao's quantized tensors)
     keeps the ``Linear``: it implements that, not the reduction's ops.
     """
-    if COMPILED_FORMS and torch.compiler.is_compiling() and not is_tensor_subclass(weight):
+    if is_tensor_subclass(weight):
+        return torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
+    if COMPILED_FORMS and torch.compiler.is_compiling():
         accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least: a float64 model keeps float64
         logits = (hidden.to(accumulate) * weight.squeeze(0).to(accumulate)).sum(-1) + bias.to(accumulate)
         return logits.to(hidden.dtype)
-    return torch.nn.functional.linear(hidden, weight, bias).squeeze(-1)
+    # As compiled: in the wider of the two dtypes (a router kept in fp32 in a bf16 model), and not in autocast's lower
+    # precision, whose rounding of the logits made eager and compiled calls select different tokens.
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), bias.to(dtype)).squeeze(-1)
+    return logits.to(hidden.dtype)
 
 
 def is_tensor_subclass(weight: torch.Tensor) -> bool:
@@ -309,8 +316,12 @@ def gate_weights(logits_selected: torch.Tensor, gate: str) -> torch.Tensor:
 
 
 def gated_update(hidden: torch.Tensor, block_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x + w * (block(x) - x)``: the block's update of tokens it ran on, weighted by their gate ``w``."""
-    return hidden + weight.to(hidden.dtype) * (block_output - hidden)
+    """``x + w * (block(x) - x)``: the block's update of tokens it ran on, weighted by their gate ``w``.
+
+    As ``torch.lerp``, which is exact at ``w = 1`` (it computes ``y - (y - x) * (1 - w)`` from ``w = 0.5`` up): in
+    bfloat16, ``x + (y - x)`` equals ``y`` for about two elements in three, so a routed model at full capacity was
+    not the dense one."""
+    return torch.lerp(hidden, block_output.to(hidden.dtype), weight.to(hidden.dtype))
 
 
 def scatter_update(
