@@ -804,6 +804,14 @@ class PostNormSelfMemoryBlock(SelfMemoryBlock):
         return F.layer_norm(super().forward(x, memory), (8,))
 
 
+def test_residual_stream_refuses_a_block_that_changes_its_hidden_states_dtype():
+    """Compiled, the routed block cast its output back to the input's dtype (fp32 where the dense block gave bf16, 1e-2
+    off at full capacity); eagerly, it failed inside the router."""
+    block = FunctionBlock(lambda x: (x + attend(x)).bfloat16())
+    with pytest.raises(modpass.UnroutableBlockError, match=r"takes its hidden state as torch.float32 and returns it as torch.bfloat16"):
+        residual_stream(analysed(block, torch.randn(2, 9, 8)))
+
+
 def test_residual_stream_accepts_the_hidden_state_passed_again_as_another_argument():
     """The capture passes the second a copy, so that export traces them through placeholders of their own (through one,
     the second, the stream looked like input 1 until the eighth session)."""

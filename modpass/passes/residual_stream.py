@@ -3,7 +3,8 @@
 Expects: a graph from ``token_mixing`` (token axes annotated) whose first user
 input is the hidden state and whose first output the new hidden state.
 Guarantees: the graph is unchanged; the block adds its first argument back into
-its first output (``x + f(x)``, before a norm too, as post-norm blocks do).
+its first output (``x + f(x)``, before a norm too, as post-norm blocks do), which
+has the first argument's dtype.
 
 A routed block passes a skipped token's first argument out as it came. That is
 the dense block's own result for that token only where the block adds its first
@@ -71,6 +72,14 @@ def residual_stream(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     alike = [other for other in inputs[1:]
              if isinstance(other.meta.get("val"), torch.Tensor) and [size_expr(s) for s in other.meta["val"].shape] == shape]
     hidden = inputs[0]
+    dtypes = [getattr(node.meta.get("val"), "dtype", None) for node in (hidden, first)]
+    if dtypes[0] != dtypes[1]:
+        raise UnroutableBlockError(
+            f"{where}: the block takes its hidden state as {dtypes[0]} and returns it as {dtypes[1]}. A routed block "
+            "passes skipped tokens out as they came, in the dtype they came in, and writes the tokens it ran on among "
+            "them, so its output cannot change dtype. Cast the hidden state outside the block, or leave this block "
+            "dense with layers=."
+        )
     region = set(view.graph.nodes)
     if reaches_through_adds(hidden, first, region):
         return gm
