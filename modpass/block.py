@@ -456,6 +456,9 @@ class RoutedBlock(nn.Module):
         called as a module. PEFT's ``modules_to_save`` wrapper stands for the copy it runs. Any other wrapper (PEFT's
         LoRA layer, which answers for its base layer's ``weight``) or a hook on a router would be left out, and is
         refused rather than ignored."""
+        if task not in self.mod_routers:
+            raise RouterError(f"{self.router_place(task)} is missing: mod_routers holds {sorted(self.mod_routers)}. Put the "
+                              "router back, or route the model again (modpass.transform) for another set of tasks.")
         module = self.mod_routers[task]
         while True:
             if any(getattr(module, hooks) for hooks in HOOK_FUNCTIONS):
@@ -465,6 +468,13 @@ class RoutedBlock(nn.Module):
                     "its layers for a batch that mixes adapters (adapter_names=), which a routed model cannot run."
                 )
             if type(module).forward is nn.Linear.forward:
+                if module.bias is None or tuple(module.weight.shape) != (1, self._plan.hidden_size):
+                    raise RouterError(
+                        f"{self.router_place(task)} is a Linear({module.in_features}, {module.out_features}, "
+                        f"bias={module.bias is not None}); a router is a Linear({self._plan.hidden_size}, 1) with a bias, "
+                        "one score per token from its hidden state, as transform makes it. Set its weight and bias in "
+                        "place (router.weight.copy_(...)) rather than replacing the router."
+                    )
                 return module
             if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
                 # PEFT's wrapper runs, and answers attribute reads for, its active adapter's copy (or the original).
@@ -474,9 +484,10 @@ class RoutedBlock(nn.Module):
                 continue
             raise RouterError(
                 f"{self.router_place(task)} is a {type(module).__module__}.{type(module).__qualname__}, not a torch.nn.Linear: routed calls read a "
-                "router's weight and bias and do not call it, so what the wrapper adds (a LoRA adapter's update) would "
-                "be left out, and its parameters would not train. Leave the routers out of adapters and train them as "
-                "they are." + PEFT_ROUTERS_HINT.format(task=task)
+                "router's weight and bias and do not call it, so what the module adds (a LoRA adapter's update, a "
+                "quantization) would be left out, and its parameters would not train. Leave the routers (mod_routers) "
+                "out of adapters, quantization and other module swaps, and train them as they are."
+                + (PEFT_ROUTERS_HINT.format(task=task) if type(module).__module__.startswith("peft") else "")
             )
 
     def router_place(self, task: str) -> str:

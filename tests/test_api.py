@@ -405,9 +405,21 @@ def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_
     with pytest.raises(modpass.RouterError, match=r"model.layers.1: the router of task 'default' .* has hooks"):
         routed(input_ids=ids)
     handle.remove()
-    routers.default = LowRankAdapter(routers.default)
+    original = routers.default
+    routers.default = LowRankAdapter(original)
     with pytest.raises(modpass.RouterError, match=r"is a tests.test_api.LowRankAdapter, not a torch.nn.Linear"):
         routed(input_ids=ids)
+    # Replaced by a router of another form: raw AttributeErrors, size errors or IndexErrors until the ninth session.
+    for replacement, form in ((nn.Linear(48, 1, bias=False), r"Linear\(48, 1, bias=False\)"), (nn.Linear(16, 1), r"Linear\(16, 1, bias=True\)"),
+                              (nn.Linear(48, 2), r"Linear\(48, 2, bias=True\)")):
+        routers.default = replacement
+        with pytest.raises(modpass.RouterError, match=rf"the router of task 'default' .* is a {form}; a router is a Linear\(48, 1\) with a bias"):
+            routed(input_ids=ids)
+    del routers["default"]
+    with pytest.raises(modpass.RouterError, match=r"the router of task 'default' \(mod_routers.default\) is missing"):
+        routed(input_ids=ids)
+    routers.default = original
+    routed(input_ids=ids)
 
 
 def test_a_deep_copy_runs_and_compiles_fullgraph_on_the_graphs_built_so_far(llama_and_routed):
