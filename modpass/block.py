@@ -321,8 +321,22 @@ class RoutedBlock(nn.Module):
                 "(modpass.dense(model))."
             )
 
+    def parts_swapped(self) -> bool:
+        """Whether a part was put in place without torch's registration hook (``module._modules[name] = new``, as
+        torch.ao's ``prepare_qat`` and ``quantize_dynamic`` swap layers), which :mod:`~modpass.part_changes` does not
+        see: a part of the block other than the one noted, or a child of this routed block other than its block's."""
+        parts = [part for _, part in self._block.named_modules()][1:]
+        return (len(parts) != len(self._parts) or any(part is not noted for part, (_, noted) in zip(parts, self._parts))
+                or any(self._modules.get(name) is not child for name, child in self._block._modules.items()))
+
+    def adopt_swapped_children(self) -> None:
+        """Give the block the children put in place on this routed block by :meth:`parts_swapped`'s way."""
+        for name in list(self._block._modules):
+            if self._modules.get(name) is not self._block._modules[name]:
+                self._block._modules[name] = self._modules.get(name)
+
     def parts_changed(self) -> bool:
-        return (bool(self.__dict__.get("_parts_changed")) or self.adapter_state() != self._adapter_state
+        return (bool(self.__dict__.get("_parts_changed")) or self.parts_swapped() or self.adapter_state() != self._adapter_state
                 or self.attention_implementations() != self._attention_implementations
                 or self.dropout_rates() != self._dropout_rates)
 
@@ -344,6 +358,7 @@ class RoutedBlock(nn.Module):
             block.__dict__.pop("_parts_changed", None)  # absent, as before any change: what a compiled call guards on
             for cache in GRAPH_CACHES:
                 block.__dict__[cache].clear()
+            block.adopt_swapped_children()
             block.note_parts()  # the new parts too
             switching.block_starts("recapture", pending=len(changed), stage="capturing the blocks whose parts changed")
             try:

@@ -16,7 +16,9 @@ the graphs take the block's parameters as inputs at every call.
 
 A module replaced as a direct child of the routed block goes to the block it
 routes as well, which modpass captures and runs for ``modpass.dense``: the two
-share their children.
+share their children. A module put in place by writing ``module._modules[name]``
+(torch.ao's ``prepare_qat`` and ``quantize_dynamic``) runs no hook; a routed block
+compares its parts with those it noted at each call instead (``RoutedBlock.parts_swapped``).
 
 PEFT's adapter layers also carry Python state that their forward reads and a
 capture bakes in (``disable_adapter()``, ``set_adapter``, merges): a routed block
