@@ -563,7 +563,7 @@ class SinkAttention(nn.Module):
      (LengthScaledBlock(), r"mul.Tensor computes with the token count as a number"),
      (LengthFilledBlock(), r"full_like.default computes with the token count as a number \(fill_value="),
      (PoolingBlock(), "pools or resamples along the token axis"), (SlidingWindowBlock(), r"distance.*tril with offset -3"),
-     (TokenFeatureTriangleBlock(), r"relates token indices to feature indices \(tril\)"),
+     (TokenFeatureTriangleBlock(), r"relates token indices to the indices of another axis \(features, or a memory.s keys\) \(tril\)"),
      (NeighbourScoreBlock(), r"distance.*diagonal with offset 1"),
      (SinkAttention(extra="scores"), r"cat.default operates along the token axis"),
      (PoolUnderNoGradBlock(), r"mean.dim reduces over the token axis .*test_passes\.py"),
@@ -1127,6 +1127,26 @@ def test_capture_block_refuses_a_block_that_reads_a_table_by_its_token_count(as_
     cut, message = TABLE_READS[read]
     with pytest.raises(modpass.CaptureError, match=r"reads a fixed-size table by its token count \(" + message):
         capture_block(PositionTableBlock(as_buffer, cut), (torch.randn(2, 16, 8),), {})
+
+
+class PassedTableBlock(nn.Module):
+    def forward(self, x, table):
+        return x + table[: x.shape[1]]
+
+
+def test_a_table_passed_in_and_cut_to_the_token_count_is_named_by_its_place_in_the_call():
+    """Named by export's placeholder (``tensors_1``) until the ninth session."""
+    block = PassedTableBlock()
+    with pytest.raises(modpass.CaptureError, match=r"tensor input 1 of the call \(counting from 0\) sliced to the token count"):
+        capture_block(block, (torch.randn(2, 16, 8), torch.randn(64, 8)), {})
+
+
+def test_a_slice_of_tokens_joined_with_other_rows_is_not_called_a_token_shift():
+    registers = torch.randn(1, 2, 8)
+    block = LambdaBlock(lambda x: torch.cat([registers.expand(x.shape[0], -1, -1), x], 1)[:, 2:])
+    with pytest.raises(modpass.UnroutableBlockError, match="slices an axis holding the tokens and other rows") as refusal:
+        token_mixing(token_axes(capture_block(block, (torch.randn(2, 9, 8),), {})))
+    assert "token shift" not in str(refusal.value)
 
 
 class TokenwiseExperts(nn.Module):

@@ -263,7 +263,9 @@ _CUTS = {
 def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol) -> list[str]:
     """The tensors without a token axis that the block cuts to its token count (``table[:T]``,
     ``table.narrow(0, 0, T)``, ``table.split(T)``), described."""
-    state_names = state_targets(program.graph_signature)
+    names = state_targets(program.graph_signature)
+    user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+    names.update({name: f"tensor input {i} of the call (counting from 0)" for i, name in enumerate(user_inputs)})
     tables = []
     for node in inlined(program.graph_module).graph.nodes:
         if node.op != "call_function" or node.target not in _CUTS:
@@ -275,7 +277,7 @@ def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.S
             continue
         if any(mentions(size, symbol) for size in source.meta["val"].shape):
             continue
-        tables.append(f"{state_names.get(source.name, source.name)} {cut} to the token count along dim {dim}")
+        tables.append(f"{names.get(source.name, 'a tensor the block computes')} {cut} to the token count along dim {dim}")
     return tables
 
 

@@ -282,7 +282,11 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         keeps_all = start in (None, 0) and step == 1 and (end is None or end == _INT_MAX or size_expr(end) == whole)
         # Scores with extra keys appended after the tokens (see appends_extra_keys), cut back to the tokens.
         drops_extra_keys = len(dims) >= 2 and start in (None, 0) and step == 1 and size_expr(node.meta["val"].shape[dim]) == symbol
-        return None if keeps_all or drops_extra_keys else "slices the token axis (a token shift)"
+        if keeps_all or drops_extra_keys:
+            return None
+        if size_expr(source.meta["val"].shape[dim]) != symbol:  # tokens joined with other rows, T + S
+            return "slices an axis holding the tokens and other rows (made by a concatenation: joint attention, register tokens)"
+        return "slices the token axis (a token shift)"
     if name == "cat" and appends_extra_keys(args, symbol):
         return None
     return f"operates along the token axis ({name})"
@@ -372,13 +376,13 @@ _INDEX_RELATIONS = {"tril": (0, -1), "triu": (0, 1), "diagonal": (0,), "eye": ()
 
 def index_relation_reason(name: str, args: dict, node: torch.fx.Node, dims: list[int], rank: int, symbol) -> str | None:
     if name == "eye":  # eye(T) pairs each token with itself; eye(T, D) a token with a feature
-        return "relates token indices to feature indices (eye)" if len(token_dims(node, symbol)) == 1 else None
+        return "relates token indices to the indices of another axis (eye)" if len(token_dims(node, symbol)) == 1 else None
     axes = {args.get("dim1", 0) % rank, args.get("dim2", 1) % rank} if name == "diagonal" else {rank - 2, rank - 1}
     related = axes & set(dims)
     if not related:
         return None
     if len(related) == 1:
-        return f"relates token indices to feature indices ({name})"
+        return f"relates token indices to the indices of another axis (features, or a memory's keys) ({name})"
     offset = args.get("offset" if name == "diagonal" else "diagonal", 0)
     if offset in _INDEX_RELATIONS[name]:
         return None
