@@ -1149,6 +1149,26 @@ def test_a_slice_of_tokens_joined_with_other_rows_is_not_called_a_token_shift():
     assert "token shift" not in str(refusal.value)
 
 
+class ChannelFirstBlock(nn.Module):
+    """Attention over a ``(B, D, T)`` hidden state, projected by 1-D convolutions."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.qkv, self.out = nn.Conv1d(width, 3 * width, 1), nn.Conv1d(width, width, 1)
+
+    def forward(self, x):
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).chunk(3, 1))
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+
+
+def test_a_channel_first_block_is_refused_naming_the_layout():
+    """Refused as a block that fixes its token count (to the width, 8), without a word of the layout, until the ninth
+    session."""
+    with pytest.raises(modpass.UnroutableBlockError, match=r"fixed the block's token count to 8: .* Or the block is "
+                       r"channel-first, \(batch, features, tokens\), its second axis the width"):
+        token_axes(capture_block(ChannelFirstBlock(), (torch.randn(2, 8, 12),), {}))
+
+
 class TokenwiseExperts(nn.Module):
     """A sparse MoE dispatched row by row, as transformers' ``batched_mm`` experts: each token's k copies
     meet their experts' weights, then fold back onto the token."""

@@ -94,11 +94,17 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         classify_extra_outputs(gm, inputs, outputs)
         return gm
     if isinstance(token, int):
+        # A varying last axis may hold the tokens instead: channel-first blocks (1-D convolutions) fix the second to
+        # their width.
+        channel_first = (
+            " Or the block is channel-first, (batch, features, tokens), its second axis the width and its last, which "
+            "varies, the tokens: transpose the hidden state to (batch, tokens, features) outside the block."
+        ) if hidden.dim() == 3 and not isinstance(size_expr(hidden.shape[2]), int) else ""
         raise UnroutableBlockError(
             f"{where}: export fixed the block's token count to {token}: its code takes the length as a Python number "
             "(math.log(T), torch.linspace(0, 1, T), a table pooled or interpolated to T) or requires that length, so its "
             "graph holds for that length only and cannot run on a subset of tokens. Pass such values in from outside "
-            "the block, or leave it dense with layers=."
+            f"the block, or leave it dense with layers=.{channel_first}"
         )
     for i, node in enumerate(inputs):
         val = node.meta["val"]
