@@ -347,9 +347,16 @@ def freeze_constants(routed: torch.fx.GraphModule, constants: dict, reference: t
 
 
 def refuse_fixed_token_count(gm: torch.fx.GraphModule, hidden: torch.fx.Node, where: str) -> None:
-    """A block can run on k tokens only where the Dynamo graph keeps the token count symbolic."""
-    tokens = hidden.meta["val"].shape[1]
-    if isinstance(tokens, torch.SymInt):
+    """A block can run on k tokens only where the Dynamo graph keeps the token count symbolic, and apart from the batch."""
+    batch, tokens = hidden.meta["val"].shape[:2]
+    if isinstance(tokens, torch.SymInt) and isinstance(batch, torch.SymInt) and batch.node.expr == tokens.node.expr:
+        raise ConfigError(
+            f"{where}: Dynamo traced the batch and the sequence length as one size ({tokens.node.expr}): the call it "
+            "compiled had as many sequences as tokens in each, and Dynamo gives equal sizes one symbol (duck sizing). "
+            "Compile on a first call whose batch and length differ, or set torch.fx.experimental._config."
+            "use_duck_shape = False before compiling."
+        )
+    if isinstance(tokens, torch.SymInt) or tokens == 1:  # one token, which Dynamo never makes symbolic: k is 1 too
         return
     symbolic = any(
         isinstance(size, torch.SymInt)
@@ -380,7 +387,7 @@ def refuse_token_count_branches(inputs: list[torch.fx.Node], where: str) -> None
     sizes are not judged (see :func:`modpass._export.condition_failing_for_fewer`).
     """
     tokens = inputs[0].meta["val"].shape[1]
-    failing = condition_failing_for_fewer(tokens)
+    failing = condition_failing_for_fewer(tokens) if isinstance(tokens, torch.SymInt) else None
     if failing is not None:
         condition, location, count = failing
         shown = condition.xreplace({tokens.node.expr: sympy.Symbol("T", integer=True, positive=True)})

@@ -733,6 +733,26 @@ def test_plan_option_refuses_a_plan_of_another_width(tmp_path):
         compiled(torch.randint(0, 61, (2, 12)))
 
 
+def test_options_routing_of_a_first_call_with_as_many_sequences_as_tokens_names_duck_sizing():
+    """Dynamo gave B and T one symbol, and the refusal said the hidden state was not batch-first."""
+    compiled = torch.compile(models.NanoGPT(layers=2).eval(), backend="modpass", dynamic=True, options={"ratios": 0.5})
+    with torch.no_grad(), backend_refuses(modpass.ConfigError, r"traced the batch and the sequence length as one size .*duck sizing"), \
+            pytest.warns(UserWarning, match="fresh identity-gated routers"):
+        compiled(torch.randint(0, 61, (8, 8)))
+
+
+def test_plan_option_routes_a_first_call_of_one_token(tmp_path):
+    """A single token's graph (Dynamo keeps its length static) was refused, blaming the model's code; routed, its token
+    runs the block gated by its router, as in transform's model. (Longer calls recompile, dynamic.)"""
+    model = models.NanoGPT(layers=2).eval()
+    routed = models.randomise_routers(modpass.transform(model, 0.5), seed=0)
+    modpass.save(routed, tmp_path)
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})
+    with torch.no_grad():
+        ids = torch.randint(0, 61, (2, 1))
+        torch.testing.assert_close(compiled(ids), routed(ids), rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_task_training_is_one_graph_for_every_mix_of_tasks():
     """Task ids as a LongTensor split in the graph: one graph for every mix, absent tasks included.
 
