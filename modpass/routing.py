@@ -128,8 +128,10 @@ def padding_from_attention_mask(mask: torch.Tensor, batch) -> torch.Tensor:
 
 
 def padding_from_key_mask(mask: torch.Tensor, batch) -> torch.Tensor:
-    """``(batch, T)`` bool padding flags from a boolean ``(B, ..., T)`` key mask (True = keep; B is batch or 1)."""
-    return (~mask.reshape(mask.shape[0], -1, mask.shape[-1])[:, 0]).expand(batch, -1)
+    """``(batch, T)`` bool padding flags from a ``(B, ..., T)`` key mask (B is batch or 1): boolean, True where a key may
+    be attended to, or floating, additive (:data:`FORBIDDING` or below forbids)."""
+    keys = mask.reshape(mask.shape[0], -1, mask.shape[-1])[:, 0]
+    return (~keys if keys.dtype == torch.bool else keys <= FORBIDDING).expand(batch, -1)
 
 
 def selection_scores(

@@ -950,6 +950,28 @@ def test_a_boolean_input_is_read_as_padding_only_where_it_masks_attention_true_f
     assert (found is user_inputs(gm)[1]) == read
 
 
+FLOAT_KEY_MASK_USES = {  # use -> read as an additive key mask
+    "sdpa-attn-mask": (lambda s, m, x: F.scaled_dot_product_attention(x, x, x, attn_mask=m[:, None]), True),
+    "added-to-scores": (lambda s, m, x: (s + m[:, None]).softmax(-1) @ x, True),
+    "scales-the-values": (lambda s, m, x: s.softmax(-1) @ (x * m[..., None]), False),
+}
+
+
+@pytest.mark.parametrize("use", FLOAT_KEY_MASK_USES)
+def test_a_floating_key_mask_is_read_as_padding_where_it_is_added_to_attention_scores(use):
+    """BERT's extended mask, ``(1 - mask) * -10000`` (of shape ``(B, 1, 1, T)`` there, ``(B, T)`` here): unread until the
+    ninth session, so its padding could be selected and counted as work."""
+    function, read = FLOAT_KEY_MASK_USES[use]
+    keep = torch.ones(2, 9)
+    keep[0, 6:] = 0
+    additive = (1 - keep) * -10000.0
+    gm = analysed(FlaggedBlock(function), torch.randn(2, 9, 8), additive)
+    found = mask_input(user_inputs(gm))
+    assert (found is user_inputs(gm)[1]) == read
+    if read:
+        assert routing.padding_from_key_mask(additive[:, None, None], 2).tolist() == (keep == 0).tolist()
+
+
 class ModalityBlock(models.NanoBlock):
     """One MLP for image tokens, another for text (a mixture of modality experts), picked by a per-token flag."""
 

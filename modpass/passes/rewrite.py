@@ -70,11 +70,14 @@ def attention_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
 
 
 def key_mask_input(inputs: list[torch.fx.Node]) -> torch.fx.Node | None:
-    """A boolean input indexed by token on its last axis only (a key padding mask) that every use shows attends where
-    True, if any."""
+    """An input indexed by token on its last axis only (a key padding mask), if any: a boolean one that every use
+    shows attends where True, or a floating one that every use adds to attention scores (BERT's ``(B, 1, 1, T)``
+    extended mask)."""
     for node in inputs[1:]:
         val = node.meta["val"]
-        if val.dtype == torch.bool and node.meta["modpass_token_axes"] == (val.dim() - 1,) and attends_where_true(node):
+        if node.meta["modpass_token_axes"] != (val.dim() - 1,):
+            continue
+        if attends_where_true(node) if val.dtype == torch.bool else val.is_floating_point() and adds_to_scores(node):
             return node
     return None
 
@@ -96,6 +99,32 @@ def attends_where_true(mask: torch.fx.Node) -> bool:
     view = inlined(gm)  # attention run under autocast too
     position = list(gm.graph.find_nodes(op="placeholder")).index(mask)
     return _attends_where(list(view.graph.find_nodes(op="placeholder"))[position], True)
+
+
+def adds_to_scores(mask: torch.fx.Node) -> bool:
+    """Whether every use of the floating input ``mask`` adds it to attention scores (SDPA's ``attn_mask``, or
+    ``scores + mask`` with scores indexed by token pairs), through views: an additive mask, whose large negative
+    values forbid."""
+    gm = mask.graph.owning_module
+    symbol = gm.meta["modpass_token_symbol"]
+    position = list(gm.graph.find_nodes(op="placeholder")).index(mask)
+
+    def adds(node: torch.fx.Node) -> bool:
+        uses = [user for user in node.users if user.target not in SIZE_READS]
+        return bool(uses) and all(use_adds(node, user) for user in uses)
+
+    def use_adds(node: torch.fx.Node, user: torch.fx.Node) -> bool:
+        if user.op != "call_function":
+            return False
+        if user.target in _ATTENTION_CALLS:
+            return named_arguments(user).get("attn_mask") is node
+        name = op_name(user.target)
+        if name in _MASK_PRESERVING and user.args and user.args[0] is node:
+            return adds(user)
+        others = [a for a in user.args[:2] if a is not node]
+        return name == "add" and len(others) == 1 and isinstance(others[0], torch.fx.Node) and len(token_dims(others[0], symbol)) >= 2
+
+    return adds(list(inlined(gm).graph.find_nodes(op="placeholder"))[position])
 
 
 def _attends_where(node: torch.fx.Node, value: bool) -> bool:
