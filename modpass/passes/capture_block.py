@@ -62,6 +62,15 @@ RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.o
 
 def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: str = "block",
                   dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.fx.GraphModule:
+    swapped = [name for name, value in block.named_parameters(remove_duplicate=False) if type(value) is torch.Tensor]
+    if swapped:
+        raise CaptureError(
+            f"{where}: the block's parameters are plain tensors in this call ({', '.join(swapped[:3])}"
+            f"{', ...' if len(swapped) > 3 else ''}), as torch.func.functional_call passes them, and this call has a "
+            "structure the routed block has not prepared (another dtype, device, or set of inputs), which modpass "
+            "cannot capture there. Call the model once as it is with such inputs and parameters (after model.to(...), "
+            "say) so that the structure is prepared, then call functional_call."
+        )
     wrapper, tensors = FlatCall.wrap(block, args, kwargs)
     try:
         with hooks_silenced(block), tensor_attributes_detached(block):
