@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -418,12 +419,24 @@ def default_task(
     if route_mask is not None:
         # Compiled decoding passes it on from call to call without reading it: one graph for every prompt length.
         torch._dynamo.maybe_mark_dynamic(route_mask, 1)
-    previous = state.default_task, state.default_route_mask
+    thread = threading.get_ident()
+    if held := [entry for entry in state.default_contexts if entry[1] != thread]:
+        raise RoutingInputError(
+            f"default_task: another thread holds a default_task context on this model (task {held[-1][2]!r}). The "
+            "default is the model's, read by the calls of every thread, so each thread would route with the other's "
+            "task. Give each thread its own copy of the model (copy.deepcopy shares the graphs built so far), or pass "
+            "task= with each call."
+        )
+    # A stack rather than a saved previous value: contexts that close out of order (generators, coroutines) would
+    # restore a stale default, which would route later calls without task= silently.
+    context = object()
+    state.default_contexts = (*state.default_contexts, (context, thread, task, route_mask))
     state.default_task, state.default_route_mask = task, route_mask
     try:
         yield model
     finally:
-        state.default_task, state.default_route_mask = previous
+        state.default_contexts = tuple(entry for entry in state.default_contexts if entry[0] is not context)
+        state.default_task, state.default_route_mask = state.default_contexts[-1][2:] if state.default_contexts else (None, None)
 
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)

@@ -382,7 +382,7 @@ class RoutedBlock(nn.Module):
             raise RoutingInputError(missing + ".")
         state = self._state
         if not state.in_forward:
-            state.start_call(state.default_task, state.default_route_mask)
+            state.start_call(state.default_task, state.default_route_mask, (True, True))
         if state.dense:
             return self._block(*args, **kwargs)
         if self.parts_changed():
@@ -408,7 +408,7 @@ class RoutedBlock(nn.Module):
 
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
-            call = state.task, state.route_mask
+            call = state.call()
 
             def recomputable(args, kwargs):
                 with state.routing_call(*call):

@@ -77,11 +77,15 @@ def dense(model: torch.nn.Module):
     ``with`` around it would not make the routed one dense).
     """
     state = routing_state(model, "dense")
-    previous, state.dense = state.dense, True
+    # Counted, not saved and restored: contexts that close out of order (two threads, generators) would restore a
+    # stale value, and the model would stay dense.
+    state.dense_contexts += 1
+    state.dense = True
     try:
         yield model
     finally:
-        state.dense = previous
+        state.dense_contexts -= 1
+        state.dense = state.dense_contexts > 0
 
 
 def count(model: torch.nn.Module, inputs: Mapping | tuple, **call_kwargs) -> dict[str, int]:
@@ -116,8 +120,11 @@ def flops(model: torch.nn.Module, inputs: Mapping | tuple | list | torch.Tensor,
             f"flops() counts one task at a time over the whole batch, but inputs has a 'task' key ({inputs['task']!r:.60}); "
             "leave it out and pass flops(model, inputs, task=name) for one task, or no task= for each task of the plan."
         )
+    if task is not None and not isinstance(task, str):
+        raise ConfigError(f"flops() counts one task over the whole batch: task= takes a name of {list(plan.tasks)}, got {type(task).__name__}.")
     tasks = [task] if task is not None else list(plan.tasks)
     report = FlopReport()
+    state = model._modpass_state
     blocks = routed_blocks(model)
     # The routing records of the caller's last forward stay: modpass.aux_loss reads them, with their gradients.
     records = {path: block.last_routing for path, block in blocks.items()}
@@ -126,7 +133,11 @@ def flops(model: torch.nn.Module, inputs: Mapping | tuple | list | torch.Tensor,
             for t in tasks:
                 with dense(model):
                     dense_counts = count(model, inputs, task=t)
-                routed_counts = count(model, inputs, task=t)
+                inside_dense, state.dense = state.dense, False  # routed, inside a caller's modpass.dense too
+                try:
+                    routed_counts = count(model, inputs, task=t)
+                finally:
+                    state.dense = inside_dense
                 for path in blocks:
                     report.blocks.setdefault(path, {})[t] = (dense_counts.get(path, 0), routed_counts.get(path, 0))
                 report.total[t] = (dense_counts.get("", 0), routed_counts.get("", 0))

@@ -52,6 +52,12 @@ class RoutingState:
     default_route_mask: torch.Tensor | None = None
     #: How cached generation runs generated tokens through routed layers (:data:`modpass.kv_cache.DECODING`).
     decoding = "all"
+    #: Whether the current call's task and route mask are the defaults (see :meth:`start_call`).
+    defaults_taken: tuple[bool, bool] = (False, False)
+    #: The open :func:`modpass.default_task` contexts, oldest first: ``(context, thread, task, route_mask)``.
+    default_contexts: tuple = ()
+    #: How many :func:`modpass.dense` contexts are open.
+    dense_contexts = 0
     #: The keys of the warnings this model has given, each once (see :meth:`warn_once`).
     warnings_given: frozenset[str] = frozenset()
     #: Outputs transformers records from parts of routed blocks, which routed calls leave out:
@@ -75,28 +81,42 @@ class RoutingState:
         #: ``(task, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
 
-    def start_call(self, task: object, route_mask: torch.Tensor | None) -> None:
+    def __getstate__(self) -> dict:
+        """A copy or pickle routes as the model does outside every context: what ``modpass.dense`` and
+        ``modpass.default_task`` set inside their ``with`` blocks, and the current call, stay with this model."""
+        state = dict(self.__dict__)
+        state.update(dense=False, dense_contexts=0, default_task=None, default_route_mask=None, default_contexts=(),
+                     task=None, route_mask=None, defaults_taken=(False, False), in_forward=False, cached_groups=None)
+        return state
+
+    def start_call(self, task: object, route_mask: torch.Tensor | None, defaults_taken: tuple[bool, bool] = (False, False)) -> None:
         """Route the next call with ``task`` and ``route_mask``: a call of the model (its pre-hook), or of a routed
-        block on its own, which takes the defaults (:func:`modpass.default_task`), not the last model call's."""
-        self.task, self.route_mask = task, route_mask
+        block on its own, which takes the defaults (:func:`modpass.default_task`), not the last model call's.
+        ``defaults_taken`` says whether each is the default rather than given with the call: a default covers each
+        prompt's repeats, a value given with a call must fit its batch (an equal object given is no default)."""
+        self.task, self.route_mask, self.defaults_taken = task, route_mask, defaults_taken
         # groups() would notice the new task anyway; clearing here keeps the last
         # call's groups out of what a compiled forward is traced (and guarded) on.
         self.cached_groups = None
 
+    def call(self) -> tuple:
+        """What :meth:`start_call` took for the current call, to route with again (:meth:`routing_call`)."""
+        return self.task, self.route_mask, self.defaults_taken
+
     @contextlib.contextmanager
-    def routing_call(self, task: object, route_mask: torch.Tensor | None):
-        """Route with ``task`` and ``route_mask`` inside: a checkpointed block recomputes its call in the backward,
-        after later calls of the model (a metric on another batch, a second forward of gradient accumulation) may
-        have replaced them, and must select the tokens its forward did."""
-        if task is self.task and route_mask is self.route_mask:
+    def routing_call(self, task: object, route_mask: torch.Tensor | None, defaults_taken: tuple[bool, bool]):
+        """Route as :meth:`call` said inside: a checkpointed block recomputes its call in the backward, after later
+        calls of the model (a metric on another batch, a second forward of gradient accumulation) may have replaced
+        it, and must select the tokens its forward did."""
+        if task is self.task and route_mask is self.route_mask and defaults_taken == self.defaults_taken:
             yield
             return
-        saved = self.task, self.route_mask, self.cached_groups
-        self.start_call(task, route_mask)
+        saved = *self.call(), self.cached_groups
+        self.start_call(task, route_mask, defaults_taken)
         try:
             yield
         finally:
-            self.task, self.route_mask, self.cached_groups = saved
+            self.task, self.route_mask, self.defaults_taken, self.cached_groups = saved
 
     def whole_batch_task(self) -> str | None:
         """The task of the whole batch when one name covers it and no route mask applies, else None."""
@@ -117,7 +137,7 @@ class RoutingState:
         with the call is taken as it is.
         """
         mask = self.route_mask
-        if mask is None or mask is not self.default_route_mask:
+        if mask is None or not self.defaults_taken[1]:
             return mask
         if mask.shape[0] != batch and batch % mask.shape[0] == 0:
             mask = per_prompt(mask, batch)
@@ -174,7 +194,7 @@ class RoutingState:
             raise RoutingInputError(f"task must be a name, a list of names or a LongTensor of indices, got {type(task).__name__}.")
         # Not len(): on a tensor it returns an int, which under torch.export fixes the batch to the example's.
         entries = task.shape[0] if isinstance(task, torch.Tensor) else len(task)
-        if entries != batch and task is self.default_task and batch % entries == 0:
+        if entries != batch and self.defaults_taken[0] and batch % entries == 0:
             task = per_prompt(task, batch)
             entries = batch
         if entries != batch:
@@ -266,7 +286,8 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
             flags[key] = kwargs[key]
     if not state.dense:
         refuse_unrecorded_outputs(module, state, flags)
-    state.start_call(routing.get("task", state.default_task), routing.get("route_mask", state.default_route_mask))
+    state.start_call(routing.get("task", state.default_task), routing.get("route_mask", state.default_route_mask),
+                     ("task" not in routing, "route_mask" not in routing))
     state.in_forward = True
     for block in state.blocks:
         block.last_routing = []

@@ -76,6 +76,19 @@ def test_flops_refuses_unrouted_models(nano):
         modpass.flops(nano, {"idx": torch.randint(0, 61, (1, 4))})
 
 
+def test_flops_counts_the_routed_model_inside_a_dense_context_and_takes_one_task_by_name(nano):
+    """Inside modpass.dense the routed count was the dense one; a list of tasks was a raw TypeError (unhashable)."""
+    routed = modpass.transform(nano, 0.25, layers="every_other")
+    inputs = {"idx": torch.randint(0, 61, (2, 16))}
+    outside = modpass.flops(routed, inputs).total
+    with modpass.dense(routed):
+        assert modpass.flops(routed, inputs).total == outside
+    dense_total, routed_total = outside["default"]
+    assert routed_total < dense_total
+    with pytest.raises(modpass.ConfigError, match=r"task= takes a name of \['default'\], got list"):
+        modpass.flops(routed, inputs, task=["default", "default"])
+
+
 def test_flops_keeps_the_last_forwards_routing_records_buffers_and_random_stream():
     """Until the eighth session flops replaced the routing records of the caller's forward, so that aux_loss after it
     gave another loss, without gradient; in training mode it also updated a batch norm's statistics and drew dropout

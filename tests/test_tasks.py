@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import pickle
+import threading
 from fractions import Fraction
 
 import pytest
@@ -405,6 +408,79 @@ def test_a_block_called_on_its_own_routes_with_the_default_task_not_the_last_mod
         with modpass.default_task(routed, "a"):
             routed.h[0](hidden)
     assert routed.h[0].last_routing[0].index.shape == (2, 2), "k = ceil(0.25 * 7), task a's"
+
+
+def test_default_task_and_dense_contexts_that_close_out_of_order_leave_nothing_behind():
+    """Each context restored the value it found on entry: closed out of order (generators, coroutines), the last one
+    to close restored a stale default task, or left the model dense, and later calls routed so, silently."""
+    routed = modpass.transform(models.NanoGPT(), {"a": 0.25, "b": 0.75}, layers="all")
+    ids = torch.randint(0, 61, (2, 7))
+    first, second = modpass.default_task(routed, "a"), modpass.default_task(routed, "b")
+    first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None)
+    with torch.no_grad():
+        routed(ids)
+        assert routed.h[0].last_routing[0].index.shape == (2, 6), "k = ceil(0.75 * 7): b's, the context still open"
+        second.__exit__(None, None, None)
+        with pytest.raises(modpass.RoutingInputError, match="this model routes several tasks"):
+            routed(ids)
+        first, second = modpass.dense(routed), modpass.dense(routed)
+        first.__enter__(), second.__enter__()
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
+        routed(ids, task="a")
+    assert routed.h[0].last_routing, "routed again, not dense"
+
+
+def test_a_default_task_context_held_by_another_thread_is_refused():
+    """The default is the model's, read by every thread's calls: a thread inside its own context routed with the other
+    thread's task, silently, although their calls were serialised."""
+    routed = modpass.transform(models.NanoGPT(), {"a": 0.25, "b": 0.75}, layers="all")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with modpass.default_task(routed, "a"):
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    entered.wait(10)
+    try:
+        with pytest.raises(modpass.RoutingInputError, match=r"another thread holds a default_task context on this model \(task 'a'\)"), \
+                modpass.default_task(routed, "b"):
+            pass
+    finally:
+        release.set()
+        holder.join()
+    with modpass.default_task(routed, "b"):
+        pass
+
+
+def test_a_copy_made_inside_a_context_routes_as_the_model_does_outside_it():
+    """The contexts' settings were copied and pickled with the model: a deep copy (an EMA model) made inside
+    modpass.dense stayed dense for good, one made inside default_task kept its default."""
+    torch.manual_seed(0)
+    routed = models.randomise_routers(modpass.transform(models.NanoGPT().eval(), {"a": 0.25, "b": 0.75}, layers="all"), seed=0)
+    ids = torch.randint(0, 61, (2, 7))
+    with modpass.dense(routed):
+        dense_copy = copy.deepcopy(routed)
+    with modpass.default_task(routed, "b"):
+        task_copy = pickle.loads(pickle.dumps(routed))
+    with torch.no_grad():
+        torch.testing.assert_close(dense_copy(ids, task="a"), routed(ids, task="a"), rtol=0, atol=0)
+        with pytest.raises(modpass.RoutingInputError, match="this model routes several tasks"):
+            task_copy(ids)
+
+
+def test_a_task_or_route_mask_given_with_a_call_must_fit_its_batch_even_when_it_is_the_default_object():
+    """The default's per-prompt repeat was chosen by comparing the given object with the default by identity."""
+    routed = modpass.transform(models.NanoGPT(), {"a": 0.25, "b": 0.75}, layers="all")
+    tasks, ids = ["a", "b"], torch.randint(0, 61, (4, 7))
+    with modpass.default_task(routed, tasks):
+        routed(ids)  # the default covers each prompt's repeats
+        with pytest.raises(modpass.RoutingInputError, match="task lists 2 entries but the batch has 4 sequences"):
+            routed(ids, task=tasks)
 
 
 def test_aux_loss_leaves_out_padding_even_when_it_fills_top_k_slots():
