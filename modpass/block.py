@@ -717,10 +717,12 @@ class RoutedBlock(nn.Module):
         return (self.mode_key(args[0]), _structure.signature(args), _structure.signature(kwargs))
 
     def mode_key(self, hidden: torch.Tensor) -> tuple:
-        """What besides the arguments changes a captured graph: train/eval and autocast."""
+        """What besides the arguments changes a captured graph: train/eval, of the block and of each part set apart
+        from it (MC dropout puts a model's dropout layers back in training after ``model.eval()``), and autocast."""
         device = hidden.device.type
         autocast = torch.is_autocast_enabled(device)
-        return (self.training, autocast, torch.get_autocast_dtype(device) if autocast else None)
+        apart = tuple(name for name, part in self._parts if part.training != self.training)
+        return (self.training, apart, autocast, torch.get_autocast_dtype(device) if autocast else None)
 
     def group_route_mask(self, group: TaskGroup, sequences: int, tokens) -> torch.Tensor | None:
         """The route mask of the call of ``group``, ``sequences`` long (the forward's batch, for a group of some of

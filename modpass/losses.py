@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .api import require_module, routed_blocks, routing_plan_of
+from .api import require_module, routed_blocks, routing_plan_of, routing_state
 from .errors import ConfigError
 
 
@@ -47,6 +47,12 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor:
                 loss = loss / tokens.clamp(min=1)
                 total = loss if total is None else total + loss
     if total is None:
+        state = routing_state(model, "aux_loss")
+        if plan.aux_loss_weight > 0 and state.last_forward_dense and not torch.compiler.is_compiling():
+            state.warn_once("aux loss after a dense forward", (
+                "modpass: aux_loss() is 0: the model's last forward ran inside modpass.dense(...), which routes "
+                "nothing and leaves no routing records (a dense teacher pass, say). Take aux_loss() after the routed "
+                "forward, before the dense one."), stacklevel=2)
         reference = next(model.parameters())
         return torch.zeros((), device=reference.device, dtype=reference.dtype)
     return total * plan.aux_loss_weight

@@ -56,8 +56,9 @@ class RoutingState:
     defaults_taken: tuple[bool, bool] = (False, False)
     #: The open :func:`modpass.default_task` contexts, oldest first: ``(context, thread, task, route_mask)``.
     default_contexts: tuple = ()
-    #: How many :func:`modpass.dense` contexts are open.
+    #: How many :func:`modpass.dense` contexts are open, and whether the model's last forward ran inside one.
     dense_contexts = 0
+    last_forward_dense = False
     #: The keys of the warnings this model has given, each once (see :meth:`warn_once`).
     warnings_given: frozenset[str] = frozenset()
     #: Outputs transformers records from parts of routed blocks, which routed calls leave out:
@@ -289,6 +290,7 @@ def take_routing_arguments(module: torch.nn.Module, args: tuple, kwargs: dict):
     state.start_call(routing.get("task", state.default_task), routing.get("route_mask", state.default_route_mask),
                      ("task" not in routing, "route_mask" not in routing))
     state.in_forward = True
+    state.last_forward_dense = state.dense
     for block in state.blocks:
         block.last_routing = []
     return args, kwargs

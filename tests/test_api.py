@@ -430,6 +430,23 @@ def test_dropout_rates_set_after_routing_reach_routed_calls():
         close_to_dense(first, dense(input_ids=ids).logits)
 
 
+def test_parts_set_to_another_mode_than_their_block_run_so_in_routed_calls():
+    """MC dropout (``model.eval()``, then the dropout layers back to ``train()``) and its reverse: the routed graphs were
+    keyed by the block's mode alone and baked in its parts' modes as of the block's last switch, so the routed model
+    stayed deterministic, or kept dropping out."""
+    routed = modpass.transform(models.gpt2(), 1.0, layers="all").eval()
+    ids = torch.randint(0, 50, (2, 12))
+    dropouts = [m for block in routed.transformer.h for m in block.modules() if isinstance(m, nn.Dropout)]
+    with torch.no_grad():
+        for mode in (True, False, True):
+            for dropout in dropouts:
+                dropout.train(mode)
+            first = routed(input_ids=ids).logits
+            assert torch.equal(routed(input_ids=ids).logits, first) != mode
+        routed.train().eval()  # a block switch sets every part's mode again
+        torch.testing.assert_close(routed(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_a_router_that_routed_calls_would_not_run_as_given_is_refused(llama_and_routed):
     """Routed calls read a router's weight and bias: a hook on it, or a module that wraps it, would be left out."""
     routed = copy.deepcopy(llama_and_routed[1])
