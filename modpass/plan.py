@@ -59,7 +59,15 @@ class BlockPlan:
     ratios: Mapping[str, Fraction | None]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ratios", ReadOnlyDict(self.ratios))
+        from .config import exact_ratio  # config.py imports this module
+
+        # Read as transform reads a ratio, so that a plan built by hand (dataclasses.replace(block, ratios={"a":
+        # 0.25})) holds exact fractions too, which serialise, and refuses what transform refuses.
+        try:
+            ratios = {task: None if r is None else exact_ratio(r, f"{self.path}: task {task!r}") for task, r in self.ratios.items()}
+        except ConfigError as exc:
+            raise PlanError(str(exc)) from exc
+        object.__setattr__(self, "ratios", ReadOnlyDict(ratios))
 
     def routed_tasks(self) -> list[str]:
         return [t for t, r in self.ratios.items() if r is not None]

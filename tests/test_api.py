@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -1210,3 +1211,9 @@ def test_the_live_plan_is_read_only_and_still_copies_pickles_and_saves(saved_two
             twin.blocks[0].ratios["a"] = None
     modpass.save(routed, tmp_path)
     assert modpass.RoutingPlan.from_json((tmp_path / "plan.json").read_text()) == plan
+    # A copy built with float ratios reads them as transform does: its to_json failed on the float (no .numerator).
+    changed = dataclasses.replace(plan, blocks=(dataclasses.replace(plan.blocks[0], ratios={"a": 0.25, "b": None}), *plan.blocks[1:]))
+    assert changed.blocks[0].ratios == {"a": Fraction(1, 4), "b": None}
+    assert modpass.RoutingPlan.from_json(changed.to_json()) == changed
+    with pytest.raises(modpass.PlanError, match=r"h\.1: task 'a': ratio 2.0 is outside \(0, 1\]"):
+        dataclasses.replace(plan.blocks[0], ratios={"a": 2.0})
