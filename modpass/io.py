@@ -82,7 +82,12 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
 
 def read(directory: str | os.PathLike) -> tuple[RoutingPlan, dict[str, torch.Tensor]]:
     """The plan and router tensors saved in ``directory``, checked against each other."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise PlanError(f"a saved plan is the directory modpass.save wrote, given as a str or path; got {type(directory).__name__}.")
     path = Path(directory)
+    if path.is_file():
+        raise PlanError(f"{path} is a file; a saved plan is the directory modpass.save wrote, which holds {PLAN_FILE} and "
+                        f"{ROUTER_FILE} ({path.parent}, if that is where they are).")
     for name in (PLAN_FILE, ROUTER_FILE):
         if not (path / name).is_file():
             raise PlanError(f"{path} has no {name}; it is not a directory written by modpass.save.")

@@ -1140,6 +1140,15 @@ def test_load_refuses_a_block_index_that_is_not_the_blocks_place(saved_two_task,
         modpass.load(base, tmp_path)
 
 
+def test_load_takes_the_saved_directory_and_says_so_for_a_file_or_another_type(saved_two_task):
+    """A file said '.../plan.json has no plan.json'; a number was pathlib's TypeError."""
+    base, _, saved = saved_two_task
+    with pytest.raises(modpass.PlanError, match=r"plan.json is a file; a saved plan is the directory modpass.save wrote"):
+        modpass.load(base, saved / "plan.json")
+    with pytest.raises(modpass.PlanError, match="given as a str or path; got int"):
+        modpass.load(base, 3)
+
+
 @pytest.mark.parametrize("text", ["[]", "null", "42", '"plan"', "{"])
 def test_a_plan_that_is_not_a_json_object_is_refused(text):
     with pytest.raises(modpass.PlanError, match=r"^my\.json(: the plan: expected a JSON object| is not valid JSON)"):
