@@ -267,6 +267,8 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
     plan = routing_plan_of(model)
     if plan is None:
         raise ConfigError("set_ratios() takes a model routed by modpass.transform or modpass.load.")
+    if not isinstance(ratios, Mapping):  # one ratio, list or schedule for every task the model routes
+        ratios = dict.fromkeys(plan.tasks, ratios)
     config = RoutingConfig.from_arguments(ratios, layers=[b.index for b in plan.blocks], within=plan.within)
     if set(config.tasks) != set(plan.tasks):
         raise ConfigError(f"ratios name tasks {list(config.tasks)}; this model routes {list(plan.tasks)}. Give a ratio for each.")

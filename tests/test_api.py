@@ -973,6 +973,9 @@ def test_set_ratios_refusals():
         modpass.set_ratios(routed, {"a": 0.5, "b": 0.5})
     assert modpass.routing_plan_of(routed) is before, "a refused change leaves the plan alone"
     assert all(b._capacity_carriers is None for b in modpass.routed_blocks(routed).values())
+    # One ratio for every task, as the docstring says (it was read as task 'default''s, which the model lacks).
+    two = modpass.set_ratios(modpass.transform(models.NanoGPT(layers=2), {"a": 0.5, "b": 0.25}, layers="all"), 0.125)
+    assert all(dict(b.ratios) == {"a": Fraction(1, 8), "b": Fraction(1, 8)} for b in modpass.routing_plan_of(two).blocks)
 
 
 def test_the_api_takes_a_compiled_routed_model_and_refuses_to_route_a_compiled_one(tmp_path):
