@@ -81,3 +81,12 @@ def test_missing_demo_dependencies_are_named_with_the_fix(monkeypatch, capsys):
                         lambda name, *args: None if name == "sklearn" else real(name, *args))
     assert main(["--quick"]) == 2
     assert "pip install 'modpass[demo]'" in capsys.readouterr().err
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    """It trained for minutes, then failed with a raw FileExistsError, writing nothing."""
+    taken = tmp_path / "results"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as refusal:
+        main(["--quick", "--out", str(taken)])
+    assert refusal.value.code == 2 and "is a file; give a directory" in capsys.readouterr().err

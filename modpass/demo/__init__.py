@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else Settings.steps
     if steps < 1:
         parser.error("--steps must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a directory (made if missing) for the plot and results")
     if missing := missing_dependencies():
         print(f"modpass demo needs {' and '.join(missing)}: pip install 'modpass[demo]' "
               "(./run demo installs it for you)", file=sys.stderr)

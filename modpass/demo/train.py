@@ -80,6 +80,8 @@ class Outcome:
 
 def run(settings: Settings) -> int:
     """Both parts of the demo; returns a process exit code (non-zero when equivalence fails)."""
+    # Before minutes of training, not after them: --out may name a file, or a place that cannot be written.
+    settings.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
@@ -133,7 +135,6 @@ def run(settings: Settings) -> int:
         print(f"{variant.name}: {variant.description}")
         train(variant, outcome, digits, round(budget / outcome.train_flops_per_step), settings)
     print_results(outcomes)
-    settings.out.mkdir(parents=True, exist_ok=True)
     plot(outcomes, settings.out / "loss_vs_flops.png")
     write_json(settings, error, outcomes, settings.out / "results.json")
     print(f"\nwrote {settings.out / 'loss_vs_flops.png'} and {settings.out / 'results.json'} "
