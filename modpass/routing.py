@@ -112,10 +112,10 @@ def padding_from_attention_mask(mask: torch.Tensor, batch) -> torch.Tensor:
 
     A real token may attend to itself; a padding token may not, and no real token attends to it. So a token is
     padding when the mask forbids its own diagonal entry and its key to every query that may attend to itself. In a
-    row where no token may attend to itself (a mask that forbids the diagonal, each token attending to the others
-    only) the diagonal tells nothing, and no token is padding. Boolean masks mark allowed entries True; floating
-    masks are additive (:data:`FORBIDDING` or below forbids). A mask of batch 1 (T5's position bias) holds for every
-    row.
+    row where no token may attend to itself but some attend to others (a mask that forbids the diagonal, each token
+    attending to the others only) the diagonal tells nothing, and no token is padding; a row that attends to
+    nothing at all is all padding. Boolean masks mark allowed entries True; floating masks are additive
+    (:data:`FORBIDDING` or below forbids). A mask of batch 1 (T5's position bias) holds for every row.
     """
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > FORBIDDING  # (B, queries, keys)
     # Indexing rather than torch.diagonal, whose Inductor lowering calls a
@@ -123,7 +123,8 @@ def padding_from_attention_mask(mask: torch.Tensor, batch) -> torch.Tensor:
     positions = torch.arange(mask.shape[-1], device=mask.device)
     to_itself = allowed[:, positions, positions]
     attended = (allowed & to_itself[:, :, None]).any(dim=1)
-    padding = ~to_itself & ~attended & to_itself.any(dim=1, keepdim=True)
+    diagonal_tells = to_itself.any(dim=1, keepdim=True) | ~allowed.flatten(1).any(dim=1, keepdim=True)
+    padding = ~to_itself & ~attended & diagonal_tells
     return padding.expand(batch, -1)
 
 

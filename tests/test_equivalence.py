@@ -226,6 +226,7 @@ PADDING_MASKS = {
     "the earlier tokens only": (causal(6) & others_only(6), [False] * 6),
     "the others only, padded": (padded(others_only(6), REAL), [False] * 6),
     "a bias, no mask": (-torch.arange(6.0)[None, :].expand(6, 6).abs(), [False] * 6),
+    "all padding, nothing attended": (torch.zeros(6, 6, dtype=torch.bool), [True] * 6),
 }
 
 
