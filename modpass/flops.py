@@ -124,7 +124,7 @@ def flops(model: torch.nn.Module, inputs: Mapping | tuple | list | torch.Tensor,
         raise ConfigError(f"flops() counts one task over the whole batch: task= takes a name of {list(plan.tasks)}, got {type(task).__name__}.")
     tasks = [task] if task is not None else list(plan.tasks)
     report = FlopReport()
-    state = model._modpass_state
+    state = routing_state(model, "flops")
     blocks = routed_blocks(model)
     # The routing records of the caller's last forward stay: modpass.aux_loss reads them, with their gradients.
     records = {path: block.last_routing for path, block in blocks.items()}

@@ -95,19 +95,21 @@ def attends_where_true(mask: torch.fx.Node) -> bool:
     ``mask`` is True, the reading the padding flags take. Any other use (a per-token flag that picks between two
     MLPs, nn.MultiheadAttention's ``key_padding_mask``, True where padding) leaves it an ordinary input, gathered with
     its tokens: reading it as padding would keep its tokens out of the block, at full capacity too."""
-    gm = mask.graph.owning_module
-    view = inlined(gm)  # attention run under autocast too
-    position = list(gm.graph.find_nodes(op="placeholder")).index(mask)
-    return _attends_where(list(view.graph.find_nodes(op="placeholder"))[position], True)
+    return _attends_where(in_line(mask), True)
+
+
+def in_line(placeholder: torch.fx.Node) -> torch.fx.Node:
+    """``placeholder`` in the inlined view of its graph, where the uses under autocast or no_grad show too."""
+    gm = placeholder.graph.owning_module
+    position = list(gm.graph.find_nodes(op="placeholder")).index(placeholder)
+    return list(inlined(gm).graph.find_nodes(op="placeholder"))[position]
 
 
 def adds_to_scores(mask: torch.fx.Node) -> bool:
     """Whether every use of the floating input ``mask`` adds it to attention scores (SDPA's ``attn_mask``, or
     ``scores + mask`` with scores indexed by token pairs), through views: an additive mask, whose large negative
     values forbid."""
-    gm = mask.graph.owning_module
-    symbol = gm.meta["modpass_token_symbol"]
-    position = list(gm.graph.find_nodes(op="placeholder")).index(mask)
+    symbol = mask.graph.owning_module.meta["modpass_token_symbol"]
 
     def adds(node: torch.fx.Node) -> bool:
         uses = [user for user in node.users if user.target not in SIZE_READS]
@@ -124,7 +126,7 @@ def adds_to_scores(mask: torch.fx.Node) -> bool:
         others = [a for a in user.args[:2] if a is not node]
         return name == "add" and len(others) == 1 and isinstance(others[0], torch.fx.Node) and len(token_dims(others[0], symbol)) >= 2
 
-    return adds(list(inlined(gm).graph.find_nodes(op="placeholder"))[position])
+    return adds(in_line(mask))
 
 
 def _attends_where(node: torch.fx.Node, value: bool) -> bool:
