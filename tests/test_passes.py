@@ -1094,6 +1094,9 @@ def test_token_axes_says_why_export_fixed_the_token_count():
     gm = capture_block(LambdaBlock(lambda x: x * math.log(x.shape[1])), (torch.randn(2, 16, 8),), {})
     with pytest.raises(modpass.UnroutableBlockError, match=r"export fixed the block's token count to 16: its code takes the length as a Python number \(math.log\(T\)"):
         token_axes(gm)
+    empty = capture_block(LambdaBlock(torch.tanh), (torch.randn(2, 0, 8),), {})  # blamed the block's code until the ninth session
+    with pytest.raises(modpass.UnroutableBlockError, match=r"the call has no tokens \(a sequence length of 0\)"):
+        token_axes(empty)
 
 
 @pytest.mark.parametrize("upper, refused", [(2**63 + 1, False), (2**16, True)], ids=["past-any-size", "bounded"])

@@ -93,6 +93,9 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
         classify_extra_outputs(gm, inputs, outputs)
         return gm
+    if token == 0:
+        raise UnroutableBlockError(f"{where}: the call has no tokens (a sequence length of 0); capture it from example "
+                                   "inputs of two tokens or more.")
     if isinstance(token, int):
         # A varying last axis may hold the tokens instead: channel-first blocks (1-D convolutions) fix the second to
         # their width.
