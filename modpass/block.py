@@ -285,6 +285,11 @@ class RoutedBlock(nn.Module):
         """Watch the block's parts for replacements (:mod:`modpass.part_changes`); note them and their adapters' state."""
         part_changes.watch(self)
         self.__dict__["_parts"] = [(name, part) for name, part in self._block.named_modules() if name]
+        # Where each part sits (its parent and name), and the block's children as this routed block's: compared at
+        # each call by parts_swapped, a list of lookups that Dynamo traces as fast as eager code runs it.
+        self.__dict__["_part_slots"] = [(parent, name, child) for parent in (self._block, *(part for _, part in self._parts))
+                                        for name, child in parent._modules.items()]
+        self._part_slots.extend((self, name, child) for name, child in self._block._modules.items())
         self.__dict__["_adapter_layers"] = {name: part for name, part in self._parts if hasattr(part, "_disable_adapters")}
         self.__dict__["_adapter_state"] = self.adapter_state()
         configs = (getattr(module, "config", None) for module in (self._block, *(part for _, part in self._parts)))
@@ -325,9 +330,7 @@ class RoutedBlock(nn.Module):
         """Whether a part was put in place without torch's registration hook (``module._modules[name] = new``, as
         torch.ao's ``prepare_qat`` and ``quantize_dynamic`` swap layers), which :mod:`~modpass.part_changes` does not
         see: a part of the block other than the one noted, or a child of this routed block other than its block's."""
-        parts = [part for _, part in self._block.named_modules()][1:]
-        return (len(parts) != len(self._parts) or any(part is not noted for part, (_, noted) in zip(parts, self._parts))
-                or any(self._modules.get(name) is not child for name, child in self._block._modules.items()))
+        return any(parent._modules.get(name) is not child for parent, name, child in self._part_slots)
 
     def adopt_swapped_children(self) -> None:
         """Give the block the children put in place on this routed block by :meth:`parts_swapped`'s way."""
