@@ -128,6 +128,10 @@ DYNAMO_CANNOT_SHARE_ONE_CALL = torch.__version__ < (2, 7)
 #: See ``passes/unbacked_attention_masks.py``.
 CPU_ATTENTION_GUARDS_ON_MASK_BATCH = torch.__version__ < (2, 13)
 
+#: torch 2.6's Inductor fails on the routed graph of a one-token call that the backend's routing options build
+#: (``KeyError: 'buf59'`` in its scheduler, 2026-12-07), so that first call is refused there as before.
+INDUCTOR_FAILS_ON_ONE_TOKEN_ROUTING = torch.__version__ < (2, 7)
+
 
 def masked_attention_while_compiling(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                      enable_gqa=False):

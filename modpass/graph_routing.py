@@ -28,7 +28,7 @@ import sympy
 import torch
 
 from . import _structure
-from ._compat import outside_dynamo_tracing
+from ._compat import INDUCTOR_FAILS_ON_ONE_TOKEN_ROUTING, outside_dynamo_tracing
 from ._export import condition_failing_for_fewer, resolve, symbolic_axes
 from .block import RoutedBlock
 from .config import RoutingConfig
@@ -356,8 +356,11 @@ def refuse_fixed_token_count(gm: torch.fx.GraphModule, hidden: torch.fx.Node, wh
             "Compile on a first call whose batch and length differ, or set torch.fx.experimental._config."
             "use_duck_shape = False before compiling."
         )
-    if isinstance(tokens, torch.SymInt) or tokens == 1:  # one token, which Dynamo never makes symbolic: k is 1 too
-        return
+    if isinstance(tokens, torch.SymInt) or (tokens == 1 and not INDUCTOR_FAILS_ON_ONE_TOKEN_ROUTING):
+        return  # one token, which Dynamo never makes symbolic: k is 1 too
+    if tokens == 1:
+        raise ConfigError(f"{where}: the call Dynamo compiled had one token per sequence, whose routed graph this torch's "
+                          "Inductor cannot compile (torch 2.6). Compile on a first call of two tokens or more.")
     symbolic = any(
         isinstance(size, torch.SymInt)
         for node in gm.graph.find_nodes(op="placeholder") if isinstance(node.meta.get("val"), torch.Tensor)

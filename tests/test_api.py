@@ -292,7 +292,8 @@ def test_parts_swapped_without_torchs_registration_hook_run_in_routed_calls():
         for model in (dense, routed):
             model.h[2]._modules["c_attn"] = doubled(model.h[2].c_attn)
         compiled = torch.compile(routed, backend="modpass", fullgraph=True)
-        with pytest.raises(torch._dynamo.exc.Unsupported, match="captured again, here, outside the compiled graph"):
+        # (torch 2.6 names the skipped function, RoutedBlock.recapture, rather than its reason)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="captured again, here, outside the compiled graph|RoutedBlock.recapture"):
             compiled(ids)  # seen while tracing too, and captured again outside the graph (a break)
         routed(ids)
         close_to_dense(compiled(ids), dense(ids))
@@ -335,6 +336,8 @@ def test_a_weight_set_by_a_hook_trains_in_routed_calls_as_in_the_dense_model(whe
     ``weight_v``; ``weight_orig`` and a power iteration). Routed calls run the parts' hooks no more, so the weight is
     taken where the graphs read it: training then follows the dense model step by step. Read once, as a constant, it
     gave the first step's values ever after (until the ninth session for the norms: their parameters got no gradient)."""
+    if kind == "spectral_norm" and when == "before" and torch.__version__ < (2, 7):
+        pytest.skip("torch 2.6's export of a model whose older spectral_norm iterates in training fails (out= under autograd)")
     torch.manual_seed(0)
     dense = models.NanoGPT(layers=2)
     routed = copy.deepcopy(dense) if when == "before" else modpass.transform(dense, 1.0, layers="all")
