@@ -6,7 +6,7 @@ Whole model (``transform``)::
 
 Per routed block and call structure (``RoutedBlock``, on first use)::
 
-    capture_block -> token_axes -> token_mixing -> residual_stream -> unbacked_views -> unbacked_attention_masks
+    capture_block -> token_axes -> token_tables -> token_mixing -> residual_stream -> unbacked_views -> unbacked_attention_masks
     -> mode_regions -> rewrite
 
 Each stage is one file in ``modpass/passes``: a function from a GraphModule to
@@ -26,11 +26,12 @@ from .passes.residual_stream import residual_stream
 from .passes.rewrite import rewrite
 from .passes.token_axes import token_axes
 from .passes.token_mixing import token_mixing
+from .passes.token_tables import token_tables
 from .passes.unbacked_attention_masks import unbacked_attention_masks
 from .passes.unbacked_views import unbacked_views
 
 MODEL_STAGES = (capture, find_blocks, plan)
-BLOCK_ANALYSIS_STAGES = (capture_block, token_axes, token_mixing, residual_stream, unbacked_views, unbacked_attention_masks,
+BLOCK_ANALYSIS_STAGES = (capture_block, token_axes, token_tables, token_mixing, residual_stream, unbacked_views, unbacked_attention_masks,
                          mode_regions)
 BLOCK_ROUTING_STAGES = (rewrite,)
 

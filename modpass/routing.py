@@ -265,6 +265,20 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, token_axes: tuple[int, .
     return x
 
 
+def token_positions(hidden: torch.Tensor) -> torch.Tensor:
+    """Each sequence's token positions, ``(B, T)``, where a block reads a table by position (see
+    ``passes/token_tables.py``). The rewrite puts the selected tokens' positions, the index, in its place."""
+    batch, tokens = hidden.shape[:2]
+    return torch.arange(tokens, device=hidden.device).expand(batch, tokens)
+
+
+def rows_of_table(table: torch.Tensor, positions: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
+    """``table``, one for the whole batch, read per sequence at ``positions`` ``(B, n)`` along each of its
+    ``token_axes``: ``(B, *table.shape)`` with ``n`` on those axes (rotary ``cos (T, d)`` read at each sequence's
+    selected positions is ``(B, k, d)``)."""
+    return gather_tokens(table.unsqueeze(0), positions, tuple(axis + 1 for axis in token_axes))
+
+
 class _TakeTokens(torch.autograd.Function):
     """``(hidden, hidden[rows, index])`` with one gradient buffer for ``hidden``; see :func:`take_tokens`."""
 

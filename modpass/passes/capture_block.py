@@ -48,8 +48,9 @@ from .._export import (
 from .._structure import Slot
 from .._subgraphs import inlined
 from ..errors import CaptureError
-from .token_axes import mentions
+from .token_axes import mentions, size_expr
 from .token_mixing import aliased_base, model_source_line, written_arguments
+from .token_tables import cut_to_token_count
 
 _ROLE = {
     InputKind.PARAMETER: "parameter",
@@ -229,15 +230,23 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
     inputs = [placeholders[spec.arg.name] for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     varying = dict(zip(("batch", "token count"), inputs[0].meta["val"].shape[:2]))
+    tokens = varying.get("token count")
+    symbol = tokens.node.expr if isinstance(tokens, torch.SymInt) else None
+    batch = size_expr(varying["batch"])
+    # A table cut to T rows (read per sequence, see token_tables) bounds T by its length: k <= T keeps within it.
+    table_lengths = {size_expr(node.args[0].meta["val"].shape[cut[1]]) for node in program.graph.nodes
+                     if (cut := cut_to_token_count(node, symbol, batch)) is not None}
     described = []
     for name, size in varying.items():
         bounds = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
-        if bounds is not None and (bounds.lower > 2 or bounds.upper < _NO_SIZE_REACHES):
+        upper_bounded = bounds is not None and bounds.upper < _NO_SIZE_REACHES
+        if name == "token count" and upper_bounded and bounds.upper in table_lengths:
+            upper_bounded = False
+        if bounds is not None and (bounds.lower > 2 or upper_bounded):
             described.append(f"a {name} in [{bounds.lower}, {bounds.upper}]")
     held = f"its graph holds only for {' and '.join(described)}"
-    tokens = varying.get("token count")
     # Looked for even where export recorded no range: it traces `table.split(T)` without one.
-    tables = tables_read_by_length(program, tokens.node.expr) if isinstance(tokens, torch.SymInt) else []
+    tables = tables_read_by_length(program, symbol, batch) if symbol is not None else []
     if tables:
         raise CaptureError(
             f"{where}: the block reads a fixed-size table by its token count ({', '.join(tables)})"
@@ -269,15 +278,16 @@ _CUTS = {
 }
 
 
-def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol) -> list[str]:
-    """The tensors without a token axis that the block cuts to its token count (``table[:T]``,
-    ``table.narrow(0, 0, T)``, ``table.split(T)``), described."""
+def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol, batch) -> list[str]:
+    """The tensors without a token axis that the block cuts to its token count (``table.split(T)``, a table with
+    a batch axis cut to ``[:T]``), described; not those ``token_tables`` reads per sequence (``table[:T]``,
+    ``table.narrow(0, 0, T)`` where the table has no batch axis)."""
     names = state_targets(program.graph_signature)
     user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     names.update({name: f"tensor input {i} of the call (counting from 0)" for i, name in enumerate(user_inputs)})
     tables = []
     for node in inlined(program.graph_module).graph.nodes:
-        if node.op != "call_function" or node.target not in _CUTS:
+        if node.op != "call_function" or node.target not in _CUTS or cut_to_token_count(node, symbol, batch) is not None:
             continue
         cut, arguments = _CUTS[node.target]
         source, dim, lengths = arguments(*node.args, **node.kwargs)

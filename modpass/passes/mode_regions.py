@@ -1,4 +1,4 @@
-"""Block stage 7, ``mode_regions``: code run under ``torch.no_grad()`` or ``torch.autocast`` runs in a ``with``
+"""Block stage 8, ``mode_regions``: code run under ``torch.no_grad()`` or ``torch.autocast`` runs in a ``with``
 statement.
 
 Expects: an analysed block graph (``capture_block`` onward), in which export keeps the code a block runs under

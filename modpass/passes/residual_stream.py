@@ -1,4 +1,4 @@
-"""Block stage 4, ``residual_stream``: check that the block's first argument is its residual stream.
+"""Block stage 5, ``residual_stream``: check that the block's first argument is its residual stream.
 
 Expects: a graph from ``token_mixing`` (token axes annotated) whose first user
 input is the hidden state and whose first output the new hidden state.

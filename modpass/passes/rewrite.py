@@ -1,4 +1,4 @@
-"""Block stage 8, ``rewrite``: turn a captured block into its routed form.
+"""Block stage 9, ``rewrite``: turn a captured block into its routed form.
 
 Expects: a graph annotated by ``token_axes`` and checked by ``token_mixing``.
 Guarantees: the graph computes, for one task,
@@ -277,6 +277,9 @@ def rewrite(
             selected = call(routing.select_tokens_per_row, scores, k, row_capacity, role="select")
             index = call(operator.getitem, selected, 0, role="select")
             extra = call(operator.getitem, selected, 1, role="select")
+        for positions in graph.find_nodes(op="call_function", target=routing.token_positions):
+            positions.replace_all_uses_with(index)  # tables are read at the selected tokens' positions (token_tables)
+            graph.erase_node(positions)
         taken = call(routing.take_tokens, hidden, index, role="gather")
         base = call(operator.getitem, taken, 0, role="gather")
         gathered = {hidden: call(operator.getitem, taken, 1, role="gather")}

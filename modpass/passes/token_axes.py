@@ -29,7 +29,8 @@ it equal (see ``follows_batch``).
 
 Refuses (``UnroutableBlockError``) inputs or outputs whose size is another
 expression of ``T`` (``2*T``, ``T + 1``), token-indexed inputs that are not
-batch-first, and extra outputs that carry the token axis, unless they are
+batch-first (those without a batch axis, tables the batch shares, are left
+to ``token_tables``), and extra outputs that carry the token axis, unless they are
 inputs passed through.
 """
 
@@ -120,7 +121,9 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 "count without being it; such an input cannot be gathered to a subset of tokens."
             )
         batch_axis = 0 if val.dim() and follows_batch(val.shape[0], hidden.shape[0]) and 0 not in axes else None
-        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1:
+        # A table the batch shares, (T, d), is read per sequence by ``token_tables``.
+        shared = not isinstance(batch, int) and not any(mentions(s, batch) for s in val.shape)
+        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1 and not shared:
             first = size_expr(val.shape[0])
             folded = not isinstance(first, int) and not isinstance(batch, int) and (first / batch).is_Integer
             raise UnroutableBlockError(

@@ -1,4 +1,4 @@
-"""Block stage 3, ``token_mixing``: refuse blocks that mix tokens outside attention.
+"""Block stage 4, ``token_mixing``: refuse blocks that mix tokens outside attention.
 
 Expects: a graph annotated by ``token_axes`` (``meta["modpass_token_symbol"]``)
 whose nodes carry ``val`` metadata.
@@ -523,13 +523,30 @@ def written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:
             if a.alias_info is not None and a.alias_info.is_write and isinstance(values.get(a.name), torch.fx.Node)]
 
 
+_COUNTS_POSITIONS = ("uses token positions that the block counts out itself (arange over the token count): routed, its "
+                     "k tokens would be numbered 0..k-1; pass positions in from outside the block")
+
+
 def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
     """Uses of what the block makes from its token count alone, with no input's values: positions it counts out
     (``arange`` over ``T``), used other than by comparing them with each other, and patterns over positions (``ones``,
     ``eye``, a causal mask built inside the block) summed or multiplied along a token axis, which counts positions or
     the tokens themselves (``ones(T, T).tril().sum(-1)`` numbers them, ``ones(B, 1, T) @ x`` pools them). A pattern
-    that only compares order (a causal mask, applied) holds on the k routed tokens, which keep their order."""
-    positions: set[torch.fx.Node] = set()
+    that only compares order (a causal mask, applied) holds on the k routed tokens, which keep their order.
+    (``token_tables`` reads the positions of tokens for the counts that :func:`positions_read_as_values` finds,
+    before this stage.)"""
+    return [(node, reason) for node, reason, _ in _uses_of_made_values(gm, symbol)]
+
+
+def positions_read_as_values(gm: torch.fx.GraphModule, symbol) -> set[torch.fx.Node]:
+    """The ``arange`` nodes over ``T`` whose positions the block uses as numbers (rotary angles, a bias by position),
+    not only compared with each other."""
+    return {count for _, _, counts in _uses_of_made_values(gm, symbol) for count in counts}
+
+
+def _uses_of_made_values(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str, list[torch.fx.Node]]]:
+    """:func:`patterns_made_inside`'s uses, each with the counts (``arange`` nodes) whose positions it uses."""
+    counted_from: dict[torch.fx.Node, torch.fx.Node] = {}  # a value holding positions -> the arange counting them
     patterns: set[torch.fx.Node] = set()
     problems = []
     for node in gm.graph.nodes:
@@ -537,7 +554,7 @@ def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
         if name is None:
             continue
         if name in _MAKES_POSITIONS and token_dims(node, symbol):
-            positions.add(node)
+            counted_from[node] = node
             continue
         if name in _FACTORIES or name.endswith("_like") or name.startswith("new_"):
             patterns.add(node)  # its values come from sizes and constants alone
@@ -546,18 +563,18 @@ def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
         if not all(a in patterns for a in tensors):
             # A pattern written in place with other values (``buf[:, :] = scores``, through a view) holds those now.
             patterns -= {aliased_base(value) for value in written_arguments(node)}
-        if any(a in positions for a in tensors):
+        counts = list(dict.fromkeys(counted_from[a] for a in tensors if a in counted_from))
+        if counts:
             if name in _KEEPS_VALUES:
-                positions.add(node)
-            elif name in _COMPARISONS and len(tensors) == 2 and all(a in positions for a in tensors):
+                counted_from[node] = counts[0]
+            elif name in _COMPARISONS and len(tensors) == 2 and all(a in counted_from for a in tensors):
                 patterns.add(node)
             else:
-                problems.append((node, "uses token positions that the block counts out itself (arange over the token count): "
-                                 "routed, its k tokens would be numbered 0..k-1; pass positions in from outside the block"))
+                problems.append((node, _COUNTS_POSITIONS, counts))
         elif sums_a_pattern_over_tokens(node, name, patterns, symbol):
             problems.append((node, "sums a pattern over positions that the block makes itself from the token count (ones, "
                              "eye or a mask over T) along a token axis, which counts positions or pools tokens: routed, "
-                             "it would count the k routed tokens instead; pass such values in from outside the block"))
+                             "it would count the k routed tokens instead; pass such values in from outside the block", []))
         elif tensors and all(a in patterns for a in tensors):
             patterns.add(node)
     return problems

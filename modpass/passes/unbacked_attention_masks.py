@@ -1,4 +1,4 @@
-"""Block stage 6, ``unbacked_attention_masks``: masked CPU attention that compiles with a data-dependent batch.
+"""Block stage 7, ``unbacked_attention_masks``: masked CPU attention that compiles with a data-dependent batch.
 
 Expects: an analysed block graph (``capture_block`` onward) whose nodes carry ``val`` metadata.
 Guarantees: on a torch whose CPU attention cannot be traced with such a batch

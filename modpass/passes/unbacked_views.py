@@ -1,4 +1,4 @@
-"""Block stage 5, ``unbacked_views``: views that torch 2.6's Inductor would misread get a contiguous input.
+"""Block stage 6, ``unbacked_views``: views that torch 2.6's Inductor would misread get a contiguous input.
 
 Expects: an analysed block graph (``capture_block`` onward) whose nodes carry ``val`` metadata.
 Guarantees: on a torch whose Inductor misreads such views

@@ -1,0 +1,359 @@
+"""Tables the whole batch shares, read by token position (``passes/token_tables.py``).
+
+A routed token must read its own position's rows. Each block style here reads rotary tables a different way (passed
+in as ``(T, d)`` like litgpt, cut from a buffer or a passed-in table like torchtitan, computed from ``arange(T)``,
+complex like Meta's Llama); routed, each must equal the same block given the tables per sequence, ``(B, T, d)``,
+which modpass gathers with the tokens. Reading the first k rows instead (what routing the code as written would do)
+differs from it.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import modpass
+from modpass import routing
+from modpass.passes.capture_block import capture_block
+from modpass.passes.rewrite import rewrite
+from modpass.passes.token_axes import token_axes, user_inputs
+from modpass.passes.token_mixing import token_mixing
+from modpass.passes.token_tables import token_tables
+from tests import models
+
+WIDTH, HEADS, LONGEST = 32, 4, 48
+HEAD = WIDTH // HEADS
+
+
+def rotary_tables(length: int = LONGEST) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(length).float(), inverse_frequencies())
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos(), angles.sin()
+
+
+def inverse_frequencies() -> torch.Tensor:
+    return 1.0 / 10000 ** (torch.arange(0, HEAD, 2).float() / HEAD)
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, -1)
+    return torch.cat([-second, first], -1)
+
+
+class RotaryBlock(nn.Module):
+    """A pre-norm causal block with rotary queries and keys; ``style`` says how it reads its tables."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.norm_1, self.norm_2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
+        self.mlp = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.GELU(), nn.Linear(2 * WIDTH, WIDTH))
+        cos, sin = rotary_tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("inverse_frequencies", inverse_frequencies(), persistent=False)
+
+    def forward(self, x, *tables):
+        batch, tokens, _ = x.shape
+        q, k, v = (t.view(batch, tokens, HEADS, HEAD) for t in self.qkv(self.norm_1(x)).split(WIDTH, -1))
+        if self.style.startswith("complex"):
+            q, k = (self.rotate_complex(t, tables[0]) for t in (q, k))
+        else:
+            cos, sin = self.tables(x, *tables)
+            q, k = (t * cos + rotate_half(t) * sin for t in (q, k))
+        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(batch, tokens, WIDTH))
+        return x + self.mlp(self.norm_2(x))
+
+    def tables(self, x, *tables):
+        """``cos, sin`` laid out to multiply ``(B, T, heads, head)`` queries."""
+        tokens = x.shape[1]
+        if self.style in ("per-sequence", "passed"):  # (B, T, d), gathered with the tokens; litgpt's (T, d)
+            cos, sin = tables
+        elif self.style == "sliced-buffer":
+            cos, sin = self.cos[:tokens], self.sin[:tokens]
+        elif self.style == "narrowed-buffer":
+            cos, sin = self.cos.narrow(0, 0, tokens), self.sin.narrow(0, 0, tokens)
+        elif self.style == "sliced-input":  # torchtitan: the whole table passed in, cut inside
+            cos, sin = tables[0][0:tokens].chunk(2, -1)
+        elif self.style == "expanded":  # (T, d) expanded to the batch inside the block
+            cos, sin = (t.unsqueeze(0).expand(x.shape[0], -1, -1) for t in tables)
+        elif self.style == "counted":  # the angles computed from arange(T)
+            angles = torch.outer(torch.arange(tokens, device=x.device).float(), self.inverse_frequencies)
+            angles = torch.cat([angles, angles], -1)
+            cos, sin = angles.cos(), angles.sin()
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+    @staticmethod
+    def rotate_complex(t, freqs):
+        """Meta Llama's rotation: pairs as complex numbers times ``freqs`` viewed to broadcast over the heads."""
+        pairs = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
+        shape = [d if i == 1 or i == pairs.ndim - 1 else 1 for i, d in enumerate(pairs.shape)]
+        freqs = freqs.unsqueeze(2) if freqs.dim() == 3 else freqs.view(*shape)  # per sequence: (B, T, d/2)
+        return torch.view_as_real(pairs * freqs).flatten(3).type_as(t)
+
+
+class RotaryGPT(nn.Module):
+    """Blocks of the given styles, each called with the tables its style takes."""
+
+    def __init__(self, styles: list[str], vocab: int = 50):
+        super().__init__()
+        self.embedding, self.head = nn.Embedding(vocab, WIDTH), nn.Linear(WIDTH, vocab)
+        self.blocks = nn.ModuleList(RotaryBlock(style) for style in styles)
+        cos, sin = rotary_tables()
+        angles = torch.outer(torch.arange(LONGEST).float(), inverse_frequencies())
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, idx):
+        x = self.embedding(idx)
+        batch, tokens = idx.shape
+        for block in self.blocks:
+            x = block(x, *self.tables_for(block.style, batch, tokens))
+        return self.head(x)
+
+    def tables_for(self, style: str, batch: int, tokens: int) -> tuple:
+        per_sequence = lambda t: t[:tokens].expand(batch, -1, -1)  # noqa: E731
+        return {
+            "per-sequence": (per_sequence(self.cos), per_sequence(self.sin)),
+            "passed": (self.cos[:tokens], self.sin[:tokens]),
+            "expanded": (self.cos[:tokens], self.sin[:tokens]),
+            "sliced-input": (torch.cat([self.cos, self.sin], -1),),
+            "complex": (self.freqs[:tokens],),
+            "complex-per-sequence": (per_sequence(self.freqs),),
+        }.get(style, ())
+
+
+STYLES = ["passed", "sliced-buffer", "narrowed-buffer", "sliced-input", "expanded", "counted", "complex"]
+
+
+def reference_style(style: str) -> str:
+    return "complex-per-sequence" if style == "complex" else "per-sequence"
+
+
+def routed_pair(style: str, ratio, idx, **options):
+    """The style's model routed, and the per-sequence reference with the same weights and routers."""
+    torch.manual_seed(0)
+    model = RotaryGPT([style] * 3).eval()
+    reference = RotaryGPT([reference_style(style)] * 3).eval()
+    reference.load_state_dict(model.state_dict())
+    pair = [modpass.transform(m, ratio, layers="all", example_inputs=(idx,), **options) for m in (model, reference)]
+    for routed in pair:
+        models.randomise_routers(routed, seed=1, biases=True)
+    return model, *pair
+
+
+@pytest.fixture(scope="module", params=STYLES)
+def full_capacity(request):
+    torch.manual_seed(0)
+    model = RotaryGPT([request.param] * 3).eval()
+    return model, modpass.transform(model, 1.0, layers="all", example_inputs=(torch.randint(0, 50, (2, 12)),))
+
+
+@given(batch=st.integers(1, 3), tokens=st.integers(2, LONGEST), seed=st.integers(0, 2**16))
+def test_full_capacity_equals_dense(full_capacity, batch, tokens, seed):
+    model, routed = full_capacity
+    idx = torch.randint(0, 50, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(routed(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_routed_tokens_read_the_rows_of_their_own_positions(style):
+    idx = torch.randint(0, 50, (3, 20))
+    model, routed, reference = routed_pair(style, 0.5, idx)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(idx), reference(idx), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(routed(idx[:, :7]), reference(idx[:, :7]), rtol=1e-6, atol=1e-6)
+        assert (routed(idx) - model(idx)).abs().max() > 0.1  # routing skipped tokens: not the dense model
+    routed.train(), reference.train()
+    for m in (routed, reference):
+        m(idx).square().mean().backward()
+    for (name, param), (_, expected) in zip(routed.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tables_are_read_per_sequence_in_a_mixed_task_batch_and_under_a_route_mask():
+    idx = torch.randint(0, 50, (4, 16))
+    _, routed, reference = routed_pair("passed", {"a": 0.5, "b": 0.25}, idx)
+    tasks = ["a", "b", "b", "a"]
+    keep = torch.ones(4, 16, dtype=torch.bool)
+    keep[:, :4] = False  # the first four tokens are always processed, the others routed
+    with torch.no_grad():
+        torch.testing.assert_close(routed(idx, task=tasks), reference(idx, task=tasks), rtol=1e-6, atol=1e-6)
+        with modpass.default_task(routed, "b", route_mask=keep), modpass.default_task(reference, "b", route_mask=keep):
+            torch.testing.assert_close(routed(idx), reference(idx), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_blocks_of_every_style_match_eager_at_two_lengths_and_two_capacities():
+    idx = torch.randint(0, 50, (2, 24))
+    torch.manual_seed(0)
+    model = RotaryGPT(["passed", "sliced-input", "counted", "complex"]).eval()
+    routed = models.randomise_routers(modpass.transform(model, 0.5, layers="all", example_inputs=(idx,)), seed=1)
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (24, 13):
+            torch.testing.assert_close(compiled(idx[:, :tokens]), routed(idx[:, :tokens]), rtol=1e-4, atol=1e-4)
+        modpass.set_ratios(routed, 0.25)
+        torch.testing.assert_close(compiled(idx), routed(idx), rtol=1e-4, atol=1e-4)
+
+
+class PositionsBlock(nn.Module):
+    """Numbers its tokens itself (``arange(T)``), as an embedding index and as an ALiBi-style distance bias; with
+    ``passed=True`` it takes the positions ``(B, T)`` as an input instead."""
+
+    def __init__(self, passed: bool = False):
+        super().__init__()
+        self.passed = passed
+        self.embedding = nn.Embedding(64, WIDTH)
+
+    def forward(self, x, positions=None):
+        if not self.passed:
+            positions = torch.arange(x.shape[1], device=x.device)
+        x = x + self.embedding(positions)
+        bias = -(positions[..., :, None] - positions[..., None, :]).abs().to(x.dtype)
+        return x + ((x @ x.transpose(1, 2)) / WIDTH + bias).softmax(-1) @ x
+
+
+class PositionsGPT(nn.Module):
+    def __init__(self, passed: bool = False):
+        super().__init__()
+        self.passed = passed
+        self.embedding = nn.Embedding(50, WIDTH)
+        self.blocks = nn.ModuleList(PositionsBlock(passed) for _ in range(2))
+
+    def forward(self, idx):
+        x = self.embedding(idx)
+        positions = torch.arange(idx.shape[1]).expand(idx.shape[0], -1) if self.passed else None
+        for block in self.blocks:
+            x = block(x, positions)
+        return x
+
+
+def test_positions_a_block_counts_out_itself_are_the_routed_tokens_own():
+    idx = torch.randint(0, 50, (3, 16))
+    torch.manual_seed(0)
+    model, reference = PositionsGPT().eval(), PositionsGPT(passed=True).eval()
+    reference.load_state_dict(model.state_dict())
+    pair = [models.randomise_routers(modpass.transform(m, 0.5, layers="all", example_inputs=(idx,)), seed=2) for m in (model, reference)]
+    with torch.no_grad():
+        torch.testing.assert_close(pair[0](idx), pair[1](idx), rtol=1e-6, atol=1e-6)
+
+
+def analysed(block: nn.Module, *args) -> torch.fx.GraphModule:
+    return token_tables(token_axes(capture_block(block, args, {})))
+
+
+def test_the_graph_reads_the_table_at_the_tokens_positions_and_the_rewrite_puts_the_index_there():
+    cos, sin = rotary_tables(10)
+    gm = analysed(RotaryBlock("passed"), torch.randn(2, 10, WIDTH), cos, sin)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls.count(routing.token_positions) == 1 and calls.count(routing.rows_of_table) == 2
+    assert [n.meta["modpass_token_axes"] for n in user_inputs(gm)] == [(1,), (), ()]  # the tables pass whole
+    routed = rewrite(gm, ratio=Fraction(1, 2))
+    index = next(n for n in routed.graph.nodes if n.target is routing.select_tokens)
+    rows = [n for n in routed.graph.nodes if n.target is routing.rows_of_table]
+    assert routing.token_positions not in [n.target for n in routed.graph.nodes]
+    assert all(n.args[1] is index for n in rows)
+
+
+@pytest.mark.parametrize("style, gone", [("sliced-buffer", torch.ops.aten.slice.Tensor), ("counted", torch.ops.aten.arange.default)])
+def test_a_cut_or_a_count_is_replaced_by_the_rows_at_the_positions(style, gone):
+    gm = analysed(RotaryBlock(style), torch.randn(2, 10, WIDTH))
+    assert gone not in [n.target for n in gm.graph.nodes]
+    assert routing.token_positions in [n.target for n in gm.graph.nodes]
+
+
+class TableBlock(nn.Module):
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+
+    def forward(self, x, table):
+        return self.use(x, table)
+
+
+def cut_without_grad(x, table):
+    with torch.no_grad():
+        rows = table[: x.shape[1]]
+    return x + rows
+
+
+@pytest.mark.parametrize(
+    "use, stage, message",
+    [(lambda x, table: x + table[: x.shape[1]].cumsum(0), "tables", r"aten.cumsum.default computes with it"),
+     (lambda x, table: x + torch.einsum("td,d->td", table[: x.shape[1]], torch.ones(WIDTH)), "tables",
+      r"reads a table by token position \(tensors_1\), shared by the whole batch, and aten.einsum.default computes with it"),
+     (lambda x, table: x + table[: x.shape[1]].sum(0), "mixing", r"reduces over the token axis"),
+     (cut_without_grad, "tables", r"cuts a table to its token count under no_grad or autocast")],
+    ids=["cumsum-along-tokens", "einsum", "summed-over-tokens", "cut-under-no-grad"],
+)
+def test_a_table_used_in_a_way_that_cannot_be_read_per_sequence_is_refused(use, stage, message):
+    block = TableBlock(use)
+    args = (torch.randn(2, 10, WIDTH), torch.randn(LONGEST, WIDTH))
+    with pytest.raises(modpass.UnroutableBlockError, match=message):
+        token_mixing(analysed(block, *args)) if stage == "mixing" else analysed(block, *args)
+
+
+def test_positions_counted_from_one_are_still_refused():
+    block = TableBlock(lambda x, table: x + table[torch.arange(1, x.shape[1] + 1)])
+    with pytest.raises(modpass.UnroutableBlockError, match="counts out itself"):
+        token_mixing(analysed(block, torch.randn(2, 10, WIDTH), torch.randn(LONGEST, WIDTH)))
+
+
+class LearnedPositionsBlock(nn.Module):
+    """Adds learned positions: ``read(table, T)`` (``table[:T]``, ``table.narrow(0, 0, T)``), or with
+    ``read=None``, the rows at positions ``(B, T)`` passed in."""
+
+    def __init__(self, read=None):
+        super().__init__()
+        self.read = read
+        self.table = nn.Parameter(torch.randn(LONGEST, WIDTH))
+        self.mlp = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, positions=None):
+        h = x + (self.table[positions] if self.read is None else self.read(self.table, x.shape[1]))
+        return x + self.mlp(F.scaled_dot_product_attention(h, h, h))
+
+
+class LearnedPositionsModel(nn.Module):
+    def __init__(self, read=None):
+        super().__init__()
+        self.passed = read is None
+        self.blocks = nn.ModuleList(LearnedPositionsBlock(read) for _ in range(2))
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]).expand(x.shape[0], -1) if self.passed else None
+        for block in self.blocks:
+            x = block(x, positions)
+        return x
+
+
+@pytest.mark.parametrize("read", [lambda table, tokens: table[:tokens], lambda table, tokens: table.narrow(0, 0, tokens)],
+                         ids=["sliced", "narrowed"])
+def test_a_learned_position_table_cut_to_the_token_count_is_read_and_trained_at_the_routed_positions(read):
+    x = torch.randn(3, 16, WIDTH)
+    model, reference = LearnedPositionsModel(read), LearnedPositionsModel()
+    reference.load_state_dict(model.state_dict())
+    pair = [models.randomise_routers(modpass.transform(m, 0.5, layers="all", example_inputs=(x,)), seed=3) for m in (model, reference)]
+    outputs = [m(x) for m in pair]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    for out in outputs:
+        out.square().mean().backward()
+    table_gradients = [m.blocks[0].table.grad for m in pair]
+    torch.testing.assert_close(table_gradients[0], table_gradients[1])
+    assert (table_gradients[0][16:] == 0).all() and (table_gradients[0][:16] != 0).any()
+
+
+def test_a_table_with_a_batch_axis_cut_to_the_token_count_is_still_refused():
+    block = TableBlock(lambda x, memory: x + memory[:, : x.shape[1]])
+    with pytest.raises(modpass.CaptureError, match=r"tensor input 1 of the call \(counting from 0\) sliced to the token count along dim 1"):
+        capture_block(block, (torch.randn(2, 10, WIDTH), torch.randn(2, LONGEST, WIDTH)), {})
