@@ -322,6 +322,13 @@ def prefill(block, tasks: RowTasks, name: str, slot: int, args: tuple, kwargs: d
     if "use_cache" in uncached:
         uncached["use_cache"] = False  # the structure the uncached forward prepared
     analysed, _ = block.analysis(args, uncached)
+    if analysed.graph.find_nodes(op="call_function", target=routing.token_positions):
+        raise RoutingInputError(
+            f"{where}: it reads a table the batch shares by token position (a (T, d) rotary table, table[:T], or "
+            "arange(T)), which the routed graph reads at the selected tokens' positions; cached prefill runs the "
+            "block's own code on the selected tokens, which would read the table's first rows instead. Pass the "
+            "table per sequence, (B, T, d), or generate with use_cache=False."
+        )
     leaves = _structure.tensors((args, uncached))
     leaf_of = dict(user_input_leaves(analysed))
     token_axes = {target: node.meta["modpass_token_axes"] for node, target in leaf_of.items()}

@@ -274,6 +274,38 @@ def test_cached_generation_refuses_what_it_cannot_route():
                                  **{cache_name(): static_cache(every_layer, 16)})  # reruns the whole sequence into it
 
 
+def llama_sharing_its_rotary_tables():
+    """A Llama whose layers take rotary tables ``(T, d)`` shared by the batch, as litgpt's blocks do."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = models.llama()
+
+    class SharedTablesLayer(LlamaDecoderLayer):
+        def forward(self, hidden_states, position_embeddings=None, **kwargs):
+            return super().forward(hidden_states, position_embeddings=tuple(t[None] for t in position_embeddings), **kwargs)
+
+    class SharedTablesRotary(type(model.model.rotary_emb)):
+        def forward(self, x, position_ids):
+            return tuple(t[0] for t in super().forward(x, position_ids))
+
+    for layer in model.model.layers:
+        layer.__class__ = SharedTablesLayer
+    model.model.rotary_emb.__class__ = SharedTablesRotary
+    return model
+
+
+def test_cached_prefill_refuses_a_block_that_reads_a_shared_table_by_position():
+    """The routed graph reads such tables at the selected tokens' positions (token_tables); the cached prefill runs
+    the block's own code on the selected tokens, which cannot."""
+    prompt = torch.randint(1, 97, (2, 9))
+    model = llama_sharing_its_rotary_tables()
+    routed = modpass.transform(model, 0.5, example_inputs={"input_ids": prompt, "use_cache": False})
+    with torch.no_grad():
+        routed(input_ids=prompt, use_cache=False)
+        with pytest.raises(modpass.RoutingInputError, match=r"reads a table the batch shares by token position .* use_cache=False"):
+            routed(input_ids=prompt, use_cache=True)
+
+
 def test_every_layer_routed_the_model_still_reads_the_sequence_length_from_its_cache():
     """Hugging Face models count new tokens' positions by layer 0's cache and size masks by the first full-attention
     layer's: a routed layer reports the sequence's length, not the number of keys it keeps."""
