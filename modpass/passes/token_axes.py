@@ -122,8 +122,7 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             )
         batch_axis = 0 if val.dim() and follows_batch(val.shape[0], hidden.shape[0]) and 0 not in axes else None
         # A table the batch shares, (T, d), is read per sequence by ``token_tables``.
-        shared = not isinstance(batch, int) and not any(mentions(s, batch) for s in val.shape)
-        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1 and not shared:
+        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1 and not shared_by_the_batch(val.shape, batch):
             first = size_expr(val.shape[0])
             folded = not isinstance(first, int) and not isinstance(batch, int) and (first / batch).is_Integer
             raise UnroutableBlockError(
@@ -157,6 +156,14 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
     classify_extra_outputs(gm, inputs, outputs)
     return gm
+
+
+def shared_by_the_batch(shape, batch) -> bool:
+    """Whether a tensor of ``shape`` has no axis of the batch, whose size is ``batch`` (a symbol, or an int where
+    the call was captured for one size): one value for every sequence. With a batch of one, every tensor is."""
+    if isinstance(batch, int):
+        return batch == 1
+    return not any(mentions(size, batch) for size in shape)
 
 
 def follows_batch(size, batch_size) -> bool:

@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
 from collections import Counter
 
 import sympy
@@ -612,9 +613,14 @@ def token_count_as_value(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
     return problems
 
 
+_MODPASS_FILES = f'File "{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}{os.sep}'
+
+
 def model_source_line(node: torch.fx.Node) -> str:
-    """The innermost frame of model code (outside torch) that created ``node``."""
+    """The innermost frame of model code (outside torch and modpass) that created ``node``; for an op made inside
+    torch's own modules (``nn.MultiheadAttention``), the innermost frame there."""
     frames = [line.strip() for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File ")]
+    frames = [f for f in frames if not f.startswith(_MODPASS_FILES)]
     user = [f for f in frames if "/torch/" not in f]
     return (user or frames or ["unknown source"])[-1]
 

@@ -16,7 +16,8 @@ and where it meets a value of the sequences (a pointwise op, an attention mask, 
 value's layout (``cos (T, d)`` multiplying queries ``(B, H, T, d)`` becomes ``(B, 1, T, d)``). The graph computes
 what it did. The rewrite puts the selected tokens' positions in place of ``token_positions``, so a routed token
 reads its own position's rows, not row ``i`` for its slot ``i`` among the selected. Inputs read this way get
-``meta["modpass_token_axes"] = ()``: the rewrite passes them whole. Without a symbolic batch nothing changes.
+``meta["modpass_token_axes"] = ()``: the rewrite passes them whole. A call captured for a fixed batch above
+one (no batch symbol to tell a table from a sequence-first input) is left as it is.
 
 Refuses (``UnroutableBlockError``) a table's values transformed or met by an op this stage cannot apply per
 sequence (the message names it), and a table cut to the token count under ``no_grad`` or ``autocast``
@@ -32,7 +33,7 @@ import torch
 from .. import routing
 from .._subgraphs import graphs
 from ..errors import UnroutableBlockError
-from .token_axes import mentions, size_expr, user_inputs
+from .token_axes import mentions, shared_by_the_batch, size_expr, user_inputs
 from .token_mixing import ATTENTION, aten_name, model_source_line, named_arguments, normalise, positions_read_as_values
 
 aten = torch.ops.aten
@@ -40,18 +41,24 @@ aten = torch.ops.aten
 # How each op a table's values go through takes a leading batch axis: the arguments naming axes shift by one, those
 # giving a shape gain the batch in front; pointwise ops (by their tag) line their operands up instead.
 _AXIS_ARGUMENTS = ("dim", "dims", "dim0", "dim1", "start_dim", "end_dim", "source", "destination")
-_AXIS_OPS = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "select", "slice", "narrow", "split",
+_AXIS_OPS = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "select", "slice", "narrow", "split", "flip",
              "split_with_sizes", "chunk", "unbind", "flatten", "unflatten", "sum", "mean", "amax", "amin", "prod",
              "index_select", "cat", "stack", "sym_size"}
-_SHAPE_ARGUMENTS = {"view": "size", "_unsafe_view": "size", "reshape": "size", "expand": "size", "repeat": "repeats"}
-_SAME_ARGUMENTS = {"_to_copy", "to", "type_as", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
+_SHAPE_ARGUMENTS = {"view": "size", "_unsafe_view": "size", "reshape": "shape", "expand": "size", "repeat": "repeats"}
+_SAME_ARGUMENTS = {"_to_copy", "to", "type_as", "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "zeros_like",
+                   "ones_like", "full_like", "empty_like",
                    "view_as_complex", "view_as_real", "tril", "triu"}
 
 
-def cut_to_token_count(node: torch.fx.Node, symbol, batch) -> tuple[torch.fx.Node, int] | None:
-    """``(table, axis)`` where ``node`` is a table without a batch or token axis cut to the first ``T`` rows along
-    ``axis`` (``table[:T]``, ``table.narrow(axis, 0, T)``), else None."""
-    if node.op != "call_function" or node.target not in (aten.slice.Tensor, aten.narrow.default) or isinstance(batch, int):
+_CUTS = (aten.slice.Tensor, aten.narrow.default)
+#: Elementwise ops with broadcasting that torch does not tag pointwise.
+_UNTAGGED_POINTWISE = {"where", "__and__", "__or__", "__xor__", "polar", "complex"}
+
+
+def first_rows(node: torch.fx.Node, symbol) -> tuple[torch.fx.Node, int] | None:
+    """``(source, axis)`` where ``node`` cuts ``source`` to its first ``T`` rows along ``axis`` (``source[:T]``,
+    ``source.narrow(axis, 0, T)``), else None."""
+    if node.op != "call_function" or node.target not in _CUTS:
         return None
     args = named_arguments(node)
     source = args.get("self")
@@ -60,15 +67,22 @@ def cut_to_token_count(node: torch.fx.Node, symbol, batch) -> tuple[torch.fx.Nod
     end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
     if not isinstance(source, torch.fx.Node) or start not in (None, 0) or step != 1 or not isinstance(end, torch.SymInt):
         return None
-    shape = source.meta["val"].shape
-    if size_expr(end) != symbol or any(mentions(s, symbol) or mentions(s, batch) for s in shape):
+    return (source, args["dim"] % source.meta["val"].dim()) if size_expr(end) == symbol else None
+
+
+def cut_to_token_count(node: torch.fx.Node, symbol, batch) -> tuple[torch.fx.Node, int] | None:
+    """``(table, axis)`` where ``node`` is a table without a batch or token axis cut to the first ``T`` rows along
+    ``axis`` (``table[:T]``, ``table.narrow(axis, 0, T)``), else None."""
+    cut = first_rows(node, symbol)
+    if cut is None:
         return None
-    return source, args["dim"] % len(shape)
+    shape = cut[0].meta["val"].shape
+    return cut if not any(mentions(s, symbol) for s in shape) and shared_by_the_batch(shape, batch) else None
 
 
 def token_tables(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     symbol, batch = gm.meta["modpass_token_symbol"], gm.meta["modpass_batch_symbol"]
-    if symbol is None or isinstance(batch, int):
+    if symbol is None or not shared_by_the_batch((), batch):  # a batch fixed to a size above one: no symbol to read
         return gm
     where = gm.meta.get("modpass_where", "block")
     for subgraph in list(graphs(gm))[1:]:
@@ -92,7 +106,7 @@ def table_reads(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], symbol, b
     reads = {}
     for node in inputs[1:]:
         val, axes = node.meta["val"], node.meta["modpass_token_axes"]
-        if axes and size_expr(val.shape[0]) != 1 and not any(mentions(s, batch) for s in val.shape):
+        if axes and size_expr(val.shape[0]) != 1 and shared_by_the_batch(val.shape, batch):
             reads[node] = (node, axes)
     for node in gm.graph.nodes:
         if (cut := cut_to_token_count(node, symbol, batch)) is not None:
@@ -102,6 +116,16 @@ def table_reads(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], symbol, b
         if args.get("start", 0) == 0 and args.get("step", 1) == 1 and size_expr(count.meta["val"].shape[0]) == symbol:
             reads[count] = (None, ())
     return reads
+
+
+def is_pointwise(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` is elementwise with broadcasting: tagged so, or the in-place form of an op tagged so
+    (``masked_fill_``, which ``nn.MultiheadAttention`` applies to a boolean mask's float copy)."""
+    if torch.Tag.pointwise in op.tags or op.overloadpacket.__name__ in _UNTAGGED_POINTWISE:
+        return True
+    name = op.overloadpacket.__name__
+    functional = getattr(getattr(aten, name[:-1], None), op._overloadname, None) if name.endswith("_") else None
+    return functional is not None and torch.Tag.pointwise in functional.tags
 
 
 def holds_tensors(node: torch.fx.Node) -> bool:
@@ -117,6 +141,7 @@ class _PerSequence:
     def __init__(self, gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], reads: dict, where: str):
         self.gm, self.graph, self.reads, self.where = gm, gm.graph, reads, where
         self.hidden = inputs[0]
+        self.symbol = gm.meta["modpass_token_symbol"]
         self.batch_symbol = size_expr(self.hidden.meta["val"].shape[0])
         self.fake_mode = torch._guards.detect_fake_mode([self.hidden.meta["val"]])
         # Values that differ by sequence: the hidden state, inputs that follow the batch, and token-indexed inputs
@@ -131,7 +156,8 @@ class _PerSequence:
             elif any(arg in self.chain for arg in node.all_input_nodes):
                 # Expanded to the batch (``cos.expand(B, T, d)``), a table's values are the sequences' from here on.
                 val = node.meta.get("val")
-                batched = isinstance(val, torch.Tensor) and val.dim() and size_expr(val.shape[0]) == self.batch_symbol
+                batched = (isinstance(val, torch.Tensor) and val.dim() and not isinstance(self.batch_symbol, int)
+                           and size_expr(val.shape[0]) == self.batch_symbol)
                 (self.of_sequences if batched else self.chain).add(node)
         self.per_sequence: dict[torch.fx.Node, torch.fx.Node] = {}  # a chain node -> its value with a batch axis
 
@@ -208,20 +234,32 @@ class _PerSequence:
         if node.op == "call_function" and node.target is operator.getitem:
             return self.call(operator.getitem, self.lifted(node.args[0]), node.args[1])
         name = aten_name(node)
+        if name is None and not holds_tensors(node):  # arithmetic on sizes, which lifting leaves as they were
+            return self.call(node.target, *torch.fx.map_arg(node.args, self.lifted), **node.kwargs)
         if name is None:
             self.refuse(node, "computes with it")
         args = named_arguments(node)
         rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else 0
-        if torch.Tag.pointwise in node.target.tags:
+        if name in ("slice", "narrow") and self.cuts_by_the_token_count(args):
+            # A second axis of a table cut to T (nanoGPT's causal buffer, bias[:, :, :T, :T]): read at the positions too.
+            if (cut := first_rows(node, self.symbol)) is None:
+                self.refuse(node, "cuts it by the token count other than to its first T rows")
+            source, axis = cut
+            if mentions(source.meta["val"].shape[axis], self.symbol):
+                return self.lift_axes(node, name, args, rank)  # a cut of a token axis to all of it
+            return self.call(routing.gather_tokens, self.lifted(source), self.positions, (axis + 1,))
+        if is_pointwise(node.target):
             return self.call_op(node, {k: self.aligned(v, rank) if v in self.chain else v for k, v in args.items()})
         if name in _SAME_ARGUMENTS:
             return self.call_op(node, {k: self.lifted(v) for k, v in args.items()})
         if name in _SHAPE_ARGUMENTS:
             key = _SHAPE_ARGUMENTS[name]
-            shape = [self.batch if key == "size" else 1, *args[key]]
+            shape = [1 if key == "repeats" else self.batch, *args[key]]
             return self.call_op(node, {**args, "self": self.lifted(args["self"]), key: shape})
         if name in _AXIS_OPS:
             return self.lift_axes(node, name, args, rank)
+        if name == "t":  # a matrix's transpose; a vector's is itself
+            return self.call(aten.transpose.int, self.lifted(args["self"]), -2, -1) if rank == 2 else self.lifted(args["self"])
         if name == "outer" and not (args["self"] in self.chain and args["vec2"] in self.chain):
             # Each sequence's outer product: its positions down the rows, the weights along the columns.
             rows = self.call(aten.unsqueeze.default, self.lifted(args["self"]), -1)
@@ -236,6 +274,10 @@ class _PerSequence:
         if name == "index" and args["self"] not in self.chain and len(args["indices"]) == 1:
             return self.call_op(node, {**args, "indices": [self.lifted(args["indices"][0])]})
         self.refuse(node, "computes with it")
+
+    def cuts_by_the_token_count(self, args: dict) -> bool:
+        bounds = [args.get(key) for key in ("start", "end", "length")]
+        return any(isinstance(b, torch.fx.Node) and mentions(b.meta["val"], self.symbol) for b in bounds)
 
     def lift_axes(self, node: torch.fx.Node, name: str, args: dict, rank: int) -> torch.fx.Node:
         tensors = args.get("tensors")
@@ -293,7 +335,7 @@ class _PerSequence:
         out = node.meta["val"]
         if any(key in name for key in ATTENTION) and set(chained) == {args.get("attn_mask")}:
             rank, leading = args["query"].meta["val"].dim(), args["query"].meta["val"].shape[0]
-        elif torch.Tag.pointwise in node.target.tags or name in ("matmul", "expand"):
+        elif is_pointwise(node.target) or name in ("matmul", "expand", "repeat"):
             rank, leading = out.dim(), out.shape[0] if out.dim() else None
         else:
             self.refuse(node, "combines it with the tokens")
@@ -310,3 +352,5 @@ class _PerSequence:
             else:
                 self.refuse(node, "combines it with the tokens along the batch axis")
             node.replace_input_with(value, laid_out)
+        if name == "repeat":  # repeated to the batch (table[None].repeat(B, 1, 1)): each sequence's rows once
+            node.update_arg(1, [1, *args["repeats"][1:]])
