@@ -275,8 +275,9 @@ def token_positions(hidden: torch.Tensor) -> torch.Tensor:
 def rows_of_table(table: torch.Tensor, positions: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
     """``table``, one for the whole batch, read per sequence at ``positions`` ``(B, n)`` along each of its
     ``token_axes``: ``(B, *table.shape)`` with ``n`` on those axes (rotary ``cos (T, d)`` read at each sequence's
-    selected positions is ``(B, k, d)``)."""
-    return gather_tokens(table.unsqueeze(0), positions, tuple(axis + 1 for axis in token_axes))
+    selected positions is ``(B, k, d)``). Contiguous, as the table was: the block's own views of it (a ``(T, T)``
+    mask viewed to ``(1, 1, T, T)``) then hold for its rows too, where gathering a second axis leaves them strided."""
+    return gather_tokens(table.unsqueeze(0), positions, tuple(axis + 1 for axis in token_axes)).contiguous()
 
 
 class _TakeTokens(torch.autograd.Function):

@@ -361,7 +361,7 @@ def test_a_learned_position_table_cut_to_the_token_count_is_read_and_trained_at_
 
 def test_a_table_with_a_batch_axis_cut_to_the_token_count_is_still_refused():
     block = TableBlock(lambda x, memory: x + memory[:, : x.shape[1]])
-    with pytest.raises(modpass.CaptureError, match=r"tensor input 1 of the call \(counting from 0\) sliced to the token count along dim 1"):
+    with pytest.raises(modpass.CaptureError, match=r"sliced to the token count along dim 1"):
         capture_block(block, (torch.randn(2, 10, WIDTH), torch.randn(2, LONGEST, WIDTH)), {})
 
 
