@@ -465,7 +465,10 @@ class RoutedBlock(nn.Module):
         mask = self.group_route_mask(group, *args[0].shape[:2])
         inputs = self.graph_inputs(route.inputs, route.constants, args, kwargs, router=self.router(group.task), capacity=k,
                                    route_mask=mask, row_capacity=group.row_capacity)
-        *outputs, logits, index, padding, extra = route.graph(*inputs)
+        # Its forward, not the module call: the graph is modpass's own, and module hooks on it (FlopCounterMode's
+        # module tracker hooks every call) would see inputs no block call shows, such as a parameter's view made
+        # under no_grad, on which that tracker fails (requires grad, no grad_fn).
+        *outputs, logits, index, padding, extra = route.graph.forward(*inputs)
         records.append((group.task, logits, index, group.rows, mask, padding, extra))
         return _structure.fill(route.outputs, outputs)
 
@@ -560,7 +563,7 @@ class RoutedBlock(nn.Module):
         """
         gm = self.analysis(args, kwargs)[0]
         inputs = self.graph_inputs(gm.meta["modpass_inputs"], gm.meta["modpass_constants"], args, kwargs)
-        return _structure.fill(gm.meta["modpass_output_template"], gm(*inputs))
+        return _structure.fill(gm.meta["modpass_output_template"], gm.forward(*inputs))  # as in run()
 
     def graph_inputs(self, roles, constants: dict, args: tuple, kwargs: dict, *, router=None, capacity=None, route_mask=None,
                      row_capacity=None) -> list:

@@ -92,8 +92,14 @@ def count(model: torch.nn.Module, inputs: Mapping | tuple, **call_kwargs) -> dic
     """Forward FLOPs per module path (``""`` is the whole model)."""
     register_cpu_attention_flops()
     counter = flop_counter.FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        call_with(model, inputs, **call_kwargs)
+    # Without nn.TransformerEncoderLayer's fused eval path, whose one op the counter cannot read (the dense count was 0).
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter, torch.no_grad():
+            call_with(model, inputs, **call_kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     root = type(model).__name__
     counts = {}
     for name, per_op in counter.get_flop_counts().items():

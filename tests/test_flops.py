@@ -120,3 +120,18 @@ def test_a_task_among_the_inputs_is_refused_for_the_task_argument(nano):
     mask[:, :8] = False
     masked = modpass.flops(routed, {"idx": ids, "route_mask": mask}, task="a").total["a"]
     assert masked[1] > modpass.flops(routed, {"idx": ids}, task="a").total["a"][1]
+
+
+@pytest.mark.parametrize("mask", ["causal-float", "learned-bias"])
+def test_flops_counts_transformer_encoder_layers_given_a_shared_mask(mask):
+    """torch's fused eval path of ``nn.TransformerEncoderLayer`` is one op the counter cannot read (the dense count was
+    0), and a parameter's view made under the count's no_grad (``bias[:T, :T]``), passed into the routed graph, made
+    the counter's module tracker fail (``AssertionError: Expected gradient function to be set``)."""
+    from tests.test_token_tables import EncoderWithSharedMask
+
+    idx = torch.randint(0, 50, (2, 16))
+    routed = modpass.transform(EncoderWithSharedMask(mask).eval(), 0.5, layers="all", example_inputs=(idx,))
+    report = modpass.flops(routed, (idx,))
+    (dense, routed_count), = report.total.values()
+    assert dense > 0 and 0.45 < routed_count / dense < 0.6
+    assert torch.backends.mha.get_fastpath_enabled()  # given back

@@ -469,3 +469,12 @@ def test_a_table_cut_to_the_token_count_on_two_axes_is_read_at_the_positions_on_
         torch.testing.assert_close(pair[0](idx), pair[1](idx), rtol=1e-6, atol=1e-6)
         served = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})
         torch.testing.assert_close(served(idx), pair[1](idx), rtol=1e-4, atol=1e-4)
+
+
+def test_an_axis_of_the_sequences_values_cut_to_the_token_count_is_refused():
+    """A ``(B, 1, T, L)`` bias cut to ``[..., :T]`` inside the block: its key axis is not read at the positions (it is
+    the sequences' own, not a shared table), and routed it kept columns 0..k-1 (0.49 off until the tenth session)."""
+    block = TableBlock(lambda x, bias: x + ((x @ x.transpose(1, 2)) + bias[:, 0, :, : x.shape[1]]).softmax(-1) @ x)
+    args = (torch.randn(2, 10, WIDTH), torch.randn(2, 1, 10, LONGEST))
+    with pytest.raises(modpass.UnroutableBlockError, match=r"slice.Tensor cuts an axis of another length .* to the token count"):
+        token_mixing(analysed(block, *args))

@@ -200,6 +200,24 @@ def outside_aten_reason(node: torch.fx.Node, source, dims: list[int], args: dict
             f"alone (a fused norm or MLP), declare it: modpass.declare_position_wise({op!r})")
 
 
+_CUTS = (torch.ops.aten.slice.Tensor, torch.ops.aten.narrow.default)
+
+
+def first_rows(node: torch.fx.Node, symbol) -> tuple[torch.fx.Node, int] | None:
+    """``(source, axis)`` where ``node`` cuts ``source`` to its first ``T`` rows along ``axis`` (``source[:T]``,
+    ``source.narrow(axis, 0, T)``), else None."""
+    if node.op != "call_function" or node.target not in _CUTS:
+        return None
+    args = named_arguments(node)
+    source = args.get("self")
+    start, step = args.get("start"), args.get("step", 1)
+    end = args.get("end") if node.target is torch.ops.aten.slice.Tensor else args.get("length")
+    end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
+    if not isinstance(source, torch.fx.Node) or start not in (None, 0) or step != 1 or not isinstance(end, torch.SymInt):
+        return None
+    return (source, args["dim"] % source.meta["val"].dim()) if size_expr(end) == symbol else None
+
+
 def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
     """Why ``node`` mixes tokens, or None when it is position-wise or attention."""
     name = aten_name(node)
@@ -236,6 +254,10 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "reinterprets the memory of a token axis (as_strided)"
     if (_is_pooling(name) or name == "as_strided") and not dims and token_dims(node, symbol):
         return f"reads a fixed-size tensor at the token count ({name}): routed, it would read it for k tokens, not at the selected ones' positions"
+    if (cut := first_rows(node, symbol)) is not None and not mentions(cut[0].meta["val"].shape[cut[1]], symbol):
+        # A table the batch shares is read at the positions instead (token_tables); this one is the sequences'.
+        return ("cuts an axis of another length (a mask's keys beyond the tokens, features) to the token count: routed, "
+                "it would keep the first k entries, not those at the selected tokens' positions; cut it outside the block")
     if name in _INDEX_RELATIONS:
         return index_relation_reason(name, args, node, dims, rank, symbol)
     if name in _PADS and dims:

@@ -34,7 +34,15 @@ from .. import routing
 from .._subgraphs import graphs
 from ..errors import UnroutableBlockError
 from .token_axes import mentions, shared_by_the_batch, size_expr, user_inputs
-from .token_mixing import ATTENTION, aten_name, model_source_line, named_arguments, normalise, positions_read_as_values
+from .token_mixing import (
+    ATTENTION,
+    aten_name,
+    first_rows,
+    model_source_line,
+    named_arguments,
+    normalise,
+    positions_read_as_values,
+)
 
 aten = torch.ops.aten
 
@@ -50,24 +58,8 @@ _SAME_ARGUMENTS = {"_to_copy", "to", "type_as", "clone", "contiguous", "alias", 
                    "view_as_complex", "view_as_real", "tril", "triu"}
 
 
-_CUTS = (aten.slice.Tensor, aten.narrow.default)
 #: Elementwise ops with broadcasting that torch does not tag pointwise.
 _UNTAGGED_POINTWISE = {"where", "__and__", "__or__", "__xor__", "polar", "complex"}
-
-
-def first_rows(node: torch.fx.Node, symbol) -> tuple[torch.fx.Node, int] | None:
-    """``(source, axis)`` where ``node`` cuts ``source`` to its first ``T`` rows along ``axis`` (``source[:T]``,
-    ``source.narrow(axis, 0, T)``), else None."""
-    if node.op != "call_function" or node.target not in _CUTS:
-        return None
-    args = named_arguments(node)
-    source = args.get("self")
-    start, step = args.get("start"), args.get("step", 1)
-    end = args.get("end") if node.target is aten.slice.Tensor else args.get("length")
-    end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
-    if not isinstance(source, torch.fx.Node) or start not in (None, 0) or step != 1 or not isinstance(end, torch.SymInt):
-        return None
-    return (source, args["dim"] % source.meta["val"].dim()) if size_expr(end) == symbol else None
 
 
 def cut_to_token_count(node: torch.fx.Node, symbol, batch) -> tuple[torch.fx.Node, int] | None:
