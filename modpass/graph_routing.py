@@ -199,6 +199,26 @@ def region_of(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr") and path in module_paths(n)]
 
 
+def refuse_a_planned_block_split_by_graph_breaks(gm: torch.fx.GraphModule, options: dict) -> None:
+    """Refuse a graph that holds a block the plan option routes, or part of it, where no stack of blocks lies whole:
+    a graph break inside the block (``nn.TransformerEncoderLayer``'s fast-path checks, a print) or between blocks
+    split the model, and compiled unrouted the served model would run the block dense, which a warning alone leaves
+    easy to miss."""
+    if "plan" not in options:
+        return
+    plan, _ = read(options["plan"])
+    paths = {path for node in gm.graph.nodes for path in module_paths(node)}
+    split = next((b.path for b in plan.blocks if any(p == b.path or p.startswith(b.path + ".") for p in paths)), None)
+    if split is not None:
+        raise ConfigError(
+            f"options['plan'] routes {split}, and this graph Dynamo traced holds it, or part of it, without a whole "
+            "stack of blocks: a graph break inside the block or between blocks splits the model, so the block cannot "
+            "be routed here, and the model would run it dense. "
+            "torch.compile(model, fullgraph=True) names the break; or route the model with modpass.load(model, plan) "
+            "and compile that, which captures each block on its own."
+        )
+
+
 def module_paths(node: torch.fx.Node) -> set[str]:
     return {path for path, _ in (node.meta.get("nn_module_stack") or {}).values()}
 
@@ -413,6 +433,7 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
     try:
         gm = find_blocks(gm)
     except NoBlocksError:
+        refuse_a_planned_block_split_by_graph_breaks(gm, options)
         return unrouted(gm, "holds no transformer blocks")
     chosen = choose_plan(gm, options)
     if chosen is None:

@@ -1104,3 +1104,16 @@ def test_route_masks_under_compile_split_by_capacity_where_attention_could_see_e
         assert "attends without a mask and not causally" in routed.h[1].shared_call_refusal
         want = routed(idx, route_mask=mask, **({"task": ["a", "a", "b"]} if mixed else {}))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plan_option_refuses_a_block_that_graph_breaks_split(tmp_path):
+    """nn.TransformerEncoderLayer's forward breaks Dynamo's graph (its fast-path checks), so no graph holds a whole
+    block: served with options['plan'], the model compiled unrouted and ran dense, with a warning only."""
+    from tests.test_token_tables import EncoderWithSharedMask
+
+    idx = torch.randint(0, 50, (2, 12))
+    model = EncoderWithSharedMask("causal-float").eval()
+    modpass.save(modpass.transform(model, 0.5, layers="all", example_inputs=(idx,)), tmp_path)
+    compiled = torch.compile(model, backend="modpass", dynamic=True, options={"plan": str(tmp_path)})
+    with torch.no_grad(), backend_refuses(modpass.ConfigError, r"options\['plan'\] routes layers.0, and this graph .* holds it, or part of it"):
+        compiled(idx)
