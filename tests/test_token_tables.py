@@ -478,3 +478,10 @@ def test_an_axis_of_the_sequences_values_cut_to_the_token_count_is_refused():
     args = (torch.randn(2, 10, WIDTH), torch.randn(2, 1, 10, LONGEST))
     with pytest.raises(modpass.UnroutableBlockError, match=r"slice.Tensor cuts an axis of another length .* to the token count"):
         token_mixing(analysed(block, *args))
+
+
+def test_a_table_passed_in_and_not_used_leaves_nothing_in_the_graph():
+    """A layer given a ``(T,)`` input it does not read (``cache_position`` without a cache) gets no per-sequence read."""
+    gm = analysed(TableBlock(lambda x, positions: x + x.softmax(1)), torch.randn(2, 10, WIDTH), torch.arange(10))
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert routing.rows_of_table not in calls and routing.token_positions not in calls

@@ -277,9 +277,6 @@ def rewrite(
             selected = call(routing.select_tokens_per_row, scores, k, row_capacity, role="select")
             index = call(operator.getitem, selected, 0, role="select")
             extra = call(operator.getitem, selected, 1, role="select")
-        for positions in graph.find_nodes(op="call_function", target=routing.token_positions):
-            positions.replace_all_uses_with(index)  # tables are read at the selected tokens' positions (token_tables)
-            graph.erase_node(positions)
         taken = call(routing.take_tokens, hidden, index, role="gather")
         base = call(operator.getitem, taken, 0, role="gather")
         gathered = {hidden: call(operator.getitem, taken, 1, role="gather")}
@@ -289,6 +286,11 @@ def rewrite(
                 if extra is not None and node is mask:
                     gathered[node] = call(routing.hide_extra_slots, gathered[node], extra, axes, role="gather")
 
+    # Tables are read at the selected tokens' positions (token_tables). Outside the inserting_before(body) block: the
+    # positions may be its body, which erased there would leave later inserts unlinked.
+    for positions in graph.find_nodes(op="call_function", target=routing.token_positions):
+        positions.replace_all_uses_with(index)
+        graph.erase_node(positions)
     routing_nodes = set(added)
     for node, selected in gathered.items():
         node.replace_all_uses_with(selected, delete_user_cb=lambda user: user not in routing_nodes)

@@ -120,6 +120,12 @@ def is_pointwise(op: torch._ops.OpOverload) -> bool:
     return functional is not None and torch.Tag.pointwise in functional.tags
 
 
+def writes(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s op writes one of its arguments in place (``masked_fill_``)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
 def holds_tensors(node: torch.fx.Node) -> bool:
     """Whether ``node``'s value is a tensor or several (``split``'s), not a size."""
     val = node.meta.get("val")
@@ -152,6 +158,7 @@ class _PerSequence:
                            and size_expr(val.shape[0]) == self.batch_symbol)
                 (self.of_sequences if batched else self.chain).add(node)
         self.per_sequence: dict[torch.fx.Node, torch.fx.Node] = {}  # a chain node -> its value with a batch axis
+        self.created: set[torch.fx.Node] = set()
 
     def rewrite(self) -> None:
         body = next(n for n in self.graph.nodes if n.op != "placeholder")
@@ -171,8 +178,10 @@ class _PerSequence:
                     self.refuse(node, "returns it from the block")  # an input table returned as it came stays whole
             elif any(arg in self.chain for arg in node.all_input_nodes):
                 self.refuse(node, "uses it")
+        # What the lifted values replaced, and what nothing reads (a table passed in and not used: cache_position),
+        # but no write in place, which its result's users need not read.
         for node in reversed(list(self.graph.nodes)):
-            if node in self.chain and node.op != "placeholder" and not node.users:
+            if (node in self.chain or node in self.created) and node.op != "placeholder" and not node.users and not writes(node):
                 self.graph.erase_node(node)
         for node in self.reads:
             if node.op == "placeholder":
@@ -182,6 +191,7 @@ class _PerSequence:
 
     def call(self, target, *args, **kwargs) -> torch.fx.Node:
         node = self.graph.call_function(target, args, kwargs)
+        self.created.add(node)
         values = torch.fx.map_arg((args, kwargs), lambda n: n.meta["val"])
         with self.fake_mode:
             node.meta["val"] = target(*values[0], **values[1])
