@@ -165,11 +165,12 @@ class _PerSequence:
         with self.graph.inserting_before(body):
             self.batch = self.call(aten.sym_size.int, self.hidden, 0)
             self.positions = self.call(routing.token_positions, self.hidden)
-        self.positions.meta["modpass_role"] = "positions"
         for node in list(self.graph.nodes):
             if node in self.chain:
                 with self.graph.inserting_before(node if node.op != "placeholder" else body):
                     self.per_sequence[node] = self.read(node) if node in self.reads else self.lift(node)
+                if "stack_trace" in node.meta:  # later stages' refusals name the model's line
+                    self.per_sequence[node].meta.setdefault("stack_trace", node.meta["stack_trace"])
             elif node in self.of_sequences and node.op != "output" and any(arg in self.chain for arg in node.all_input_nodes):
                 with self.graph.inserting_before(node):
                     self.meet(node)
@@ -224,6 +225,13 @@ class _PerSequence:
         rank = value.meta["val"].dim()
         return self.call(aten.expand.default, self.call(aten.unsqueeze.default, value, 0), [self.batch, *[-1] * rank])
 
+    def operand(self, value, rank: int):
+        """An argument of a pointwise op with ``rank`` axes: a chain tensor aligned with a batch axis, a size read from
+        its lifted value, anything else as it is."""
+        if not isinstance(value, torch.fx.Node) or value not in self.chain:
+            return value
+        return self.aligned(value, rank) if holds_tensors(value) else self.per_sequence[value]
+
     def aligned(self, value: torch.fx.Node, rank: int) -> torch.fx.Node:
         """A chain value with its batch axis, then as many unit axes as broadcasting to ``rank`` axes gives it."""
         lifted = self.per_sequence[value]
@@ -251,7 +259,7 @@ class _PerSequence:
                 return self.lift_axes(node, name, args, rank)  # a cut of a token axis to all of it
             return self.call(routing.gather_tokens, self.lifted(source), self.positions, (axis + 1,))
         if is_pointwise(node.target):
-            return self.call_op(node, {k: self.aligned(v, rank) if v in self.chain else v for k, v in args.items()})
+            return self.call_op(node, {k: self.operand(v, rank) for k, v in args.items()})
         if name in _SAME_ARGUMENTS:
             return self.call_op(node, {k: self.lifted(v) for k, v in args.items()})
         if name in _SHAPE_ARGUMENTS:
@@ -267,10 +275,8 @@ class _PerSequence:
             rows = self.call(aten.unsqueeze.default, self.lifted(args["self"]), -1)
             columns = self.call(aten.unsqueeze.default, self.lifted(args["vec2"]), -2)
             return self.call(aten.mul.Tensor, rows, columns)
-        if name in ("mm", "matmul") and args["self"] in self.chain and args[{"mm": "mat2"}.get(name, "other")] not in self.chain:
-            other = args[{"mm": "mat2"}.get(name, "other")]
-            if args["self"].meta["val"].dim() >= 2 and other.meta["val"].dim() == 2:
-                return self.call(aten.matmul.default, self.lifted(args["self"]), other)
+        if name in ("mm", "matmul") and self.times_weights(args["self"], args["mat2" if name == "mm" else "other"]):
+            return self.call(aten.matmul.default, self.lifted(args["self"]), args["mat2" if name == "mm" else "other"])
         if name == "embedding" and args["weight"] not in self.chain:
             return self.call_op(node, {**args, "indices": self.lifted(args["indices"])})
         if name == "index" and args["self"] not in self.chain and len(args["indices"]) == 1:
@@ -281,12 +287,17 @@ class _PerSequence:
         bounds = [args.get(key) for key in ("start", "end", "length")]
         return any(isinstance(b, torch.fx.Node) and mentions(b.meta["val"], self.symbol) for b in bounds)
 
+    def times_weights(self, table, weights) -> bool:
+        """Whether a matrix product is a table's (a matrix or a stack of them) times a matrix of weights."""
+        return (table in self.chain and weights not in self.chain and table.meta["val"].dim() >= 2
+                and weights.meta["val"].dim() == 2)
+
     def lift_axes(self, node: torch.fx.Node, name: str, args: dict, rank: int) -> torch.fx.Node:
         tensors = args.get("tensors")
         source = tensors[0] if tensors else args["self"]
         # Axes count in the result for the ops that add one, in the input for the others.
         axes_of = rank if name in ("unsqueeze", "stack") else source.meta["val"].dim()
-        lifted = {k: v for k, v in args.items()}
+        lifted = dict(args)
         if tensors:
             lifted["tensors"] = [self.with_batch(t) for t in tensors]
         else:
