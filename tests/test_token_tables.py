@@ -200,7 +200,9 @@ def test_tables_are_read_per_sequence_in_a_mixed_task_batch_and_under_a_route_ma
 
 
 def test_compiled_blocks_of_every_style_match_eager_at_two_lengths_and_two_capacities():
-    idx = torch.randint(0, 50, (2, 24))
+    # Distinct tokens in a row: equal ones that skip a block have equal states, and the next router's scores tie,
+    # which eager and compiled selection may break differently.
+    idx = torch.stack([torch.randperm(50)[:24] for _ in range(2)])
     torch.manual_seed(0)
     model = RotaryGPT(["passed", "sliced-input", "counted", "complex"]).eval()
     routed = models.randomise_routers(modpass.transform(model, 0.5, layers="all", example_inputs=(idx,)), seed=1)
