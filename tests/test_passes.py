@@ -1143,6 +1143,16 @@ def test_a_table_passed_in_and_cut_to_the_token_count_is_named_by_its_place_in_t
         capture_block(block, (torch.randn(2, 16, 8), torch.randn(64, 8)), {})
 
 
+def test_unflatten_is_followed_like_any_view():
+    """Flattening the tokens with the features and unflattening them back keeps each token's position (refused as
+    "operates along the token axis" until the tenth session); unflattening them the other way spreads it."""
+    back = LambdaBlock(lambda x: x.flatten(1).unflatten(1, (x.shape[1], x.shape[2])).softmax(-1))
+    token_mixing(token_axes(capture_block(back, (torch.randn(2, 9, 8),), {})))
+    spread = LambdaBlock(lambda x: x.flatten(1).unflatten(1, (x.shape[2], x.shape[1])).transpose(1, 2))
+    with pytest.raises(modpass.UnroutableBlockError, match="spreads one token's position over several axes"):
+        token_mixing(token_axes(capture_block(spread, (torch.randn(2, 9, 8),), {})))
+
+
 def test_a_slice_of_tokens_joined_with_other_rows_is_not_called_a_token_shift():
     registers = torch.randn(1, 2, 8)
     block = LambdaBlock(lambda x: torch.cat([registers.expand(x.shape[0], -1, -1), x], 1)[:, 2:])

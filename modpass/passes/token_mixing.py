@@ -280,7 +280,7 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return None
     if name == "repeat_interleave" and copies_tokens(args):
         return None
-    if name in _AXIS_ONLY or not dims:
+    if name in _AXIS_ONLY or name in _VIEWS or not dims:  # views: token_layouts follows the token's position
         return None
     dim_args = [args[k] for k in ("dim", "dims", "dimension") if k in args]
     if not dim_args and name not in REDUCTIONS:
