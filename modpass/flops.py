@@ -88,18 +88,25 @@ def dense(model: torch.nn.Module):
         state.dense = state.dense_contexts > 0
 
 
+@contextlib.contextmanager
+def without_the_fast_path():
+    """``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` without their fused eval path, which runs the
+    layer as one op: the FLOP counter cannot read it (the dense count was 0). Tests that run the layers' own code
+    on selected tokens use it too (the fused path gave NaN for a mask cut to rows and columns by an index)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def count(model: torch.nn.Module, inputs: Mapping | tuple, **call_kwargs) -> dict[str, int]:
     """Forward FLOPs per module path (``""`` is the whole model)."""
     register_cpu_attention_flops()
     counter = flop_counter.FlopCounterMode(display=False)
-    # Without nn.TransformerEncoderLayer's fused eval path, whose one op the counter cannot read (the dense count was 0).
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with counter, torch.no_grad():
-            call_with(model, inputs, **call_kwargs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
+    with counter, torch.no_grad(), without_the_fast_path():
+        call_with(model, inputs, **call_kwargs)
     root = type(model).__name__
     counts = {}
     for name, per_op in counter.get_flop_counts().items():

@@ -9,7 +9,6 @@ differs from it.
 
 from __future__ import annotations
 
-import contextlib
 from fractions import Fraction
 
 import pytest
@@ -21,6 +20,7 @@ from torch import nn
 
 import modpass
 from modpass import routing
+from modpass.flops import without_the_fast_path
 from modpass.passes.capture_block import capture_block
 from modpass.passes.rewrite import rewrite
 from modpass.passes.token_axes import token_axes, user_inputs
@@ -387,18 +387,6 @@ class EncoderWithSharedMask(nn.Module):
         for layer in self.layers:
             x = layer(x, src_mask=mask)
         return x
-
-
-@contextlib.contextmanager
-def without_the_fast_path():
-    """The reference runs the layers' own code on the selected tokens; their fused eval path (which export does not
-    take either) gives NaN for a mask cut to rows and columns by an index."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

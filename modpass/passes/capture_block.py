@@ -234,7 +234,7 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     symbol = tokens.node.expr if isinstance(tokens, torch.SymInt) else None
     batch = size_expr(varying["batch"])
     # A table cut to T rows (read per sequence, see token_tables) bounds T by its length: k <= T keeps within it.
-    table_lengths = {size_expr(node.args[0].meta["val"].shape[cut[1]]) for node in program.graph.nodes
+    table_lengths = {size_expr(cut[0].meta["val"].shape[cut[1]]) for node in program.graph.nodes
                      if (cut := cut_to_token_count(node, symbol, batch)) is not None}
     described = []
     for name, size in varying.items():

@@ -121,8 +121,7 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 "count without being it; such an input cannot be gathered to a subset of tokens."
             )
         batch_axis = 0 if val.dim() and follows_batch(val.shape[0], hidden.shape[0]) and 0 not in axes else None
-        # A table the batch shares, (T, d), is read per sequence by ``token_tables``.
-        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1 and not shared_by_the_batch(val.shape, batch):
+        if axes and val.dim() and batch_axis is None and size_expr(val.shape[0]) != 1 and not shared_table(val, axes, batch):
             first = size_expr(val.shape[0])
             folded = not isinstance(first, int) and not isinstance(batch, int) and (first / batch).is_Integer
             raise UnroutableBlockError(
@@ -156,6 +155,13 @@ def token_axes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     gm.meta["modpass_batch_symbol"] = size_expr(hidden.shape[0])
     classify_extra_outputs(gm, inputs, outputs)
     return gm
+
+
+def shared_table(val: torch.Tensor, axes: tuple[int, ...], batch) -> bool:
+    """Whether a token-indexed input is a table the whole batch shares, ``(T, d)`` rather than batch-first or
+    ``(1, T, d)`` (which the rewrite gathers): ``token_tables`` reads it per sequence, and only what it reads so is
+    let through here without a batch axis."""
+    return bool(axes) and size_expr(val.shape[0]) != 1 and shared_by_the_batch(val.shape, batch)
 
 
 def shared_by_the_batch(shape, batch) -> bool:

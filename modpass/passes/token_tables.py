@@ -33,7 +33,7 @@ import torch
 from .. import routing
 from .._subgraphs import graphs
 from ..errors import UnroutableBlockError
-from .token_axes import mentions, shared_by_the_batch, size_expr, user_inputs
+from .token_axes import mentions, shared_by_the_batch, shared_table, size_expr, user_inputs
 from .token_mixing import (
     ATTENTION,
     aten_name,
@@ -54,10 +54,7 @@ _AXIS_OPS = {"unsqueeze", "squeeze", "transpose", "permute", "movedim", "select"
              "index_select", "cat", "stack", "sym_size"}
 _SHAPE_ARGUMENTS = {"view": "size", "_unsafe_view": "size", "reshape": "shape", "expand": "size", "repeat": "repeats"}
 _SAME_ARGUMENTS = {"_to_copy", "to", "type_as", "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "zeros_like",
-                   "ones_like", "full_like", "empty_like",
-                   "view_as_complex", "view_as_real", "tril", "triu"}
-
-
+                   "ones_like", "full_like", "empty_like", "view_as_complex", "view_as_real", "tril", "triu"}
 #: Elementwise ops with broadcasting that torch does not tag pointwise.
 _UNTAGGED_POINTWISE = {"where", "__and__", "__or__", "__xor__", "polar", "complex"}
 
@@ -97,8 +94,7 @@ def table_reads(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], symbol, b
     ``(None, ())``."""
     reads = {}
     for node in inputs[1:]:
-        val, axes = node.meta["val"], node.meta["modpass_token_axes"]
-        if axes and size_expr(val.shape[0]) != 1 and shared_by_the_batch(val.shape, batch):
+        if shared_table(node.meta["val"], axes := node.meta["modpass_token_axes"], batch):
             reads[node] = (node, axes)
     for node in gm.graph.nodes:
         if (cut := cut_to_token_count(node, symbol, batch)) is not None:
