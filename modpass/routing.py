@@ -272,6 +272,12 @@ def token_positions(hidden: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens, device=hidden.device).expand(batch, tokens)
 
 
+def token_count(hidden: torch.Tensor) -> int:
+    """The length of ``hidden``'s sequences, where a block counts positions from it (``arange(1 - T, 1)``, see
+    ``passes/token_tables.py``). The rewrite leaves it reading the whole sequences, not the selected tokens."""
+    return hidden.shape[1]
+
+
 def rows_of_table(table: torch.Tensor, positions: torch.Tensor, token_axes: tuple[int, ...]) -> torch.Tensor:
     """``table``, one for the whole batch, read per sequence at ``positions`` ``(B, n)`` along each of its
     ``token_axes``: ``(B, *table.shape)`` with ``n`` on those axes (rotary ``cos (T, d)`` read at each sequence's

@@ -56,7 +56,7 @@ class RotaryBlock(nn.Module):
         self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
         self.norm_1, self.norm_2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
         self.mlp = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.GELU(), nn.Linear(2 * WIDTH, WIDTH))
-        cos, sin = rotary_tables()
+        cos, sin = rotary_tables(LONGEST + 1)  # a row to spare for a cut from row 1
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("inverse_frequencies", inverse_frequencies(), persistent=False)
@@ -76,12 +76,14 @@ class RotaryBlock(nn.Module):
     def tables(self, x, *tables):
         """``cos, sin`` laid out to multiply ``(B, T, heads, head)`` queries."""
         tokens = x.shape[1]
-        if self.style in ("per-sequence", "passed"):  # (B, T, d), gathered with the tokens; litgpt's (T, d)
+        if self.style in ("per-sequence", "per-sequence-from-row-1", "passed"):  # (B, T, d), gathered with the tokens; litgpt's (T, d)
             cos, sin = tables
         elif self.style == "sliced-buffer":
             cos, sin = self.cos[:tokens], self.sin[:tokens]
         elif self.style == "narrowed-buffer":
             cos, sin = self.cos.narrow(0, 0, tokens), self.sin.narrow(0, 0, tokens)
+        elif self.style == "buffer-from-row-1":  # positions counted from 1
+            cos, sin = self.cos[1 : tokens + 1], self.sin[1 : tokens + 1]
         elif self.style == "sliced-input":  # torchtitan: the whole table passed in, cut inside
             cos, sin = tables[0][0:tokens].chunk(2, -1)
         elif self.style == "expanded":  # (T, d) expanded to the batch inside the block
@@ -92,6 +94,10 @@ class RotaryBlock(nn.Module):
             cos, sin = (t[:tokens].reshape(-1).view(t[:tokens].shape[0], HEAD) for t in (self.cos, self.sin))
         elif self.style == "counted":  # the angles computed from arange(T)
             angles = torch.outer(torch.arange(tokens, device=x.device).float(), self.inverse_frequencies)
+            angles = torch.cat([angles, angles], -1)
+            cos, sin = angles.cos(), angles.sin()
+        elif self.style == "counted-einsum":  # x-transformers: the outer product as an einsum
+            angles = torch.einsum("i,j->ij", torch.arange(tokens, device=x.device).float(), self.inverse_frequencies)
             angles = torch.cat([angles, angles], -1)
             cos, sin = angles.cos(), angles.sin()
         return cos.unsqueeze(-2), sin.unsqueeze(-2)
@@ -112,7 +118,7 @@ class RotaryGPT(nn.Module):
         super().__init__()
         self.embedding, self.head = nn.Embedding(vocab, WIDTH), nn.Linear(WIDTH, vocab)
         self.blocks = nn.ModuleList(RotaryBlock(style) for style in styles)
-        cos, sin = rotary_tables()
+        cos, sin = rotary_tables(LONGEST + 1)
         angles = torch.outer(torch.arange(LONGEST).float(), inverse_frequencies())
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -129,6 +135,7 @@ class RotaryGPT(nn.Module):
         per_sequence = lambda t: t[:tokens].expand(batch, -1, -1)  # noqa: E731
         return {
             "per-sequence": (per_sequence(self.cos), per_sequence(self.sin)),
+            "per-sequence-from-row-1": (per_sequence(self.cos[1:]), per_sequence(self.sin[1:])),
             "passed": (self.cos[:tokens], self.sin[:tokens]),
             "expanded": (self.cos[:tokens], self.sin[:tokens]),
             "repeated": (self.cos[:tokens], self.sin[:tokens]),
@@ -138,11 +145,12 @@ class RotaryGPT(nn.Module):
         }.get(style, ())
 
 
-STYLES = ["passed", "sliced-buffer", "narrowed-buffer", "sliced-input", "expanded", "repeated", "reshaped", "counted", "complex"]
+STYLES = ["passed", "sliced-buffer", "narrowed-buffer", "buffer-from-row-1", "sliced-input", "expanded", "repeated",
+          "reshaped", "counted", "counted-einsum", "complex"]
 
 
 def reference_style(style: str) -> str:
-    return "complex-per-sequence" if style == "complex" else "per-sequence"
+    return {"complex": "complex-per-sequence", "buffer-from-row-1": "per-sequence-from-row-1"}.get(style, "per-sequence")
 
 
 def routed_pair(style: str, ratio, idx, **options):
@@ -214,46 +222,76 @@ def test_compiled_blocks_of_every_style_match_eager_at_two_lengths_and_two_capac
         torch.testing.assert_close(compiled(idx), routed(idx), rtol=1e-4, atol=1e-4)
 
 
-class PositionsBlock(nn.Module):
-    """Numbers its tokens itself (``arange(T)``), as an embedding index and as an ALiBi-style distance bias; with
-    ``passed=True`` it takes the positions ``(B, T)`` as an input instead."""
+#: Where a block starts counting its T tokens: from 0, from 1, MPT's ALiBi distances up to 0, from T.
+STARTS = {"0": lambda tokens: 0, "1": lambda tokens: 1, "1 - T": lambda tokens: 1 - tokens, "T": lambda tokens: tokens}
 
-    def __init__(self, passed: bool = False):
+
+class PositionsBlock(nn.Module):
+    """Numbers its tokens itself (``arange(start, start + T)``), as an embedding index and as an ALiBi-style distance
+    bias; with ``passed=True`` it takes the positions ``(B, T)`` as an input instead."""
+
+    def __init__(self, passed: bool = False, start: str = "0"):
         super().__init__()
-        self.passed = passed
+        self.passed, self.start = passed, start
         self.embedding = nn.Embedding(64, WIDTH)
 
     def forward(self, x, positions=None):
         if not self.passed:
-            positions = torch.arange(x.shape[1], device=x.device)
-        x = x + self.embedding(positions)
+            first = STARTS[self.start](x.shape[1])
+            positions = torch.arange(first, first + x.shape[1], device=x.device)
+        x = x + self.embedding(positions % 64)
         bias = -(positions[..., :, None] - positions[..., None, :]).abs().to(x.dtype)
         return x + ((x @ x.transpose(1, 2)) / WIDTH + bias).softmax(-1) @ x
 
 
 class PositionsGPT(nn.Module):
-    def __init__(self, passed: bool = False):
+    def __init__(self, passed: bool = False, start: str = "0"):
         super().__init__()
-        self.passed = passed
+        self.passed, self.start = passed, start
         self.embedding = nn.Embedding(50, WIDTH)
-        self.blocks = nn.ModuleList(PositionsBlock(passed) for _ in range(2))
+        self.blocks = nn.ModuleList(PositionsBlock(passed, start) for _ in range(2))
 
     def forward(self, idx):
         x = self.embedding(idx)
-        positions = torch.arange(idx.shape[1]).expand(idx.shape[0], -1) if self.passed else None
+        first = STARTS[self.start](idx.shape[1])
+        positions = torch.arange(first, first + idx.shape[1]).expand(idx.shape[0], -1) if self.passed else None
         for block in self.blocks:
             x = block(x, positions)
         return x
 
 
-def test_positions_a_block_counts_out_itself_are_the_routed_tokens_own():
-    idx = torch.randint(0, 50, (3, 16))
+def routed_positions_pair(start: str, idx: torch.Tensor) -> list[nn.Module]:
+    """A model whose blocks count positions from ``start`` and one given them, with the same weights, routed at 0.5."""
     torch.manual_seed(0)
-    model, reference = PositionsGPT().eval(), PositionsGPT(passed=True).eval()
+    model, reference = PositionsGPT(start=start).eval(), PositionsGPT(passed=True, start=start).eval()
     reference.load_state_dict(model.state_dict())
-    pair = [models.randomise_routers(modpass.transform(m, 0.5, layers="all", example_inputs=(idx,)), seed=2) for m in (model, reference)]
+    return [models.randomise_routers(modpass.transform(m, 0.5, layers="all", example_inputs=(idx,)), seed=2) for m in (model, reference)]
+
+
+@pytest.mark.parametrize("start", list(STARTS))
+def test_positions_a_block_counts_out_itself_are_the_routed_tokens_own(start):
+    """Counted from a start in T (``arange(1 - T, 1)``), the start is the whole sequence's: routed, the block's own T
+    is k."""
+    idx = torch.randint(0, 50, (3, 16))
+    routed, reference = routed_positions_pair(start, idx)
     with torch.no_grad():
-        torch.testing.assert_close(pair[0](idx), pair[1](idx), rtol=1e-6, atol=1e-6)
+        for tokens in (16, 9):
+            torch.testing.assert_close(routed(idx[:, :tokens]), reference(idx[:, :tokens]), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_positions_counted_from_a_start_in_the_token_count_match_eager():
+    idx = torch.stack([torch.randperm(50)[:16] for _ in range(2)])
+    routed, reference = routed_positions_pair("1 - T", idx)
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for tokens in (16, 11):
+            torch.testing.assert_close(compiled(idx[:, :tokens]), reference(idx[:, :tokens]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_count_from_a_start_in_the_token_count_reads_the_whole_sequences_length_once_routed():
+    gm = rewrite(analysed(PositionsBlock(start="1 - T"), torch.randn(2, 10, WIDTH)), ratio=Fraction(1, 2))
+    (count,) = gm.graph.find_nodes(op="call_function", target=routing.token_count)
+    assert count.args[0] is user_inputs(gm)[0]  # the hidden state, not the selected tokens
 
 
 def analysed(block: nn.Module, *args) -> torch.fx.GraphModule:
@@ -298,11 +336,11 @@ def cut_without_grad(x, table):
 @pytest.mark.parametrize(
     "use, stage, message",
     [(lambda x, table: x + table[: x.shape[1]].cumsum(0), "tables", r"aten.cumsum.default computes with it"),
-     (lambda x, table: x + torch.einsum("td,d->td", table[: x.shape[1]], torch.ones(WIDTH)), "tables",
-      r"reads a table by token position \(tensors_1\), shared by the whole batch, and aten.einsum.default computes with it"),
+     (lambda x, table: x + table[: x.shape[1]].cummax(0).values, "tables",
+      r"reads a table by token position \(tensors_1\), shared by the whole batch, and aten.cummax.default computes with it"),
      (lambda x, table: x + table[: x.shape[1]].sum(0), "mixing", r"reduces over the token axis"),
      (cut_without_grad, "tables", r"cuts a table to its token count under no_grad or autocast")],
-    ids=["cumsum-along-tokens", "einsum", "summed-over-tokens", "cut-under-no-grad"],
+    ids=["cumsum-along-tokens", "cummax-along-tokens", "summed-over-tokens", "cut-under-no-grad"],
 )
 def test_a_table_used_in_a_way_that_cannot_be_read_per_sequence_is_refused(use, stage, message):
     block = TableBlock(use)
@@ -311,10 +349,10 @@ def test_a_table_used_in_a_way_that_cannot_be_read_per_sequence_is_refused(use, 
         token_mixing(analysed(block, *args)) if stage == "mixing" else analysed(block, *args)
 
 
-def test_positions_counted_from_one_are_still_refused():
-    block = TableBlock(lambda x, table: x + table[torch.arange(1, x.shape[1] + 1)])
-    with pytest.raises(modpass.UnroutableBlockError, match="counts out itself"):
-        token_mixing(analysed(block, torch.randn(2, 10, WIDTH), torch.randn(LONGEST, WIDTH)))
+def test_positions_counted_in_steps_of_two_are_still_refused_naming_the_count():
+    block = TableBlock(lambda x, table: x + table[torch.arange(0, 2 * x.shape[1], 2)])
+    with pytest.raises(modpass.UnroutableBlockError, match=r"counts out itself \(arange over the token count, at \[File .*test_token_tables.py"):
+        token_mixing(analysed(block, torch.randn(2, 10, WIDTH), torch.randn(2 * LONGEST, WIDTH)))
 
 
 class LearnedPositionsBlock(nn.Module):
@@ -361,10 +399,13 @@ def test_a_learned_position_table_cut_to_the_token_count_is_read_and_trained_at_
     assert (table_gradients[0][16:] == 0).all() and (table_gradients[0][:16] != 0).any()
 
 
-def test_a_table_with_a_batch_axis_cut_to_the_token_count_is_still_refused():
-    block = TableBlock(lambda x, memory: x + memory[:, : x.shape[1]])
-    with pytest.raises(modpass.CaptureError, match=r"sliced to the token count along dim 1"):
-        capture_block(block, (torch.randn(2, 10, WIDTH), torch.randn(2, LONGEST, WIDTH)), {})
+@pytest.mark.parametrize("cut, table", [(lambda x, memory: memory[:, : x.shape[1]], (2, LONGEST, WIDTH)),
+                                        (lambda x, table: table[-x.shape[1] :], (LONGEST, WIDTH))],
+                         ids=["with-a-batch-axis", "last-rows"])
+def test_a_table_cut_to_the_token_count_other_than_from_a_constant_row_is_still_refused_naming_the_line(cut, table):
+    block = TableBlock(lambda x, table: x + cut(x, table))
+    with pytest.raises(modpass.CaptureError, match=r"sliced to the token count along dim [01] \[File .*test_token_tables.py"):
+        capture_block(block, (torch.randn(2, 10, WIDTH), torch.randn(table)), {})
 
 
 class EncoderWithSharedMask(nn.Module):
@@ -461,10 +502,11 @@ def test_a_table_cut_to_the_token_count_on_two_axes_is_read_at_the_positions_on_
         torch.testing.assert_close(served(idx), pair[1](idx), rtol=1e-4, atol=1e-4)
 
 
-def test_an_axis_of_the_sequences_values_cut_to_the_token_count_is_refused():
+@pytest.mark.parametrize("start", [0, 1])
+def test_an_axis_of_the_sequences_values_cut_to_the_token_count_is_refused(start):
     """A ``(B, 1, T, L)`` bias cut to ``[..., :T]`` inside the block: its key axis is not read at the positions (it is
     the sequences' own, not a shared table), and routed it kept columns 0..k-1 (0.49 off until the tenth session)."""
-    block = TableBlock(lambda x, bias: x + ((x @ x.transpose(1, 2)) + bias[:, 0, :, : x.shape[1]]).softmax(-1) @ x)
+    block = TableBlock(lambda x, bias: x + ((x @ x.transpose(1, 2)) + bias[:, 0, :, start : start + x.shape[1]]).softmax(-1) @ x)
     args = (torch.randn(2, 10, WIDTH), torch.randn(2, 1, 10, LONGEST))
     with pytest.raises(modpass.UnroutableBlockError, match=r"slice.Tensor cuts an axis of another length .* to the token count"):
         token_mixing(analysed(block, *args))

@@ -234,7 +234,7 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     symbol = tokens.node.expr if isinstance(tokens, torch.SymInt) else None
     batch = size_expr(varying["batch"])
     # A table cut to T rows (read per sequence, see token_tables) bounds T by its length: k <= T keeps within it.
-    table_lengths = {size_expr(cut[0].meta["val"].shape[cut[1]]) for node in program.graph.nodes
+    table_lengths = {size_expr(cut.source.meta["val"].shape[cut.axis]) - cut.start for node in program.graph.nodes
                      if (cut := cut_to_token_count(node, symbol, batch)) is not None}
     described = []
     for name, size in varying.items():
@@ -250,8 +250,8 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
     if tables:
         raise CaptureError(
             f"{where}: the block reads a fixed-size table by its token count ({', '.join(tables)})"
-            f"{', so ' + held if described else ''}. Routed, it would read the table's first k rows, not the rows of "
-            "the k selected tokens' positions, so it is not routed. Pass the rows (or positions) in from outside the "
+            f"{', so ' + held if described else ''}. Routed, it would read rows by the k selected tokens' slots, not "
+            "the rows of their positions, so it is not routed. Pass the rows (or positions) in from outside the "
             "block, or leave this block dense with layers=."
         )
     for name, size in varying.items() if not described else ():
@@ -269,9 +269,9 @@ def refuse_size_assumptions(program: torch.export.ExportedProgram, where: str) -
         )
 
 
-# Each way of cutting rows off a tensor: how the message says it, and its source, axis and the lengths it cuts to.
+# Each way of cutting rows off a tensor: how the message says it, and its source, axis and the bounds it cuts at.
 _CUTS = {
-    torch.ops.aten.slice.Tensor: ("sliced", lambda source, dim=0, start=None, end=None, step=1: (source, dim, [end])),
+    torch.ops.aten.slice.Tensor: ("sliced", lambda source, dim=0, start=None, end=None, step=1: (source, dim, [start, end])),
     torch.ops.aten.narrow.default: ("narrowed", lambda source, dim, start, length: (source, dim, [length])),
     torch.ops.aten.split.Tensor: ("split", lambda source, split_size, dim=0: (source, dim, [split_size])),
     torch.ops.aten.split_with_sizes.default: ("split", lambda source, sizes, dim=0: (source, dim, list(sizes))),
@@ -280,8 +280,8 @@ _CUTS = {
 
 def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.Symbol, batch) -> list[str]:
     """The tensors without a token axis that the block cuts to its token count (``table.split(T)``, a table with
-    a batch axis cut to ``[:T]``), described; not those ``token_tables`` reads per sequence (``table[:T]``,
-    ``table.narrow(0, 0, T)`` where the table has no batch axis)."""
+    a batch axis cut to ``[:T]``, ``table[-T:]``), described; not those ``token_tables`` reads per sequence
+    (``table[:T]``, ``table[1 : T + 1]``, ``table.narrow(0, 0, T)`` where the table has no batch axis)."""
     names = state_targets(program.graph_signature)
     user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     names.update({name: f"tensor input {i} of the call (counting from 0)" for i, name in enumerate(user_inputs)})
@@ -296,7 +296,8 @@ def tables_read_by_length(program: torch.export.ExportedProgram, symbol: sympy.S
             continue
         if any(mentions(size, symbol) for size in source.meta["val"].shape):
             continue
-        tables.append(f"{names.get(source.name, 'a tensor the block computes')} {cut} to the token count along dim {dim}")
+        tables.append(f"{names.get(source.name, 'a tensor the block computes')} {cut} to the token count along dim {dim} "
+                      f"[{model_source_line(node)}]")
     return tables
 
 

@@ -291,7 +291,8 @@ def rewrite(
     for positions in graph.find_nodes(op="call_function", target=routing.token_positions):
         positions.replace_all_uses_with(index)
         graph.erase_node(positions)
-    routing_nodes = set(added)
+    # A count of the whole sequences' tokens (token_tables) reads the hidden state the selected tokens come from.
+    routing_nodes = {*added, *graph.find_nodes(op="call_function", target=routing.token_count)}
     for node, selected in gathered.items():
         node.replace_all_uses_with(selected, delete_user_cb=lambda user: user not in routing_nodes)
 

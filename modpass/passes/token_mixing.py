@@ -87,6 +87,7 @@ import inspect
 import operator
 import os
 from collections import Counter
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -200,22 +201,32 @@ def outside_aten_reason(node: torch.fx.Node, source, dims: list[int], args: dict
             f"alone (a fused norm or MLP), declare it: modpass.declare_position_wise({op!r})")
 
 
-_CUTS = (torch.ops.aten.slice.Tensor, torch.ops.aten.narrow.default)
+class RowWindow(NamedTuple):
+    """``T`` consecutive rows of ``source`` along ``axis``, from row ``start`` (a constant)."""
+
+    source: torch.fx.Node
+    axis: int
+    start: int
 
 
-def first_rows(node: torch.fx.Node, symbol) -> tuple[torch.fx.Node, int] | None:
-    """``(source, axis)`` where ``node`` cuts ``source`` to its first ``T`` rows along ``axis`` (``source[:T]``,
-    ``source.narrow(axis, 0, T)``), else None."""
-    if node.op != "call_function" or node.target not in _CUTS:
+def window_of_rows(node: torch.fx.Node, symbol) -> RowWindow | None:
+    """Where ``node`` cuts ``T`` consecutive rows from a constant start off its source (``source[:T]``,
+    ``source[1 : T + 1]``, ``source.narrow(axis, s, T)``), that window, else None."""
+    if node.op != "call_function" or node.target not in (torch.ops.aten.slice.Tensor, torch.ops.aten.narrow.default):
         return None
     args = named_arguments(node)
-    source = args.get("self")
-    start, step = args.get("start"), args.get("step", 1)
-    end = args.get("end") if node.target is torch.ops.aten.slice.Tensor else args.get("length")
+    source, start = args.get("self"), args.get("start") or 0
+    if node.target is torch.ops.aten.slice.Tensor:
+        end, step = args.get("end"), args.get("step", 1)
+    else:
+        end, step = (args.get("length"), 1)
     end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
-    if not isinstance(source, torch.fx.Node) or start not in (None, 0) or step != 1 or not isinstance(end, torch.SymInt):
+    if not isinstance(source, torch.fx.Node) or not isinstance(start, int) or start < 0 or step != 1:
         return None
-    return (source, args["dim"] % source.meta["val"].dim()) if size_expr(end) == symbol else None
+    if not isinstance(end, torch.SymInt):
+        return None
+    length = size_expr(end) - (start if node.target is torch.ops.aten.slice.Tensor else 0)
+    return RowWindow(source, args["dim"] % source.meta["val"].dim(), start) if length == symbol else None
 
 
 def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
@@ -254,10 +265,10 @@ def mixing_reason(node: torch.fx.Node, symbol) -> str | None:
         return "reinterprets the memory of a token axis (as_strided)"
     if (_is_pooling(name) or name == "as_strided") and not dims and token_dims(node, symbol):
         return f"reads a fixed-size tensor at the token count ({name}): routed, it would read it for k tokens, not at the selected ones' positions"
-    if (cut := first_rows(node, symbol)) is not None and not mentions(cut[0].meta["val"].shape[cut[1]], symbol):
+    if (cut := window_of_rows(node, symbol)) is not None and not mentions(cut.source.meta["val"].shape[cut.axis], symbol):
         # A table the batch shares is read at the positions instead (token_tables); this one is the sequences'.
         return ("cuts an axis of another length (a mask's keys beyond the tokens, features) to the token count: routed, "
-                "it would keep the first k entries, not those at the selected tokens' positions; cut it outside the block")
+                "it would keep k entries in a row, not those at the selected tokens' positions; cut it outside the block")
     if name in _INDEX_RELATIONS:
         return index_relation_reason(name, args, node, dims, rank, symbol)
     if name in _PADS and dims:
@@ -546,8 +557,6 @@ def written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:
             if a.alias_info is not None and a.alias_info.is_write and isinstance(values.get(a.name), torch.fx.Node)]
 
 
-_COUNTS_POSITIONS = ("uses token positions that the block counts out itself (arange over the token count): routed, its "
-                     "k tokens would be numbered 0..k-1; pass positions in from outside the block")
 
 
 def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
@@ -559,6 +568,12 @@ def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
     (``token_tables`` reads the positions of tokens for the counts that :func:`positions_read_as_values` finds,
     before this stage.)"""
     return [(node, reason) for node, reason, _ in _uses_of_made_values(gm, symbol)]
+
+
+def counts_positions(count: torch.fx.Node) -> str:
+    return (f"uses token positions that the block counts out itself (arange over the token count, at "
+            f"[{model_source_line(count)}]) in a way modpass cannot read per sequence: routed, its k tokens would be "
+            "numbered by their slots among the selected, not by their positions; pass positions in from outside the block")
 
 
 def positions_read_as_values(gm: torch.fx.GraphModule, symbol) -> set[torch.fx.Node]:
@@ -593,7 +608,7 @@ def _uses_of_made_values(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
             elif name in _COMPARISONS and len(tensors) == 2 and all(a in counted_from for a in tensors):
                 patterns.add(node)
             else:
-                problems.append((node, _COUNTS_POSITIONS, counts))
+                problems.append((node, counts_positions(counts[0]), counts))
         elif sums_a_pattern_over_tokens(node, name, patterns, symbol):
             problems.append((node, "sums a pattern over positions that the block makes itself from the token count (ones, "
                              "eye or a mask over T) along a token axis, which counts positions or pools tokens: routed, "

@@ -5,13 +5,16 @@ Guarantees: each value the block reads by position from a table without a batch 
 
 * an input indexed by token and not by sequence (litgpt's rotary ``cos, sin`` of ``(T, d)``, Meta Llama's
   ``freqs_cis``, a ``(T, T)`` bias or mask),
-* a table cut to the token count inside the block (``table[:T]``, ``table.narrow(0, 0, T)``: torchtitan's
-  ``freqs_cis[0:seqlen]``, a rotary buffer),
-* positions the block counts out itself and computes with (``arange(T)`` turned into rotary angles),
+* a table cut to ``T`` rows from a constant row inside the block (``table[:T]``, ``table[1 : T + 1]``,
+  ``table.narrow(0, s, T)``: torchtitan's ``freqs_cis[0:seqlen]``, a rotary buffer),
+* positions the block counts out itself and computes with (``arange(T)`` turned into rotary angles), counted in
+  steps of one from a constant or a start in ``T`` (MPT's ALiBi distances, ``arange(1 - T, 1)``),
 
-is read per sequence at ``routing.token_positions(hidden)`` (``(B, T)``): a table's rows by
-``routing.rows_of_table``, counted positions as those positions. What the block computes from such values alone
-(views, casts, pointwise math with its weights, ``outer``, products with weights) runs with a leading batch axis,
+is read per sequence at ``routing.token_positions(hidden)`` (``(B, T)``), plus the cut's or count's start: a
+table's rows by ``routing.rows_of_table``, counted positions as those positions. A start in ``T`` is taken at
+``routing.token_count(hidden)``, which the rewrite leaves reading the whole sequences (the routed block's own ``T``
+is k). What the block computes from such values alone (views, casts, pointwise math with its weights, ``outer``,
+``einsum``, products with weights) runs with a leading batch axis,
 and where it meets a value of the sequences (a pointwise op, an attention mask, a matrix product), it takes that
 value's layout (``cos (T, d)`` multiplying queries ``(B, H, T, d)`` becomes ``(B, 1, T, d)``). The graph computes
 what it did. The rewrite puts the selected tokens' positions in place of ``token_positions``, so a routed token
@@ -27,7 +30,10 @@ sequence (the message names it), and a table cut to the token count under ``no_g
 from __future__ import annotations
 
 import operator
+import string
+from typing import NamedTuple
 
+import sympy
 import torch
 
 from .. import routing
@@ -36,12 +42,13 @@ from ..errors import UnroutableBlockError
 from .token_axes import mentions, shared_by_the_batch, shared_table, size_expr, user_inputs
 from .token_mixing import (
     ATTENTION,
+    RowWindow,
     aten_name,
-    first_rows,
     model_source_line,
     named_arguments,
     normalise,
     positions_read_as_values,
+    window_of_rows,
 )
 
 aten = torch.ops.aten
@@ -59,14 +66,40 @@ _SAME_ARGUMENTS = {"_to_copy", "to", "type_as", "clone", "contiguous", "alias", 
 _UNTAGGED_POINTWISE = {"where", "__and__", "__or__", "__xor__", "polar", "complex"}
 
 
-def cut_to_token_count(node: torch.fx.Node, symbol, batch) -> tuple[torch.fx.Node, int] | None:
-    """``(table, axis)`` where ``node`` is a table without a batch or token axis cut to the first ``T`` rows along
-    ``axis`` (``table[:T]``, ``table.narrow(axis, 0, T)``), else None."""
-    cut = first_rows(node, symbol)
+class TableRead(NamedTuple):
+    """How a value is read by position: rows of ``table`` (None: the positions themselves) along ``axes``, at the
+    positions plus ``offset`` (an int, or for counted positions, the count's start, a size node)."""
+
+    table: torch.fx.Node | None
+    axes: tuple[int, ...]
+    offset: int | torch.fx.Node = 0
+
+
+def cut_to_token_count(node: torch.fx.Node, symbol, batch) -> RowWindow | None:
+    """Where ``node`` cuts ``T`` consecutive rows off a table without a batch or token axis (``table[:T]``,
+    ``table[1 : T + 1]``, ``table.narrow(axis, s, T)``), that window, else None."""
+    cut = window_of_rows(node, symbol)
     if cut is None:
         return None
-    shape = cut[0].meta["val"].shape
+    shape = cut.source.meta["val"].shape
     return cut if not any(mentions(s, symbol) for s in shape) and shared_by_the_batch(shape, batch) else None
+
+
+def counted_from(count: torch.fx.Node, symbol) -> int | torch.fx.Node | None:
+    """Where ``arange`` node ``count`` counts ``T`` positions from, with step 1: a constant, or a size linear in
+    ``T`` (MPT's ALiBi distances, ``arange(1 - T, 1)``); None for other counts."""
+    args = named_arguments(count)
+    start = args.get("start", 0)
+    if args.get("step", 1) != 1 or size_expr(count.meta["val"].shape[0]) != symbol:
+        return None
+    if isinstance(start, int):
+        return start
+    value = start.meta.get("val") if isinstance(start, torch.fx.Node) else None
+    if not isinstance(value, torch.SymInt):
+        return None
+    expr = size_expr(value)
+    linear = expr.free_symbols <= {symbol} and sympy.Poly(expr, symbol).degree() <= 1
+    return start if linear and all(c.is_integer for c in sympy.Poly(expr, symbol).all_coeffs()) else None
 
 
 def token_tables(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -89,20 +122,18 @@ def token_tables(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def table_reads(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], symbol, batch) -> dict:
-    """Each value read by position from a shared table -> ``(table, its token axes)``; a count of positions ->
-    ``(None, ())``."""
+def table_reads(gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], symbol, batch) -> dict[torch.fx.Node, TableRead]:
+    """Each value read by position from a shared table, and each count of positions, -> how it is read."""
     reads = {}
     for node in inputs[1:]:
         if shared_table(node.meta["val"], axes := node.meta["modpass_token_axes"], batch):
-            reads[node] = (node, axes)
+            reads[node] = TableRead(node, axes)
     for node in gm.graph.nodes:
         if (cut := cut_to_token_count(node, symbol, batch)) is not None:
-            reads[node] = (cut[0], (cut[1],))
+            reads[node] = TableRead(cut.source, (cut.axis,), cut.start)
     for count in positions_read_as_values(gm, symbol):
-        args = named_arguments(count)
-        if args.get("start", 0) == 0 and args.get("step", 1) == 1 and size_expr(count.meta["val"].shape[0]) == symbol:
-            reads[count] = (None, ())
+        if (start := counted_from(count, symbol)) is not None:
+            reads[count] = TableRead(None, (), start)
     return reads
 
 
@@ -126,6 +157,19 @@ def holds_tensors(node: torch.fx.Node) -> bool:
     """Whether ``node``'s value is a tensor or several (``split``'s), not a size."""
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) or (isinstance(val, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in val))
+
+
+def with_a_batch_label(equation: str, batched: list[bool]) -> str:
+    """``equation`` with a label for a leading batch axis on the operands ``batched`` says and on the output
+    (``"i,j->ij"`` for positions ``(B, T)`` and weights is ``"ai,j->aij"``)."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    operands = inputs.split(",")
+    if not arrow:  # einsum's implicit output: the ellipsis's axes, then the labels used once, in alphabetical order
+        labels = "".join(operands).replace(".", "")
+        output = ("..." if "..." in inputs else "") + "".join(sorted(c for c in set(labels) if labels.count(c) == 1))
+    batch = next(c for c in string.ascii_letters if c not in equation)
+    return ",".join(batch + o if b else o for o, b in zip(operands, batched)) + f"->{batch}{output}"
 
 
 class _PerSequence:
@@ -161,6 +205,10 @@ class _PerSequence:
         with self.graph.inserting_before(body):
             self.batch = self.call(aten.sym_size.int, self.hidden, 0)
             self.positions = self.call(routing.token_positions, self.hidden)
+            # A count's start may be a size in T (arange(1 - T, 1)): taken at the whole sequence's length, as the
+            # block's own T is k once routed.
+            self.tokens = self.call(aten.sym_size.int, self.hidden, 1)
+            self.whole_length = self.call(routing.token_count, self.hidden)
         for node in list(self.graph.nodes):
             if node in self.chain:
                 with self.graph.inserting_before(node if node.op != "placeholder" else body):
@@ -195,14 +243,25 @@ class _PerSequence:
         return node
 
     def read(self, node: torch.fx.Node) -> torch.fx.Node:
-        table, axes = self.reads[node]
+        table, axes, offset = self.reads[node]
+        positions = self.positions_from(offset)
         if table is None:  # positions the block counts out: the tokens' own
             dtype = node.meta["val"].dtype
-            return self.positions if dtype == torch.int64 else self.call(aten._to_copy.default, self.positions, dtype=dtype)
-        return self.call(routing.rows_of_table, table, self.positions, axes)
+            return positions if dtype == torch.int64 else self.call(aten._to_copy.default, positions, dtype=dtype)
+        return self.call(routing.rows_of_table, table, positions, axes)
+
+    def positions_from(self, offset: int | torch.fx.Node) -> torch.fx.Node:
+        """The tokens' positions plus ``offset``, a size in ``T`` taken at the whole sequence's length."""
+        if isinstance(offset, int):
+            return self.positions if offset == 0 else self.call(operator.add, self.positions, offset)
+        if slope := int(size_expr(offset.meta["val"]).coeff(self.symbol)):
+            shift = self.call(operator.mul, self.call(operator.sub, self.whole_length, self.tokens), slope)
+            offset = self.call(operator.add, offset, shift)
+        return self.call(operator.add, self.positions, offset)
 
     def refuse(self, node: torch.fx.Node, what: str):
-        tables = ", ".join(sorted({t.name if t is not None else "positions counted with arange" for t, _ in self.reads.values()}))
+        tables = ", ".join(sorted({read.table.name if read.table is not None else "positions counted with arange"
+                                   for read in self.reads.values()}))
         raise UnroutableBlockError(
             f"{self.where}: the block reads a table by token position ({tables}), shared by the whole batch, and "
             f"{node.target if node.op == 'call_function' else node.op} {what} [{model_source_line(node)}]; modpass reads "
@@ -248,12 +307,11 @@ class _PerSequence:
         rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else 0
         if name in ("slice", "narrow") and self.cuts_by_the_token_count(args):
             # A second axis of a table cut to T (nanoGPT's causal buffer, bias[:, :, :T, :T]): read at the positions too.
-            if (cut := first_rows(node, self.symbol)) is None:
-                self.refuse(node, "cuts it by the token count other than to its first T rows")
-            source, axis = cut
-            if mentions(source.meta["val"].shape[axis], self.symbol):
+            if (cut := window_of_rows(node, self.symbol)) is None:
+                self.refuse(node, "cuts it by the token count other than to T rows from a constant start")
+            if mentions(cut.source.meta["val"].shape[cut.axis], self.symbol):
                 return self.lift_axes(node, name, args, rank)  # a cut of a token axis to all of it
-            return self.call(routing.gather_tokens, self.lifted(source), self.positions, (axis + 1,))
+            return self.call(routing.gather_tokens, self.lifted(cut.source), self.positions_from(cut.start), (cut.axis + 1,))
         if is_pointwise(node.target):
             return self.call_op(node, {k: self.operand(v, rank) for k, v in args.items()})
         if name in _SAME_ARGUMENTS:
@@ -271,6 +329,10 @@ class _PerSequence:
             rows = self.call(aten.unsqueeze.default, self.lifted(args["self"]), -1)
             columns = self.call(aten.unsqueeze.default, self.lifted(args["vec2"]), -2)
             return self.call(aten.mul.Tensor, rows, columns)
+        if name == "einsum":  # each sequence's: a label for the batch axis, on the lifted operands and the output
+            lifted = [t in self.chain for t in args["tensors"]]
+            equation = with_a_batch_label(args["equation"], lifted)
+            return self.call(aten.einsum.default, equation, [self.lifted(t) for t in args["tensors"]])
         if name in ("mm", "matmul") and self.times_weights(args["self"], args["mat2" if name == "mm" else "other"]):
             return self.call(aten.matmul.default, self.lifted(args["self"]), args["mat2" if name == "mm" else "other"])
         if name == "embedding" and args["weight"] not in self.chain:
