@@ -456,6 +456,7 @@ def prepare_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16, *, p
     preparing both after every ``train()``/``eval()`` switch. ``progress`` is
     as for ``transform``. Returns ``model``.
     """
+    require_module(model, "prepare_autocast")
     if dtype not in AUTOCAST_DTYPES:
         raise ConfigError(f"prepare_autocast: dtype must be one of {list(AUTOCAST_DTYPES)}, got {dtype!r}.")
     blocks = routed_blocks(model)

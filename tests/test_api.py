@@ -1191,6 +1191,11 @@ def test_every_verb_refuses_what_is_not_a_module(saved_two_task):
         "routed_blocks": modpass.routed_blocks,
         "dense": lambda m: modpass.dense(m).__enter__(),
         "aux_loss": modpass.aux_loss,  # through routing_plan_of
+        "prepare_autocast": modpass.prepare_autocast,  # named routed_blocks until the eleventh session
+        "set_ratios": lambda m: modpass.set_ratios(m, 0.5),
+        "set_decoding": lambda m: modpass.set_decoding(m, "all"),
+        "default_task": lambda m: modpass.default_task(m, "t2i").__enter__(),
+        "attention_rank": lambda m: modpass.attention_rank(m, []),
     }
     for verb, call in verbs.items():
         for model in ("not a model", None, {"wte.weight": torch.zeros(1)}):
