@@ -204,6 +204,11 @@ class RoutingState:
             names = [self.check(t) for t in task]
         elif torch.compiler.is_compiling():
             return self.split_in_graph(task)
+        elif task.is_meta:
+            raise RoutingInputError(
+                "task ids on the meta device have no values to split the batch by; give them on the device the model "
+                "runs on (or one task name for the whole batch)."
+            )
         else:
             indices = task.tolist()
             bad = [i for i in indices if not 0 <= i < len(self.tasks)]

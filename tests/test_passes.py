@@ -1100,9 +1100,9 @@ def split_without_grad(table, tokens):
 
 
 TABLE_READS = {
-    "split": (lambda table, tokens: table.split(tokens)[0], r"table split to the token count along dim 0\)\. Routed"),
+    "split": (lambda table, tokens: table.split(tokens)[0], r"table split to the token count along dim 0 \[File .*test_passes.py.*\]\)\. Routed"),
     "split_with_sizes": (lambda table, tokens: table.split([tokens, 64 - tokens])[0], r"table split .* in \[2, 64\]"),
-    "split-under-no-grad": (split_without_grad, r"table split to the token count along dim 0\)\. Routed"),
+    "split-under-no-grad": (split_without_grad, r"table split to the token count along dim 0 \[File .*test_passes.py.*\]\)\. Routed"),
 }
 
 

@@ -539,6 +539,7 @@ def test_load_refuses_plans_that_do_not_fit(two_task, tmp_path):
         ({"task": "video"}, "unknown task 'video'"),
         ({"task": ["t2i"]}, "one task per sequence"),
         ({"task": torch.tensor([0, 5])}, "out of range"),
+        ({"task": torch.tensor([0, 1], device="meta")}, "task ids on the meta device"),  # a raw copy error until the 11th session
         ({"task": torch.tensor([0.0, 1.0])}, "integer"),
         ({"task": "t2i", "route_mask": torch.ones(2, 5)}, "bool"),
         ({"task": "t2i", "route_mask": torch.ones(2, 4, dtype=torch.bool)}, "shape.*If this block runs over another sequence"),
