@@ -349,8 +349,11 @@ def test_a_table_used_in_a_way_that_cannot_be_read_per_sequence_is_refused(use, 
         token_mixing(analysed(block, *args)) if stage == "mixing" else analysed(block, *args)
 
 
-def test_positions_counted_in_steps_of_two_are_still_refused_naming_the_count():
-    block = TableBlock(lambda x, table: x + table[torch.arange(0, 2 * x.shape[1], 2)])
+@pytest.mark.parametrize("count", [lambda tokens: torch.arange(0, 2 * tokens, 2),
+                                   lambda tokens: torch.arange(tokens // 2, tokens // 2 + tokens)],
+                         ids=["in-steps-of-two", "from-half-the-count"])  # the second a raw sympy error in review
+def test_positions_counted_other_than_in_steps_of_one_from_a_start_linear_in_the_count_are_refused_naming_it(count):
+    block = TableBlock(lambda x, table: x + table[count(x.shape[1])])
     with pytest.raises(modpass.UnroutableBlockError, match=r"counts out itself \(arange over the token count, at \[File .*test_token_tables.py"):
         token_mixing(analysed(block, torch.randn(2, 10, WIDTH), torch.randn(2 * LONGEST, WIDTH)))
 

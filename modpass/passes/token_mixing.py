@@ -219,7 +219,7 @@ def window_of_rows(node: torch.fx.Node, symbol) -> RowWindow | None:
     if node.target is torch.ops.aten.slice.Tensor:
         end, step = args.get("end"), args.get("step", 1)
     else:
-        end, step = (args.get("length"), 1)
+        end, step = args.get("length"), 1
     end = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
     if not isinstance(source, torch.fx.Node) or not isinstance(start, int) or start < 0 or step != 1:
         return None
@@ -557,8 +557,6 @@ def written_arguments(node: torch.fx.Node) -> list[torch.fx.Node]:
             if a.alias_info is not None and a.alias_info.is_write and isinstance(values.get(a.name), torch.fx.Node)]
 
 
-
-
 def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.fx.Node, str]]:
     """Uses of what the block makes from its token count alone, with no input's values: positions it counts out
     (``arange`` over ``T``), used other than by comparing them with each other, and patterns over positions (``ones``,
@@ -571,6 +569,7 @@ def patterns_made_inside(gm: torch.fx.GraphModule, symbol) -> list[tuple[torch.f
 
 
 def counts_positions(count: torch.fx.Node) -> str:
+    """Why a use of the positions ``count`` numbers (an ``arange`` that ``token_tables`` did not read) is refused."""
     return (f"uses token positions that the block counts out itself (arange over the token count, at "
             f"[{model_source_line(count)}]) in a way modpass cannot read per sequence: routed, its k tokens would be "
             "numbered by their slots among the selected, not by their positions; pass positions in from outside the block")
