@@ -156,8 +156,8 @@ def reference_style(style: str) -> str:
 def routed_pair(style: str, ratio, idx, **options):
     """The style's model routed, and the per-sequence reference with the same weights and routers."""
     torch.manual_seed(0)
-    model = RotaryGPT([style] * 3).eval()
-    reference = RotaryGPT([reference_style(style)] * 3).eval()
+    model = RotaryGPT([style] * 2).eval()
+    reference = RotaryGPT([reference_style(style)] * 2).eval()
     reference.load_state_dict(model.state_dict())
     pair = [modpass.transform(m, ratio, layers="all", example_inputs=(idx,), **options) for m in (model, reference)]
     for routed in pair:
@@ -168,7 +168,7 @@ def routed_pair(style: str, ratio, idx, **options):
 @pytest.fixture(scope="module", params=STYLES)
 def full_capacity(request):
     torch.manual_seed(0)
-    model = RotaryGPT([request.param] * 3).eval()
+    model = RotaryGPT([request.param] * 2).eval()
     return model, modpass.transform(model, 1.0, layers="all", example_inputs=(torch.randint(0, 50, (2, 12)),))
 
 
