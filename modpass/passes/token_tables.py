@@ -98,8 +98,10 @@ def counted_from(count: torch.fx.Node, symbol) -> int | torch.fx.Node | None:
     if not isinstance(value, torch.SymInt):
         return None
     expr = size_expr(value)
-    linear = expr.free_symbols <= {symbol} and expr.is_polynomial(symbol) and sympy.Poly(expr, symbol).degree() <= 1
-    return start if linear and all(c.is_integer for c in sympy.Poly(expr, symbol).all_coeffs()) else None
+    if not (expr.free_symbols <= {symbol} and expr.is_polynomial(symbol)):
+        return None
+    polynomial = sympy.Poly(expr, symbol)
+    return start if polynomial.degree() <= 1 and all(c.is_integer for c in polynomial.all_coeffs()) else None
 
 
 def token_tables(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
