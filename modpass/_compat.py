@@ -160,7 +160,3 @@ def masked_attention_while_compiling(query, key, value, attn_mask=None, dropout_
     # Contiguous: torch 2.6 and 2.7's kernel ignores the mask's stride along the keys, and a gathered
     # mask's key axis is strided (the compiled output was silently wrong there).
     return flash(query, key, value, attn_mask=attn_mask.to(query.dtype).contiguous(), scale=scale)[0]
-
-# A block counting positions from a start in T (arange(1 - T, 1)) compiled wrong on torch 2.6 (1.76 off, 2026-12-07);
-# right on 2.13, not yet run on the releases between, so refused there under torch.compile (eager is right on 2.6).
-COMPILED_WHOLE_LENGTH_UNVERIFIED = torch.__version__ < (2, 13)

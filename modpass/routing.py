@@ -18,7 +18,6 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from modpass import _compat
-from modpass.errors import UnroutableBlockError
 from modpass.kernels import selection
 
 #: Use the forms written for Inductor (:func:`router_logits`) when Dynamo
@@ -276,12 +275,6 @@ def token_positions(hidden: torch.Tensor) -> torch.Tensor:
 def token_count(hidden: torch.Tensor) -> int:
     """The length of ``hidden``'s sequences, where a block counts positions from it (``arange(1 - T, 1)``, see
     ``passes/token_tables.py``). The rewrite leaves it reading the whole sequences, not the selected tokens."""
-    if _compat.COMPILED_WHOLE_LENGTH_UNVERIFIED and torch.compiler.is_compiling():
-        raise UnroutableBlockError(
-            f"a routed block counts positions from a start in its token count (arange(1 - T, 1)), which compiled wrong "
-            f"on torch 2.6 and is verified on torch >= 2.13 only (this is {torch.__version__}). Run it eagerly, "
-            "upgrade torch, or pass the positions in from outside the block."
-        )
     return hidden.shape[1]
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import modpass
-from modpass import _compat, routing
+from modpass import routing
 from modpass.flops import without_the_fast_path
 from modpass.passes.capture_block import capture_block
 from modpass.passes.rewrite import rewrite
@@ -279,14 +279,17 @@ def test_positions_a_block_counts_out_itself_are_the_routed_tokens_own(start):
             torch.testing.assert_close(routed(idx[:, :tokens]), reference(idx[:, :tokens]), rtol=1e-6, atol=1e-6)
 
 
+#: Torch 2.6 and 2.7's Inductor matches PositionsBlock's attention to its fused attention pattern and computes it wrong
+#: with the distance bias, for the dense model too (1.5 off under backend="inductor"; right on 2.8, 2026-12-07): there the
+#: compiled check runs without Inductor's pattern matcher, and routed and dense then match eager.
+INDUCTOR_FUSES_BIASED_ATTENTION_WRONG = torch.__version__ < (2, 8)
+
+
 def test_compiled_positions_counted_from_a_start_in_the_token_count_match_eager():
     idx = torch.stack([torch.randperm(50)[:16] for _ in range(2)])
     routed, reference = routed_positions_pair("1 - T", idx)
-    compiled = torch.compile(routed, backend="modpass", fullgraph=True, dynamic=True)
-    if _compat.COMPILED_WHOLE_LENGTH_UNVERIFIED:  # 1.76 off on torch 2.6: refused below 2.13
-        with pytest.raises(Exception, match="verified on torch >= 2.13 only"), torch.no_grad():
-            compiled(idx)
-        return
+    inductor = {"pattern_matcher": False} if INDUCTOR_FUSES_BIASED_ATTENTION_WRONG else {}
+    compiled = torch.compile(routed, backend="modpass", fullgraph=True, dynamic=True, options={"inductor": inductor})
     with torch.no_grad():
         for tokens in (16, 11):
             torch.testing.assert_close(compiled(idx[:, :tokens]), reference(idx[:, :tokens]), rtol=1e-4, atol=1e-4)
