@@ -1,4 +1,9 @@
-"""torch.compile(backend="modpass"): discovery, fullgraph on routed models, parity with Inductor."""
+"""torch.compile(backend="modpass"): discovery, fullgraph on routed models, parity with Inductor.
+
+Tests whose subject is what Dynamo and AOTAutograd trace of a routed model (no new structure, the records a
+checkpoint hands out, a split by capacity through graph breaks) compile with ``TRACING_BACKEND``; those of what
+Inductor makes of routed graphs, and of routing in the backend, compile with ``backend="modpass"``.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ import modpass
 from modpass.block import SLOT_MULTIPLE
 from modpass.graph_routing import module_path, rooted_at_graph
 from tests import models
+
+#: Dynamo and AOTAutograd (the forward and backward graphs) without Inductor's code generation: under half the time.
+TRACING_BACKEND = "aot_eager"
 
 
 @pytest.fixture(autouse=True)
@@ -291,7 +299,7 @@ def test_a_batch_of_one_runs_the_prepared_graphs_under_fullgraph_in_inference_an
     torch.manual_seed(0)
     routed = modpass.transform(models.llama(layers=2), 0.5, layers=[1])
     models.randomise_routers(routed)
-    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    compiled = torch.compile(routed, backend=TRACING_BACKEND, fullgraph=True)
     ids = torch.randint(0, 97, (1, 15))
     prepared = captured_structures(routed)
     with torch.no_grad():
@@ -331,7 +339,7 @@ def test_a_model_converted_after_transform_compiles_fullgraph(conversion):
     assert captured_structures(routed) == prepared, "a conversion that changes nothing prepares nothing"
     routed.to(conversion)
     ids = torch.randint(0, 97, (2, 15), device=routed.device)
-    compiled = torch.compile(routed, backend="modpass", fullgraph=True)
+    compiled = torch.compile(routed, backend=TRACING_BACKEND, fullgraph=True)
     tolerance = 2e-2 if routed.dtype == torch.bfloat16 else 1e-4
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=tolerance, atol=tolerance)
@@ -397,7 +405,7 @@ def test_gradient_checkpointing_compiles_fullgraph_and_keeps_the_routing_records
         return aux.detach(), {name: p.grad.clone() for name, p in routed.named_parameters() if p.grad is not None}
 
     eager_aux, eager = step(routed)
-    compiled_aux, got = step(torch.compile(routed, backend="modpass", fullgraph=True))
+    compiled_aux, got = step(torch.compile(routed, backend=TRACING_BACKEND, fullgraph=True))
     assert len(routed.model.layers[1].last_routing) == 1
     torch.testing.assert_close(compiled_aux, eager_aux, rtol=1e-4, atol=1e-4)
     for name, grad in eager.items():
@@ -477,25 +485,20 @@ def causal_lm_logits(model, idx):
     # k.transpose(), a call_method node in Dynamo's graph.
     ids=["nanogpt", "nanogpt-in-place-embedding", "gpt2", "gemma2"],
 )
-def test_ratios_option_equals_transform_then_compile(build, logits):
-    """Both entries compile fullgraph to one dynamic graph each, which matches eager at two lengths."""
+def test_ratios_option_equals_transform(build, logits):
+    """Routed in Dynamo's graph, the model compiles fullgraph to one dynamic graph, which matches ``transform``'s model
+    (eager; its compiled form is the other tests') at two lengths."""
     model = build()
     routed = modpass.transform(model, 0.5, layers="all")
     inputs = [torch.randint(0, 61, (2, tokens)) for tokens in (14, 21)]
     with torch.no_grad():
-        transformed = torch.compile(routed, backend="modpass", dynamic=True, fullgraph=True)
-        want = [logits(transformed, idx) for idx in inputs]
-        for compiled_logits, idx in zip(want, inputs):
-            torch.testing.assert_close(compiled_logits, logits(routed, idx), rtol=1e-4, atol=1e-4)
-        assert compiled_graphs() == 1
-        torch._dynamo.reset()
         with pytest.warns(UserWarning, match="identity-gated"):
             options = torch.compile(model, backend="modpass", dynamic=True, fullgraph=True, options={"ratios": 0.5, "layers": "all"})
             got = [logits(options, idx) for idx in inputs]
-        assert compiled_graphs() == 2
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got[0], logits(model, inputs[0]), atol=1e-3), "routing changed the output"
+        assert compiled_graphs() == 1
+        for g, idx in zip(got, inputs):
+            torch.testing.assert_close(g, logits(routed, idx), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got[0], logits(model, inputs[0]), atol=1e-3), "routing changed the output"
 
 
 def test_options_routing_of_a_static_graph_asks_for_dynamic_shapes():
@@ -959,7 +962,7 @@ def test_route_masks_under_compile_split_by_capacity_where_torch_cannot_share_on
         loss = model(idx, task=task, route_mask=mask).square().mean()
         return [loss, *torch.autograd.grad(loss, list(routed.parameters()))]
 
-    compiled = torch.compile(routed, backend="modpass")
+    compiled = torch.compile(routed, backend=TRACING_BACKEND)
     with torch._dynamo.config.patch(**ROUTE_MASK_SETTINGS):
         got = step(compiled, torch.tensor([0, 0, 1, 1]))
         records = routed.h[1].last_routing
