@@ -283,8 +283,9 @@ def test_positions_a_block_counts_out_itself_are_the_routed_tokens_own(start):
 
 
 #: Torch 2.6 and 2.7's Inductor matches PositionsBlock's attention to its fused attention pattern and computes it wrong
-#: with the distance bias, for the dense model too (1.5 off under backend="inductor"; right on 2.8, 2026-12-07): there the
-#: compiled check runs without Inductor's pattern matcher, and routed and dense then match eager.
+#: with the distance bias, for the dense model too (1.5 off on 2.6 under backend="inductor"; a reproduction of the attention
+#: is wrong on 2.7.1 and right on 2.8, 2026-12-07): there the compiled check runs without Inductor's pattern matcher, and
+#: routed and dense then match eager.
 INDUCTOR_FUSES_BIASED_ATTENTION_WRONG = torch.__version__ < (2, 8)
 
 
