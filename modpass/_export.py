@@ -8,6 +8,7 @@ import logging
 import pickle
 import random
 import sys
+import threading
 import traceback
 from collections.abc import Iterable, Iterator
 
@@ -199,9 +200,9 @@ class RandomStates:
 
 # What torch keeps in every module's __dict__ (its parameters, buffers, submodules, hooks and training flag), and the
 # hooks a lazy module drops once its first call has set its shapes: torch's bookkeeping, not the model's state.
-_MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module())) | {"_initialize_hook", "_load_hook"}
+MODULE_BOOKKEEPING = frozenset(vars(torch.nn.Module())) | {"_initialize_hook", "_load_hook"}
 # Values a forward may write again at every call, the same each time (a flag, a name, a device): compared by value.
-_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
 
 class PythonState:
@@ -225,7 +226,7 @@ class PythonState:
             f"{path}.{name}" if path else name: (m, name, value)
             for path, m in self.modules
             for name, value in vars(m).items()
-            if name not in _MODULE_BOOKKEEPING
+            if name not in MODULE_BOOKKEEPING
         }
 
     def written(self) -> list[str]:
@@ -268,7 +269,7 @@ def _contents(container: list | dict | set) -> list | dict | set:
 
 
 def _unchanged(before, after) -> bool:
-    return after is before or (type(after) is type(before) and isinstance(after, _PLAIN) and after == before)
+    return after is before or (type(after) is type(before) and isinstance(after, PLAIN_VALUES) and after == before)
 
 
 def _same_contents(before: list | dict | set, after: list | dict | set) -> bool:
@@ -277,6 +278,59 @@ def _same_contents(before: list | dict | set, after: list | dict | set) -> bool:
     if isinstance(after, dict):
         return before.keys() == after.keys() and all(_unchanged(before[key], after[key]) for key in before)
     return len(before) == len(after) and all(map(_unchanged, before, after))
+
+
+# The function of torch's own lookup of parameters, buffers and children, which reads a module's __dict__ for them:
+# taken before torch.fx's tracer wraps it.
+_MODULE_GETATTR_CODE = torch.nn.Module.__getattr__.__code__
+# Per watched module (by id), the names of the attributes read on it (see AttributeReads); how many watches are open
+# (in any thread), which keep nn.Module.__getattribute__ replaced.
+_READS: dict[int, set[str]] = {}
+_WATCHES = 0
+_WATCHES_LOCK = threading.Lock()
+
+
+def _recording_getattribute(module: torch.nn.Module, name: str):
+    reads = _READS.get(id(module))
+    if reads is not None and (name != "__dict__" or sys._getframe(1).f_code is not _MODULE_GETATTR_CODE):
+        reads.add(name)
+    return object.__getattribute__(module, name)
+
+
+class AttributeReads:
+    """The names of the attributes read on a module and its submodules while :meth:`watching` them, by path
+    (``by_path``; ``"__dict__"`` among a module's where code read its ``__dict__``, so any of its attributes). None where
+    a submodule's class defines ``__getattribute__``, which then cannot be watched. Not a container (see
+    :class:`Assignments`).
+
+    ``nn.Module.__getattribute__`` is replaced while open, so every attribute read on any module goes through Python:
+    open it around one call only."""
+
+    def __init__(self):
+        self.by_path: dict[str, frozenset[str]] | None = None
+
+    @contextlib.contextmanager
+    def watching(self, module: torch.nn.Module) -> Iterator[None]:
+        global _WATCHES
+        modules = list(module.named_modules(remove_duplicate=False))
+        watched = {id(m): set() for _, m in modules}
+        with _WATCHES_LOCK:
+            if _WATCHES == 0:
+                torch.nn.Module.__getattribute__ = _recording_getattribute
+            _WATCHES += 1
+            _READS.update(watched)
+        watchable = all(type(m).__getattribute__ is _recording_getattribute for _, m in modules)
+        try:
+            yield
+        finally:
+            with _WATCHES_LOCK:
+                for key in watched:
+                    _READS.pop(key, None)
+                _WATCHES -= 1
+                if _WATCHES == 0:
+                    del torch.nn.Module.__getattribute__
+        if watchable:
+            self.by_path = {path: frozenset(watched[id(m)]) for path, m in modules}
 
 
 class FlatCall(torch.nn.Module):
@@ -288,17 +342,20 @@ class FlatCall(torch.nn.Module):
 
     PREFIX = "module."
 
-    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict, *, watch_reads: bool = False):
         super().__init__()
         self.module = module
         self.structure = (args, kwargs)
         self.assignments = Assignments()
+        #: The attributes the call read on the module, where asked for (see :class:`AttributeReads`).
+        self.reads = AttributeReads() if watch_reads else None
 
     def forward(self, *tensors):
         args, kwargs = _structure.replace(self.structure, list(tensors))
         before, state, generators = tensor_attributes(self.module), PythonState(self.module), RandomStates()
         try:
-            output = self.module(*args, **kwargs)
+            with self.reads.watching(self.module) if self.reads is not None else contextlib.nullcontext():
+                output = self.module(*args, **kwargs)
             self.assignments.note(before, tensor_attributes(self.module), state.written(), generators.drawn())
         finally:
             state.restore()
@@ -306,7 +363,7 @@ class FlatCall(torch.nn.Module):
         return output
 
     @classmethod
-    def wrap(cls, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[FlatCall, tuple]:
+    def wrap(cls, module: torch.nn.Module, args: tuple, kwargs: dict, *, watch_reads: bool = False) -> tuple[FlatCall, tuple]:
         _structure.signature((args, kwargs))  # refuses leaves that are not tensors or constants
         # One tensor passed twice (``block(x, x)``, x as its own cross-attention memory) gets a copy the second time:
         # export would trace both through one placeholder, with the same symbolic sizes, so the second argument would
@@ -316,7 +373,7 @@ class FlatCall(torch.nn.Module):
         for tensor in _structure.tensors((args, kwargs)):
             tensors.append(tensor.clone() if id(tensor) in seen else tensor)
             seen.add(id(tensor))
-        return cls(module, args, kwargs), tuple(tensors)
+        return cls(module, args, kwargs, watch_reads=watch_reads), tuple(tensors)
 
     def export(self, tensors: tuple, dynamic_axes: tuple[tuple[int, ...], ...] | None = None) -> torch.export.ExportedProgram:
         """Export the call; ``dynamic_axes`` names each leaf's symbolic axes (default: every axis > 1; size-1 axes stay static)."""

@@ -8,7 +8,8 @@ Its forward runs the routed FX graph that ``pipeline`` builds from the
 original block. Graphs are cached per call structure (train/eval mode, which
 arguments are tensors or None, dtypes, devices, size-1 axes, flag values),
 because export bakes those in; a new structure is captured on first use, in
-about a second. The dispatch for a whole-batch task is plain Python over
+about a second, unless another block of the model that traces alike has
+captured it (see :mod:`modpass.capture_sharing`). The dispatch for a whole-batch task is plain Python over
 tuples, so ``torch.compile(fullgraph=True)`` traces straight through to the
 routed graph; so does a mixed-task batch given as task ids, split in the
 graph (see ``RoutingState.split_in_graph``). A batch of one runs the graphs
@@ -356,6 +357,7 @@ class RoutedBlock(nn.Module):
                 "adapters at every step pays that every time.",
                 stacklevel=4,
             )
+        self._state.shared_captures.clear()  # what a capture shared by identity may have changed (see capture_sharing)
         switching = self._state.switching
         for block in changed:
             block.__dict__.pop("_parts_changed", None)  # absent, as before any change: what a compiled call guards on
@@ -368,6 +370,11 @@ class RoutedBlock(nn.Module):
                 block.prepare()
             finally:
                 switching.block_done()
+
+    @property
+    def where(self) -> str:
+        """This block in messages."""
+        return f"block {self._plan.index} ({self._plan.path})"
 
     def extra_repr(self) -> str:
         ratios = {t: (None if r is None else float(r)) for t, r in self._ratios.items()}
@@ -752,7 +759,11 @@ class RoutedBlock(nn.Module):
         from .pipeline import capture_block_graph
 
         self._block.training = self.training
-        gm = capture_block_graph(self._block, args, kwargs, where=f"block {self._plan.index} ({self._plan.path})")
+        captures = self._state.shared_captures
+        gm = captures.find(key, self._block)
+        if gm is None:
+            gm = capture_block_graph(self._block, args, kwargs, where=self.where)
+            captures.add(key, gm)
         batch = tuple(node.meta["modpass_batch_axis"] == 0 for node in user_inputs(gm))
         found = self._analyses[key] = (gm, batch)
         return found
@@ -764,7 +775,7 @@ class RoutedBlock(nn.Module):
         analysed, _ = self.analysis(args, kwargs)
         form = key[1]
         try:
-            graph = route_block_graph(copy_graph_module(analysed), ratio=ratio, gate=self._gate, explicit_capacity=form != "ratio",
+            graph = route_block_graph(copy_graph_module(analysed, where=self.where), ratio=ratio, gate=self._gate, explicit_capacity=form != "ratio",
                                        row_capacities=form == "per_row", score_gradients=self._score_gradients)
         except UnroutableBlockError as refusal:
             if form != "per_row":
@@ -929,7 +940,11 @@ def first_parameter_name(block: nn.Module) -> str | None:
     return first.name if first is not None and first.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else None
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def copy_graph_module(gm: torch.fx.GraphModule, *, where: str | None = None) -> torch.fx.GraphModule:
+    """A copy of ``gm`` to change; ``where`` names the block it is for in messages (an analysed capture may be another
+    block's, see :mod:`modpass.capture_sharing`)."""
     copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     copied.meta.update(gm.meta)
+    if where is not None:
+        copied.meta["modpass_where"] = where
     return copied

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _compat
+from .capture_sharing import SharedCaptures
 from .errors import ConfigError, RoutingInputError
 from .hints import torchscript_refusal
 from .progress import ModeSwitchProgress
@@ -81,14 +82,22 @@ class RoutingState:
         self.in_forward = False
         #: ``(task, batch, groups)`` of the current forward (see :meth:`groups`).
         self.cached_groups: tuple | None = None
+        #: The blocks' captures, which a block that traces alike takes (see :mod:`modpass.capture_sharing`).
+        self.shared_captures = SharedCaptures()
 
     def __getstate__(self) -> dict:
         """A copy or pickle routes as the model does outside every context: what ``modpass.dense`` and
-        ``modpass.default_task`` set inside their ``with`` blocks, and the current call, stay with this model."""
+        ``modpass.default_task`` set inside their ``with`` blocks, and the current call, stay with this model. It
+        shares no captures: the routed blocks' own graph caches say what a copy keeps."""
         state = dict(self.__dict__)
         state.update(dense=False, dense_contexts=0, default_task=None, default_route_mask=None, default_contexts=(),
                      task=None, route_mask=None, defaults_taken=(False, False), in_forward=False, cached_groups=None)
+        state.pop("shared_captures", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.shared_captures = SharedCaptures()
 
     def start_call(self, task: object, route_mask: torch.Tensor | None, defaults_taken: tuple[bool, bool] = (False, False)) -> None:
         """Route the next call with ``task`` and ``route_mask``: a call of the model (its pre-hook), or of a routed

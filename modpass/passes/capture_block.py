@@ -23,7 +23,10 @@ write other Python state (see :class:`modpass._export.PythonState`), or that wri
 
 Non-tensor leaves (flags, None) are baked into the graph, so a call with
 different flags needs its own capture (the routed block caches per call
-structure).
+structure). ``meta["modpass_trace_dependencies"]`` is what else the capture
+depended on (a :class:`~modpass.capture_sharing.TraceDependencies`: the block's
+tree, its tensors' metadata, the attributes its forward read), by which another
+block of the model can take it; None where that cannot be told.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from .._export import (
 )
 from .._structure import Slot
 from .._subgraphs import inlined
+from ..capture_sharing import TraceDependencies
 from ..errors import CaptureError
 from .token_axes import mentions, size_expr
 from .token_mixing import aliased_base, model_source_line, written_arguments
@@ -72,7 +76,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
             "cannot capture there. Call the model once as it is with such inputs and parameters (after model.to(...), "
             "say) so that the structure is prepared, then call functional_call."
         )
-    wrapper, tensors = FlatCall.wrap(block, args, kwargs)
+    wrapper, tensors = FlatCall.wrap(block, args, kwargs, watch_reads=True)
     try:
         with hooks_silenced(block), tensor_attributes_detached(block):
             program = wrapper.export(tensors, dynamic_axes)
@@ -135,6 +139,7 @@ def capture_block(block: torch.nn.Module, args: tuple, kwargs: dict, *, where: s
     outputs = len(gm.graph.output_node().args[0])
     gm.meta["modpass_output_template"] = pytree.tree_unflatten([Slot(i) for i in range(outputs)], program.call_spec.out_spec)
     gm.meta["modpass_where"] = where
+    gm.meta["modpass_trace_dependencies"] = TraceDependencies.of(block, wrapper.reads.by_path)
     return gm
 
 
