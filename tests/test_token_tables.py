@@ -218,8 +218,9 @@ def test_compiled_blocks_of_every_style_match_eager_at_two_lengths_and_two_capac
     compiled = torch.compile(routed, backend="modpass", fullgraph=True, dynamic=True)
     with torch.no_grad():
         for tokens in (24, 13):
-            # Contiguous, as the first call's ids: a strided slice recompiles (Dynamo guards on the ids' strides).
-            ids = idx[:, :tokens].contiguous()
+            # A copy, not a view: Dynamo guards on a view's strides and on its base (the full-length slice is a
+            # contiguous view of idx), and the next call's tensor, which has neither, would recompile.
+            ids = idx[:, :tokens].clone()
             torch.testing.assert_close(compiled(ids), routed(ids), rtol=1e-4, atol=1e-4)
         modpass.set_ratios(routed, 0.25)
         torch.testing.assert_close(compiled(idx), routed(idx), rtol=1e-4, atol=1e-4)
