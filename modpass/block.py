@@ -9,8 +9,9 @@ original block. Graphs are cached per call structure (train/eval mode, which
 arguments are tensors or None, dtypes, devices, size-1 axes, flag values),
 because export bakes those in; a new structure is captured on first use, in
 about a second, unless another block of the model that traces alike has
-captured it (see :mod:`modpass.capture_sharing`). The dispatch for a whole-batch task is plain Python over
-tuples, so ``torch.compile(fullgraph=True)`` traces straight through to the
+captured it (see :mod:`modpass.capture_sharing`). The dispatch for a
+whole-batch task is plain Python over tuples, so
+``torch.compile(fullgraph=True)`` traces straight through to the
 routed graph; so does a mixed-task batch given as task ids, split in the
 graph (see ``RoutingState.split_in_graph``). A batch of one runs the graphs
 of the prepared call it is a row of. Any other structure first seen under

@@ -17,10 +17,11 @@ lists, dicts and sets of them are compared by value, as they were at capture tim
 function, a tensor attribute) by identity, so a layer with its own copy captures anew.
 
 Not seen: what a forward reaches without reading an attribute of one of the block's modules the usual way (a global
-table, the module's ``id``, ``object.__getattribute__(self, name)``); a parameter of a tensor subclass (a quantised weight's layout), which is never shared; and a change,
-after the capture, inside an object compared by identity. modpass watches the changes of that kind that a capture
-bakes in (a config's attention implementation, adapters' state): they make the blocks capture again, which empties
-the shared captures (``RoutedBlock.recapture``).
+table, the module's ``id``, ``object.__getattribute__(self, name)``), and a change, after the capture, inside an
+object compared by identity. modpass watches the changes of that kind that a capture bakes in (a config's attention
+implementation, adapters' state): they make the blocks capture again, which empties the shared captures
+(``RoutedBlock.recapture``). A block with a parameter or buffer of a tensor subclass (a quantised weight, whose trace
+depends on what it holds inside) shares no capture.
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ _ABSENT = object()
 
 def frozen(value: object, within: frozenset[int] = frozenset()) -> object:
     """``value`` as blocks are compared on it: plain values, and tuples, lists, dicts and sets of them, by what they hold
-    now; a ``functools.partial`` by its function (by identity) and arguments; a module outside the block's tree that holds no tensors and runs no hooks (transformers keeps one per layer
-    for each function a kernel may replace) by its class, attributes and children; any other object by identity.
-    ``within``: the ids of the containers and modules being frozen around it (one met again is compared by identity)."""
+    now; a ``functools.partial`` by its function (by identity) and arguments; a module outside the block's tree that
+    holds no tensors and runs no hooks (transformers keeps one per layer for each function a kernel may replace) by its
+    class, attributes and children; any other object by identity. ``within``: the ids of the containers and modules
+    being frozen around it (one met again is compared by identity)."""
     kind = type(value)
     if kind is float:
-        return kind, value.hex()  # tells 0.0 from -0.0, and NaN from itself
+        return kind, value.hex()  # tells 0.0 from -0.0 (1 / x tells them apart), and matches NaN with NaN
     if kind in PLAIN_VALUES:
         return kind, value
     if id(value) in within:
