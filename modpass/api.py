@@ -158,7 +158,7 @@ def apply_plan(
     routed: dict[str, RoutedBlock] = {}
     refused: list[str] = []
     for block_plan in routing_plan.blocks:
-        steps.stage(f"block {block_plan.index} ({block_plan.path})")
+        steps.stage(block_plan.where)
         block = model.get_submodule(block_plan.path)
         examples = [calls[block_plan.path]]
         if block_plan.path in traced_calls:
@@ -292,13 +292,13 @@ def set_ratios(model: nn.Module, ratios: float | Mapping[str, Any], *, progress:
             if ratio is not None and b.index not in where:
                 suggested[b.index] = float(ratio)
         raise PlanError(
-            f"block {block_plan.index} ({block_plan.path}) has no router for task(s) {gained}: it was dense for "
+            f"{block_plan.where} has no router for task(s) {gained}: it was dense for "
             f"them at transform. Transform the original model again to route them there, or keep {task!r} dense "
             f"there: a per-block list with 1.0 at block(s) {where}, such as {{{task!r}: {suggested}}}."
         )
     with Progress(progress, "set_ratios", blocks=len(updated)) as steps:
         for block_plan in updated:
-            steps.stage(f"block {block_plan.index} ({block_plan.path})")
+            steps.stage(block_plan.where)
             blocks[block_plan.path].set_ratios(block_plan)
             steps.block_done()
     model._modpass_plan = dataclasses.replace(plan, blocks=tuple(updated))

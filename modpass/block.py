@@ -372,11 +372,6 @@ class RoutedBlock(nn.Module):
             finally:
                 switching.block_done()
 
-    @property
-    def where(self) -> str:
-        """This block in messages."""
-        return f"block {self._plan.index} ({self._plan.path})"
-
     def extra_repr(self) -> str:
         ratios = {t: (None if r is None else float(r)) for t, r in self._ratios.items()}
         return f"block={type(self._block).__name__}, ratios={ratios}, gate={self._gate!r}"
@@ -763,7 +758,7 @@ class RoutedBlock(nn.Module):
         captures = self._state.shared_captures
         gm = captures.find(key, self._block)
         if gm is None:
-            gm = capture_block_graph(self._block, args, kwargs, where=self.where)
+            gm = capture_block_graph(self._block, args, kwargs, where=self._plan.where)
             captures.add(key, gm)
         batch = tuple(node.meta["modpass_batch_axis"] == 0 for node in user_inputs(gm))
         found = self._analyses[key] = (gm, batch)
@@ -776,7 +771,7 @@ class RoutedBlock(nn.Module):
         analysed, _ = self.analysis(args, kwargs)
         form = key[1]
         try:
-            graph = route_block_graph(copy_graph_module(analysed, where=self.where), ratio=ratio, gate=self._gate, explicit_capacity=form != "ratio",
+            graph = route_block_graph(copy_graph_module(analysed, where=self._plan.where), ratio=ratio, gate=self._gate, explicit_capacity=form != "ratio",
                                        row_capacities=form == "per_row", score_gradients=self._score_gradients)
         except UnroutableBlockError as refusal:
             if form != "per_row":

@@ -450,7 +450,7 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
         if ratio is None:
             continue
         nodes = regions[block.path]  # splicing earlier blocks in leaves a later block's nodes as they were
-        where = f"block {block.index} ({block.path})"
+        where = block.where
         region, inputs, outputs = extract(gm, nodes, where, shared)
         refuse_fixed_token_count(gm, inputs[0], where)
         refuse_token_count_branches(inputs, where)

@@ -72,6 +72,11 @@ class BlockPlan:
     def routed_tasks(self) -> list[str]:
         return [t for t, r in self.ratios.items() if r is not None]
 
+    @property
+    def where(self) -> str:
+        """This block in messages and progress output."""
+        return f"block {self.index} ({self.path})"
+
 
 @dataclass(frozen=True)
 class RoutingPlan:
