@@ -22,14 +22,24 @@ object compared by identity. modpass watches the changes of that kind that a cap
 implementation, adapters' state): they make the blocks capture again, which empties the shared captures
 (``RoutedBlock.recapture``). A block with a parameter or buffer of a tensor subclass (a quantised weight, whose trace
 depends on what it holds inside) shares no capture.
+
+The compile backend's routing options (:mod:`modpass.graph_routing`) capture regions of Dynamo's graph instead of
+modules. A region reads its weights as inputs, so it is all in its code: regions whose graphs match node for node,
+names aside, on inputs of the same metadata share one capture (:class:`RegionCaptures`): the alike blocks of one graph,
+the same graph traced again when Dynamo restarts a frame's analysis (it does when a float input cannot stay
+symbolic), and the graphs of later recompiles.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import sympy
 import torch
+from torch._subclasses import FakeTensor
 
 from ._export import CALL_HOOKS, MODULE_BOOKKEEPING, PLAIN_VALUES, set_weight_name
 
@@ -174,3 +184,120 @@ class SharedCaptures:
 
     def clear(self) -> None:
         self.by_structure.clear()
+
+
+class _Position(int):
+    """A node argument, by the position of the node in its graph."""
+
+
+def graph_structure(gm: torch.fx.GraphModule) -> tuple | None:
+    """What a self-contained graph computes, with its node names left out: per node its kind, target and arguments
+    (nodes by position in the graph's order, but for arithmetic on constants, which is placed right before its first
+    use; floats by their bits, other plain values by value, anything else by identity); per input its
+    fake tensor's class, dtype, device, sizes, strides and ``requires_grad``, symbolic sizes renamed in order of first
+    appearance and given with their example values. None where the graph reads its module (``get_attr``,
+    ``call_module``: contents not compared) or an input is not a fake tensor."""
+    positions: dict[torch.fx.Node, _Position] = {}
+    symbols: dict[sympy.Symbol, sympy.Symbol] = {}
+    structure = []
+    for node in _in_canonical_order(gm.graph):
+        positions[node] = _Position(len(positions))
+        if node.op in ("get_attr", "call_module"):
+            return None
+        if node.op == "placeholder":
+            value = node.meta.get("val")
+            if type(value) is not FakeTensor:
+                return None
+            structure.append((type(value), value.dtype, value.device, value.requires_grad,
+                              tuple(_size(size, symbols) for size in value.shape),
+                              tuple(_size(stride, symbols) for stride in value.stride())))
+        else:
+            arguments = torch.fx.node.map_arg((node.args, node.kwargs), positions.__getitem__)
+            structure.append((node.op, _literal(node.target), _literal(arguments)))
+    return tuple(structure)
+
+
+#: Arithmetic on plain numbers, besides the ``math`` module's functions: Python's operators and torch's symbolic
+#: forms of ``math`` (the ones that constrain nothing).
+PURE_ARITHMETIC = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod, operator.pow,
+    operator.neg, operator.pos, operator.abs, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    *filter(None, (getattr(torch, name, None) for name in (
+        "sym_float", "sym_int", "sym_ite", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_sum", "_sym_sqrt", "_sym_cos",
+        "_sym_sin", "_sym_tan", "_sym_cosh", "_sym_sinh", "_sym_tanh", "_sym_acos", "_sym_asin", "_sym_atan", "_sym_log2"))),
+})
+
+
+def _in_canonical_order(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The graph's nodes, with arithmetic on constants (no tensor behind it) right before its first use: it can run
+    anywhere before then, and where a graph has it varies (Dynamo traces a float global such as ``math.pi`` once per
+    graph, and :func:`~modpass.graph_routing.unshare_scalar_arithmetic` gives each later block a copy where it uses
+    it). Such arithmetic that nothing uses is left out."""
+    movable: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "call_function" and (node.target in PURE_ARITHMETIC or getattr(node.target, "__module__", None) == "math")
+                and all(argument in movable for argument in node.all_input_nodes)):
+            movable.add(node)
+    order: list[torch.fx.Node] = []
+
+    def place(node: torch.fx.Node) -> None:
+        for argument in node.all_input_nodes:
+            if argument in movable and argument not in order:
+                place(argument)
+        order.append(node)
+
+    for node in graph.nodes:
+        if node not in movable:
+            place(node)
+    return order
+
+
+def _size(size: int | torch.SymInt, symbols: dict[sympy.Symbol, sympy.Symbol]) -> object:
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    expr = size.node.expr
+    for symbol in sorted(expr.free_symbols, key=str):  # s12 and u3 become s_0 and u_1: Dynamo numbers them per trace
+        symbols.setdefault(symbol, sympy.Symbol(f"{str(symbol).rstrip('0123456789')}_{len(symbols)}"))
+    return str(expr.xreplace(symbols)), size.node.hint
+
+
+def _literal(value: object) -> object:
+    kind = type(value)
+    if kind is _Position:
+        return kind, int(value)
+    if kind is float:
+        return kind, value.hex()
+    if kind in PLAIN_VALUES:
+        return kind, value
+    if kind is slice:
+        return kind, _literal(value.start), _literal(value.stop), _literal(value.step)
+    if isinstance(value, (tuple, list)):  # torch.fx's immutable lists and named tuples too
+        return kind, tuple(_literal(item) for item in value)
+    if isinstance(value, dict):
+        return kind, tuple((_literal(key), _literal(item)) for key, item in value.items())
+    return _Same(value)
+
+
+class RegionCaptures:
+    """Analysed captures of regions of Dynamo's graphs by what they compute (a :func:`graph_structure` and whatever
+    else the analysis reads, see :func:`modpass.graph_routing.region_key`), the ``limit`` used most recently."""
+
+    def __init__(self, limit: int = 16):
+        self.limit = limit
+        self.by_key: OrderedDict[tuple, torch.fx.GraphModule] = OrderedDict()
+
+    def find(self, key: tuple | None) -> torch.fx.GraphModule | None:
+        if key is None or key not in self.by_key:
+            return None
+        self.by_key.move_to_end(key)
+        return self.by_key[key]
+
+    def add(self, key: tuple | None, gm: torch.fx.GraphModule) -> None:
+        if key is None:
+            return
+        self.by_key[key] = gm
+        while len(self.by_key) > self.limit:
+            self.by_key.popitem(last=False)
+
+    def clear(self) -> None:
+        self.by_key.clear()

@@ -30,12 +30,14 @@ import torch
 from . import _structure
 from ._compat import INDUCTOR_FAILS_ON_ONE_TOKEN_ROUTING, outside_dynamo_tracing
 from ._export import condition_failing_for_fewer, resolve, symbolic_axes
-from .block import RoutedBlock
+from .block import RoutedBlock, copy_graph_module
+from .capture_sharing import RegionCaptures, graph_structure
 from .config import RoutingConfig
 from .errors import ConfigError, NoBlocksError, PlanError, UnroutableBlockError
 from .io import read
 from .passes.find_blocks import block_stacks, find_blocks
 from .passes.plan import plan as plan_stage
+from .passes.token_mixing import POSITION_WISE_OPS
 from .pipeline import capture_block_graph, route_block_graph
 from .plan import RoutingPlan, in_scope, scope_note
 
@@ -422,6 +424,17 @@ def refuse_token_count_branches(inputs: list[torch.fx.Node], where: str) -> None
         )
 
 
+#: The analysed captures of the regions routed so far, in this process (see :mod:`modpass.capture_sharing`).
+REGION_CAPTURES = RegionCaptures()
+
+
+def region_key(region: torch.fx.GraphModule) -> tuple | None:
+    """What a region's analysis depends on: its graph, the grad mode it is traced in, and the custom ops declared
+    position-wise (``modpass.declare_position_wise``). None where the graph cannot be compared."""
+    structure = graph_structure(region)
+    return None if structure is None else (structure, torch.is_grad_enabled(), frozenset(POSITION_WISE_OPS))
+
+
 def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) -> torch.fx.GraphModule:
     normalise_dynamo_metadata(gm)
     if any(cls is RoutedBlock or (isinstance(cls, str) and cls.endswith(".RoutedBlock"))
@@ -454,11 +467,15 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
         region, inputs, outputs = extract(gm, nodes, where, shared)
         refuse_fixed_token_count(gm, inputs[0], where)
         refuse_token_count_branches(inputs, where)
-        with outside_dynamo_tracing():
-            values = [i.meta["val"] for i in inputs]
-            analysed = capture_block_graph(region, tuple(_structure.realize(v) for v in values), {}, where=where,
-                                           dynamic_axes=tuple(symbolic_axes(v) for v in values))
-        routed = route_block_graph(analysed, ratio=ratio, gate=plan.gate)
+        values = [i.meta["val"] for i in inputs]
+        key = region_key(region)
+        analysed = REGION_CAPTURES.find(key)
+        if analysed is None:
+            with outside_dynamo_tracing():
+                analysed = capture_block_graph(region, tuple(_structure.realize(v) for v in values), {}, where=where,
+                                               dynamic_axes=tuple(symbolic_axes(v) for v in values))
+            REGION_CAPTURES.add(key, analysed)
+        routed = route_block_graph(copy_graph_module(analysed, where=where), ratio=ratio, gate=plan.gate)
         reference = next(v for v in values if v.is_floating_point())
         if routers:  # a saved plan: io.read has checked that every router is there
             weight, bias = (routers[f"{block.path}.mod_routers.{task}.{name}"] for name in ("weight", "bias"))

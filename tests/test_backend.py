@@ -26,8 +26,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import modpass
+from modpass import graph_routing
 from modpass.block import SLOT_MULTIPLE
+from modpass.capture_sharing import RegionCaptures
 from modpass.graph_routing import module_path, rooted_at_graph
+from modpass.pipeline import capture_block_graph
 from tests import models
 
 #: Dynamo and AOTAutograd (the forward and backward graphs) without Inductor's code generation: under half the time.
@@ -470,6 +473,19 @@ class InPlaceEmbeddingGPT(models.NanoGPT):
         return x
 
 
+def count_region_captures(monkeypatch) -> list[str]:
+    """The regions the backend's routing options capture from now on (none shared from earlier tests)."""
+    monkeypatch.setattr(graph_routing, "REGION_CAPTURES", RegionCaptures())
+    captured = []
+
+    def capture(region, *args, where, **kwargs):
+        captured.append(where)
+        return capture_block_graph(region, *args, where=where, **kwargs)
+
+    monkeypatch.setattr(graph_routing, "capture_block_graph", capture)
+    return captured
+
+
 def causal_lm_logits(model, idx):
     return model(input_ids=idx, use_cache=False).logits
 
@@ -481,21 +497,25 @@ def causal_lm_logits(model, idx):
      pytest.param(lambda: models.gpt2(layers=2), causal_lm_logits, marks=[needs_hf_dynamo, pytest.mark.compile_defaults]),
      pytest.param(lambda: models.gemma2(layers=2), causal_lm_logits, marks=needs_hf_dynamo)],
     # GPT-2's gelu_new shares one sqrt(2 / pi) between all blocks of the Dynamo graph (with symbolic
-    # floats, as by default, a scalar input of each block); Gemma 2's eager attention multiplies q by
-    # k.transpose(), a call_method node in Dynamo's graph.
+    # floats, as by default, a scalar input of each block; each later block gets its own copy, placed
+    # elsewhere in its region); Gemma 2's eager attention multiplies q by k.transpose(), a call_method
+    # node in Dynamo's graph, and its layers alternate sliding and full attention masks, which are inputs.
     ids=["nanogpt", "nanogpt-in-place-embedding", "gpt2", "gemma2"],
 )
-def test_ratios_option_equals_transform(build, logits):
+def test_ratios_option_equals_transform(build, logits, monkeypatch):
     """Routed in Dynamo's graph, the model compiles fullgraph to one dynamic graph, which matches ``transform``'s model
-    (eager; its compiled form is the other tests') at two lengths."""
+    (eager; its compiled form is the other tests') at two lengths. The two blocks' regions are the same graph and share
+    one capture, also where Dynamo traces the frame again (GPT-2's float attributes make it restart)."""
     model = build()
     routed = modpass.transform(model, 0.5, layers="all")
     inputs = [torch.randint(0, 61, (2, tokens)) for tokens in (14, 21)]
+    captured = count_region_captures(monkeypatch)
     with torch.no_grad():
         with pytest.warns(UserWarning, match="identity-gated"):
             options = torch.compile(model, backend="modpass", dynamic=True, fullgraph=True, options={"ratios": 0.5, "layers": "all"})
             got = [logits(options, idx) for idx in inputs]
         assert compiled_graphs() == 1
+        assert len(captured) == 1, captured
         for g, idx in zip(got, inputs):
             torch.testing.assert_close(g, logits(routed, idx), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(got[0], logits(model, inputs[0]), atol=1e-3), "routing changed the output"

@@ -1,19 +1,23 @@
 """Blocks that trace alike share one capture (modpass.capture_sharing); a block whose forward reads a value of its own
-captures its own graph, and each runs with its own weights."""
+captures its own graph, and each runs with its own weights. Regions of Dynamo's graphs (the backend's routing
+options) share a capture where their graphs compute the same thing."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import math
+import operator
 
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import modpass
 from modpass._export import AttributeReads
-from modpass.capture_sharing import SharedCaptures, TraceDependencies, frozen
+from modpass.capture_sharing import RegionCaptures, SharedCaptures, TraceDependencies, frozen, graph_structure
 from modpass.passes.capture_block import capture_block
 from tests import models
 from tests.test_equivalence import close_to_dense
@@ -188,3 +192,79 @@ def test_attribute_reads_name_what_a_call_read_and_put_torch_back():
     with reads.watching(OwnLookup()):
         pass
     assert reads.by_path is None  # its reads cannot be watched
+
+
+def symbolic_fakes(*shapes: tuple[int, ...], numbered_before: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
+    """Fake tensors whose sizes are symbols of a fresh shape environment, after ``numbered_before`` other symbols."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(shape):
+        return mode.from_tensor(torch.empty(shape, dtype=dtype),
+                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * len(shape)))
+
+    for number in range(numbered_before):
+        fake((100 + number,))
+    return [fake(shape) for shape in shapes]
+
+
+def region(values: list[torch.Tensor], body, *, prefix: str = "x", root: nn.Module | None = None) -> torch.fx.GraphModule:
+    """A graph of placeholders for ``values`` (named with ``prefix``) and the nodes ``body(graph, *placeholders)`` adds,
+    reading the attributes of ``root``."""
+    graph = torch.fx.Graph()
+    inputs = []
+    for number, value in enumerate(values):
+        inputs.append(graph.placeholder(f"{prefix}{number}"))
+        inputs[-1].meta["val"] = value
+    graph.output(body(graph, *inputs))
+    return torch.fx.GraphModule(root or nn.Module(), graph)
+
+
+def scaled_softmax(scale=0.5, op=torch.softmax):
+    return lambda graph, x: graph.call_function(op, (graph.call_function(operator.mul, (x, scale)), -1))
+
+
+def test_region_graphs_compare_by_what_they_compute_not_by_names_or_symbol_numbers():
+    reference = graph_structure(region(symbolic_fakes((4, 6)), scaled_softmax()))
+    assert graph_structure(region(symbolic_fakes((4, 6), numbered_before=3), scaled_softmax(), prefix="hidden")) == reference
+    for differing in (region(symbolic_fakes((4, 6)), scaled_softmax(0.25)),
+                      region(symbolic_fakes((4, 6)), scaled_softmax(op=torch.log_softmax)),
+                      region(symbolic_fakes((4, 6), dtype=torch.float64), scaled_softmax()),
+                      region(symbolic_fakes((4, 7)), scaled_softmax()),  # another example size: captured anew
+                      region([torch.empty(4, 6)], scaled_softmax())):  # a real tensor: not a region of a traced graph
+        assert graph_structure(differing) != reference
+
+    def reads_an_attribute(graph, x):
+        return graph.call_function(operator.add, (x, graph.get_attr("offset")))
+
+    holder = nn.Module()
+    holder.register_buffer("offset", torch.zeros(()))
+    assert graph_structure(region(symbolic_fakes((4, 6)), reads_an_attribute, root=holder)) is None
+
+
+@pytest.mark.parametrize("call, moves", [((operator.truediv, (2.0, math.pi)), True),
+                                          ((torch._C._set_grad_enabled, (False,)), False)])
+def test_arithmetic_on_constants_compares_wherever_it_is_placed_and_nothing_else_does(call, moves):
+    """GPT-2's ``sqrt(2 / pi)``: where the graph computes it does not matter; where it switches grad mode does."""
+
+    def computed(early: bool):
+        def body(graph, x):
+            value = graph.call_function(*call) if early else None
+            y = graph.call_function(torch.tanh, (x,))
+            value = value or graph.call_function(*call)
+            return graph.call_function(operator.mul, (y, value)) if moves else (y, value)
+        return body
+
+    first, last = (graph_structure(region(symbolic_fakes((4, 6)), computed(early))) for early in (True, False))
+    assert (first == last) is moves
+
+
+def test_region_captures_keep_the_ones_used_last():
+    captures = RegionCaptures(limit=2)
+    graphs = [torch.fx.GraphModule(nn.Module(), torch.fx.Graph()) for _ in range(3)]
+    captures.add(("a",), graphs[0])
+    captures.add(("b",), graphs[1])
+    assert captures.find(("a",)) is graphs[0]
+    captures.add(("c",), graphs[2])
+    assert captures.find(("b",)) is None and captures.find(("a",)) is graphs[0] and captures.find(("c",)) is graphs[2]
+    captures.add(None, graphs[1])
+    assert captures.find(None) is None and len(captures.by_key) == 2
