@@ -430,7 +430,8 @@ REGION_CAPTURES = RegionCaptures()
 
 def region_key(region: torch.fx.GraphModule) -> tuple | None:
     """What a region's analysis depends on: its graph, the grad mode it is traced in, and the custom ops declared
-    position-wise (``modpass.declare_position_wise``). None where the graph cannot be compared."""
+    position-wise (``modpass.declare_position_wise``); the rest is fixed by the torch release (``modpass._compat``).
+    None where the graph cannot be compared."""
     structure = graph_structure(region)
     return None if structure is None else (structure, torch.is_grad_enabled(), frozenset(POSITION_WISE_OPS))
 
