@@ -238,18 +238,18 @@ def _in_canonical_order(graph: torch.fx.Graph) -> list[torch.fx.Node]:
         if (node.op == "call_function" and (node.target in PURE_ARITHMETIC or getattr(node.target, "__module__", None) == "math")
                 and all(argument in movable for argument in node.all_input_nodes)):
             movable.add(node)
-    order: list[torch.fx.Node] = []
+    order: dict[torch.fx.Node, None] = {}
 
     def place(node: torch.fx.Node) -> None:
         for argument in node.all_input_nodes:
             if argument in movable and argument not in order:
                 place(argument)
-        order.append(node)
+        order[node] = None
 
     for node in graph.nodes:
         if node not in movable:
             place(node)
-    return order
+    return list(order)
 
 
 def _size(size: int | torch.SymInt, symbols: dict[sympy.Symbol, sympy.Symbol]) -> object:
@@ -298,6 +298,3 @@ class RegionCaptures:
         self.by_key[key] = gm
         while len(self.by_key) > self.limit:
             self.by_key.popitem(last=False)
-
-    def clear(self) -> None:
-        self.by_key.clear()
