@@ -477,6 +477,9 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
                                                dynamic_axes=tuple(symbolic_axes(v) for v in values))
             REGION_CAPTURES.add(key, analysed)
         routed = route_block_graph(copy_graph_module(analysed, where=where), ratio=ratio, gate=plan.gate)
+        # What a module's capture depended on: regions are shared by their code instead, and its module layout holds
+        # the region's class, made per GraphModule, which Inductor's FX graph cache cannot pickle (it then bypasses).
+        routed.meta.pop("modpass_trace_dependencies", None)
         reference = next(v for v in values if v.is_floating_point())
         if routers:  # a saved plan: io.read has checked that every router is there
             weight, bias = (routers[f"{block.path}.mod_routers.{task}.{name}"] for name in ("weight", "bias"))
