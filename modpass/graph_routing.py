@@ -475,11 +475,11 @@ def route_dynamo_graph(gm: torch.fx.GraphModule, example_inputs, options: dict) 
             with outside_dynamo_tracing():
                 analysed = capture_block_graph(region, tuple(_structure.realize(v) for v in values), {}, where=where,
                                                dynamic_axes=tuple(symbolic_axes(v) for v in values))
+            # What a module's capture depended on: regions are shared by their code instead, and its module layout holds
+            # the region's class, made per GraphModule, which Inductor's FX graph cache cannot pickle (it then bypasses).
+            analysed.meta.pop("modpass_trace_dependencies", None)
             REGION_CAPTURES.add(key, analysed)
         routed = route_block_graph(copy_graph_module(analysed, where=where), ratio=ratio, gate=plan.gate)
-        # What a module's capture depended on: regions are shared by their code instead, and its module layout holds
-        # the region's class, made per GraphModule, which Inductor's FX graph cache cannot pickle (it then bypasses).
-        routed.meta.pop("modpass_trace_dependencies", None)
         reference = next(v for v in values if v.is_floating_point())
         if routers:  # a saved plan: io.read has checked that every router is there
             weight, bias = (routers[f"{block.path}.mod_routers.{task}.{name}"] for name in ("weight", "bias"))
